@@ -1,0 +1,45 @@
+"""The one place where cmr reads environment variables (all prefixed ``CMR_``).
+
+Functions, not module-level values: nothing is read at import time, and tests can set the
+environment before calling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_root() -> Path:
+    """Root of the shared routing data: ``CMR_DATA``, default ``../shared/data`` from the repo root."""
+    env = os.environ.get("CMR_DATA")
+    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data")
+
+
+def cmr_home() -> Path:
+    """Where all state lives (hub, caches, checkpoints, feedback): ``CMR_HOME``, default ``~/.cmr``."""
+    env = os.environ.get("CMR_HOME")
+    return Path(env) if env else Path.home() / ".cmr"
+
+
+def cache_dir() -> Path:
+    """Embedding cache folder: ``CMR_CACHE``, default ``$CMR_HOME/cache``."""
+    env = os.environ.get("CMR_CACHE")
+    return Path(env) if env else cmr_home() / "cache"
+
+
+def device() -> str:
+    """Torch device for encoders: ``CMR_DEVICE`` (``cpu``, ``cuda``), default: cuda when available."""
+    env = os.environ.get("CMR_DEVICE")
+    if env:
+        return env
+    import torch  # deferred: importing torch is slow and this module must stay cheap
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def progress_enabled() -> bool:
+    """Progress bars on unless ``CMR_NO_PROGRESS=1``."""
+    return os.environ.get("CMR_NO_PROGRESS", "") not in ("1", "true", "yes")

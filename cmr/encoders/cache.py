@@ -1,0 +1,90 @@
+"""An embedding cache keyed by a hash of (encoder name, text), persisted in SQLite."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cmr import constants
+from cmr.encoders.base import Encoder
+
+
+def text_key(encoder_name: str, text: str) -> bytes:
+    return hashlib.blake2b(f"{encoder_name}\x00{text}".encode("utf-8"), digest_size=16).digest()
+
+
+class EmbeddingCache:
+    """Persistent ``key -> vector`` store (SQLite, WAL). Safe to share across threads."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS emb (k BLOB PRIMARY KEY, v BLOB NOT NULL)")
+        self._db.commit()
+
+    def get_many(self, keys: Sequence[bytes], dim: int) -> dict[bytes, np.ndarray]:
+        out: dict[bytes, np.ndarray] = {}
+        with self._lock:
+            for i in range(0, len(keys), 900):  # SQLite's bound-parameter limit
+                chunk = list(keys[i : i + 900])
+                q = f"SELECT k, v FROM emb WHERE k IN ({','.join('?' * len(chunk))})"
+                for k, v in self._db.execute(q, chunk):
+                    vec = np.frombuffer(v, dtype=np.float32)
+                    if vec.size == dim:
+                        out[bytes(k)] = vec
+        return out
+
+    def put_many(self, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO emb (k, v) VALUES (?, ?)",
+                [(k, np.ascontiguousarray(v, dtype=np.float32).tobytes()) for k, v in items],
+            )
+            self._db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class CachedEncoder:
+    """Wraps an encoder: texts already seen come from the cache, only new ones are encoded."""
+
+    def __init__(self, inner: Encoder, cache: EmbeddingCache):
+        self.inner, self.cache = inner, cache
+        self.name, self.dim = inner.name, inner.dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [text_key(self.name, t) for t in texts]
+        found = self.cache.get_many(list(dict.fromkeys(keys)), self.dim)
+        missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in found))
+        if missing:
+            vecs = self.inner.encode(missing)
+            new = [(text_key(self.name, t), v) for t, v in zip(missing, vecs)]
+            self.cache.put_many(new)
+            found.update(new)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i, k in enumerate(keys):
+            out[i] = found[k]
+        return out
+
+
+_DEFAULT: dict[str, CachedEncoder] = {}
+
+
+def default_encoder(cache_path: Path | str | None = None) -> CachedEncoder:
+    """MiniLM with the persistent cache under ``CMR_CACHE`` (one instance per cache path)."""
+    from cmr.encoders.minilm import MiniLMEncoder
+
+    path = str(cache_path or constants.cache_dir() / "embeddings.sqlite")
+    if path not in _DEFAULT:
+        _DEFAULT[path] = CachedEncoder(MiniLMEncoder(), EmbeddingCache(path))
+    return _DEFAULT[path]

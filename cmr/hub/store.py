@@ -1,0 +1,91 @@
+"""SQLite persistence for the hub: one row per card, a monotonically increasing version."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterable
+
+from cmr.types import ModelCard
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cards (
+  id TEXT PRIMARY KEY,
+  card TEXT NOT NULL,
+  retired INTEGER NOT NULL DEFAULT 0,
+  version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
+"""
+
+
+class HubStore:
+    """Cards in SQLite (WAL). ``path=':memory:'`` keeps everything in memory (tests, benchmarks)."""
+
+    def __init__(self, path: Path | str = ":memory:"):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0])
+
+    def write(self, cards: Iterable[ModelCard], retired: bool = False) -> int:
+        """Insert or replace cards in one transaction; returns the new hub version."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                v = int(cur.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0]) + 1
+                cur.executemany(
+                    "INSERT OR REPLACE INTO cards (id, card, retired, version) VALUES (?, ?, ?, ?)",
+                    [(c.id, json.dumps(c.to_dict()), int(retired), v) for c in cards],
+                )
+                cur.execute("UPDATE meta SET value=? WHERE key='version'", (v,))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            return v
+
+    def set_retired(self, ids: Iterable[str], retired: bool) -> int:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                v = int(cur.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0]) + 1
+                cur.executemany("UPDATE cards SET retired=?, version=? WHERE id=?", [(int(retired), v, i) for i in ids])
+                cur.execute("UPDATE meta SET value=? WHERE key='version'", (v,))
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            return v
+
+    def get(self, model_id: str) -> tuple[ModelCard, bool] | None:
+        with self._lock:
+            row = self._db.execute("SELECT card, retired FROM cards WHERE id=?", (model_id,)).fetchone()
+        return None if row is None else (ModelCard.from_dict(json.loads(row[0])), bool(row[1]))
+
+    def load(self, include_retired: bool = False, since_version: int = 0) -> list[tuple[ModelCard, bool, int]]:
+        """All cards (optionally only those changed after ``since_version``), in id order."""
+        q = "SELECT card, retired, version FROM cards WHERE version > ?"
+        if not include_retired:
+            q += " AND retired = 0"
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY id", (since_version,)).fetchall()
+        return [(ModelCard.from_dict(json.loads(c)), bool(r), int(v)) for c, r, v in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,126 @@
+"""The routing-policy interface.
+
+A policy scores a batch of query embeddings against *any* candidate set of model cards: the
+hub changes over time, so a policy never owns a fixed model table. Models it has never seen
+must still get a finite score (from their card, their profile, or a prior).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from cmr.data.examples import Examples
+from cmr.encoders.base import Encoder
+from cmr.types import FeedbackEvent, ModelCard
+
+
+@dataclass
+class PolicyConfig:
+    """Base for per-policy configs: dataclasses with a dict/JSON round-trip."""
+
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PolicyConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown option(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class RoutingPolicy(ABC):
+    """Scores queries against candidate models; learns offline (``fit``) and online (``update``).
+
+    Subclasses set ``name`` and ``Config`` and implement ``score``; most also override ``fit``,
+    ``add_models`` and the state methods.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+    #: evaluation-only policies that must be shown the ground truth (the oracle)
+    needs_truth: ClassVar[bool] = False
+
+    def __init__(self, encoder: Encoder | None = None, config: PolicyConfig | dict | None = None):
+        self.encoder = encoder
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            config = self.Config.from_dict(config)
+        self.config = config
+        self._card_emb: dict[str, np.ndarray] = {}
+
+    # -- learning ----------------------------------------------------------------------------
+    def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
+        """Learn from a new batch of labelled queries (``data.emb`` set). Called once per
+        experience: policies keep what they learnt before. ``cards`` is the live hub."""
+        self.add_models(cards)
+
+    def update(self, events: Sequence[FeedbackEvent]) -> None:
+        """Learn from partial feedback: only the chosen model's reward is known.
+
+        The default turns the events into ``Examples`` whose scores are NaN except for the
+        chosen model, and calls ``fit``; policies with a true online rule override it.
+        """
+        events = [e for e in events if e.embedding is not None]
+        if not events:
+            return
+        models = sorted({e.model for e in events})
+        col = {m: i for i, m in enumerate(models)}
+        scores = np.full((len(events), len(models)), np.nan, dtype=np.float32)
+        costs = np.zeros_like(scores)
+        for i, e in enumerate(events):
+            scores[i, col[e.model]] = e.reward
+            costs[i, col[e.model]] = e.cost
+        data = Examples(
+            texts=[e.query for e in events],
+            model_ids=models,
+            scores=scores,
+            costs=costs,
+            emb=np.asarray([e.embedding for e in events], dtype=np.float32),
+        )
+        self.fit(data, [ModelCard(id=m) for m in models if m not in self._card_emb])
+
+    def add_models(self, cards: Sequence[ModelCard]) -> None:
+        """The hub grew: make these models routable (default: embed their cards)."""
+        self.card_embeddings(cards)
+
+    # -- scoring -----------------------------------------------------------------------------
+    @abstractmethod
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+        """Predicted quality ``[n_q, n_c]`` of each candidate for each query embedding."""
+
+    # -- helpers -----------------------------------------------------------------------------
+    def card_embeddings(self, cards: Sequence[ModelCard]) -> np.ndarray:
+        """Unit-norm card-text embeddings ``[n, dim]``, memoised by model id."""
+        new = [c for c in cards if c.id not in self._card_emb]
+        if new:
+            if self.encoder is None:
+                raise RuntimeError(f"policy {self.name!r} needs an encoder to embed model cards")
+            vecs = self.encoder.encode([c.text() for c in new])
+            for c, v in zip(new, vecs):
+                self._card_emb[c.id] = v
+        if not cards:
+            return np.zeros((0, self.encoder.dim if self.encoder else 0), dtype=np.float32)
+        return np.stack([self._card_emb[c.id] for c in cards])
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to restore the policy (numpy arrays and JSON-able values)."""
+        ids = list(self._card_emb)
+        return {
+            "config": self.config.to_dict(),
+            "card_ids": ids,
+            "card_emb": np.stack([self._card_emb[i] for i in ids]) if ids else np.zeros((0, 0), np.float32),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.config = self.Config.from_dict(dict(state["config"]))
+        self._card_emb = {m: np.asarray(v, dtype=np.float32) for m, v in zip(state["card_ids"], state["card_emb"])}

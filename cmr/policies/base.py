@@ -56,6 +56,8 @@ class RoutingPolicy(ABC):
             config = self.Config.from_dict(config)
         self.config = config
         self._card_emb: dict[str, np.ndarray] = {}
+        self._profile_ids: list[str] = []
+        self._profile_emb = np.zeros((0, 0), dtype=np.float32)
 
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
@@ -92,6 +94,41 @@ class RoutingPolicy(ABC):
         """The hub grew: make these models routable (default: embed their cards)."""
         self.card_embeddings(cards)
 
+    def set_profile_prompts(self, ids: Sequence[str], emb: np.ndarray) -> None:
+        """The representative prompts that a new model answers when it joins (UniRoute).
+
+        A card's ``profile`` maps these ids to the model's score on them.
+        """
+        self._profile_ids = list(ids)
+        self._profile_emb = np.asarray(emb, dtype=np.float32)
+
+    def profile_examples(self, cards: Sequence[ModelCard]) -> Examples | None:
+        """The profile answers of ``cards`` as ``Examples`` over those cards (NaN = not answered),
+        or None when no card answered any known profile prompt."""
+        if not self._profile_ids:
+            return None
+        cards = [c for c in cards if c.profile]
+        if not cards:
+            return None
+        row = {p: i for i, p in enumerate(self._profile_ids)}
+        scores = np.full((len(row), len(cards)), np.nan, dtype=np.float32)
+        for j, c in enumerate(cards):
+            for pid, v in c.profile.items():
+                if pid in row:
+                    scores[row[pid], j] = v
+        keep = ~np.isnan(scores).all(axis=1)
+        if not keep.any():
+            return None
+        costs = np.broadcast_to(np.array([c.cost for c in cards], dtype=np.float32), scores.shape).copy()
+        return Examples(
+            texts=[p for p, k in zip(self._profile_ids, keep) if k],
+            model_ids=[c.id for c in cards],
+            scores=scores[keep],
+            costs=costs[keep],
+            meta={"id": [p for p, k in zip(self._profile_ids, keep) if k]},
+            emb=self._profile_emb[keep],
+        )
+
     # -- scoring -----------------------------------------------------------------------------
     @abstractmethod
     def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
@@ -119,8 +156,12 @@ class RoutingPolicy(ABC):
             "config": self.config.to_dict(),
             "card_ids": ids,
             "card_emb": np.stack([self._card_emb[i] for i in ids]) if ids else np.zeros((0, 0), np.float32),
+            "profile_ids": list(self._profile_ids),
+            "profile_emb": self._profile_emb,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = self.Config.from_dict(dict(state["config"]))
         self._card_emb = {m: np.asarray(v, dtype=np.float32) for m, v in zip(state["card_ids"], state["card_emb"])}
+        self._profile_ids = list(state.get("profile_ids", []))
+        self._profile_emb = np.asarray(state.get("profile_emb", np.zeros((0, 0))), dtype=np.float32)

@@ -1,0 +1,60 @@
+"""Shared fixtures: the real MiniLM encoder and small slices of the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CMR_NO_PROGRESS", "1")
+
+from cmr import constants  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = constants.data_root()
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """Real all-MiniLM-L6-v2 with the persistent embedding cache (one load per session)."""
+    from cmr.encoders import default_encoder
+
+    return default_encoder()
+
+
+@pytest.fixture(scope="session")
+def cmr_small(data_root, encoder):
+    """CMRBench restricted to 2 experiences, 60 train / 40 test requests each, embedded."""
+    from cmr.data import load_cmrbench
+
+    bench = load_cmrbench(data_root / "cmrbench")
+    rng = np.random.default_rng(0)
+    exps = []
+    for exp in bench.experiences[:2]:
+        tr = exp.train.subset(rng.choice(len(exp.train), 60, replace=False))
+        te = exp.test.subset(rng.choice(len(exp.test), 40, replace=False))
+        tr.emb, te.emb = encoder.encode(tr.texts), encoder.encode(te.texts)
+        exps.append(type(exp)(exp.k, tr, te))
+    bench.experiences = exps
+    return bench
+
+
+@pytest.fixture(scope="session")
+def outcomes_small(data_root, encoder):
+    """RouterBench outcome matrix, 120 train / 60 test prompts, embedded."""
+    from cmr.data import load_outcomes
+
+    data = load_outcomes(data_root / "routing" / "routerbench")
+    rng = np.random.default_rng(0)
+    data.train = data.train.subset(rng.choice(len(data.train), 120, replace=False))
+    data.test = data.test.subset(rng.choice(len(data.test), 60, replace=False))
+    data.train.emb, data.test.emb = encoder.encode(data.train.texts), encoder.encode(data.test.texts)
+    return data

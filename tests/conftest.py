@@ -32,7 +32,10 @@ def encoder():
 
 @pytest.fixture(scope="session")
 def cmr_small(data_root, encoder):
-    """CMRBench restricted to 2 experiences, 60 train / 40 test requests each, embedded."""
+    """CMRBench restricted to 2 experiences, 60 train / 40 test requests each, embedded.
+
+    The hub is cut down to the models these requests name plus 40 others, so a test never
+    embeds the full 2,315-card hub (CI starts with an empty embedding cache)."""
     from cmr.data import load_cmrbench
 
     bench = load_cmrbench(data_root / "cmrbench")
@@ -43,7 +46,12 @@ def cmr_small(data_root, encoder):
         te = exp.test.subset(rng.choice(len(exp.test), 40, replace=False))
         tr.emb, te.emb = encoder.encode(tr.texts), encoder.encode(te.texts)
         exps.append(type(exp)(exp.k, tr, te))
-    bench.experiences = exps
+    named = {exp.train.model_ids[i] for e in exps for part in (e.train, e.test) for i in part.labels}
+    others = [c.id for c in bench.cards if c.id not in named and (c.experience or 1) <= 2]
+    keep = named | set(rng.choice(others, 40, replace=False))
+    bench.cards = [c for c in bench.cards if c.id in keep]
+    ids = [c.id for c in bench.cards]
+    bench.experiences = [type(e)(e.k, e.train.select_models(ids), e.test.select_models(ids)) for e in exps]
     return bench
 
 

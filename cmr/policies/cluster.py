@@ -1,0 +1,169 @@
+"""Cluster routing: K-means over prompt embeddings, per-cluster per-model mean known score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from cmr.data.examples import Examples
+from cmr.policies.base import PolicyConfig, RoutingPolicy
+from cmr.policies.memory import OutcomeMemory, as_queries, candidate_prior, check_examples
+from cmr.types import ModelCard
+
+
+@dataclass
+class ClusterConfig(PolicyConfig):
+    """Options of :class:`ClusterPolicy`.
+
+    Attributes:
+        n_clusters: K-means centroids (capped at the number of stored prompts).
+        niter: K-means iterations.
+        soft: score with a softmax over centroid similarities instead of the nearest centroid.
+        temperature: softmax temperature for ``soft``.
+        smoothing: pseudo-count pulling each cluster's mean towards the model's global mean
+            (a cluster with no known outcome of a model falls back to the global mean).
+        prior_weight: weight of the cosine(query, card text) term added to every score.
+    """
+
+    n_clusters: int = 64
+    niter: int = 25
+    soft: bool = False
+    temperature: float = 0.05
+    smoothing: float = 1.0
+    prior_weight: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("n_clusters", "niter"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"field '{name}': must be an integer >= 1, got {v!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"field 'temperature': must be > 0, got {self.temperature!r}")
+        if not self.smoothing >= 0:
+            raise ValueError(f"field 'smoothing': must be >= 0, got {self.smoothing!r}")
+        if not self.prior_weight >= 0:
+            raise ValueError(f"field 'prior_weight': must be >= 0, got {self.prior_weight!r}")
+
+
+class ClusterPolicy(RoutingPolicy):
+    """Cluster: K-means over all prompts seen; a model's score is its mean known score in the query's cluster.
+
+    Every ``fit`` re-clusters all prompts stored so far (seeded ``faiss.Kmeans``, spherical), then
+    keeps per-cluster sums of each model's known scores and counts (label frequency on CMRBench).
+    A cluster's estimate is smoothed towards the model's global mean known score (or the average
+    model's for one never seen); ``soft`` mixes the clusters by a softmax over centroid
+    similarities. ``prior_weight`` × cosine(query, card text) is added, as in kNN. Profile answers
+    of new models are assigned to the current centroids and feed that model's cluster means.
+    """
+
+    name = "cluster"
+    Config = ClusterConfig
+
+    def __init__(self, encoder=None, config=None):
+        super().__init__(encoder, config)
+        self._mem = OutcomeMemory()
+        self._profiled: set[str] = set()
+        self._centroids = np.zeros((0, 0), dtype=np.float32)
+        self._assign = np.zeros(0, dtype=np.int64)
+        self._sum = np.zeros((0, 0), dtype=np.float64)  # [K, M] sum of known scores
+        self._cnt = np.zeros((0, 0), dtype=np.float64)  # [K, M] number of known scores
+
+    # -- learning ----------------------------------------------------------------------------
+    def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
+        """Add ``data``'s prompts, re-cluster everything seen so far, recount per-cluster means."""
+        check_examples(data, "cluster.fit")
+        self.add_models(cards)
+        self._mem.add(data.emb, data.model_ids, data.scores)
+        if len(self._mem):
+            self._recluster()
+            self._recount()
+
+    def add_models(self, cards: Sequence[ModelCard]) -> None:
+        """Embed the new cards (for the card prior) and count their profile answers in the clusters."""
+        if self.config.prior_weight > 0:
+            self.card_embeddings(cards)
+        prof = self.profile_examples([c for c in cards if c.profile and c.id not in self._profiled])
+        if prof is not None:
+            self._profiled.update(prof.model_ids)
+            if self._mem.add(prof.emb, prof.model_ids, prof.scores):
+                if not len(self._centroids):
+                    self._recluster()
+                self._recount()
+
+    def _recluster(self) -> None:
+        import faiss  # deferred: importing cmr.policies must stay cheap
+
+        x = self._mem.emb
+        k = min(self.config.n_clusters, len(x))
+        km = faiss.Kmeans(
+            x.shape[1], k, niter=self.config.niter, seed=self.config.seed, spherical=True,
+            min_points_per_centroid=1, max_points_per_centroid=1 << 20, verbose=False,
+        )
+        km.train(x)
+        self._centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+    def _recount(self) -> None:
+        """Assign every stored prompt to its nearest centroid and sum known scores per cluster."""
+        x, s = self._mem.emb, self._mem.scores
+        self._assign = (x @ self._centroids.T).argmax(axis=1)
+        onehot = np.zeros((len(x), len(self._centroids)), dtype=np.float64)
+        onehot[np.arange(len(x)), self._assign] = 1.0
+        known = ~np.isnan(s)
+        self._sum = onehot.T @ np.where(known, s, 0.0).astype(np.float64)
+        self._cnt = onehot.T @ known.astype(np.float64)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def cluster_weights(self, q: np.ndarray) -> np.ndarray:
+        """``[n_q, K]`` membership of each query: one-hot nearest centroid, or softmax when ``soft``."""
+        sims = as_queries(q) @ self._centroids.T
+        if self.config.soft:
+            z = (sims - sims.max(axis=1, keepdims=True)) / self.config.temperature
+            p = np.exp(z.astype(np.float64))
+            return p / p.sum(axis=1, keepdims=True)
+        p = np.zeros(sims.shape, dtype=np.float64)
+        p[np.arange(len(sims)), sims.argmax(axis=1)] = 1.0
+        return p
+
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+        """Cluster estimate (smoothed, backed off) + ``prior_weight`` × cosine(query, card) ``[n_q, n_c]``."""
+        q = as_queries(q)
+        cols = self._mem.columns([c.id for c in candidates])
+        prior = candidate_prior(self._mem, cols)
+        est = np.broadcast_to(prior, (len(q), len(cols))).copy()
+        seen = np.flatnonzero(cols >= 0)
+        if len(self._centroids) and len(seen) and len(q):
+            kc = cols[seen]
+            a = self.config.smoothing
+            p = prior[seen][None, :]
+            tot = self._cnt[:, kc] + a
+            ok = tot > 0
+            per_cluster = np.where(ok, (self._sum[:, kc] + a * p) / np.where(ok, tot, 1.0), p)  # [K, n_seen]
+            est[:, seen] = self.cluster_weights(q) @ per_cluster
+        if self.config.prior_weight > 0 and len(candidates):
+            est += self.config.prior_weight * (q @ self.card_embeddings(candidates).T)
+        return est
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            memory=self._mem.state_dict(),
+            profiled=sorted(self._profiled),
+            centroids=self._centroids.copy(),
+            assign=self._assign.copy(),
+            cluster_sum=self._sum.copy(),
+            cluster_count=self._cnt.copy(),
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._mem = OutcomeMemory()
+        self._mem.load_state_dict(state["memory"])
+        self._profiled = set(state.get("profiled", []))
+        self._centroids = np.ascontiguousarray(np.asarray(state["centroids"], dtype=np.float32))
+        self._assign = np.asarray(state["assign"], dtype=np.int64).copy()
+        self._sum = np.asarray(state["cluster_sum"], dtype=np.float64).copy()
+        self._cnt = np.asarray(state["cluster_count"], dtype=np.float64).copy()

@@ -1,0 +1,162 @@
+"""k-nearest-neighbour routing over every labelled prompt seen so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from cmr.data.examples import Examples
+from cmr.policies.base import PolicyConfig, RoutingPolicy
+from cmr.policies.memory import OutcomeMemory, as_queries, candidate_prior, check_examples
+from cmr.types import ModelCard
+
+_WEIGHTINGS = ("uniform", "similarity", "softmax")
+# elements gathered per chunk of queries ([b, k, n_c] floats): bounds the scoring memory
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class KNNConfig(PolicyConfig):
+    """Options of :class:`KNNPolicy`.
+
+    Attributes:
+        k: neighbours per query (capped at the number of stored prompts).
+        weighting: ``uniform``; ``similarity`` (cosine, clipped at 0); ``softmax`` (exp(cos/temperature)).
+        temperature: softmax temperature (``weighting="softmax"`` only).
+        prior_weight: weight of the cosine(query, card text) term added to every score; ranks models
+            with no neighbour evidence (new hub entries) and breaks ties among the rest.
+        shrinkage: pseudo-count pulling each neighbour estimate towards the model's global mean
+            (0 = plain weighted mean).
+    """
+
+    k: int = 100
+    weighting: str = "similarity"
+    temperature: float = 0.05
+    prior_weight: float = 0.05
+    shrinkage: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"field 'k': must be an integer >= 1, got {self.k!r}")
+        if self.weighting not in _WEIGHTINGS:
+            raise ValueError(f"field 'weighting': must be one of {', '.join(_WEIGHTINGS)}, got {self.weighting!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"field 'temperature': must be > 0, got {self.temperature!r}")
+        if not self.prior_weight >= 0:
+            raise ValueError(f"field 'prior_weight': must be >= 0, got {self.prior_weight!r}")
+        if not self.shrinkage >= 0:
+            raise ValueError(f"field 'shrinkage': must be >= 0, got {self.shrinkage!r}")
+
+
+class KNNPolicy(RoutingPolicy):
+    """kNN: similarity-weighted mean of each model's known scores over the k nearest labelled prompts.
+
+    Every labelled prompt from every ``fit`` (one per experience), feedback batch and model
+    profile is kept in a FAISS inner-product index. For a query, a model's estimate is the
+    weighted mean of its *known* scores over the neighbours (NaN outcomes are ignored; on
+    one-hot CMRBench data this is the weighted label vote). A model with no known outcome among
+    the neighbours backs off to its global mean known score, or the average model's when it was
+    never seen. ``prior_weight`` × cosine(query, card text) is added to every score, so models
+    never seen in training still rank by how well their card matches the query.
+    """
+
+    name = "knn"
+    Config = KNNConfig
+
+    def __init__(self, encoder=None, config=None):
+        super().__init__(encoder, config)
+        self._mem = OutcomeMemory()
+        self._profiled: set[str] = set()
+        self._index = None  # faiss.IndexFlatIP over self._mem.emb, rebuilt whenever rows change
+
+    # -- learning ----------------------------------------------------------------------------
+    def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
+        """Add ``data``'s labelled prompts to the neighbour set (keeps all earlier ones)."""
+        check_examples(data, "knn.fit")
+        self.add_models(cards)
+        if self._mem.add(data.emb, data.model_ids, data.scores):
+            self._rebuild_index()
+
+    def add_models(self, cards: Sequence[ModelCard]) -> None:
+        """Embed the new cards (for the card prior) and add their profile answers as neighbours."""
+        if self.config.prior_weight > 0:
+            self.card_embeddings(cards)
+        prof = self.profile_examples([c for c in cards if c.profile and c.id not in self._profiled])
+        if prof is not None:
+            self._profiled.update(prof.model_ids)
+            if self._mem.add(prof.emb, prof.model_ids, prof.scores):
+                self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        import faiss  # deferred: importing cmr.policies must stay cheap
+
+        index = faiss.IndexFlatIP(self._mem.emb.shape[1])
+        index.add(self._mem.emb)
+        self._index = index
+
+    # -- scoring -----------------------------------------------------------------------------
+    def _weights(self, sims: np.ndarray) -> np.ndarray:
+        w = self.config.weighting
+        if w == "uniform":
+            return np.ones_like(sims)
+        if w == "similarity":
+            return np.maximum(sims, 0.0)
+        z = (sims - sims.max(axis=1, keepdims=True)) / self.config.temperature
+        return np.exp(z)
+
+    def neighbour_estimate(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+        """The neighbour estimate alone (no card term) ``[n_q, n_c]``, with the back-off applied."""
+        q = as_queries(q)
+        cols = self._mem.columns([c.id for c in candidates])
+        prior = candidate_prior(self._mem, cols)
+        est = np.broadcast_to(prior, (len(q), len(cols))).copy()
+        seen = np.flatnonzero(cols >= 0)
+        if self._index is None or not len(seen) or not len(q):
+            return est
+        k = min(self.config.k, len(self._mem))
+        sims, idx = self._index.search(q, k)
+        w = self._weights(sims.astype(np.float32))
+        kc = cols[seen]
+        table = self._mem.scores
+        num = np.empty((len(q), len(kc)), dtype=np.float64)
+        den = np.empty_like(num)
+        step = max(1, _CHUNK_ELEMENTS // (k * len(kc)))
+        for s in range(0, len(q), step):  # chunks of queries, vectorised within
+            g = table[idx[s : s + step, :, None], kc[None, None, :]]  # [b, k, n_seen]
+            known = ~np.isnan(g)
+            wb = w[s : s + step, None, :]
+            num[s : s + step] = np.matmul(wb, np.where(known, g, 0.0))[:, 0, :]
+            den[s : s + step] = np.matmul(wb, known.astype(np.float32))[:, 0, :]
+        a = self.config.shrinkage
+        p = prior[seen][None, :]
+        tot = den + a
+        ok = tot > 0
+        out = np.where(ok, (num + a * p) / np.where(ok, tot, 1.0), p)
+        est[:, seen] = out
+        return est
+
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+        """Neighbour estimate + ``prior_weight`` × cosine(query, card) ``[n_q, n_c]``."""
+        q = as_queries(q)
+        est = self.neighbour_estimate(q, candidates)
+        if self.config.prior_weight > 0 and len(candidates):
+            est += self.config.prior_weight * (q @ self.card_embeddings(candidates).T)
+        return est
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["memory"] = self._mem.state_dict()
+        state["profiled"] = sorted(self._profiled)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._mem = OutcomeMemory()
+        self._mem.load_state_dict(state["memory"])
+        self._profiled = set(state.get("profiled", []))
+        self._index = None
+        if len(self._mem):
+            self._rebuild_index()

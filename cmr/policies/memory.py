@@ -1,0 +1,131 @@
+"""Shared pieces of the memory-based baselines (kNN, cluster): a growing table of labelled
+prompts, the per-model prior, and the card-similarity term.
+
+The table is dense (``[N, M]`` float32, NaN = unknown): on CMRBench every training row knows
+every model's outcome (one-hot), so a sparse layout would store as much, and dense rows make the
+neighbour gathers plain numpy fancy indexing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from cmr.data.examples import Examples
+
+
+def check_examples(data: Examples, who: str) -> None:
+    """Fail with a clear message when ``data`` cannot be learnt from (no embeddings, bad shapes)."""
+    if data.emb is None:
+        raise ValueError(f"{who}: field 'emb': the examples must be embedded before fit (Examples.emb is None)")
+    emb = np.asarray(data.emb)
+    scores = np.asarray(data.scores)
+    if emb.ndim != 2 or emb.shape[0] != len(data):
+        raise ValueError(f"{who}: field 'emb': expected shape ({len(data)}, dim), got {emb.shape}")
+    if scores.shape != (len(data), len(data.model_ids)):
+        raise ValueError(f"{who}: field 'scores': expected shape ({len(data)}, {len(data.model_ids)}), got {scores.shape}")
+
+
+def as_queries(q: np.ndarray) -> np.ndarray:
+    """Query embeddings as a C-contiguous float32 ``[n_q, d]`` array (a single vector becomes one row)."""
+    q = np.asarray(q, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2:
+        raise ValueError(f"field 'q': expected query embeddings of shape (n_q, dim), got {q.shape}")
+    return np.ascontiguousarray(q)
+
+
+class OutcomeMemory:
+    """Every labelled prompt seen so far: unit-norm embeddings ``[N, d]`` and a score table
+    ``[N, M]`` over the union of model columns met so far (NaN where the outcome is unknown).
+
+    Rows arrive in batches (one per ``fit``, profile or feedback batch); a model first met in a
+    later batch is unknown (NaN) for all earlier rows. Rows that know no outcome at all carry no
+    information and are dropped.
+    """
+
+    def __init__(self) -> None:
+        self.emb = np.zeros((0, 0), dtype=np.float32)
+        self.scores = np.zeros((0, 0), dtype=np.float32)
+        self.model_ids: list[str] = []
+        self._col: dict[str, int] = {}
+        self._prior: tuple[np.ndarray, float] | None = None  # derived; cleared whenever rows change
+
+    def __len__(self) -> int:
+        return len(self.emb)
+
+    def add(self, emb: np.ndarray, model_ids: Sequence[str], scores: np.ndarray) -> int:
+        """Append rows; returns how many were kept."""
+        emb = np.asarray(emb, dtype=np.float32)
+        scores = np.asarray(scores, dtype=np.float32)
+        keep = ~np.isnan(scores).all(axis=1) if scores.shape[1] else np.zeros(len(scores), bool)
+        emb, scores = emb[keep], scores[keep]
+        if not len(emb):
+            return 0
+        if len(self.emb) and emb.shape[1] != self.emb.shape[1]:
+            raise ValueError(f"field 'emb': dimension {emb.shape[1]} differs from the {self.emb.shape[1]} seen before")
+        new = [m for m in dict.fromkeys(model_ids) if m not in self._col]
+        for m in new:
+            self._col[m] = len(self.model_ids)
+            self.model_ids.append(m)
+        if new:  # widen the existing rows: the new models' outcomes there are unknown
+            grown = np.full((len(self.scores), len(self.model_ids)), np.nan, dtype=np.float32)
+            grown[:, : self.scores.shape[1]] = self.scores
+            self.scores = grown
+        block = np.full((len(emb), len(self.model_ids)), np.nan, dtype=np.float32)
+        block[:, [self._col[m] for m in model_ids]] = scores
+        self.scores = np.concatenate([self.scores, block]) if len(self.scores) else block
+        self.emb = np.ascontiguousarray(np.concatenate([self.emb, emb]) if len(self.emb) else emb)
+        self._prior = None
+        return int(len(emb))
+
+    def columns(self, model_ids: Sequence[str]) -> np.ndarray:
+        """Column of each id in the table, -1 for models never met."""
+        col = self._col
+        return np.fromiter((col.get(m, -1) for m in model_ids), dtype=np.int64, count=len(model_ids))
+
+    def model_prior(self) -> tuple[np.ndarray, float]:
+        """Per-column mean known score (NaN where a model has none), and the mean over models
+        that have one (the prior of a model never seen: an average model; 0 when nothing is known).
+
+        Memoised: scoring calls it once per request batch."""
+        if self._prior is None:
+            self._prior = self._compute_prior()
+        return self._prior
+
+    def _compute_prior(self) -> tuple[np.ndarray, float]:
+        if not self.scores.size:
+            return np.zeros(0, dtype=np.float64), 0.0
+        known = ~np.isnan(self.scores)
+        n = known.sum(axis=0)
+        s = np.where(known, self.scores, 0.0).sum(axis=0, dtype=np.float64)
+        mean = np.full(len(n), np.nan)
+        np.divide(s, n, out=mean, where=n > 0)
+        avg = float(np.nanmean(mean)) if (n > 0).any() else 0.0
+        return mean, avg
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"emb": self.emb.copy(), "scores": self.scores.copy(), "model_ids": list(self.model_ids)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.emb = np.ascontiguousarray(np.asarray(state["emb"], dtype=np.float32))
+        self.scores = np.asarray(state["scores"], dtype=np.float32).copy()
+        self.model_ids = list(state["model_ids"])
+        self._col = {m: i for i, m in enumerate(self.model_ids)}
+        self._prior = None
+        if self.scores.shape != (len(self.emb), len(self.model_ids)) and len(self.emb):
+            raise ValueError(f"field 'scores': shape {self.scores.shape} does not match {len(self.emb)} rows x {len(self.model_ids)} models")
+
+
+def candidate_prior(memory: OutcomeMemory, cols: np.ndarray) -> np.ndarray:
+    """Back-off value of each candidate ``[n_c]``: its global mean known score, else the average
+    model's (candidates never met, or met without any known outcome)."""
+    mean, avg = memory.model_prior()
+    out = np.full(len(cols), avg, dtype=np.float64)
+    seen = cols >= 0
+    if seen.any():
+        m = mean[cols[seen]]
+        out[seen] = np.where(np.isnan(m), avg, m)
+    return out

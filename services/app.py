@@ -1,0 +1,38 @@
+"""``build_app(args)``: the one way to build the served application.
+
+``serve run services.app:build_app``, ``cluster/serve.yaml``, KubeRay's ``serveConfigV2`` and
+``cmr serve`` all come here; ``args`` is validated as ``AppArgs`` (pydantic), so a typo in a
+config file fails with the field's name before anything is deployed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from services.config import AppArgs
+from services.ingress import Ingress
+from services.pools.deployment import PoolDeployment
+from services.router import RouterDeployment
+from services.routing import effective_pools
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+    """Ingress → Router (+ learner actor) and one deployment per pool."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    a = args.to_dict()
+    router = serve.deployment(RouterDeployment, name="Router").options(
+        num_replicas=args.router_replicas, ray_actor_options=args.router_actor_options, max_ongoing_requests=256,
+    ).bind(a)
+    pools = {}
+    for p in effective_pools(args):
+        opts: dict[str, Any] = {"ray_actor_options": p.ray_actor_options, "max_ongoing_requests": p.max_ongoing_requests}
+        if p.autoscaling_config is not None:
+            opts["autoscaling_config"] = p.autoscaling_config
+        else:
+            opts["num_replicas"] = p.num_replicas
+        pools[p.name] = serve.deployment(PoolDeployment, name=f"Pool-{p.name}").options(**opts).bind(a, p.name)
+    ingress = serve.deployment(Ingress, name="Ingress").options(ray_actor_options=args.ingress_actor_options, max_ongoing_requests=512)
+    return ingress.bind(a, router, pools)

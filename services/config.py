@@ -1,0 +1,147 @@
+"""``AppArgs``: the one configuration of the served app (pydantic, so that ``serve run``'s YAML,
+KubeRay's ``serveConfigV2`` and ``cmr serve --config`` all load the same thing).
+
+Everything has a default: ``AppArgs()`` is the embedded laptop setup (the CMRBench hub for
+``/v1/route``, a router trained at first start, two tiny local chat models, the learner on).
+All state lives under ``home`` (default ``CMR_HOME``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cmr import constants
+
+ENGINES = ("transformers", "vllm", "openai")
+
+
+class _Strict(BaseModel):
+    # unknown keys are a typo in a config file: refuse them with the key's name
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServedModel(_Strict):
+    """One model a pool serves: its hub card fields and its engine settings (the card's ``backend``)."""
+
+    id: str = Field(min_length=1)
+    engine: Literal["transformers", "vllm", "openai"] = "transformers"
+    #: transformers/vllm: a local model directory (or hub id for vllm); openai: the remote model name
+    path: str | None = None
+    #: openai engine: base URL of the remote OpenAI-compatible endpoint (else ``OPENAI_BASE_URL``)
+    base_url: str | None = None
+    #: openai engine: name of the env var that holds the API key (the key itself is never in config)
+    api_key_env: str = "OPENAI_API_KEY"
+    cost: float = Field(default=0.0, ge=0)
+    family: str | None = None
+    domain: str | None = None
+    description: str = ""
+    device: str | None = None
+    max_new_tokens: int = Field(default=64, ge=1)
+
+    def backend(self) -> dict[str, Any]:
+        """The card's ``backend`` dict (what an engine is built from)."""
+        b = {"engine": self.engine, "path": self.path, "base_url": self.base_url, "api_key_env": self.api_key_env, "device": self.device, "max_new_tokens": self.max_new_tokens}
+        return {k: v for k, v in b.items() if v is not None}
+
+    def card_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "family": self.family, "domain": self.domain, "description": self.description, "cost": self.cost, "backend": self.backend()}
+
+
+class PoolConfig(_Strict):
+    """A Serve deployment that serves some models (multiplexed by model id).
+
+    ``autoscaling_config``, ``num_replicas`` and ``ray_actor_options`` pass straight through to
+    ``serve.deployment(...).options``.
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
+    models: list[ServedModel] = Field(default_factory=list)
+    num_replicas: int | Literal["auto"] | None = 1
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+    max_ongoing_requests: int = Field(default=16, ge=1)
+
+
+class LearnerArgs(_Strict):
+    """The detached learner actor: consumes feedback, updates the policy, writes checkpoints."""
+
+    enabled: bool = True
+    name: str = "cmr-learner"
+    namespace: str = "cmr"
+    #: consume once this many new feedback events are waiting (``POST /v1/feedback`` nudges it)
+    min_events: int = Field(default=1, ge=1)
+    #: also poll the feedback store every this many seconds (0 = only when nudged)
+    poll_s: float = Field(default=5.0, ge=0)
+
+
+class AppArgs(_Strict):
+    """Arguments of ``build_app``: the whole served app in one object."""
+
+    home: str | None = None
+    #: registered policy name (``cmr policies``); used for the router and the learner
+    policy: str = "knn"
+    policy_config: dict[str, Any] = Field(default_factory=dict)
+    #: CMRBench-format folder that seeds the hub and trains the router at first start (None: no seed)
+    bench: str | None = "default"
+    #: the router is trained on at most this many requests per experience (None = all)
+    train_limit: int | None = Field(default=None, ge=1)
+    #: seed the hub with at most this many CMRBench cards (None = all; tests keep hubs small)
+    hub_limit: int | None = Field(default=None, ge=1)
+    #: create and serve two tiny local transformers chat models (offline) when no pool is configured
+    tiny_models: bool = True
+    pools: list[PoolConfig] = Field(default_factory=list)
+    #: FAISS pre-selection: the policy scores only the ``retrieve_k`` live models nearest the query
+    #: in card-embedding space (0 = the policy scores every live model)
+    retrieve_k: int = Field(default=0, ge=0)
+    #: number of models in a decision (chosen + runner-ups)
+    top_k: int = Field(default=3, ge=1, le=100)
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    router_replicas: int = Field(default=1, ge=1)
+    router_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+    ingress_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+    learner: LearnerArgs = Field(default_factory=LearnerArgs)
+    #: how often (seconds) a router checks for a newer checkpoint (also checked between batches)
+    reload_check_s: float = Field(default=0.5, ge=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        from cmr.policies import policy_names
+
+        if v not in policy_names():
+            raise ValueError(f"unknown policy {v!r}; known: {', '.join(policy_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AppArgs":
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError("pools: pool names must be unique")
+        ids = [m.id for p in self.pools for m in p.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError("pools: a model id may be served by one pool only")
+        return self
+
+    # -- derived paths -----------------------------------------------------------------------
+    def home_path(self) -> Path:
+        return Path(self.home) if self.home else constants.cmr_home()
+
+    def bench_path(self) -> Path | None:
+        if self.bench is None:
+            return None
+        return constants.data_root() / "cmrbench" if self.bench == "default" else Path(self.bench)
+
+    def state_dir(self) -> Path:
+        """Folder for this app's state: hub, decisions/feedback, checkpoints."""
+        return self.home_path() / "serve"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AppArgs":
+        return cls.model_validate(d)

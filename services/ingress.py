@@ -1,0 +1,254 @@
+"""The HTTP ingress (FastAPI through ``@serve.ingress``): OpenAI-compatible chat and completions
+(streaming included), ``/v1/route``, ``/v1/feedback``, ``/v1/models``, ``/v1/admin/models`` and
+``/healthz``.
+
+Routing decisions come from the router deployment; generation from the pool that serves the
+chosen model. Bad input gets a 4xx whose message names the field, in OpenAI's error shape.
+"""
+
+# no ``from __future__ import annotations`` here: FastAPI must see real types in the route
+# signatures that ``@serve.ingress`` rewrites, or bodies would be taken for query parameters
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from services.config import AppArgs
+from services.schemas import AUTO, ChatCompletionRequest, CompletionRequest, FeedbackBody, RegisterBody, RetireBody, RouteRequestBody
+
+app = FastAPI(title="cmr", description="Continual model router: OpenAI-compatible API with routing extensions")
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # name the field: "field 'messages.0.role': Input should be 'system', 'user', …"
+    errs = exc.errors()
+    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+    parts = list(first.get("loc", ()))
+    if parts and parts[0] in ("body", "query", "path"):
+        parts = parts[1:]
+    loc = ".".join(str(x) for x in parts)
+    msg = f"field '{loc}': {first.get('msg')}" if loc else str(first.get("msg"))
+    if len(errs) > 1:
+        msg += f" (and {len(errs) - 1} more)"
+    return JSONResponse(_error_body(400, msg, loc or None), status_code=400)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(_error_body(exc.status, exc.message, exc.param), status_code=exc.status)
+
+
+def _check(result: dict[str, Any], param: str | None = None) -> dict[str, Any]:
+    if "error" in result:
+        raise APIError(int(result.get("status", 400)), result["error"], param)
+    return result
+
+
+def _routing_field(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "request_id": d["request_id"], "model": d["model"], "score": d["score"], "utility": d["utility"],
+        "alternatives": [{"model": m, "score": s} for m, s in d["alternatives"]], "checkpoint_version": d["checkpoint_version"],
+    }
+
+
+def _headers(d: dict[str, Any]) -> dict[str, str]:
+    return {
+        "x-cmr-request-id": d["request_id"], "x-cmr-model": d["model"], "x-cmr-score": f"{d['score']:.6g}",
+        "x-cmr-checkpoint-version": str(d["checkpoint_version"]),
+        "x-cmr-alternatives": json.dumps([m for m, _ in d["alternatives"]]),
+    }
+
+
+async def _prepend(first: dict[str, Any], it: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    async for ch in it:
+        yield ch
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _usage(last: dict[str, Any]) -> dict[str, int]:
+    p, c = int(last.get("prompt_tokens", 0)), int(last.get("completion_tokens", 0))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+@serve.ingress(app)
+class Ingress:
+    """Validates requests, asks the router, streams from the chosen model's pool."""
+
+    def __init__(self, args: dict[str, Any], router: DeploymentHandle, pools: dict[str, DeploymentHandle]):
+        from services.routing import effective_pools
+
+        self.args = AppArgs.from_dict(args)
+        self.router = router
+        self.pools = pools
+        self.pool_of = {m.id: p.name for p in effective_pools(self.args) for m in p.models}
+        # models registered at runtime with a backend are served by the first pool
+        self.default_pool = next(iter(pools), None)
+
+    # -- routing -----------------------------------------------------------------------------
+    async def _decide(self, query: str, opts, servable_only: bool, model: str | None = None, record: bool = True) -> dict[str, Any]:
+        filters = opts.filters()
+        if model is not None and model != AUTO:
+            filters = {**filters, "allow": [model]}  # a concrete model bypasses the choice, still recorded
+        res = await self.router.route.remote({"query": query, "lam": opts.cost_weight, "filters": filters, "k": opts.k,
+                                             "servable_only": servable_only, "record": record})
+        if "error" in res and model not in (None, AUTO):
+            raise APIError(404, f"field 'model': model {model!r} is not served here", "model")
+        return _check(res, "routing")["decision"]
+
+    @app.post("/v1/route")
+    async def route(self, body: RouteRequestBody) -> JSONResponse:
+        d = await self._decide(body.query, body.routing, servable_only=False, record=body.record)
+        return JSONResponse(_routing_field(d), headers=_headers(d))
+
+    @app.post("/v1/feedback")
+    async def feedback(self, body: FeedbackBody) -> dict[str, Any]:
+        res = _check(await self.router.feedback.remote(body.request_id, body.reward), "request_id")
+        return {"request_id": body.request_id, "accepted": True, "offset": res["offset"]}
+
+    # -- hub ---------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        cards = await self.router.models.remote()
+        data = [{"id": AUTO, "object": "model", "created": 0, "owned_by": "cmr", "servable": True}]
+        data += [{"id": c["id"], "object": "model", "created": int(c.get("added_at") or 0), "owned_by": c.get("family") or "cmr",
+                  "servable": bool(c["backend"].get("engine")), "cost": c["cost"], "domain": c.get("domain")} for c in cards]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/admin/models")
+    async def register(self, request: Request) -> JSONResponse:
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise APIError(400, "request body must be JSON") from None
+        body = RegisterBody(cards=raw["cards"] if isinstance(raw, dict) and "cards" in raw else [raw]) if isinstance(raw, (dict, list)) else None
+        if body is None or not all(isinstance(c, dict) for c in body.cards):
+            raise APIError(400, "field 'cards': each model card must be a JSON object", "cards")
+        for c in body.cards:
+            engine = (c.get("backend") or {}).get("engine") if isinstance(c.get("backend"), dict) else None
+            if engine is not None and engine not in ("transformers", "vllm", "openai"):
+                raise APIError(400, f"field 'backend.engine': must be transformers, vllm or openai, got {engine!r}", "backend.engine")
+        res = _check(await self.router.register.remote(body.cards), "id")
+        return JSONResponse(res, status_code=201)
+
+    @app.delete("/v1/admin/models/{model_id:path}")
+    async def retire_one(self, model_id: str) -> dict[str, Any]:
+        return _check(await self.router.retire.remote([model_id]), "id")
+
+    @app.delete("/v1/admin/models")
+    async def retire(self, body: RetireBody) -> dict[str, Any]:
+        return _check(await self.router.retire.remote(body.ids), "ids")
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", **(await self.router.status.remote())}
+
+    # -- generation --------------------------------------------------------------------------
+    def _pool(self, model: str) -> DeploymentHandle:
+        name = self.pool_of.get(model, self.default_pool)
+        if name is None or name not in self.pools:
+            raise APIError(400, f"field 'model': no pool serves {model!r}", "model")
+        return self.pools[name]
+
+    async def _start(self, body, gen: dict[str, Any]) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]], dict[str, Any]]:
+        """Decide, open the pool's stream, and read its first chunk (so load errors become 4xx)."""
+        d = await self._decide(body.query(), body.routing, servable_only=True, model=body.model)
+        gen = {**gen, "model": d["model"], "max_tokens": body.token_limit(), "temperature": body.temperature,
+               "top_p": body.top_p, "stop": body.stop_list(), "seed": body.seed}
+        stream = self._pool(d["model"]).options(stream=True, multiplexed_model_id=d["model"]).generate.remote(gen)
+        it = stream.__aiter__()
+        first = await it.__anext__()
+        if "error" in first:
+            raise APIError(int(first.get("status", 400)), first["error"], "model")
+        return d, it, first
+
+    async def _collect(self, it, first) -> tuple[str, dict[str, Any]]:
+        text, last = first["text"], first
+        async for ch in it:
+            text += ch["text"]
+            last = ch
+        return text, last
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        d, it, first = await self._start(body, {"messages": [m.model_dump() for m in body.messages]})
+        created = int(time.time())
+        if body.stream:
+            raw = await request.json()
+            usage_wanted = bool((raw.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(self._sse_chat(d, it, first, created, usage_wanted), media_type="text/event-stream", headers=_headers(d))
+        text, last = await self._collect(it, first)
+        out = {
+            "id": d["request_id"], "object": "chat.completion", "created": created, "model": d["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.get("finish_reason") or "stop", "logprobs": None}],
+            "usage": _usage(last), "routing": _routing_field(d),
+        }
+        return JSONResponse(out, headers=_headers(d))
+
+    async def _sse_chat(self, d, it, first, created, usage_wanted) -> AsyncIterator[str]:
+        base = {"id": d["request_id"], "object": "chat.completion.chunk", "created": created, "model": d["model"]}
+        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], "routing": _routing_field(d)})
+        last = first
+        chunks = _prepend(first, it)
+        async for ch in chunks:
+            last = ch
+            if ch["text"]:
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": ch["text"]}, "finish_reason": None}]})
+        yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": last.get("finish_reason") or "stop"}]})
+        if usage_wanted:
+            yield _sse({**base, "choices": [], "usage": _usage(last)})
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        d, it, first = await self._start(body, {"prompt": body.prompt})
+        created = int(time.time())
+        if body.stream:
+            raw = await request.json()
+            usage_wanted = bool((raw.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(self._sse_completion(d, it, first, created, usage_wanted), media_type="text/event-stream", headers=_headers(d))
+        text, last = await self._collect(it, first)
+        out = {
+            "id": d["request_id"], "object": "text_completion", "created": created, "model": d["model"],
+            "choices": [{"index": 0, "text": text, "finish_reason": last.get("finish_reason") or "stop", "logprobs": None}],
+            "usage": _usage(last), "routing": _routing_field(d),
+        }
+        return JSONResponse(out, headers=_headers(d))
+
+    async def _sse_completion(self, d, it, first, created, usage_wanted) -> AsyncIterator[str]:
+        base = {"id": d["request_id"], "object": "text_completion", "created": created, "model": d["model"]}
+        last = first
+        sent_routing = False
+        async for ch in _prepend(first, it):
+            last = ch
+            if ch["text"]:
+                extra = {} if sent_routing else {"routing": _routing_field(d)}
+                sent_routing = True
+                yield _sse({**base, "choices": [{"index": 0, "text": ch["text"], "finish_reason": None, "logprobs": None}], **extra})
+        yield _sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": last.get("finish_reason") or "stop", "logprobs": None}],
+                    **({} if sent_routing else {"routing": _routing_field(d)})})
+        if usage_wanted:
+            yield _sse({**base, "choices": [], "usage": _usage(last)})
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,57 @@
+"""``PoolDeployment``: one Serve deployment per pool, serving its models multiplexed by id.
+
+The engine of a model is built on first use from its hub card's ``backend`` (so a model
+registered at runtime with a backend is served without a restart) and kept in an LRU of a few
+engines per replica (``@serve.multiplexed``). Resources and autoscaling come from ``PoolConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from cmr.errors import CMRError
+from cmr.hub import HubStore
+from services.config import AppArgs
+from services.pools.base import EngineFactory, GenRequest, make_engine
+
+
+class PoolDeployment:
+    """Generates with the engine of the requested model (``multiplexed_model_id``)."""
+
+    def __init__(self, args: dict[str, Any] | AppArgs, pool: str, engine_factory: EngineFactory | None = None):
+        self.args = args if isinstance(args, AppArgs) else AppArgs.from_dict(args)
+        self.pool = pool
+        self.engine_factory = engine_factory or make_engine
+        self.hub = HubStore(self.args.state_dir() / "hub.sqlite")
+        self._loaded: set[str] = set()
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def get_engine(self, model_id: str):
+        got = self.hub.get(model_id)
+        if got is None or got[1]:
+            raise CMRError(f"field 'model': model {model_id!r} is not in the hub")
+        card = got[0]
+        if not card.backend.get("engine"):
+            raise CMRError(f"field 'model': model {model_id!r} has no backend to serve it (route-only hub entry)")
+        import asyncio
+
+        engine = await asyncio.to_thread(self.engine_factory, model_id, card.backend)
+        self._loaded.add(model_id)
+        return engine
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream ``GenChunk`` dicts; a failure to load the model is one ``{"error"}`` item."""
+        req = GenRequest.from_dict(request)
+        try:
+            engine = await self.get_engine(req.model)
+        except CMRError as e:
+            yield {"error": str(e), "status": 400}
+            return
+        async for chunk in engine.generate(req):
+            yield chunk.to_dict()
+
+    async def check_health(self) -> None:
+        # engines are checked by their own generate path; a pool with a dead hub store is unhealthy
+        self.hub.version()

@@ -1,0 +1,54 @@
+"""The ``openai`` engine: a remote OpenAI-compatible endpoint, streamed through the official client.
+
+Base URL from the card's ``backend.base_url`` (else ``OPENAI_BASE_URL``); the key from the env var
+the card names (``backend.api_key_env``, default ``OPENAI_API_KEY``): keys never live in cards.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, AsyncIterator
+
+from services.pools.base import EngineError, GenChunk, GenRequest
+
+
+class OpenAIEngine:
+    """Forwards generation to ``backend['path']`` (the remote model name, default the model id)."""
+
+    def __init__(self, model_id: str, backend: dict[str, Any]):
+        from openai import AsyncOpenAI
+
+        base_url = backend.get("base_url") or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise EngineError(f"field 'backend.base_url': model {model_id!r} needs a base URL (or OPENAI_BASE_URL)")
+        key_env = backend.get("api_key_env", "OPENAI_API_KEY")
+        self.model_id = model_id
+        self.remote_model = backend.get("path") or model_id
+        self.max_new_tokens = int(backend.get("max_new_tokens", 1024))
+        self.client = AsyncOpenAI(base_url=base_url, api_key=os.environ.get(key_env) or "none")
+
+    async def generate(self, request: GenRequest) -> AsyncIterator[GenChunk]:
+        common = dict(model=self.remote_model, max_tokens=min(request.max_tokens, self.max_new_tokens), temperature=request.temperature,
+                      top_p=request.top_p, stop=request.stop or None, seed=request.seed, stream=True)
+        reason, usage = None, None
+        if request.messages is not None:
+            stream = await self.client.chat.completions.create(messages=request.messages, stream_options={"include_usage": True}, **common)
+            async for ch in stream:
+                usage = ch.usage or usage
+                for c in ch.choices:
+                    reason = c.finish_reason or reason
+                    if c.delta.content:
+                        yield GenChunk(text=c.delta.content)
+        else:
+            stream = await self.client.completions.create(prompt=request.prompt or "", **common)
+            async for ch in stream:
+                usage = ch.usage or usage
+                for c in ch.choices:
+                    reason = c.finish_reason or reason
+                    if c.text:
+                        yield GenChunk(text=c.text)
+        yield GenChunk(text="", finish_reason=reason or "stop", prompt_tokens=usage.prompt_tokens if usage else 0,
+                       completion_tokens=usage.completion_tokens if usage else 0)
+
+    async def check_health(self) -> None:
+        await self.client.models.list()

@@ -1,0 +1,110 @@
+"""``RouterDeployment``: the Serve deployment around ``RouterCore``.
+
+Concurrent requests are gathered by ``@serve.batch`` and routed together: one encoder call and
+one ``policy.score`` per batch. The blocking work (MiniLM, FAISS, SQLite) runs in a worker thread
+so the replica keeps accepting requests while a batch is scored. Hub changes and newer
+checkpoints are picked up between batches (``RouterCore.sync``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve
+
+from cmr.decide import Filters
+from cmr.errors import CMRError
+from cmr.types import ModelCard
+from services.config import AppArgs
+from services.routing import RouteRequest, RouterCore
+from services.store import DuplicateFeedbackError, UnknownRequestError
+
+
+def _error(e: Exception, status: int) -> dict[str, Any]:
+    # errors travel back through the handle as values: the ingress maps them to HTTP/gRPC codes
+    return {"error": str(e), "status": status}
+
+
+class RouterDeployment:
+    """Holds the live hub, the FAISS index, the current policy checkpoint and the decision store."""
+
+    def __init__(self, args: dict[str, Any] | AppArgs):
+        self.args = args if isinstance(args, AppArgs) else AppArgs.from_dict(args)
+        self.core = RouterCore(self.args)
+        self.route_batch.set_max_batch_size(self.args.max_batch_size)
+        self.route_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._learner = None
+        if self.args.learner.enabled:
+            from services.learner import get_or_create_learner
+
+            self._learner = get_or_create_learner(self.args)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def route_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Route a batch: each item is ``{query, lam, filters, k, servable_only, record}``;
+        each result is ``{"decision": {...}}`` or ``{"error": message, "status": code}``."""
+        parsed = [RouteRequest(query=r["query"], lam=float(r.get("lam", 0.0)), filters=Filters(**(r.get("filters") or {})),
+                               k=int(r.get("k", self.args.top_k)), servable_only=bool(r.get("servable_only", False)),
+                               record=bool(r.get("record", True))) for r in reqs]
+
+        def work():
+            self.core.sync()
+            return self.core.route(parsed)
+
+        results = await asyncio.to_thread(work)
+        return [_error(d, 400) if isinstance(d, CMRError) else {"decision": d.to_dict()} for d in results]
+
+    async def route(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.route_batch(req)
+
+    async def register(self, cards: list[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            parsed = [ModelCard.from_dict(c) for c in cards]
+            v = await asyncio.to_thread(self.core.register, parsed)
+        except CMRError as e:
+            return _error(e, 409 if "already registered" in str(e) else 400)
+        return {"hub_version": v, "registered": [c.id for c in parsed]}
+
+    async def retire(self, model_ids: list[str]) -> dict[str, Any]:
+        try:
+            v = await asyncio.to_thread(self.core.retire, model_ids)
+        except CMRError as e:
+            return _error(e, 404)
+        return {"hub_version": v, "retired": list(model_ids)}
+
+    async def models(self) -> list[dict[str, Any]]:
+        await asyncio.to_thread(self.core.sync)
+        return [c.to_dict() for c in self.core.models()]
+
+    async def card(self, model_id: str) -> dict[str, Any]:
+        await asyncio.to_thread(self.core.sync)
+        try:
+            return {"card": self.core.card(model_id).to_dict()}
+        except CMRError as e:
+            return _error(e, 404)
+
+    async def feedback(self, request_id: str, reward: float) -> dict[str, Any]:
+        try:
+            off = await asyncio.to_thread(self.core.store.add_feedback, request_id, reward)
+        except UnknownRequestError as e:
+            return _error(e, 404)
+        except DuplicateFeedbackError as e:
+            return _error(e, 409)
+        except (CMRError, ValueError) as e:
+            return _error(e, 400)
+        if self._learner is not None:
+            self._learner.notify.remote()  # fire and forget: the learner batches what is waiting
+        return {"offset": off}
+
+    async def reload(self, version: int | None = None) -> dict[str, Any]:
+        v = await asyncio.to_thread(self.core.reload, version)
+        return {"checkpoint_version": v}
+
+    async def status(self) -> dict[str, Any]:
+        await asyncio.to_thread(self.core.sync)
+        return self.core.status()
+
+    async def check_health(self) -> None:
+        if self.core.policy is None:
+            raise RuntimeError("router has no policy loaded")

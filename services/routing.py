@@ -1,0 +1,356 @@
+"""The router's state and decision path, without Ray: the Serve deployment wraps this.
+
+``RouterCore`` holds the live hub (SQLite), the FAISS index of card embeddings, the current
+policy checkpoint and the decision store. A batch of queries is routed as: encode (once, batched)
+→ candidates (the live hub, or its servable part, narrowed by the request's filters and, when
+``retrieve_k`` > 0, by FAISS) → ``policy.score`` → ``cmr.decide.decide`` → decisions recorded.
+
+Concurrency: the policy reference is swapped atomically under ``_lock``; a batch takes its
+snapshot (policy, version, card table) under the lock and scores outside it, so a checkpoint
+swap never interrupts or fails a batch in flight.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cmr.decide import Filters, decide
+from cmr.errors import CMRError, HubError
+from cmr.hub import HubStore, ModelHub
+from cmr.policies import make_policy
+from cmr.types import Decision, ModelCard
+from services.checkpoints import CheckpointDir
+from services.config import AppArgs
+from services.store import DecisionStore
+
+log = logging.getLogger("cmr.serve.router")
+
+
+class NoCandidateError(CMRError):
+    """The request's filters leave no model to route to."""
+
+
+@dataclass
+class RouteRequest:
+    """One routing question: the query text, the cost weight λ, filters, decision size."""
+
+    query: str
+    lam: float = 0.0
+    filters: Filters = field(default_factory=Filters)
+    k: int = 3
+    servable_only: bool = False
+    record: bool = True
+
+    def group_key(self) -> tuple:
+        f = self.filters
+        return (self.servable_only, tuple(f.domains or ()) if f.domains is not None else None,
+                tuple(f.families or ()) if f.families is not None else None, f.max_cost,
+                tuple(f.allow) if f.allow is not None else None, tuple(f.deny))
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Vectorised view of the live cards: filters become numpy masks, not loops over models."""
+
+    cards: tuple[ModelCard, ...]
+    pos: dict[str, int]
+    costs: np.ndarray
+    domains: np.ndarray
+    families: np.ndarray
+    servable: np.ndarray
+    emb: np.ndarray
+
+    def mask(self, req: RouteRequest) -> np.ndarray:
+        f = req.filters
+        keep = self.servable.copy() if req.servable_only else np.ones(len(self.cards), dtype=bool)
+        if f.domains is not None:
+            keep &= np.isin(self.domains, np.asarray(f.domains, dtype=object))
+        if f.families is not None:
+            keep &= np.isin(self.families, np.asarray(f.families, dtype=object))
+        if f.max_cost is not None:
+            keep &= self.costs <= f.max_cost
+        if f.allow is not None:
+            allow = np.zeros(len(self.cards), dtype=bool)
+            allow[[self.pos[m] for m in f.allow if m in self.pos]] = True
+            keep &= allow
+        if f.deny:
+            keep[[self.pos[m] for m in f.deny if m in self.pos]] = False
+        return keep
+
+
+def _build_table(cards: Sequence[ModelCard], emb: np.ndarray) -> _Table:
+    return _Table(
+        cards=tuple(cards),
+        pos={c.id: i for i, c in enumerate(cards)},
+        costs=np.fromiter((c.cost for c in cards), np.float64, len(cards)),
+        domains=np.array([c.domain or "" for c in cards], dtype=object),
+        families=np.array([c.family or "" for c in cards], dtype=object),
+        servable=np.fromiter((bool(c.backend.get("engine")) for c in cards), bool, len(cards)),
+        emb=emb,
+    )
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """Inter-process lock: first start (seed, train) happens once even with several replicas."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _served_cards(args: AppArgs, tiny: dict[str, Path]) -> list[ModelCard]:
+    from services.pools.tiny import TINY_SPECS
+
+    cards = [ModelCard.from_dict(m.card_dict()) for p in args.pools for m in p.models]
+    for mid, _, hidden, layers in TINY_SPECS:
+        if mid in tiny:
+            cards.append(ModelCard(
+                id=mid, family="tiny-gpt2", domain="text-generation", cost=0.001 * hidden * layers / 64,
+                description=f"Tiny randomly initialised GPT-2 ({layers} layers, width {hidden}) for offline chat tests.",
+                backend={"engine": "transformers", "path": str(tiny[mid]), "max_new_tokens": 64},
+            ))
+    return cards
+
+
+def effective_pools(args: AppArgs) -> list:
+    """The pools to deploy: the configured ones, or the embedded ``local`` pool of tiny models."""
+    from services.config import PoolConfig, ServedModel
+    from services.pools.tiny import TINY_SPECS
+
+    if args.pools or not args.tiny_models:
+        return list(args.pools)
+    root = args.home_path() / "models"
+    return [PoolConfig(name="local", models=[ServedModel(id=m, path=str(root / m)) for m, *_ in TINY_SPECS])]
+
+
+def bootstrap(args: AppArgs, encoder) -> None:
+    """First start, idempotent: tiny models, hub seeded with the bench and served cards, and a
+    first checkpoint of ``args.policy`` trained on the bench's train splits in experience order."""
+    state = args.state_dir()
+    with _file_lock(state / ".bootstrap.lock"):
+        tiny = {}
+        if args.tiny_models and not args.pools:
+            from services.pools.tiny import ensure_tiny_models
+
+            bench = args.bench_path()
+            tiny = ensure_tiny_models(args.home_path() / "models", bench / "hub.jsonl" if bench else None)
+        hub = ModelHub(HubStore(state / "hub.sqlite"))
+        bench_data = None
+        if hub.version == 0:
+            cards = []
+            if args.bench_path() is not None:
+                from cmr.data import load_cmrbench
+
+                bench_data = load_cmrbench(args.bench_path())
+                cards = list(bench_data.cards)
+            if cards:
+                hub.add(cards)
+        # served models of the config join the hub on every start (a config may add pools later)
+        served = [c for c in _served_cards(args, tiny) if c.id not in hub]
+        if served:
+            hub.add(served)
+        ckpts = CheckpointDir(state / "checkpoints" / args.policy)
+        if ckpts.latest() is None:
+            policy = make_policy(args.policy, encoder=encoder, config=args.policy_config or None)
+            if args.bench_path() is not None:
+                if bench_data is None:
+                    from cmr.data import load_cmrbench
+
+                    bench_data = load_cmrbench(args.bench_path())
+                rng = np.random.default_rng(0)
+                for exp in bench_data.experiences:
+                    tr = exp.train
+                    if args.train_limit is not None and len(tr) > args.train_limit:
+                        tr = tr.subset(np.sort(rng.choice(len(tr), args.train_limit, replace=False)))
+                    tr.emb = encoder.encode(tr.texts)
+                    policy.fit(tr, bench_data.cards_upto(exp.k))
+                    log.info("trained %s on experience %d (%d requests)", args.policy, exp.k, len(tr))
+            policy.add_models(hub.list())
+            ckpts.save(policy.state_dict(), {"policy": args.policy, "trained_on": str(args.bench_path()), "created": time.time()})
+        hub.store.close()
+
+
+class RouterCore:
+    """Live hub + index + policy + decision store; thread-safe."""
+
+    def __init__(self, args: AppArgs, encoder=None):
+        if encoder is None:
+            from cmr.encoders import default_encoder
+
+            encoder = default_encoder()
+        self.args = args
+        self.encoder = encoder
+        bootstrap(args, encoder)
+        state = args.state_dir()
+        self.store = DecisionStore(state / "decisions.sqlite")
+        self.ckpts = CheckpointDir(state / "checkpoints" / args.policy)
+        self._hub_store = HubStore(state / "hub.sqlite")
+        self._lock = threading.RLock()
+        self._reload_lock = threading.Lock()
+        from cmr.index import ModelIndex
+
+        self.index = ModelIndex(encoder.dim)
+        self.hub = ModelHub(self._hub_store)
+        self._emb: dict[str, np.ndarray] = {}
+        self.policy, self.version = self._load_policy(self.ckpts.latest())
+        self._rebuild()
+        self._last_check = time.monotonic()
+
+    # -- state -------------------------------------------------------------------------------
+    def _load_policy(self, version: int | None):
+        ck = self.ckpts.load(version)
+        policy = make_policy(self.args.policy, encoder=self.encoder)
+        policy.load_state_dict(ck["state"])
+        return policy, int(ck["version"])
+
+    def _embed_cards(self, cards: Sequence[ModelCard]) -> None:
+        new = [c for c in cards if c.id not in self._emb]
+        if new:
+            for c, v in zip(new, self.encoder.encode([c.text() for c in new])):
+                self._emb[c.id] = v
+
+    def _rebuild(self) -> None:
+        """Re-read the live hub into the index, the policy and the card table (under the lock)."""
+        with self._lock:
+            cards = self.hub.list()
+            self._embed_cards(cards)
+            live = {c.id for c in cards}
+            gone = [m for m in self.index.ids if m not in live]
+            self.index.remove(gone)
+            add = [c.id for c in cards if c.id not in self.index]
+            if add:
+                self.index.add(add, np.stack([self._emb[m] for m in add]))
+            self.policy.add_models(cards)
+            emb = np.stack([self._emb[c.id] for c in cards]) if cards else np.zeros((0, self.encoder.dim), np.float32)
+            self._table = _build_table(cards, emb)
+            self._hub_version = self.hub.version
+
+    def sync(self) -> None:
+        """Pick up hub changes made elsewhere (another replica, the CLI) and newer checkpoints."""
+        if self._hub_store.version() != self._hub_version:
+            with self._lock:
+                self.hub = ModelHub(self._hub_store)
+                self._rebuild()
+        now = time.monotonic()
+        if now - self._last_check >= self.args.reload_check_s:
+            self._last_check = now
+            latest = self.ckpts.latest()
+            if latest is not None and latest > self.version:
+                self.reload(latest)
+
+    def reload(self, version: int | None = None) -> int:
+        """Load checkpoint ``version`` (default latest) beside the current one, then swap.
+
+        Requests keep using the old policy until the swap, which is one reference assignment under
+        the lock: nothing in flight is dropped or failed. Concurrent reloads coalesce.
+        """
+        if not self._reload_lock.acquire(blocking=False):
+            return self.version
+        try:
+            version = version or self.ckpts.latest()
+            if version is None or version == self.version:
+                return self.version
+            policy, v = self._load_policy(version)
+            policy.add_models(list(self._table.cards))  # embed cards now, not on the request path
+            with self._lock:
+                self.policy, self.version = policy, v
+            log.info("router swapped to checkpoint v%d", v)
+            return v
+        finally:
+            self._reload_lock.release()
+
+    # -- hub admin ---------------------------------------------------------------------------
+    def register(self, cards: Sequence[ModelCard]) -> int:
+        """Add cards to the hub: routable as soon as this returns."""
+        self._embed_cards(cards)  # encode first, outside the lock
+        with self._lock:
+            v = self.hub.add(list(cards))
+            self._rebuild()
+        return v
+
+    def retire(self, model_ids: Sequence[str]) -> int:
+        with self._lock:
+            v = self.hub.retire(list(model_ids))
+            self._rebuild()
+        return v
+
+    def models(self) -> list[ModelCard]:
+        return list(self._table.cards)
+
+    def card(self, model_id: str) -> ModelCard:
+        t = self._table
+        if model_id not in t.pos:
+            raise HubError(f"field 'model': unknown model {model_id!r}")
+        return t.cards[t.pos[model_id]]
+
+    # -- routing -----------------------------------------------------------------------------
+    def route(self, reqs: Sequence[RouteRequest], emb: np.ndarray | None = None) -> list[Decision | CMRError]:
+        """Decide a batch; a request whose filters match nothing gets an error in its slot."""
+        if emb is None:
+            emb = self.encoder.encode([r.query for r in reqs])
+        with self._lock:
+            policy, version, table = self.policy, self.version, self._table
+        out: list[Decision | CMRError | None] = [None] * len(reqs)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault(r.group_key(), []).append(i)
+        for rows in groups.values():
+            mask = table.mask(reqs[rows[0]])
+            cand = np.flatnonzero(mask)
+            if cand.size == 0:
+                for i in rows:
+                    out[i] = NoCandidateError("no model matches the request's filters (routing.domains/families/max_cost/allow)")
+                continue
+            q = emb[rows]
+            k = max(reqs[i].k for i in rows)
+            rk = self.args.retrieve_k
+            if rk and cand.size > rk:
+                # per-query FAISS pre-selection (exact search over the masked cards when filtered)
+                if mask.all():
+                    names, _ = self.index.search(q, rk)
+                    per = [np.array([table.pos[m] for m in ns if m in table.pos]) for ns in names]
+                else:
+                    sims = q @ table.emb[cand].T
+                    top = np.argpartition(-sims, rk - 1, axis=1)[:, :rk]
+                    per = [cand[t] for t in top]
+                union = np.unique(np.concatenate(per))
+                cards = [table.cards[j] for j in union]
+                scores = policy.score(q, cards)
+                col = {int(j): c for c, j in enumerate(union)}
+                for r_i, i in enumerate(rows):
+                    cols = np.array([col[int(j)] for j in per[r_i]])
+                    d = decide(scores[r_i : r_i + 1, cols], [cards[c] for c in cols], lam=reqs[i].lam, k=reqs[i].k, checkpoint_version=version)[0]
+                    out[i] = d
+            else:
+                cards = [table.cards[j] for j in cand]
+                scores = policy.score(q, cards)
+                lam = np.array([reqs[i].lam for i in rows], dtype=np.float64)
+                for i, d in zip(rows, decide(scores, cards, lam=lam, k=k, checkpoint_version=version)):
+                    d.alternatives = d.alternatives[: reqs[i].k - 1]
+                    out[i] = d
+        rec = [(i, d) for i, d in enumerate(out) if isinstance(d, Decision)]
+        for _, d in rec:
+            d.request_id = f"cmr-{uuid.uuid4().hex}"
+        keep = [(i, d) for i, d in rec if reqs[i].record]
+        if keep:
+            self.store.record([d for _, d in keep], [reqs[i].query for i, _ in keep], emb[[i for i, _ in keep]],
+                              [table.costs[table.pos[d.model]] for _, d in keep])
+        return out  # type: ignore[return-value]
+
+    def status(self) -> dict[str, Any]:
+        return {"checkpoint_version": self.version, "hub_version": self._hub_version, "models": len(self._table.cards),
+                "servable": int(self._table.servable.sum()), "policy": self.args.policy, "feedback_offset": self.store.last_offset()}

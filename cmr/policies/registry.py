@@ -20,6 +20,10 @@ _REGISTRY: dict[str, str] = {
     "zeroshot": "cmr.policies.zeroshot:ZeroShotPolicy",
     "knn": "cmr.policies.knn:KNNPolicy",
     "cluster": "cmr.policies.cluster:ClusterPolicy",
+    "uniroute": "cmr.policies.uniroute:UniRoutePolicy",
+    "uniroute-map": "cmr.policies.uniroute_map:UniRouteMapPolicy",
+    "linucb": "cmr.policies.linucb:LinUCBPolicy",
+    "thompson": "cmr.policies.thompson:ThompsonPolicy",
 }
 
 

@@ -1,0 +1,207 @@
+"""The served app over HTTP with real clients (httpx, the official ``openai`` client): the embedded
+default (CMRBench hub trained at first start, two tiny local chat models, learner on)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.ray
+
+CHAT = [{"role": "user", "content": "Summarise this news article about football in two sentences."}]
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with httpx.Client(base_url=served.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _wait_version(client, above: int, deadline_s: float = 60) -> int:
+    """Poll /healthz until the router serves a checkpoint newer than ``above``."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        v = client.get("/healthz").json()["checkpoint_version"]
+        if v > above:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"router still on checkpoint <= {above}")
+
+
+def test_health_and_models(client):
+    h = client.get("/healthz").json()
+    assert h["status"] == "ok" and h["checkpoint_version"] >= 1
+    data = client.get("/v1/models").json()["data"]
+    ids = {m["id"] for m in data}
+    # the whole CMRBench hub is routable, the two tiny models are servable too
+    assert len(data) == 2315 + 2 + 1 and {"auto", "tiny-gpt2-a", "tiny-gpt2-b"} <= ids
+    assert {m["id"] for m in data if m["servable"]} == {"auto", "tiny-gpt2-a", "tiny-gpt2-b"}
+
+
+def test_route_decision_and_filters(client):
+    r = client.post("/v1/route", json={"query": "Translate this English sentence to German.", "routing": {"k": 4}})
+    assert r.status_code == 200
+    d = r.json()
+    assert d["request_id"].startswith("cmr-") and len(d["alternatives"]) == 3
+    assert r.headers["x-cmr-model"] == d["model"] and r.headers["x-cmr-request-id"] == d["request_id"]
+    scores = [d["score"]] + [a["score"] for a in d["alternatives"]]
+    assert scores == sorted(scores, reverse=True)  # λ = 0: utility = score, best first
+    # a domain filter keeps only that domain's models
+    dom = client.post("/v1/route", json={"query": "Detect the objects in this photo.", "routing": {"domains": ["Computer Vision Object Detection"], "k": 3}})
+    assert dom.status_code == 200
+    cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    picked = [dom.json()["model"]] + [a["model"] for a in dom.json()["alternatives"]]
+    assert all(cards[m]["domain"] == "Computer Vision Object Detection" for m in picked)
+    # an allow-list of one decides that model
+    one = client.post("/v1/route", json={"query": "anything", "routing": {"allow": ["tiny-gpt2-a"]}}).json()
+    assert one["model"] == "tiny-gpt2-a" and one["alternatives"] == []
+
+
+def test_cost_weight_prefers_cheaper(client):
+    q = {"query": "Write a short poem about the sea.", "routing": {"allow": ["tiny-gpt2-a", "tiny-gpt2-b"]}}
+    costs = {m["id"]: m["cost"] for m in client.get("/v1/models").json()["data"] if m["id"] in ("tiny-gpt2-a", "tiny-gpt2-b")}
+    cheap = min(costs, key=costs.get)
+    q["routing"]["cost_weight"] = 1000.0  # any score gap is dwarfed by the cost gap
+    assert client.post("/v1/route", json=q).json()["model"] == cheap
+
+
+def test_bad_requests_name_the_field(client):
+    cases = [
+        ("/v1/route", {"routing": {}}, 400, "query"),
+        ("/v1/route", {"query": "x", "routing": {"cost_weight": -1}}, 400, "routing.cost_weight"),
+        ("/v1/route", {"query": "x", "routing": {"domains": ["no such domain"]}}, 400, "filters"),
+        ("/v1/chat/completions", {"model": "auto"}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+        ("/v1/chat/completions", {"model": "no-such-model", "messages": CHAT}, 404, "model"),
+        ("/v1/chat/completions", {"model": "bert-base-uncased", "messages": CHAT}, 404, "model"),  # route-only hub entry
+        ("/v1/completions", {"prompt": "hi", "temperature": 5}, 400, "temperature"),
+        ("/v1/feedback", {"request_id": "cmr-unknown", "reward": 1.0}, 404, "request_id"),
+        ("/v1/feedback", {"request_id": "cmr-unknown", "reward": 2.0}, 400, "reward"),
+        ("/v1/admin/models", {"id": "", "cost": 0}, 400, "id"),
+        ("/v1/admin/models", {"id": "m-neg", "cost": -1}, 400, "cost"),
+        ("/v1/admin/models", {"id": "m-eng", "backend": {"engine": "tgi"}}, 400, "backend.engine"),
+    ]
+    for path, body, status, field in cases:
+        r = client.post(path, json=body)
+        assert r.status_code == status, (path, body, r.text)
+        msg = r.json()["error"]["message"]
+        assert field in msg, (path, body, msg)
+    assert client.delete("/v1/admin/models/no-such-model").status_code == 404
+
+
+def test_openai_chat_auto(oai):
+    resp = oai.chat.completions.create(model="auto", messages=CHAT, max_tokens=12, temperature=0)
+    assert resp.model in ("tiny-gpt2-a", "tiny-gpt2-b")
+    assert resp.usage.completion_tokens > 0 and resp.choices[0].finish_reason in ("length", "stop")
+    assert resp.model_extra["routing"]["model"] == resp.model and resp.id == resp.model_extra["routing"]["request_id"]
+    again = oai.chat.completions.create(model="auto", messages=CHAT, max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == resp.choices[0].message.content  # greedy: same model, same text
+
+
+def test_openai_chat_streaming(oai):
+    stream = oai.chat.completions.create(model="auto", messages=CHAT, max_tokens=16, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = [c.usage for c in chunks if c.usage]
+    assert chunks[0].model_extra["routing"]["model"] == chunks[0].model
+    assert finish and usage and usage[0].completion_tokens > 0
+    assert len(chunks) >= 3 and isinstance(text, str)
+
+
+def test_openai_completions_concrete_model(oai):
+    r = oai.completions.create(model="tiny-gpt2-b", prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert r.model == "tiny-gpt2-b" and r.usage.completion_tokens > 0
+    s = list(oai.completions.create(model="tiny-gpt2-a", prompt="Once upon a time", max_tokens=6, stream=True))
+    assert all(c.model == "tiny-gpt2-a" for c in s) and s[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_runtime_registration_receives_traffic(client, oai, served):
+    assert "tiny-gpt2-new" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    folder = served.args.home_path() / "models" / "tiny-gpt2-a"  # a real local model folder
+    r = client.post("/v1/admin/models", json={
+        "id": "tiny-gpt2-new", "family": "tiny-gpt2", "domain": "text-generation", "cost": 0.0001,
+        "description": "A tiny chat model registered at runtime.",
+        "backend": {"engine": "transformers", "path": str(folder)},
+    })
+    assert r.status_code == 201, r.text
+    assert client.post("/v1/admin/models", json={"id": "tiny-gpt2-new"}).status_code == 409
+    resp = oai.chat.completions.create(model="auto", messages=CHAT, max_tokens=5, extra_body={"routing": {"allow": ["tiny-gpt2-new"]}})
+    assert resp.model == "tiny-gpt2-new" and resp.usage.completion_tokens > 0
+    # retired: gone from routing at once
+    assert client.delete("/v1/admin/models/tiny-gpt2-new").status_code == 200
+    gone = client.post("/v1/route", json={"query": "x", "routing": {"allow": ["tiny-gpt2-new"]}})
+    assert gone.status_code == 400
+
+
+def test_feedback_changes_later_decisions(client, oai, served):
+    import ray
+
+    from services.learner import learner_handle
+
+    v0 = client.get("/healthz").json()["checkpoint_version"]
+    # decide first (all on the same checkpoint), then give partial feedback: the auto-chosen
+    # model did badly; the other one, asked for by name, did well
+    auto = [oai.chat.completions.create(model="auto", messages=CHAT, max_tokens=2) for _ in range(3)]
+    loser = auto[0].model
+    assert {r.model for r in auto} == {loser}
+    winner = "tiny-gpt2-b" if loser == "tiny-gpt2-a" else "tiny-gpt2-a"
+    named = [oai.chat.completions.create(model=winner, messages=CHAT, max_tokens=2) for _ in range(3)]
+    assert {r.model for r in named} == {winner}
+    for r in auto:
+        assert client.post("/v1/feedback", json={"request_id": r.id, "reward": 0.0}).status_code == 200
+    for r in named:
+        assert client.post("/v1/feedback", json={"request_id": r.id, "reward": 1.0}).status_code == 200
+    assert client.post("/v1/feedback", json={"request_id": named[0].id, "reward": 1.0}).status_code == 409
+    learner = learner_handle(served.args)
+    end = time.monotonic() + 60
+    while True:  # until the learner has learnt all six events and the router serves that checkpoint
+        st = ray.get(learner.status.remote())
+        if st["waiting"] == 0 and st["checkpoint_version"] > v0 and client.get("/healthz").json()["checkpoint_version"] >= st["checkpoint_version"]:
+            break
+        assert time.monotonic() < end, st
+        time.sleep(0.2)
+    after = oai.chat.completions.create(model="auto", messages=CHAT, max_tokens=2)
+    assert after.model == winner
+    assert after.model_extra["routing"]["checkpoint_version"] > v0
+
+
+def test_checkpoint_swap_under_concurrent_requests(client, served):
+    """Checkpoints are written while requests stream in: every request succeeds, and both the old
+    and the new versions answer (the swap happened under load)."""
+    from services.checkpoints import CheckpointDir
+
+    ckpts = CheckpointDir(served.args.state_dir() / "checkpoints" / served.args.policy)
+    queries = [f"Classify the sentiment of review number {i}." for i in range(60)]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=120) as ac:
+            async def one(q):
+                return await ac.post("/v1/route", json={"query": q, "record": False})
+
+            tasks = []
+            for i, q in enumerate(queries):
+                tasks.append(asyncio.create_task(one(q)))
+                if i % 20 == 10:
+                    ck = await asyncio.to_thread(ckpts.load)
+                    await asyncio.to_thread(ckpts.save, ck["state"], {**ck["meta"], "note": "hot-swap test"})
+                await asyncio.sleep(0.02)
+            return await asyncio.gather(*tasks)
+
+    v0 = client.get("/healthz").json()["checkpoint_version"]
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * len(queries)
+    versions = [r.json()["checkpoint_version"] for r in responses]
+    assert all(v >= v0 for v in versions)
+    assert len(set(versions)) >= 2, versions  # a swap happened while requests were in flight
+    assert _wait_version(client, v0 + 2) == ckpts.latest()

@@ -1,0 +1,221 @@
+"""Continual routing over an evolving hub (CMRBench protocol): accuracy matrices and forgetting.
+
+For each experience k in order: ``policy.add_models(cards entering at k)``, then learn from the
+train split of k — ``policy.fit`` (``--feedback full``) or, with ``--feedback partial``, by
+routing the train requests in batches and telling the policy only whether its choice was right
+(``policy.update``) — then route the test requests of experiences 1..k among the cards with
+``experience <= k`` (``cmr.decide.choose`` at λ = 0) and score M-Acc (chosen model is the
+target), F-Acc (same family) and D-Acc (same domain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cmr.bench import common
+
+METRICS = (("m", "M-Acc"), ("f", "F-Acc"), ("d", "D-Acc"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``cmr bench cmr``."""
+    common.add_common_arguments(parser)
+    parser.add_argument(
+        "--feedback",
+        choices=("full", "partial"),
+        default="full",
+        help="full: fit on the labelled train split; partial: route it in batches, learn from the chosen model's reward only",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="requests per feedback batch (--feedback partial)")
+    parser.add_argument("--eval-batch", type=int, default=1024, help="test requests scored per policy call")
+
+
+def _accuracies(ch, cards, test) -> dict[str, float]:
+    """M/F/D accuracy of choices ``ch`` (indices into ``cards``) on labelled ``test``."""
+    import numpy as np
+
+    ids = np.array([c.id for c in cards], dtype=object)
+    fam = np.array([c.family for c in cards], dtype=object)
+    dom = np.array([c.domain for c in cards], dtype=object)
+    target = np.array(test.model_ids, dtype=object)[test.labels]
+    pred = ids[ch]
+    hit_m = pred == target
+    t_fam = np.array(test.meta.get("family", [None] * len(test)), dtype=object)
+    t_dom = np.array(test.meta.get("domain", [None] * len(test)), dtype=object)
+    # the right model is always the right family and domain, even where a card lacks the field;
+    # otherwise a missing family never matches
+    hit_f = hit_m | ((fam[ch] != None) & (fam[ch] == t_fam))  # noqa: E711 (elementwise on object arrays)
+    hit_d = hit_m | ((dom[ch] != None) & (dom[ch] == t_dom))  # noqa: E711
+    return {"m": float(hit_m.mean()), "f": float(hit_f.mean()), "d": float(hit_d.mean())}
+
+
+def _route(policy, q, cards, costs, eval_batch: int):
+    """Chosen candidate per query (λ = 0), scoring ``eval_batch`` queries per policy call."""
+    import numpy as np
+
+    from cmr.decide import choose
+
+    out = []
+    for i in range(0, len(q), eval_batch):
+        s = common.check_scores(policy.score(q[i : i + eval_batch], cards), len(q[i : i + eval_batch]), len(cards), policy.name)
+        out.append(choose(s, costs, 0.0))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def _stream_partial(policy, train, cards, costs, k: int, batch: int, seed: int) -> dict[str, float]:
+    """Route the train requests in seeded random order, ``batch`` at a time; after each batch the
+    policy hears only the chosen model's reward (1 if it was the target, else 0)."""
+    import numpy as np
+
+    from cmr.types import FeedbackEvent
+
+    order = np.random.default_rng(seed + 1000 * k).permutation(len(train))
+    ids = [c.id for c in cards]
+    hits = 0
+    for start in common.progress(range(0, len(order), batch), desc=f"e{k} feedback", unit="batch"):
+        b = train.subset(order[start : start + batch])
+        common.reveal_if_needed(policy, b)
+        ch = _route(policy, b.emb, cards, costs, len(b))
+        target = [b.model_ids[j] for j in b.labels]
+        events = []
+        for i, j in enumerate(ch):  # one event per request of this batch (≤ batch size)
+            r = 1.0 if ids[j] == target[i] else 0.0
+            hits += int(r)
+            events.append(
+                FeedbackEvent(
+                    request_id=f"e{k}-train-{order[start + i]}",
+                    model=ids[j],
+                    reward=r,
+                    query=b.texts[i],
+                    embedding=b.emb[i].tolist(),
+                    cost=float(costs[j]),
+                )
+            )
+        policy.update(events)
+    return {"online_reward": hits / max(1, len(order))}
+
+
+def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_batch: int = 1024, seed: int = 0) -> dict[str, Any]:
+    """Run the continual protocol on an embedded ``CMRBench``; returns the report's metrics part."""
+    import numpy as np
+
+    from cmr.bench import metrics
+
+    exps = bench.experiences
+    K = len(exps)
+    mats = {m: np.full((K, K), np.nan) for m, _ in METRICS}
+    timings: list[dict[str, float]] = []
+    online: list[dict[str, float]] = []
+    n_models: list[int] = []
+    for ki, exp in enumerate(common.progress(exps, desc="experiences", unit="exp")):
+        live = bench.cards_upto(exp.k)
+        costs = np.array([c.cost for c in live], dtype=np.float64)
+        n_models.append(len(live))
+        t0 = time.perf_counter()
+        policy.add_models(bench.cards_of(exp.k))
+        if feedback == "full":
+            policy.fit(exp.train, live)
+        else:
+            online.append({"experience": exp.k, **_stream_partial(policy, exp.train, live, costs, exp.k, batch_size, seed)})
+        t_train = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for ji in range(ki + 1):
+            test = exps[ji].test
+            common.reveal_if_needed(policy, test)
+            ch = _route(policy, test.emb, live, costs, eval_batch)
+            for m, v in _accuracies(ch, live, test).items():
+                mats[m][ki, ji] = v
+        timings.append({"experience": exp.k, "train_s": t_train, "eval_s": time.perf_counter() - t0})
+    out: dict[str, Any] = {
+        "final": {f"{m}_acc": metrics.final_average(mats[m]) for m, _ in METRICS},
+        "forgetting": {m: metrics.forgetting(mats[m]) for m, _ in METRICS},
+        "matrix": {m: metrics.matrix_to_json(mats[m]) for m, _ in METRICS},
+        "experiences": [e.k for e in exps],
+        "n_models": n_models,
+        "n_test": [len(e.test) for e in exps],
+        "n_train": [len(e.train) for e in exps],
+        "timings": {"per_experience": timings, "train_total_s": sum(t["train_s"] for t in timings), "eval_total_s": sum(t["eval_s"] for t in timings)},
+    }
+    if online:
+        out["online"] = online
+    return out
+
+
+def _markdown(rep: dict[str, Any]) -> str:
+    exps = rep["experiences"]
+    lines = [
+        f"# cmr bench cmr — {rep['policy']} on {rep['dataset']}",
+        "",
+        f"feedback: {rep['feedback']}, seed {rep['seed']}, {rep['date']}, {rep['machine']['cpus']} CPU(s), commit {rep['git_commit'] or '—'}",
+        "",
+        "| policy | M-Acc | F-Acc | D-Acc | forgetting M | forgetting F | forgetting D | train s |",
+        "|---|---|---|---|---|---|---|---|",
+        "| {} | {} | {} | {} | {} | {} | {} | {:.1f} |".format(
+            rep["policy"],
+            *(common.fmt(rep["final"][f"{m}_acc"]) for m, _ in METRICS),
+            *(common.fmt(rep["forgetting"][m]) for m, _ in METRICS),
+            rep["timings"]["train_total_s"],
+        ),
+        "",
+    ]
+    for m, name in METRICS:
+        lines += [f"## {name} matrix (row: after experience, column: test set)", ""]
+        lines.append("| after \\ test | " + " | ".join(f"e{e}" for e in exps) + " |")
+        lines.append("|---" * (len(exps) + 1) + "|")
+        for e, row in zip(exps, rep["matrix"][m]):
+            lines.append(f"| e{e} | " + " | ".join(common.fmt(x) for x in row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``cmr bench cmr``: load, embed, run the protocol, write report.json / report.md / matrix.png."""
+    import numpy as np
+
+    from cmr.bench import plots
+    from cmr.data.cmrbench import load_cmrbench
+    from cmr.encoders import default_encoder
+
+    if args.batch_size < 1 or args.eval_batch < 1:
+        raise common.BenchConfigError("--batch-size/--eval-batch: must be >= 1")
+    root = common.resolve_cmrbench_dir(args.data)
+    bench = load_cmrbench(root)
+    encoder = default_encoder()
+    common.embed(encoder, [p for e in bench.experiences for p in (e.train, e.test)])
+    policy = common.build_policy(args, encoder)
+    out = common.out_dir(args.out, "cmr", root.name, args.policy, "" if args.feedback == "full" else "partial")
+
+    t0 = time.perf_counter()
+    res = evaluate(bench, policy, args.feedback, args.batch_size, args.eval_batch, args.seed)
+    rep: dict[str, Any] = {
+        "protocol": "cmr",
+        "policy": args.policy,
+        "data": str(root),
+        "dataset": root.name,
+        "feedback": args.feedback,
+        "seed": args.seed,
+        "config": policy.config.to_dict(),
+        **res,
+        "wall_s": time.perf_counter() - t0,
+        **common.run_info(),
+    }
+    common.write_json(out / "report.json", rep)
+    common.write_text(out / "report.md", _markdown(rep))
+    fig = plots.accuracy_heatmaps(
+        {name: np.array(rep["matrix"][m], dtype=np.float64) for m, name in METRICS},
+        [f"e{e}" for e in rep["experiences"]],
+        f"{args.policy} on {root.name} ({args.feedback} feedback)",
+    )
+    common.write_figure(out / "matrix.png", fig)
+    f = rep["final"]
+    print(
+        f"{args.policy} on {root.name} ({args.feedback} feedback): "
+        f"M-Acc {f['m_acc']:.3f}  F-Acc {f['f_acc']:.3f}  D-Acc {f['d_acc']:.3f}  "
+        f"forgetting M {rep['forgetting']['m']:.3f}  train {rep['timings']['train_total_s']:.1f}s"
+    )
+    print(f"report: {Path(out) / 'report.json'}", file=sys.stdout)
+    return 0

@@ -17,10 +17,14 @@ from cmr.errors import CMRError
 BENCH: dict[str, str] = {
     "cmr": "cmr.bench.cmr_protocol",
     "llm": "cmr.bench.llm_protocol",
+    "online": "cmr.bench.online",
 }
 
 # other sub-commands -> module with add_arguments/run
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("services.serve_cli", "start Ray locally and serve the router"),
+    "train": ("cmr.train", "train a policy over the CMRBench experiences, a checkpoint after each"),
+}
 
 
 def _policies(args: argparse.Namespace) -> int:

@@ -11,9 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cmr import constants
+from cmr.errors import CMRError
+
+
+class ConfigError(CMRError):
+    """An invalid app configuration: names the field."""
 
 ENGINES = ("transformers", "vllm", "openai")
 
@@ -145,3 +150,36 @@ class AppArgs(_Strict):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AppArgs":
         return cls.model_validate(d)
+
+
+def load_args(data: dict[str, Any] | None, source: str = "config") -> AppArgs:
+    """Validate ``data`` as ``AppArgs``; errors become one ``ConfigError`` line naming the field."""
+    try:
+        return AppArgs.model_validate(data or {})
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ConfigError(f"{source}: field '{loc}': {first['msg']}{more}") from None
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """AppArgs fields from a YAML file: either the fields at top level, or a Serve config file
+    (``applications[0].args``), so ``cluster/serve.yaml`` works as ``cmr serve --config``."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config must be a mapping")
+    if "applications" in data:
+        apps = data["applications"] or []
+        if not apps or not isinstance(apps[0], dict):
+            raise ConfigError(f"{p}: field 'applications': no application")
+        data = apps[0].get("args") or {}
+    return data

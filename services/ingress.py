@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from services.config import AppArgs
+from services.grpc.servicer import GrpcServicerMixin
 from services.schemas import AUTO, ChatCompletionRequest, CompletionRequest, FeedbackBody, RegisterBody, RetireBody, RouteRequestBody
 
 app = FastAPI(title="cmr", description="Continual model router: OpenAI-compatible API with routing extensions")
@@ -94,8 +95,8 @@ def _usage(last: dict[str, Any]) -> dict[str, int]:
 
 
 @serve.ingress(app)
-class Ingress:
-    """Validates requests, asks the router, streams from the chosen model's pool."""
+class Ingress(GrpcServicerMixin):
+    """Validates requests, asks the router, streams from the chosen model's pool (HTTP and gRPC)."""
 
     def __init__(self, args: dict[str, Any], router: DeploymentHandle, pools: dict[str, DeploymentHandle]):
         from services.routing import effective_pools

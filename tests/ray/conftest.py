@@ -60,8 +60,8 @@ def served(ray_session, tmp_path_factory, request):
         grpc_options = {"port": grpc_port, "grpc_servicer_functions": servicer_functions()}
     serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options)
     home = tmp_path_factory.mktemp("cmr_home")
-    extra = dict(getattr(request.module, "APP_ARGS", {}))
-    args = AppArgs(home=str(home), train_limit=40, learner={"poll_s": 0.5}, **extra)
+    fields = {"home": str(home), "train_limit": 40, "learner": {"poll_s": 0.5}, **getattr(request.module, "APP_ARGS", {})}
+    args = AppArgs(**fields)
     serve.run(build_app(args), name="cmr", route_prefix="/")
     try:
         yield ServedApp(url=f"http://127.0.0.1:{port}", grpc_port=grpc_port, args=args)

@@ -1,0 +1,137 @@
+"""The gRPC methods of the ingress (``CMR`` service of ``cmr.proto``).
+
+Ray Serve's gRPC proxy calls the ingress deployment's method named after the RPC, so these live
+in a mixin that ``Ingress`` inherits: the same routing, validation and pools as HTTP. Errors set
+the gRPC status (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS) with a message naming the field.
+"""
+
+import json
+from typing import Any, AsyncIterator
+
+import grpc
+from pydantic import ValidationError
+
+from services.grpc import cmr_pb2 as pb
+from services.schemas import AUTO, ChatCompletionRequest, FeedbackBody, RouteRequestBody, RoutingOptions
+
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ALREADY_EXISTS}
+
+
+def _routing(r: "pb.Routing") -> dict[str, Any]:
+    d: dict[str, Any] = {"cost_weight": r.cost_weight, "deny": list(r.deny)}
+    for name in ("domains", "families", "allow"):
+        if getattr(r, name):
+            d[name] = list(getattr(r, name))
+    if r.HasField("max_cost"):
+        d["max_cost"] = r.max_cost
+    if r.k:
+        d["k"] = r.k
+    return d
+
+
+def _reply(d: dict[str, Any]) -> "pb.RouteReply":
+    return pb.RouteReply(request_id=d["request_id"], model=d["model"], score=d["score"], utility=d["utility"],
+                         alternatives=[pb.Candidate(model=m, score=s) for m, s in d["alternatives"]],
+                         checkpoint_version=d["checkpoint_version"] or 0)
+
+
+def _fail(ctx, status: int, message: str) -> None:
+    if ctx is not None:
+        ctx.set_code(_CODES.get(status, grpc.StatusCode.INTERNAL))
+        ctx.set_details(message)
+
+
+class GrpcAbort(Exception):
+    """Raised after the status is set: a streaming method must raise for Serve to send its code."""
+
+
+def _validation_message(e: ValidationError) -> str:
+    first = e.errors()[0]
+    return f"field '{'.'.join(str(x) for x in first['loc'])}': {first['msg']}"
+
+
+class GrpcServicerMixin:
+    """``Route``, ``Chat`` (server streaming), ``Feedback``, ``RegisterModel``, ``ListModels``."""
+
+    async def Route(self, request: "pb.RouteRequest", grpc_context=None) -> "pb.RouteReply":
+        from services.ingress import APIError
+
+        try:
+            body = RouteRequestBody(query=request.query, routing=RoutingOptions(**_routing(request.routing)), record=not request.no_record)
+            return _reply(await self._decide(body.query, body.routing, servable_only=False, record=body.record))
+        except ValidationError as e:
+            _fail(grpc_context, 400, _validation_message(e))
+        except APIError as e:
+            _fail(grpc_context, e.status, e.message)
+        return pb.RouteReply()
+
+    async def Chat(self, request: "pb.ChatRequest", grpc_context=None) -> AsyncIterator["pb.ChatChunk"]:
+        from services.ingress import APIError
+
+        try:
+            fields: dict[str, Any] = {"model": request.model or AUTO, "routing": _routing(request.routing), "stop": list(request.stop) or None,
+                                      "messages": [{"role": m.role, "content": m.content} for m in request.messages]}
+            if request.max_tokens:
+                fields["max_tokens"] = request.max_tokens
+            for opt in ("temperature", "top_p", "seed"):
+                if request.HasField(opt):
+                    fields[opt] = getattr(request, opt)
+            body = ChatCompletionRequest(**fields)
+            d, it, first = await self._start(body, {"messages": [m.model_dump() for m in body.messages]})
+        except ValidationError as e:
+            _fail(grpc_context, 400, msg := _validation_message(e))
+            raise GrpcAbort(msg) from None
+        except APIError as e:
+            _fail(grpc_context, e.status, e.message)
+            raise GrpcAbort(e.message) from None
+        yield pb.ChatChunk(request_id=d["request_id"], model=d["model"], routing=_reply(d))
+        last = first
+        if first["text"]:
+            yield pb.ChatChunk(request_id=d["request_id"], model=d["model"], text=first["text"])
+        async for ch in it:
+            last = ch
+            if ch["text"]:
+                yield pb.ChatChunk(request_id=d["request_id"], model=d["model"], text=ch["text"])
+        yield pb.ChatChunk(request_id=d["request_id"], model=d["model"], finish_reason=last.get("finish_reason") or "stop",
+                           prompt_tokens=int(last.get("prompt_tokens", 0)), completion_tokens=int(last.get("completion_tokens", 0)))
+
+    async def Feedback(self, request: "pb.FeedbackRequest", grpc_context=None) -> "pb.FeedbackReply":
+        try:
+            body = FeedbackBody(request_id=request.request_id, reward=request.reward)
+        except ValidationError as e:
+            _fail(grpc_context, 400, _validation_message(e))
+            return pb.FeedbackReply()
+        res = await self.router.feedback.remote(body.request_id, body.reward)
+        if "error" in res:
+            _fail(grpc_context, int(res["status"]), res["error"])
+            return pb.FeedbackReply()
+        return pb.FeedbackReply(accepted=True, offset=res["offset"])
+
+    async def RegisterModel(self, request: "pb.RegisterModelRequest", grpc_context=None) -> "pb.RegisterModelReply":
+        cards = []
+        for c in request.cards:
+            try:
+                backend = json.loads(c.backend_json) if c.backend_json else {}
+            except ValueError:
+                _fail(grpc_context, 400, f"field 'backend_json': model {c.id!r} has invalid JSON")
+                return pb.RegisterModelReply()
+            cards.append({"id": c.id, "family": c.family or None, "domain": c.domain or None, "description": c.description,
+                          "cost": c.cost, "backend": backend, "profile": dict(c.profile)})
+        if not cards:
+            _fail(grpc_context, 400, "field 'cards': at least one card is needed")
+            return pb.RegisterModelReply()
+        res = await self.router.register.remote(cards)
+        if "error" in res:
+            _fail(grpc_context, int(res["status"]), res["error"])
+            return pb.RegisterModelReply()
+        return pb.RegisterModelReply(hub_version=res["hub_version"], registered=res["registered"])
+
+    async def ListModels(self, request: "pb.ListModelsRequest", grpc_context=None) -> "pb.ListModelsReply":
+        out = []
+        for c in await self.router.models.remote():
+            servable = bool(c["backend"].get("engine"))
+            if request.servable_only and not servable:
+                continue
+            out.append(pb.ModelCard(id=c["id"], family=c.get("family") or "", domain=c.get("domain") or "", description=c.get("description") or "",
+                                    cost=c["cost"], backend_json=json.dumps(c["backend"]), profile=c.get("profile") or {}, servable=servable))
+        return pb.ListModelsReply(models=out)

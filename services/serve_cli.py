@@ -1,0 +1,77 @@
+"""``cmr serve``: start Ray locally and serve the router (HTTP 8000, gRPC 9000 by default).
+
+With no configuration it serves the embedded default: the CMRBench hub for ``/v1/route`` with a
+router trained at first start, two tiny local chat models and the learner, all state under
+``CMR_HOME``. ``--config`` reads a YAML of ``AppArgs`` fields (or a Serve config such as
+``cluster/serve.yaml``); flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# Ray, Serve and the app are imported inside run(): `cmr --help` must stay fast
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML with AppArgs fields, or a Serve config file (applications[0].args)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1; 0.0.0.0 to expose)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=9000, help="gRPC port; 0 disables gRPC")
+    p.add_argument("--policy", help="routing policy (see `cmr policies`)")
+    p.add_argument("--home", help="state folder (default CMR_HOME)")
+    p.add_argument("--train-limit", type=int, help="train the first-start router on at most this many requests per experience")
+    p.add_argument("--no-learner", action="store_true", help="do not start the online learner actor")
+    p.add_argument("--no-tiny-models", action="store_true", help="do not create/serve the two tiny local chat models")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
+    p.add_argument("--address", help="connect to this Ray cluster instead of starting one")
+
+
+def build_args(ns: argparse.Namespace):
+    """AppArgs from ``--config`` plus flag overrides (flags win)."""
+    from services.config import load_args, read_config
+
+    data = read_config(ns.config) if ns.config else {}
+    if ns.policy:
+        data["policy"] = ns.policy
+    if ns.home:
+        data["home"] = ns.home
+    if ns.train_limit:
+        data["train_limit"] = ns.train_limit
+    if ns.no_learner:
+        data["learner"] = {**(data.get("learner") or {}), "enabled": False}
+    if ns.no_tiny_models:
+        data["tiny_models"] = False
+    return load_args(data, source=ns.config or "arguments")
+
+
+def run(ns: argparse.Namespace) -> int:
+    args = build_args(ns)  # validate before starting anything
+    import ray
+    from ray import serve
+
+    from services.app import build_app
+    from services.grpc import servicer_functions
+
+    if ns.address:
+        ray.init(address=ns.address)
+    else:
+        ray.init(num_cpus=ns.num_cpus, include_dashboard=False)
+    grpc = {"port": ns.grpc_port, "grpc_servicer_functions": servicer_functions()} if ns.grpc_port else None
+    serve.start(http_options={"host": ns.host, "port": ns.http_port}, grpc_options=grpc)
+    print(f"cmr: starting (state under {args.home_path()}); first start trains the router and creates the tiny models", flush=True)
+    serve.run(build_app(args), name="cmr", route_prefix="/", blocking=False)
+    print(f"cmr: serving http://{ns.host}:{ns.http_port}/v1 (OpenAI-compatible)" + (f", gRPC on :{ns.grpc_port}" if grpc else "") + "; Ctrl-C stops", flush=True)
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        from services.learner import learner_handle
+
+        h = learner_handle(args)
+        if h is not None:
+            ray.kill(h)
+        ray.shutdown()

@@ -1,0 +1,77 @@
+"""The gRPC API through Ray Serve's gRPC proxy, with a real grpc client: Route, Chat (server
+streaming), Feedback, RegisterModel, ListModels, and status codes naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+pytestmark = pytest.mark.ray
+
+GRPC = True
+# a second app in the session: keep it small (no learner; the router trains on a few requests)
+APP_ARGS = {"learner": {"enabled": False}, "train_limit": 20}
+
+
+@pytest.fixture(scope="module")
+def stub(served):
+    from services.grpc import cmr_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}")
+    grpc.channel_ready_future(channel).result(timeout=60)
+    yield cmr_pb2_grpc.CMRStub(channel)
+    channel.close()
+
+
+def test_route_and_feedback(stub):
+    from services.grpc import cmr_pb2 as pb
+
+    r = stub.Route(pb.RouteRequest(query="Translate this sentence into French.", routing=pb.Routing(k=3)))
+    assert r.request_id.startswith("cmr-") and r.model and len(r.alternatives) == 2
+    assert r.score >= r.alternatives[0].score >= r.alternatives[1].score
+    f = stub.Feedback(pb.FeedbackRequest(request_id=r.request_id, reward=1.0))
+    assert f.accepted and f.offset >= 1
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Feedback(pb.FeedbackRequest(request_id=r.request_id, reward=1.0))
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Feedback(pb.FeedbackRequest(request_id=r.request_id, reward=1.5))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reward" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Route(pb.RouteRequest(query=""))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "query" in e.value.details()
+
+
+def test_chat_streams(stub):
+    from services.grpc import cmr_pb2 as pb
+
+    chunks = list(stub.Chat(pb.ChatRequest(model="auto", max_tokens=8, messages=[pb.Message(role="user", content="Tell me a story.")])))
+    first, last = chunks[0], chunks[-1]
+    assert first.routing.model == first.model and first.model in ("tiny-gpt2-a", "tiny-gpt2-b")
+    assert last.finish_reason in ("length", "stop") and last.completion_tokens > 0
+    assert all(c.request_id == first.request_id for c in chunks)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Chat(pb.ChatRequest(model="no-such-model", messages=[pb.Message(role="user", content="hi")])))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "model" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Chat(pb.ChatRequest(model="auto")))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in e.value.details()
+
+
+def test_register_and_list(stub, served):
+    from services.grpc import cmr_pb2 as pb
+
+    before = {m.id for m in stub.ListModels(pb.ListModelsRequest(servable_only=True)).models}
+    assert before == {"tiny-gpt2-a", "tiny-gpt2-b"}
+    backend = {"engine": "transformers", "path": str(served.args.home_path() / "models" / "tiny-gpt2-b")}
+    reg = stub.RegisterModel(pb.RegisterModelRequest(cards=[pb.ModelCard(id="grpc-tiny", cost=0.0002, backend_json=json.dumps(backend))]))
+    assert list(reg.registered) == ["grpc-tiny"]
+    after = {m.id for m in stub.ListModels(pb.ListModelsRequest(servable_only=True)).models}
+    assert after == before | {"grpc-tiny"}
+    chunks = list(stub.Chat(pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], max_tokens=4, routing=pb.Routing(allow=["grpc-tiny"]))))
+    assert chunks[0].model == "grpc-tiny" and chunks[-1].completion_tokens > 0
+    with pytest.raises(grpc.RpcError) as e:
+        stub.RegisterModel(pb.RegisterModelRequest(cards=[pb.ModelCard(id="grpc-tiny")]))
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -1,0 +1,186 @@
+"""The serving layer's parts that need no Ray: decision/feedback store, checkpoints, AppArgs and
+config files, the CLI's validation, engines, and the router's vectorised candidate filter."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmr.decide import Filters
+from cmr.errors import CMRError
+from cmr.types import Decision, ModelCard
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _decision(rid: str, model: str = "m1") -> Decision:
+    return Decision(model=model, score=0.5, utility=0.5, alternatives=[("m2", 0.4)], checkpoint_version=1, request_id=rid)
+
+
+def test_store_feedback_log(tmp_path):
+    from services.store import DecisionStore, DuplicateFeedbackError, UnknownRequestError
+
+    st = DecisionStore(tmp_path / "d.sqlite")
+    emb = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    st.record([_decision("r1"), _decision("r2", "m2")], ["q one", "q two"], emb, [0.1, 0.2])
+    assert st.decision("r2").alternatives == [("m2", 0.4)]
+    assert st.add_feedback("r2", 1.0) == 1 and st.add_feedback("r1", 0.25) == 2
+    with pytest.raises(UnknownRequestError, match="request_id"):
+        st.add_feedback("nope", 1.0)
+    with pytest.raises(DuplicateFeedbackError, match="request_id"):
+        st.add_feedback("r1", 1.0)
+    with pytest.raises(ValueError, match="reward"):
+        st.add_feedback("r2", 1.5)
+    ev = st.events()
+    assert [(e.request_id, e.model, e.reward, e.cost, e.offset) for e in ev] == [("r2", "m2", 1.0, pytest.approx(0.2), 1), ("r1", "m1", 0.25, pytest.approx(0.1), 2)]
+    np.testing.assert_array_equal(np.asarray(ev[0].embedding, np.float32), emb[1])
+    assert [e.offset for e in st.events(after=1)] == [2] and st.last_offset() == 2
+    st.close()
+    assert DecisionStore(tmp_path / "d.sqlite").last_offset() == 2  # durable
+
+
+def test_checkpoints_versioned_and_checked(tmp_path):
+    from services.checkpoints import CheckpointDir, CheckpointError
+
+    ck = CheckpointDir(tmp_path / "ck")
+    assert ck.latest() is None
+    with pytest.raises(CheckpointError):
+        ck.load()
+    assert ck.save({"w": np.arange(3)}, {"policy": "knn"}) == 1
+    assert ck.save({"w": np.arange(4)}, {"policy": "knn", "offset": 7}) == 2
+    got = ck.load()
+    assert got["version"] == 2 and got["meta"]["offset"] == 7 and got["state"]["w"].tolist() == [0, 1, 2, 3]
+    assert ck.load(1)["state"]["w"].tolist() == [0, 1, 2]
+    assert not [p for p in os.listdir(tmp_path / "ck") if p.startswith(".")]  # no temp files left
+    (tmp_path / "ck" / "v000002.pkl").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="checksum"):
+        ck.load()
+
+
+def test_app_args_validation_names_fields(tmp_path):
+    from services.config import AppArgs, ConfigError, load_args, read_config
+
+    a = AppArgs()
+    assert a.policy == "knn" and a.learner.enabled and AppArgs.from_dict(a.to_dict()) == a
+    cases = [({"polcy": "knn"}, "polcy"), ({"policy": "nope"}, "policy"), ({"top_k": 0}, "top_k"),
+             ({"pools": [{"name": "p", "models": [{"id": "m", "engine": "tgi"}]}]}, "pools.0.models.0.engine"),
+             ({"pools": [{"name": "p"}, {"name": "p"}]}, "pool names")]
+    for data, field in cases:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_args(data)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        read_config(bad)
+
+
+def test_cluster_serve_yaml_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from services.config import load_args, read_config
+
+    raw = yaml.safe_load((REPO / "cluster" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert schema.applications[0].import_path == "services.app:build_app"
+    assert schema.grpc_options.grpc_servicer_functions == ["services.grpc.cmr_pb2_grpc.add_CMRServicer_to_server"]
+    args = load_args(read_config(REPO / "cluster" / "serve.yaml"))
+    assert {p.name for p in args.pools} == {"cpu-small", "gpu-vllm", "remote"}
+    assert args.pools[0].autoscaling_config["max_replicas"] == 4
+
+
+def test_cmr_serve_refuses_bad_config_before_starting(tmp_path, capsys):
+    from cmr.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("retrieve_k: -3\n")
+    assert main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "retrieve_k" in err and err.count("\n") == 1
+
+
+def test_grpc_code_is_reproducible(tmp_path):
+    """The committed generated code equals what the pinned generator makes from cmr.proto."""
+    from importlib.metadata import version
+
+    from grpc_tools import protoc
+
+    from services.grpc.generate import PINNED
+
+    if {n: version(n) for n in PINNED} != PINNED:
+        pytest.skip("generator versions differ from the pins")
+    assert protoc.main(["protoc", f"-I{REPO}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(REPO / "services/grpc/cmr.proto")]) == 0
+    for name in ("cmr_pb2.py", "cmr_pb2_grpc.py"):
+        assert (tmp_path / "services/grpc" / name).read_text() == (REPO / "services/grpc" / name).read_text()
+
+
+def test_engines_factory_errors(monkeypatch):
+    from services.pools.base import EngineError, make_engine
+
+    with pytest.raises(EngineError, match="backend.engine"):
+        make_engine("m", {"engine": "tgi"})
+    with pytest.raises(EngineError, match="backend.path"):
+        make_engine("m", {"engine": "transformers", "path": "/no/such/folder"})
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(EngineError, match="backend.base_url"):
+        make_engine("m", {"engine": "openai"})
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineError, match=r"cmr\[vllm\]"):
+            make_engine("m", {"engine": "vllm", "path": "x"})
+
+
+def test_fake_vllm_engine_streams_what_it_got():
+    from services.pools.base import GenRequest
+    from services.pools.vllm import FakeVLLMEngine
+
+    async def go():
+        eng = FakeVLLMEngine("m", {})
+        return [c async for c in eng.generate(GenRequest(model="m", messages=[{"role": "user", "content": "a b c"}], max_tokens=2))]
+
+    chunks = asyncio.run(go())
+    assert "".join(c.text for c in chunks) == "a b" and chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens == 2
+
+
+def test_transformers_engine_generates_from_a_local_folder(tmp_path):
+    from services.pools.base import GenRequest
+    from services.pools.tiny import ensure_tiny_models
+    from services.pools.transformers import TransformersEngine
+
+    folders = ensure_tiny_models(tmp_path / "models")
+    assert set(folders) == {"tiny-gpt2-a", "tiny-gpt2-b"} and ensure_tiny_models(tmp_path / "models") == folders  # idempotent
+    eng = TransformersEngine("tiny-gpt2-a", {"path": str(folders["tiny-gpt2-a"])})
+
+    async def go(req):
+        return [c async for c in eng.generate(req)]
+
+    req = GenRequest(model="tiny-gpt2-a", messages=[{"role": "user", "content": "hello"}], max_tokens=6, temperature=0)
+    a, b = asyncio.run(go(req)), asyncio.run(go(req))
+    assert a[-1].completion_tokens == 6 and a[-1].finish_reason == "length" and a[-1].prompt_tokens > 0
+    assert "".join(c.text for c in a) == "".join(c.text for c in b)  # greedy is deterministic
+
+
+def test_vectorised_filter_mask_matches_decide_filters():
+    """The router's numpy candidate mask agrees with cmr.decide.Filters.mask on random filters."""
+    from services.routing import RouteRequest, _build_table
+
+    rng = np.random.default_rng(0)
+    cards = [ModelCard(id=f"m{i}", domain=f"d{i % 4}", family=f"f{i % 3}", cost=float(rng.uniform(0, 1)),
+                       backend={"engine": "transformers"} if i % 5 == 0 else {}) for i in range(200)]
+    table = _build_table(cards, np.zeros((200, 4), np.float32))
+    for _ in range(50):
+        f = Filters(
+            domains=list(rng.choice([f"d{i}" for i in range(5)], 2)) if rng.random() < 0.5 else None,
+            families=list(rng.choice([f"f{i}" for i in range(3)], 1)) if rng.random() < 0.5 else None,
+            max_cost=float(rng.uniform()) if rng.random() < 0.5 else None,
+            allow=[f"m{i}" for i in rng.choice(250, 60)] if rng.random() < 0.5 else None,
+            deny=[f"m{i}" for i in rng.choice(200, 10)] if rng.random() < 0.5 else [],
+        )
+        servable = bool(rng.random() < 0.3)
+        want = f.mask(cards) & (np.array([bool(c.backend) for c in cards]) if servable else True)
+        np.testing.assert_array_equal(table.mask(RouteRequest(query="q", filters=f, servable_only=servable)), want)

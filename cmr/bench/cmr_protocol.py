@@ -184,9 +184,10 @@ def run(args: argparse.Namespace) -> int:
         raise common.BenchConfigError("--batch-size/--eval-batch: must be >= 1")
     root = common.resolve_cmrbench_dir(args.data)
     bench = load_cmrbench(root)
+    cls, config = common.policy_spec(args)  # fail fast on a bad policy name or option
     encoder = default_encoder()
     common.embed(encoder, [p for e in bench.experiences for p in (e.train, e.test)])
-    policy = common.build_policy(args, encoder)
+    policy = cls(encoder=encoder, config=config)
     out = common.out_dir(args.out, "cmr", root.name, args.policy, "" if args.feedback == "full" else "partial")
 
     t0 = time.perf_counter()

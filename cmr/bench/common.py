@@ -79,9 +79,10 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     return obj
 
 
-def build_policy(args: argparse.Namespace, encoder):
-    """The policy named by ``--policy`` with config = ``--config`` file, then ``--set`` overrides;
-    ``--seed`` fills the config's ``seed`` unless the config sets it."""
+def policy_spec(args: argparse.Namespace):
+    """``(policy class, config)`` from ``--policy``, the ``--config`` file, then ``--set``
+    overrides; ``--seed`` fills the config's ``seed`` unless the config sets it. Cheap: run it
+    before loading data or the encoder so that a typo fails at once."""
     from cmr.policies import policy_class
 
     cls = policy_class(args.policy)  # UnknownPolicyError is a CMRError: one line, exit 2
@@ -92,6 +93,12 @@ def build_policy(args: argparse.Namespace, encoder):
         config = cls.Config.from_dict(cfg)
     except (TypeError, ValueError) as e:
         raise BenchConfigError(f"--set/--config for policy {args.policy!r}: {e}") from None
+    return cls, config
+
+
+def build_policy(args: argparse.Namespace, encoder):
+    """The configured policy (see ``policy_spec``) with ``encoder``."""
+    cls, config = policy_spec(args)
     return cls(encoder=encoder, config=config)
 
 

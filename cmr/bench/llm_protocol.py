@@ -170,9 +170,10 @@ def run(args: argparse.Namespace) -> int:
         raise common.BenchConfigError("--lambdas: must be >= 1")
     root = common.resolve_outcome_dir(args.data)
     data = load_outcomes(root)
+    cls, config = common.policy_spec(args)  # fail fast on a bad policy name or option
     encoder = default_encoder()
     common.embed(encoder, [data.train, data.test])
-    policy = common.build_policy(args, encoder)
+    policy = cls(encoder=encoder, config=config)
     tag = f"unseen{args.unseen:g}" if args.unseen else ""
     out = common.out_dir(args.out, "llm", root.name, args.policy, tag)
 

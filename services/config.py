@@ -109,8 +109,8 @@ class AppArgs(_Strict):
     router_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     ingress_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     learner: LearnerArgs = Field(default_factory=LearnerArgs)
-    #: how often (seconds) a router checks for a newer checkpoint (also checked between batches)
-    reload_check_s: float = Field(default=0.5, ge=0)
+    #: how often (seconds) a router's watcher thread checks for a newer checkpoint
+    reload_check_s: float = Field(default=0.5, gt=0)
 
     @field_validator("policy")
     @classmethod

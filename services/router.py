@@ -2,8 +2,8 @@
 
 Concurrent requests are gathered by ``@serve.batch`` and routed together: one encoder call and
 one ``policy.score`` per batch. The blocking work (MiniLM, FAISS, SQLite) runs in a worker thread
-so the replica keeps accepting requests while a batch is scored. Hub changes and newer
-checkpoints are picked up between batches (``RouterCore.sync``).
+so the replica keeps accepting requests while a batch is scored. Hub changes are picked up
+per batch (``RouterCore.sync``); newer checkpoints are loaded and swapped in by a watcher thread.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class RouterDeployment:
     def __init__(self, args: dict[str, Any] | AppArgs):
         self.args = args if isinstance(args, AppArgs) else AppArgs.from_dict(args)
         self.core = RouterCore(self.args)
+        self.core.start_watcher()
         self.route_batch.set_max_batch_size(self.args.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self._learner = None
@@ -96,6 +97,11 @@ class RouterDeployment:
         if self._learner is not None:
             self._learner.notify.remote()  # fire and forget: the learner batches what is waiting
         return {"offset": off}
+
+    def __del__(self) -> None:
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
 
     async def reload(self, version: int | None = None) -> dict[str, Any]:
         v = await asyncio.to_thread(self.core.reload, version)

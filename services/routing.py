@@ -112,20 +112,6 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _served_cards(args: AppArgs, tiny: dict[str, Path]) -> list[ModelCard]:
-    from services.pools.tiny import TINY_SPECS
-
-    cards = [ModelCard.from_dict(m.card_dict()) for p in args.pools for m in p.models]
-    for mid, _, hidden, layers in TINY_SPECS:
-        if mid in tiny:
-            cards.append(ModelCard(
-                id=mid, family="tiny-gpt2", domain="text-generation", cost=0.001 * hidden * layers / 64,
-                description=f"Tiny randomly initialised GPT-2 ({layers} layers, width {hidden}) for offline chat tests.",
-                backend={"engine": "transformers", "path": str(tiny[mid]), "max_new_tokens": 64},
-            ))
-    return cards
-
-
 def effective_pools(args: AppArgs) -> list:
     """The pools to deploy: the configured ones, or the embedded ``local`` pool of tiny models."""
     from services.config import PoolConfig, ServedModel
@@ -134,7 +120,22 @@ def effective_pools(args: AppArgs) -> list:
     if args.pools or not args.tiny_models:
         return list(args.pools)
     root = args.home_path() / "models"
-    return [PoolConfig(name="local", models=[ServedModel(id=m, path=str(root / m)) for m, *_ in TINY_SPECS])]
+    # costs differ (bigger model, higher cost) so that the cost weight λ has something to trade
+    models = [ServedModel(id=m, path=str(root / m), family="tiny-gpt2", domain="text-generation", cost=0.001 * hidden * layers / 64,
+                          description=f"Tiny randomly initialised GPT-2 ({layers} layers, width {hidden}) for offline chat tests.")
+              for m, _, hidden, layers in TINY_SPECS]
+    return [PoolConfig(name="local", models=models)]
+
+
+def prepare_models(args: AppArgs) -> dict[str, Path]:
+    """Create the tiny local chat models on first start (once, under the bootstrap lock)."""
+    if not (args.tiny_models and not args.pools):
+        return {}
+    from services.pools.tiny import ensure_tiny_models
+
+    bench = args.bench_path()
+    with _file_lock(args.state_dir() / ".models.lock"):
+        return ensure_tiny_models(args.home_path() / "models", bench / "hub.jsonl" if bench else None)
 
 
 def bootstrap(args: AppArgs, encoder) -> None:
@@ -142,12 +143,7 @@ def bootstrap(args: AppArgs, encoder) -> None:
     first checkpoint of ``args.policy`` trained on the bench's train splits in experience order."""
     state = args.state_dir()
     with _file_lock(state / ".bootstrap.lock"):
-        tiny = {}
-        if args.tiny_models and not args.pools:
-            from services.pools.tiny import ensure_tiny_models
-
-            bench = args.bench_path()
-            tiny = ensure_tiny_models(args.home_path() / "models", bench / "hub.jsonl" if bench else None)
+        prepare_models(args)
         hub = ModelHub(HubStore(state / "hub.sqlite"))
         bench_data = None
         if hub.version == 0:
@@ -160,7 +156,8 @@ def bootstrap(args: AppArgs, encoder) -> None:
             if cards:
                 hub.add(cards)
         # served models of the config join the hub on every start (a config may add pools later)
-        served = [c for c in _served_cards(args, tiny) if c.id not in hub]
+        served = [ModelCard.from_dict(m.card_dict()) for p in effective_pools(args) for m in p.models]
+        served = [c for c in served if c.id not in hub]
         if served:
             hub.add(served)
         ckpts = CheckpointDir(state / "checkpoints" / args.policy)
@@ -208,7 +205,7 @@ class RouterCore:
         self._emb: dict[str, np.ndarray] = {}
         self.policy, self.version = self._load_policy(self.ckpts.latest())
         self._rebuild()
-        self._last_check = time.monotonic()
+        self._closed = threading.Event()
 
     # -- state -------------------------------------------------------------------------------
     def _load_policy(self, version: int | None):
@@ -240,17 +237,35 @@ class RouterCore:
             self._hub_version = self.hub.version
 
     def sync(self) -> None:
-        """Pick up hub changes made elsewhere (another replica, the CLI) and newer checkpoints."""
+        """Pick up hub changes made elsewhere (another replica, the CLI): cheap, run per batch."""
         if self._hub_store.version() != self._hub_version:
             with self._lock:
-                self.hub = ModelHub(self._hub_store)
-                self._rebuild()
-        now = time.monotonic()
-        if now - self._last_check >= self.args.reload_check_s:
-            self._last_check = now
-            latest = self.ckpts.latest()
-            if latest is not None and latest > self.version:
-                self.reload(latest)
+                if self._hub_store.version() != self._hub_version:
+                    self.hub = ModelHub(self._hub_store)
+                    self._rebuild()
+
+    def check_checkpoint(self) -> int:
+        """Swap to the newest checkpoint if there is a newer one; returns the served version."""
+        latest = self.ckpts.latest()
+        if latest is not None and latest > self.version:
+            return self.reload(latest)
+        return self.version
+
+    def start_watcher(self) -> None:
+        """Watch for new checkpoints (and hub changes) in a daemon thread, every ``reload_check_s``:
+        loading happens beside the serving path, which only ever sees the finished swap."""
+        def loop() -> None:
+            while not self._closed.wait(self.args.reload_check_s or 0.5):
+                try:
+                    self.sync()
+                    self.check_checkpoint()
+                except Exception:  # a bad checkpoint must not kill the watcher: keep serving the old one
+                    log.exception("checkpoint watcher")
+
+        threading.Thread(target=loop, name="cmr-checkpoint-watcher", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
 
     def reload(self, version: int | None = None) -> int:
         """Load checkpoint ``version`` (default latest) beside the current one, then swap.
@@ -267,6 +282,7 @@ class RouterCore:
             policy, v = self._load_policy(version)
             policy.add_models(list(self._table.cards))  # embed cards now, not on the request path
             with self._lock:
+                policy.add_models(list(self._table.cards))  # cards registered while it loaded (memoised: cheap)
                 self.policy, self.version = policy, v
             log.info("router swapped to checkpoint v%d", v)
             return v

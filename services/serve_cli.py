@@ -62,11 +62,15 @@ def run(ns: argparse.Namespace) -> int:
     print(f"cmr: starting (state under {args.home_path()}); first start trains the router and creates the tiny models", flush=True)
     serve.run(build_app(args), name="cmr", route_prefix="/", blocking=False)
     print(f"cmr: serving http://{ns.host}:{ns.http_port}/v1 (OpenAI-compatible)" + (f", gRPC on :{ns.grpc_port}" if grpc else "") + "; Ctrl-C stops", flush=True)
-    try:
-        import time
+    import signal
+    import threading
 
-        while True:
-            time.sleep(3600)
+    stop = threading.Event()
+    # SIGTERM (docker stop, kill) shuts down as cleanly as Ctrl-C
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+        return 0
     finally:
         serve.shutdown()
         from services.learner import learner_handle

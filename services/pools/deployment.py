@@ -25,7 +25,17 @@ class PoolDeployment:
         self.pool = pool
         self.engine_factory = engine_factory or make_engine
         self.hub = HubStore(self.args.state_dir() / "hub.sqlite")
-        self._loaded: set[str] = set()
+        from services.routing import effective_pools, prepare_models
+
+        # warm start: build the pool's configured engines while the replica starts (Serve waits for
+        # it), not on their first request; the multiplexed loader hands them out on first use
+        prepare_models(self.args)
+        self._warm: dict[str, Any] = {}
+        for m in [m for p in effective_pools(self.args) if p.name == pool for m in p.models][:4]:
+            try:
+                self._warm[m.id] = self.engine_factory(m.id, m.backend())
+            except CMRError:
+                pass  # reported to the first request for it, with the field named
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_engine(self, model_id: str):
@@ -37,9 +47,8 @@ class PoolDeployment:
             raise CMRError(f"field 'model': model {model_id!r} has no backend to serve it (route-only hub entry)")
         import asyncio
 
-        engine = await asyncio.to_thread(self.engine_factory, model_id, card.backend)
-        self._loaded.add(model_id)
-        return engine
+        warm = self._warm.pop(model_id, None)
+        return warm if warm is not None else await asyncio.to_thread(self.engine_factory, model_id, card.backend)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream ``GenChunk`` dicts; a failure to load the model is one ``{"error"}`` item."""

@@ -33,7 +33,7 @@ class OraclePolicy(RoutingPolicy):
     """Oracle: the true score of each candidate for revealed queries (evaluation only).
 
     ``reveal(data)`` remembers ``data``'s true scores keyed by the exact bytes of each query
-    embedding; ``score`` returns them, and ``unknown_score`` (below every real score) where the
+    embedding (the bench harness calls it when ``needs_truth``); ``score`` returns them, and ``unknown_score`` (below every real score) where the
     outcome is unknown. With ``decide.choose`` it picks the best model, the cheapest among ties.
     """
 
@@ -47,23 +47,32 @@ class OraclePolicy(RoutingPolicy):
         self._scores = np.zeros((0, 0), dtype=np.float32)
         self._model_ids: list[str] = []
         self._col: dict[str, int] = {}
-        self._row: dict[bytes, int] = {}
+        self._rows: dict[bytes, list[int]] = {}  # embedding bytes -> revealed rows, in order
 
     def reveal(self, data: Examples) -> None:
-        """Remember the true scores of ``data``'s queries (needs ``data.emb``); a query revealed
-        again takes its latest scores."""
+        """Remember the true scores of ``data``'s queries (needs ``data.emb``).
+
+        A query revealed again replaces what an earlier ``reveal`` said about it. Distinct
+        queries can share an embedding (duplicate texts, or long prompts that the encoder
+        truncates to the same prefix); ``score`` then hands out their rows in reveal order, so
+        scoring the revealed set in one call, in its order, gives each row its own truth.
+        """
         if data.emb is None:
             raise ValueError("oracle.reveal: field 'emb': the examples must be embedded (Examples.emb is None)")
         emb = np.ascontiguousarray(np.asarray(data.emb, dtype=np.float32))
         if emb.ndim != 2 or len(emb) != len(data) or data.scores.shape != (len(data), len(data.model_ids)):
             raise ValueError(f"oracle.reveal: fields 'emb'/'scores': shapes {emb.shape} and {data.scores.shape} do not match {len(data)} rows")
+        if len(self._emb):  # forget what this reveal supersedes
+            fresh = {r.tobytes() for r in emb}
+            keep = np.fromiter((r.tobytes() not in fresh for r in self._emb), dtype=bool, count=len(self._emb))
+            self._emb, self._scores = self._emb[keep], self._scores[keep]
         new = [m for m in dict.fromkeys(data.model_ids) if m not in self._col]
         for m in new:
             self._col[m] = len(self._model_ids)
             self._model_ids.append(m)
         block = np.full((len(emb), len(self._model_ids)), np.nan, dtype=np.float32)
         block[:, [self._col[m] for m in data.model_ids]] = data.scores
-        if len(self._scores):
+        if len(self._emb):
             old = np.full((len(self._scores), len(self._model_ids)), np.nan, dtype=np.float32)
             old[:, : self._scores.shape[1]] = self._scores
             self._scores = np.concatenate([old, block])
@@ -73,7 +82,24 @@ class OraclePolicy(RoutingPolicy):
         self._index_rows()
 
     def _index_rows(self) -> None:
-        self._row = {row.tobytes(): i for i, row in enumerate(self._emb)}  # later duplicates win
+        rows: dict[bytes, list[int]] = {}
+        for i, r in enumerate(self._emb):
+            rows.setdefault(r.tobytes(), []).append(i)
+        self._rows = rows
+
+    def _lookup(self, q: np.ndarray) -> np.ndarray:
+        """Revealed row of each query (-1 if none); the n-th query of a batch with a shared
+        embedding gets the n-th revealed row with it (cycling)."""
+        out = np.full(len(q), -1, dtype=np.int64)
+        used: dict[bytes, int] = {}
+        for i, r in enumerate(q):
+            key = r.tobytes()
+            hits = self._rows.get(key)
+            if hits:
+                n = used.get(key, 0)
+                out[i] = hits[n % len(hits)]
+                used[key] = n + 1
+        return out
 
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
         """Nothing to learn: the oracle only knows what ``reveal`` showed it."""
@@ -87,7 +113,7 @@ class OraclePolicy(RoutingPolicy):
     def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
         """True scores ``[n_q, n_c]``; ``unknown_score`` where the outcome was not revealed."""
         q = as_queries(q)
-        rows = np.fromiter((self._row.get(r.tobytes(), -1) for r in q), dtype=np.int64, count=len(q))
+        rows = self._lookup(q)
         cols = np.fromiter((self._col.get(c.id, -1) for c in candidates), dtype=np.int64, count=len(candidates))
         out = np.full((len(q), len(candidates)), self.config.unknown_score, dtype=np.float64)
         r, c = rows >= 0, cols >= 0

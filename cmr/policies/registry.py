@@ -20,6 +20,7 @@ _REGISTRY: dict[str, str] = {
     "zeroshot": "cmr.policies.zeroshot:ZeroShotPolicy",
     "knn": "cmr.policies.knn:KNNPolicy",
     "cluster": "cmr.policies.cluster:ClusterPolicy",
+    "carve": "cmr.policies.carve:CarvePolicy",
     "uniroute": "cmr.policies.uniroute:UniRoutePolicy",
     "uniroute-map": "cmr.policies.uniroute_map:UniRouteMapPolicy",
     "linucb": "cmr.policies.linucb:LinUCBPolicy",

@@ -1,0 +1,673 @@
+"""CARvE-style contrastive continual router over frozen MiniLM features.
+
+After "Continual Model Routing in Evolving Model Hubs" (Bell et al., 2026). The query goes
+through a trainable projection (identity-initialised linear map plus an optional residual MLP
+adapter) over frozen MiniLM features; every model id has one embedding, initialised from its
+card text, so a model that joins is routable before any example. Scores are cosines over a
+temperature.
+
+Two levels, because CMRBench labels carry a domain (the pipeline task) and the hub's cards
+carry it too: a domain head scores the query against one embedding per domain, a model head
+against one embedding per model, and the score of model m is
+
+    log p(domain(m) | q) + log p(m | q, domain(m))
+
+(``hierarchical=False``: a flat softmax over models). Training is InfoNCE over the positive
+model against negatives: the full live hub when it is small enough (every hard negative, at
+its true weight), otherwise mined hard negatives (nearest wrong models, re-mined every few
+epochs), same-domain negatives and random far negatives. The card text of every live model
+(id words, domain, description, api_call) is also a training example for its own model.
+
+Continual learning happens inside ``fit`` through :class:`cmr.continual.learner.Learner`:
+a domain-stratified coreset replay buffer (``replay`` = fraction of the data seen) and
+anchoring to the parameters after the previous experience (``anchor`` = strength).
+``joint=True`` is the upper reference: keep everything seen and retrain from the cards.
+
+On outcome matrices (``Examples.labels is None``: several models can be right) the head
+becomes per-model sigmoids ``σ(s·cos + b_m)`` trained by binary cross-entropy on the known
+scores, so ``score`` is a predicted quality that ``decide`` can trade against cost.
+
+``update(events)`` is the online path: a fixed number of gradient steps on the events plus a
+fixed-size replay sample, with anchoring — bounded cost per event. A reward-1 event pulls the
+query towards the chosen model (InfoNCE); a reward-0 event pushes it away (−log(1 − p)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from cmr.continual.anchoring import Anchor, AnchorConfig
+from cmr.continual.replay import CoresetBuffer, Interactions, ReservoirBuffer, buffer_from_state
+from cmr.data.examples import Examples
+from cmr.policies.base import PolicyConfig, RoutingPolicy
+from cmr.types import FeedbackEvent, ModelCard
+
+_ID_SPLIT = re.compile(r"[/_\-.:]+")
+_NO_DOMAIN = ""
+
+
+@dataclass
+class CarveConfig(PolicyConfig):
+    """Options of the contrastive continual router (``--set key=value``)."""
+
+    # model
+    adapter_hidden: int = 0  # 0 = linear projection only; >0 = residual MLP adapter width
+    temperature: float = 0.05
+    hierarchical: bool = True  # domain head + model-within-domain head
+    domain_weight: float = 1.0  # weight of the domain loss (training) and of log p(domain) (scoring)
+    head: str = "auto"  # "softmax" (one right model), "sigmoid" (outcome matrices), "auto": from the data
+    # training
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    full_softmax_max: int = 20_000  # more live models than this -> sampled negatives
+    negatives: str = "auto"  # "full", "sampled", "auto" (full up to full_softmax_max)
+    n_hard: int = 16
+    n_domain: int = 8
+    n_random: int = 16
+    remine_every: int = 5  # epochs between hard-negative re-mining
+    offsets: bool = True  # learn a per-model offset on top of the projected prototype
+    offset_decay: float = 0.0  # L2 pull of the offsets towards 0 (the prototype)
+    leave_one_out: bool = True  # a training row is left out of its model's prototype
+    proto_card_weight: float = 1.0  # weight of the card in a model's prototype (queries weigh 1)
+    card_examples: bool = True  # card text of every live model is a training example for it
+    card_weight: float = 0.5
+    card_text: str = "rich"  # "rich": + api_call; "plain": ModelCard.text()
+    # continual
+    replay: float = 0.2  # coreset budget as a fraction of the data seen (0 = no replay)
+    replay_cap: int = 4  # coreset rows per model at most
+    anchor: float = 1.0  # anchoring strength on model/domain embeddings (0 = none)
+    anchor_dense: float = 1.0  # anchoring strength on the projection
+    joint: bool = False  # upper reference: keep all data, retrain from the cards each experience
+    # online
+    online_steps: int = 1
+    online_replay: int = 32  # replay rows mixed into each online step
+    online_lr: float = 5e-4
+    online_capacity: int = 5_000  # reservoir of past events
+    # small matrices: one intra-op thread is many times faster than several on a shared CPU
+    # (thread spinning); 0 = leave torch's setting alone
+    torch_threads: int = 1
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run a block with ``n`` torch intra-op threads, restoring the previous setting after."""
+    import torch
+
+    if n <= 0:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class CarvePolicy(RoutingPolicy):
+    """CARvE-style contrastive continual router (projection + per-model embeddings, replay, anchoring)."""
+
+    name = "carve"
+    Config = CarveConfig
+
+    def __init__(self, encoder=None, config=None):
+        super().__init__(encoder, config)
+        c: CarveConfig = self.config
+        if c.head not in ("auto", "softmax", "sigmoid"):
+            raise ValueError(f"field 'head': must be auto, softmax or sigmoid, got {c.head!r}")
+        if c.negatives not in ("auto", "full", "sampled"):
+            raise ValueError(f"field 'negatives': must be auto, full or sampled, got {c.negatives!r}")
+        if c.card_text not in ("rich", "plain"):
+            raise ValueError(f"field 'card_text': must be rich or plain, got {c.card_text!r}")
+        self._mode: str | None = None if c.head == "auto" else c.head
+        self._models: list[str] = []
+        self._row: dict[str, int] = {}
+        self._model_domain: list[str] = []
+        self._domains: list[str] = []
+        self._drow: dict[str, int] = {}
+        self._doc_emb: dict[str, np.ndarray] = {}
+        self._proto = np.zeros((0, 0), np.float32)  # per-model prototype sums (raw feature space)
+        self._params: dict[str, Any] | None = None  # torch tensors, built lazily
+        self._live: list[str] = []
+        self.anchor = Anchor(AnchorConfig(c.anchor, c.anchor_dense))
+        self.buffer = self._new_buffer()
+        self.events = ReservoirBuffer(capacity=c.online_capacity, seed=c.seed)
+        self.experiences_seen = 0
+        self._rng = np.random.default_rng(c.seed)
+        self._hard: np.ndarray | None = None
+        self._epoch_items: Interactions | None = None
+
+    # ---------------------------------------------------------------- structure
+    def _new_buffer(self):
+        c: CarveConfig = self.config
+        if c.joint:
+            return ReservoirBuffer(capacity=10_000_000, seed=c.seed)  # keeps everything
+        return CoresetBuffer(fraction=c.replay, per_model_cap=c.replay_cap, seed=c.seed)
+
+    def _card_doc(self, card: ModelCard) -> str:
+        if self.config.card_text == "plain":
+            return card.text()
+        words = " ".join(w for w in _ID_SPLIT.split(card.id) if w)
+        api = str(card.metadata.get("api_call") or "")
+        parts = [words, card.domain or "", card.description or "", api]
+        return ". ".join(p.strip() for p in parts if p and p.strip())
+
+    def _doc_embeddings(self, cards: Sequence[ModelCard]) -> np.ndarray:
+        new = [c for c in cards if c.id not in self._doc_emb]
+        if new:
+            if self.encoder is None:
+                raise RuntimeError("policy 'carve' needs an encoder to embed model cards")
+            for c, v in zip(new, self.encoder.encode([self._card_doc(c) for c in new])):
+                self._doc_emb[c.id] = np.asarray(v, np.float32)
+        return np.stack([self._doc_emb[c.id] for c in cards]) if cards else np.zeros((0, 0), np.float32)
+
+    def _dim(self) -> int:
+        if self._params is not None:
+            return int(self._params["E"].shape[1])
+        if self.encoder is not None:
+            return int(self.encoder.dim)
+        raise RuntimeError("policy 'carve' needs an encoder (or a loaded state) to know its dimension")
+
+    def _init_params(self, dim: int) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(self.config.seed)
+        p: dict[str, Any] = {
+            "W": torch.eye(dim),
+            "b": torch.zeros(dim),
+            "E": torch.zeros((0, dim)),
+            "D": torch.zeros((0, dim)),
+            "bias": torch.zeros(0),
+            "scale": torch.tensor(1.0 / self.config.temperature),
+        }
+        h = self.config.adapter_hidden
+        if h > 0:
+            # residual adapter starts as zero (second layer zero): routing starts from the cards
+            p["A1"] = torch.randn((h, dim), generator=g) * (1.0 / dim) ** 0.5
+            p["a1"] = torch.zeros(h)
+            p["A2"] = torch.zeros((dim, h))
+        for v in p.values():
+            v.requires_grad_(True)
+        self._params = p
+
+    def add_models(self, cards: Sequence[ModelCard]) -> None:
+        """New models get an embedding row initialised from their card (routable at once); new
+        domains a row initialised from the mean of their cards."""
+        import torch
+
+        super().add_models(cards)
+        new = [c for c in cards if c.id not in self._row]
+        if not new:
+            return
+        if self._params is None:
+            self._init_params(self._dim())
+        emb = self._doc_embeddings(new)
+        new_doms: dict[str, list[int]] = {}
+        for i, c in enumerate(new):
+            d = c.domain or _NO_DOMAIN
+            if d not in self._drow:
+                new_doms.setdefault(d, []).append(i)
+            self._row[c.id] = len(self._models)
+            self._models.append(c.id)
+            self._model_domain.append(d)
+        p = self._params
+        with torch.no_grad():
+            # embeddings live in projected space: map the card through the current projection
+            # so a late joiner lands where current queries of its kind land
+            e = self._project(torch.from_numpy(emb), p).detach()
+            rows = [e.mean(0) if not ix else torch.nn.functional.normalize(e[ix].mean(0), dim=0) for ix in new_doms.values()]
+            for d in new_doms:
+                self._drow[d] = len(self._domains)
+                self._domains.append(d)
+            # the model's embedding is proj(prototype) + a learnt offset (zero at first): the
+            # prototype is the running mean of its card and its positive queries, so a model
+            # with data starts at the centroid classifier and one without at its card
+            p["E"] = torch.cat([p["E"].detach(), torch.zeros_like(e)]).requires_grad_(True)
+            self._proto = np.concatenate([self._proto, self.config.proto_card_weight * emb]) if len(self._proto) else self.config.proto_card_weight * emb
+            p["bias"] = torch.cat([p["bias"].detach(), torch.zeros(len(new))]).requires_grad_(True)
+            if rows:
+                p["D"] = torch.cat([p["D"].detach(), torch.stack(rows)]).requires_grad_(True)
+
+    # ---------------------------------------------------------------- forward
+    @staticmethod
+    def _project(x, p):
+        import torch
+
+        z = x @ p["W"].T + p["b"]
+        if "A1" in p:
+            z = z + torch.relu(x @ p["A1"].T + p["a1"]) @ p["A2"].T
+        return torch.nn.functional.normalize(z, dim=-1)
+
+    def _logits(self, z, rows, p):
+        """Cosine logits of projected queries ``z`` against model rows ``rows`` (``[n_c]`` or ``[B, K]``)."""
+        import torch
+
+        e = self._model_emb(rows, p)
+        if e.dim() == 2:
+            return p["scale"] * (z @ e.T)
+        return p["scale"] * torch.einsum("bd,bkd->bk", z, e)
+
+    def _model_emb(self, rows, p):
+        """Unit model embeddings in projected space: ``normalize(proj(prototype) + offset)``."""
+        import torch
+
+        flat = rows.reshape(-1)
+        proto = torch.from_numpy(self._proto[flat.numpy()])
+        e = self._project(torch.nn.functional.normalize(proto, dim=-1), p) + p["E"][flat]
+        return torch.nn.functional.normalize(e, dim=-1).reshape(*rows.shape, -1)
+
+    def model_embeddings(self, ids: Sequence[str]) -> np.ndarray:
+        """Current unit embeddings ``[n, d]`` of known models (projected space)."""
+        import torch
+
+        with torch.no_grad():
+            return self._model_emb(torch.as_tensor([self._row[m] for m in ids], dtype=torch.long), self._params).numpy()
+
+    def absorb(self, items: Interactions) -> None:
+        """Add positive queries to their models' prototypes (reward-weighted sums)."""
+        keep = np.array([m in self._row for m in items.model], dtype=bool)
+        if not keep.any():
+            return
+        rows = np.array([self._row[m] for m, k in zip(items.model, keep) if k], dtype=np.int64)
+        w = (items.reward * items.weight)[keep]
+        np.add.at(self._proto, rows, items.emb[keep] * w[:, None])
+
+    def _domain_logp(self, z, p):
+        import torch
+
+        d = torch.nn.functional.normalize(p["D"], dim=-1)
+        return torch.log_softmax(p["scale"] * (z @ d.T), dim=-1)
+
+    @staticmethod
+    def _group_logsumexp(logits, groups, n_groups):
+        """Per-row logsumexp of ``logits [B, C]`` within each group (``groups [C]``) -> ``[B, G]``."""
+        import torch
+
+        idx = groups.unsqueeze(0).expand_as(logits)
+        gmax = torch.full((logits.shape[0], n_groups), -torch.inf, dtype=logits.dtype)
+        gmax = gmax.scatter_reduce(1, idx, logits.detach(), reduce="amax", include_self=True)
+        ex = torch.exp(logits - gmax.gather(1, idx))
+        s = torch.zeros((logits.shape[0], n_groups), dtype=logits.dtype).scatter_add(1, idx, ex)
+        return torch.log(s.clamp_min(1e-30)) + torch.where(torch.isfinite(gmax), gmax, torch.zeros_like(gmax))
+
+    def _log_scores(self, z, rows, p, logits=None):
+        """log-probability of each model in ``rows`` (full candidate set ``[C]``) for queries ``z``."""
+        import torch
+
+        if logits is None:
+            logits = self._logits(z, rows, p)
+        if not self.config.hierarchical:
+            return torch.log_softmax(logits, dim=-1)
+        dom = self._mdom()[rows]
+        # within-domain normalisation over the candidates, plus the domain head
+        lse = self._group_logsumexp(logits, dom, len(self._domains))
+        within = logits - lse.gather(1, dom.unsqueeze(0).expand_as(logits))
+        return within + self.config.domain_weight * self._domain_logp(z, p)[:, dom]
+
+    def _mdom(self):
+        """Domain row of every model row (a tensor, rebuilt only when the tables grew)."""
+        import torch
+
+        if getattr(self, "_mdom_cache", None) is None or len(self._mdom_cache) != len(self._models):
+            self._mdom_cache = torch.as_tensor([self._drow[d] for d in self._model_domain], dtype=torch.long)
+        return self._mdom_cache
+
+    # ---------------------------------------------------------------- scoring
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+        """Softmax head: probability of each candidate being the right model (over the candidate
+        set). Sigmoid head: predicted quality of each candidate. Unknown candidates are embedded
+        from their card first."""
+        import torch
+
+        q = np.asarray(q, np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if not candidates:
+            return np.zeros((len(q), 0), np.float32)
+        if any(c.id not in self._row for c in candidates):
+            self.add_models([c for c in candidates if c.id not in self._row])
+        p = self._params
+        rows = torch.as_tensor([self._row[c.id] for c in candidates], dtype=torch.long)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(q), 1024):
+                z = self._project(torch.from_numpy(q[i : i + 1024]), p)
+                if self._mode == "sigmoid":
+                    s = torch.sigmoid(self._logits(z, rows, p) / p["scale"] * self._sig_scale(p) + p["bias"][rows])
+                else:
+                    s = torch.exp(self._log_scores(z, rows, p))
+                out.append(s.numpy().astype(np.float32))
+        return np.concatenate(out)
+
+    @staticmethod
+    def _sig_scale(p):
+        # the sigmoid head shares the learnable scale; cosines of ±1 map to logits of ±scale/2
+        return p["scale"] * 0.5
+
+    # ---------------------------------------------------------------- training (Learner protocol)
+    def interactions(self, data: Examples) -> Interactions:
+        """The training triples of a batch of labelled data."""
+        if self._mode is None:
+            self._mode = "softmax" if data.labels is not None else "sigmoid"
+        return Interactions.from_examples(data)
+
+    def replay_items(self) -> Interactions:
+        """What the policy replays alongside new data (its coreset, or everything for ``joint``)."""
+        return self.buffer.items()
+
+    def begin_experience(self, cards: Sequence[ModelCard], new: Interactions | None = None) -> None:
+        """Add the live models, fold ``new`` into the prototypes, anchor the current parameters
+        (or reset them for ``joint``)."""
+        c: CarveConfig = self.config
+        if c.joint and self._params is not None:
+            # upper reference: forget the parameters, keep the data, restart from the cards
+            known = [ModelCard(id=m, domain=d or None) for m, d in zip(self._models, self._model_domain)]
+            docs = dict(self._doc_emb)
+            proto = self._proto
+            self._params, self._models, self._row, self._model_domain = None, [], {}, []
+            self._proto = np.zeros((0, 0), np.float32)
+            self._domains, self._drow = [], {}
+            self._doc_emb = docs
+            self._mdom_cache = None
+            self.add_models(known)
+            self._proto = proto
+        self.add_models(cards)
+        self._live = [card.id for card in cards]
+        if new is not None and len(new):
+            self.absorb(new)
+        if self._params is not None and not c.joint and (c.anchor > 0 or c.anchor_dense > 0) and self.experiences_seen > 0:
+            self.anchor.capture(self._trainable(), rows={"E", "D", "bias"})
+        else:
+            self.anchor.clear()
+        self._hard = None
+        self._opt = None
+
+    def _trainable(self) -> dict[str, Any]:
+        skip = set() if self._mode == "sigmoid" else {"scale"}
+        if not self.config.offsets:
+            skip.add("E")
+        return {k: v for k, v in self._params.items() if k not in skip}
+
+    def _card_items(self) -> Interactions:
+        if not self.config.card_examples or self._mode != "softmax" or not self._live:
+            return Interactions.empty(self._dim())
+        emb = np.stack([self._doc_emb[m] for m in self._live])
+        dom = [self._model_domain[self._row[m]] for m in self._live]
+        return Interactions(emb, list(self._live), np.ones(len(self._live), np.float32), dom,
+                            weight=np.full(len(self._live), self.config.card_weight, np.float32))
+
+    def train_epoch(self, items: Interactions, epoch: int) -> dict[str, float]:
+        """One pass over ``items`` (new data + replay) plus the card examples."""
+        with _torch_threads(self.config.torch_threads):
+            return self._train_epoch(items, epoch)
+
+    def _train_epoch(self, items: Interactions, epoch: int) -> dict[str, float]:
+        import torch
+
+        c: CarveConfig = self.config
+        if epoch == 0 or self._epoch_items is None or self._epoch_items is not items:
+            self._epoch_src = items
+            self._epoch_all = Interactions.concat([items, self._card_items()])
+            self._epoch_items = items
+            # what each row contributed to its model's prototype: data rows were absorbed with
+            # their reward, card rows are the card part of the prototype
+            loo = np.concatenate([items.reward * items.weight, np.full(len(self._epoch_all) - len(items), c.proto_card_weight, np.float32)])
+            known = np.array([m in self._row for m in self._epoch_all.model])
+            self._epoch_all = self._epoch_all.subset(known)
+            self._epoch_loo = loo[known].astype(np.float32)
+        data = self._epoch_all
+        if len(data) == 0:
+            return {"loss": 0.0, "n": 0}
+        if self._opt is None:
+            self._opt = torch.optim.Adam(list(self._trainable().values()), lr=c.lr, weight_decay=c.weight_decay)
+        sampled = self._use_sampled()
+        if sampled and (self._hard is None or epoch % max(1, c.remine_every) == 0):
+            self._hard = self._mine_hard(data)
+        order = self._rng.permutation(len(data))
+        tot, nb = 0.0, 0
+        x_all = torch.from_numpy(data.emb)
+        pos_all = torch.as_tensor([self._row[m] for m in data.model], dtype=torch.long)
+        for s in range(0, len(order), c.batch_size):
+            idx = order[s : s + c.batch_size]
+            loss = self._loss(x_all[idx], pos_all[idx], torch.from_numpy(data.reward[idx]),
+                              torch.from_numpy(data.weight[idx]), None if not sampled else idx,
+                              torch.from_numpy(self._epoch_loo[idx]) if c.leave_one_out else None)
+            loss = loss + self.anchor.penalty(self._params)
+            if c.offsets and c.offset_decay > 0:
+                loss = loss + c.offset_decay * (self._params["E"][torch.from_numpy(np.unique(pos_all[idx].numpy()))] ** 2).sum(-1).mean()
+            self._opt.zero_grad()
+            loss.backward()
+            self._opt.step()
+            tot += float(loss.detach())
+            nb += 1
+        return {"loss": tot / max(nb, 1), "n": len(data)}
+
+    def end_experience(self, new: Interactions) -> None:
+        """Store the new data in the replay buffer; count the experience."""
+        self.buffer.add(new)
+        self.experiences_seen += 1
+        self._opt = None
+        self._epoch_items = None
+
+    @property
+    def num_epochs(self) -> int:
+        return self.config.epochs
+
+    def _use_sampled(self) -> bool:
+        c: CarveConfig = self.config
+        if self._mode == "sigmoid":
+            return False
+        return c.negatives == "sampled" or (c.negatives == "auto" and len(self._live) > c.full_softmax_max)
+
+    def _live_rows(self):
+        import torch
+
+        return torch.as_tensor([self._row[m] for m in self._live], dtype=torch.long)
+
+    def _mine_hard(self, data: Interactions) -> np.ndarray:
+        """Per training row, the ``n_hard`` live models nearest its projected query, positive excluded."""
+        import torch
+
+        k = self.config.n_hard
+        live = self._live_rows()
+        out = np.zeros((len(data), k), dtype=np.int64)
+        with torch.no_grad():
+            for s in range(0, len(data), 2048):
+                z = self._project(torch.from_numpy(data.emb[s : s + 2048]), self._params)
+                lg = self._logits(z, live, self._params)
+                pos = torch.as_tensor([self._row[m] for m in data.model[s : s + 2048]])
+                lg[live.unsqueeze(0) == pos.unsqueeze(1)] = -torch.inf
+                top = lg.topk(min(k, max(1, len(live) - 1)), dim=1).indices
+                out[s : s + 2048, : top.shape[1]] = live[top].numpy()
+        return out
+
+    def _sample_candidates(self, pos, idx):
+        """Sampled negatives per row: mined hard + same-domain + random (positive in column 0)."""
+        import torch
+
+        c: CarveConfig = self.config
+        live = self._live_rows().numpy()
+        B = len(pos)
+        hard = self._hard[idx]
+        rand = live[self._rng.integers(0, len(live), size=(B, c.n_random))]
+        dom_rows = self._domain_members()
+        same = np.empty((B, c.n_domain), dtype=np.int64)
+        for i, r in enumerate(pos.tolist()):  # one vectorised draw per row of a batch
+            members = dom_rows[self._model_domain[r]]
+            same[i] = members[self._rng.integers(0, len(members), size=c.n_domain)]
+        cand = np.concatenate([pos.numpy()[:, None], hard, same, rand], axis=1)
+        cand_t = torch.from_numpy(cand)
+        # a sampled negative equal to the positive is masked out of the softmax
+        mask = torch.zeros(cand_t.shape, dtype=torch.bool)
+        mask[:, 1:] = cand_t[:, 1:] == pos.unsqueeze(1)
+        return cand_t, mask
+
+    def _domain_members(self) -> dict[str, np.ndarray]:
+        out: dict[str, list[int]] = {}
+        for m in self._live:
+            r = self._row[m]
+            out.setdefault(self._model_domain[r], []).append(r)
+        return {d: np.asarray(v) for d, v in out.items()}
+
+    def _loo_logit(self, z, x, pos, loo, p):
+        """Logit of each row's own model with the row's own query taken out of the prototype
+        (leave-one-out): otherwise a model with one or two queries is trivially matched by its
+        own query, and the projection learns to separate queries from each other instead of
+        routing them."""
+        import torch
+
+        proto = torch.from_numpy(self._proto[pos.numpy()]) - loo.unsqueeze(1) * x
+        norm = proto.norm(dim=-1, keepdim=True)
+        # nothing left (a model whose prototype is just this row): keep the full prototype
+        full = torch.from_numpy(self._proto[pos.numpy()])
+        proto = torch.where(norm > 1e-4, proto, full)
+        e = self._project(torch.nn.functional.normalize(proto, dim=-1), p) + p["E"][pos]
+        e = torch.nn.functional.normalize(e, dim=-1)
+        return p["scale"] * (z * e).sum(-1)
+
+    def _loss(self, x, pos, reward, weight, idx, loo=None):
+        """Reward-weighted contrastive loss: r·(−log p) + (1 − r)·(−log(1 − p)).
+
+        ``loo`` [B]: how much of each row's query its model's prototype holds (left out)."""
+        import torch
+
+        p = self._params
+        z = self._project(x, p)
+        has_loo = loo is not None and bool((loo > 0).any())
+        if self._mode == "sigmoid":
+            lg = self._logits(z, pos.unsqueeze(1), p)[:, 0] / p["scale"] * self._sig_scale(p) + p["bias"][pos]
+            l = torch.nn.functional.binary_cross_entropy_with_logits(lg, reward, reduction="none")
+            return (weight * l).sum() / weight.sum()
+        if idx is None:
+            live = self._live_rows()
+            col = torch.full((len(self._models),), -1, dtype=torch.long)
+            col[live] = torch.arange(len(live))
+            pc = col[pos].clamp_min(0).unsqueeze(1)
+            logits = self._logits(z, live, p)
+            if has_loo:
+                logits = logits.scatter(1, pc, self._loo_logit(z, x, pos, loo, p).unsqueeze(1))
+            logp = self._log_scores(z, live, p, logits).gather(1, pc)[:, 0]
+        else:
+            cand, mask = self._sample_candidates(pos, idx)
+            lg = self._logits(z, cand, p)
+            if has_loo:
+                lg = torch.cat([self._loo_logit(z, x, pos, loo, p).unsqueeze(1), lg[:, 1:]], dim=1)
+            lg = lg.masked_fill(mask, -torch.inf)
+            logp = torch.log_softmax(lg, dim=1)[:, 0]
+            if self.config.hierarchical:
+                dom = self._mdom()[pos]
+                logp = logp + self.config.domain_weight * self._domain_logp(z, p).gather(1, dom.unsqueeze(1))[:, 0]
+        pull = -logp
+        push = -torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6))
+        l = reward * pull + (1 - reward) * push
+        return (weight * l).sum() / weight.sum()
+
+    # ---------------------------------------------------------------- Learner-free entry points
+    def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
+        """Train on one experience (continual: replay + anchoring per the config)."""
+        from cmr.continual.learner import Learner
+
+        Learner(self).train_examples(data, cards)
+
+    def online_step(self, items: Interactions, replay: Interactions) -> dict[str, float]:
+        """``online_steps`` gradient steps on ``items`` + ``replay``, with anchoring: bounded cost."""
+        with _torch_threads(self.config.torch_threads):
+            return self._online_step(items, replay)
+
+    def _online_step(self, items: Interactions, replay: Interactions) -> dict[str, float]:
+        import torch
+
+        c: CarveConfig = self.config
+        new_models = sorted({m for m in items.model if m not in self._row})
+        if new_models:
+            self.add_models([ModelCard(id=m) for m in new_models])
+            self._live = list(dict.fromkeys(self._live + new_models))
+        if self._mode is None:
+            self._mode = "softmax"
+        if not self._live:
+            self._live = list(self._models)
+        batch = Interactions.concat([items, replay])
+        keep = np.array([m in self._row for m in batch.model])
+        batch = batch.subset(keep)
+        if len(batch) == 0:
+            return {"loss": 0.0}
+        opt = torch.optim.SGD(list(self._trainable().values()), lr=c.online_lr)
+        x = torch.from_numpy(batch.emb)
+        pos = torch.as_tensor([self._row[m] for m in batch.model], dtype=torch.long)
+        tot = 0.0
+        for _ in range(c.online_steps):
+            loo = torch.from_numpy(np.concatenate([np.zeros(len(items), np.float32), (batch.reward * batch.weight)[len(items):]])) if c.leave_one_out else None
+            loss = self._loss(x, pos, torch.from_numpy(batch.reward), torch.from_numpy(batch.weight), None, loo)
+            loss = loss + self.anchor.penalty(self._params)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach())
+        return {"loss": tot / c.online_steps, "n": len(batch)}
+
+    def update(self, events: Sequence[FeedbackEvent]) -> None:
+        """Online contrastive update from partial feedback, with replay of past events and of
+        the training coreset, anchored to the last checkpoint. Cost per call: O(events +
+        online_replay) rows × live models."""
+        items = Interactions.from_events(events)
+        if len(items) == 0:
+            return
+        n = self.config.online_replay
+        replay = Interactions.concat([self.events.sample(n // 2, self._rng), self.buffer.sample(n - n // 2, self._rng)])
+        self.online_step(items, replay)
+        self.absorb(items)
+        self.events.add(items)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        d = super().state_dict()
+        ids = list(self._doc_emb)
+        d.update(
+            mode=self._mode,
+            models=list(self._models),
+            model_domain=list(self._model_domain),
+            domains=list(self._domains),
+            live=list(self._live),
+            doc_ids=ids,
+            doc_emb=np.stack([self._doc_emb[i] for i in ids]) if ids else np.zeros((0, 0), np.float32),
+            proto=self._proto,
+            params={} if self._params is None else {k: v.detach().numpy().copy() for k, v in self._params.items()},
+            anchor=self.anchor.state_dict(),
+            buffer=self.buffer.state_dict(),
+            events=self.events.state_dict(),
+            experiences_seen=self.experiences_seen,
+            rng=self._rng.bit_generator.state,
+        )
+        return d
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import torch
+
+        super().load_state_dict(state)
+        c: CarveConfig = self.config
+        self._mode = state["mode"]
+        self._models = list(state["models"])
+        self._row = {m: i for i, m in enumerate(self._models)}
+        self._model_domain = list(state["model_domain"])
+        self._domains = list(state["domains"])
+        self._drow = {d: i for i, d in enumerate(self._domains)}
+        self._mdom_cache = None
+        self._live = list(state["live"])
+        self._doc_emb = {m: np.asarray(v, np.float32) for m, v in zip(state["doc_ids"], state["doc_emb"])}
+        self._proto = np.array(state["proto"], dtype=np.float32)
+        params = state["params"]
+        self._params = {k: torch.from_numpy(np.array(v, dtype=np.float32)).requires_grad_(True) for k, v in params.items()} or None
+        self.anchor = Anchor(AnchorConfig(c.anchor, c.anchor_dense))
+        self.anchor.load_state_dict(state["anchor"])
+        self.buffer = buffer_from_state(state["buffer"])
+        self.events = buffer_from_state(state["events"])
+        self.experiences_seen = int(state["experiences_seen"])
+        self._rng = np.random.default_rng()
+        self._rng.bit_generator.state = state["rng"]

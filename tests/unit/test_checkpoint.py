@@ -1,0 +1,102 @@
+"""Checkpoints: versioned folders, exact round-trip, checksums, atomic writes, latest() skips bad ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cmr import checkpoint as ckpt
+from cmr.policies.registry import make_policy
+
+
+def _trained_carve(cmr_small, encoder):
+    exp = cmr_small.experiences[0]
+    p = make_policy("carve", encoder=encoder, config={"epochs": 2, "replay": 0.2, "anchor": 1.0})
+    live = cmr_small.cards_upto(exp.k)
+    p.add_models(live)
+    p.fit(exp.train, live)
+    return p, live, exp
+
+
+def _assert_state_equal(a, b):
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            _assert_state_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_state_equal(x, y)
+    else:
+        assert a == b
+
+
+def test_round_trip_is_exact(tmp_path, cmr_small, encoder):
+    p, live, exp = _trained_carve(cmr_small, encoder)
+    ck = ckpt.save(tmp_path, p, {"sha256": "abc"})
+    assert ck.version == 1 and ck.path == tmp_path / "v000001"
+    for name in ("weights.npz", "state.json", "models.json", "config.json", "fingerprint.json", "manifest.json"):
+        assert (ck.path / name).is_file()
+    assert json.loads((ck.path / "models.json").read_text())[: len(live)] == [c.id for c in live]
+    loaded = ckpt.load_policy(tmp_path, encoder)
+    _assert_state_equal(p.state_dict(), loaded.state_dict())
+    np.testing.assert_array_equal(p.score(exp.test.emb, live), loaded.score(exp.test.emb, live))
+    # training continues identically from the checkpoint (rng, buffer, anchor all restored)
+    exp2 = cmr_small.experiences[1]
+    live2 = cmr_small.cards_upto(exp2.k)
+    for pol in (p, loaded):
+        pol.add_models(cmr_small.cards_of(exp2.k))
+        pol.fit(exp2.train, live2)
+    np.testing.assert_allclose(p.score(exp2.test.emb, live2), loaded.score(exp2.test.emb, live2), rtol=1e-5, atol=1e-7)
+
+
+def test_versions_and_latest_skip_corrupt_and_partial(tmp_path, cmr_small, encoder):
+    p = make_policy("knn", encoder=encoder)
+    exp = cmr_small.experiences[0]
+    p.fit(exp.train, cmr_small.cards_upto(1))
+    for _ in range(3):
+        ckpt.save(tmp_path, p)
+    assert ckpt.versions(tmp_path) == [1, 2, 3]
+    assert ckpt.latest(tmp_path).version == 3
+    # corrupt v3: one flipped byte in the weights
+    w = tmp_path / "v000003" / "weights.npz"
+    raw = bytearray(w.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    w.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match="checksum mismatch for weights.npz"):
+        ckpt.verify(tmp_path / "v000003")
+    # a partial v4 (no manifest), as a crash mid-write outside the atomic rename would leave
+    (tmp_path / "v000004").mkdir()
+    (tmp_path / "v000004" / "state.json").write_text("{}")
+    assert ckpt.latest(tmp_path).version == 2
+    loaded = ckpt.load_policy(tmp_path, encoder)
+    np.testing.assert_array_equal(loaded.score(exp.test.emb, cmr_small.cards_upto(1)), p.score(exp.test.emb, cmr_small.cards_upto(1)))
+    # the next save takes a fresh number; temp folders never linger
+    assert ckpt.save(tmp_path, p).version == 5
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".tmp")]
+
+
+def test_failed_write_leaves_nothing(tmp_path, encoder):
+    class Broken:
+        name = "knn"
+
+        class config:  # noqa: N801 - mimics a config object
+            @staticmethod
+            def to_dict():
+                return {}
+
+        @staticmethod
+        def state_dict():
+            return {"bad": object()}
+
+    with pytest.raises(TypeError):
+        ckpt.save(tmp_path, Broken())
+    assert list(tmp_path.iterdir()) == []
+    assert ckpt.latest(tmp_path) is None
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_policy(tmp_path, encoder)

@@ -80,6 +80,9 @@ class LearnerArgs(_Strict):
     min_events: int = Field(default=1, ge=1)
     #: also poll the feedback store every this many seconds (0 = only when nudged)
     poll_s: float = Field(default=5.0, ge=0)
+    #: ``Learner.consume``: events per bounded online step, events between consolidations
+    events_per_step: int = Field(default=32, ge=1)
+    consolidate_every: int = Field(default=1000, ge=1)
 
 
 class AppArgs(_Strict):

@@ -1,10 +1,12 @@
 """``LearnerActor``: a detached, named Ray actor that learns online from feedback.
 
-It reads feedback events from the decision store after the offset of its last checkpoint,
-calls ``policy.update(events)`` (partial feedback), hears of hub registrations (new models'
-cards are added to the policy before learning), and writes the next checkpoint version. Routers
-see the new version between batches and swap to it. Because the consumed offset is stored in the
-checkpoint itself, a restarted learner resumes exactly where its last checkpoint ended.
+It reads feedback events from the decision store after the offset of its last checkpoint, feeds
+them to the continual learner (``cmr.continual.learner.Learner.consume``: bounded online steps,
+replay and consolidation for trainable policies, ``policy.update`` for the others), hears of hub
+registrations (new cards are added to the policy before learning), and writes the next
+checkpoint version (``cmr.checkpoint``). Routers see the new version and swap to it. The consumed
+offset is stored in the checkpoint's fingerprint, so a restarted learner resumes exactly where
+its last checkpoint ended.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import threading
 import time
 from typing import Any
 
+from cmr import checkpoint
+from cmr.continual.hooks import RecordingHooks
+from cmr.continual.learner import Learner
 from cmr.hub import HubStore
-from cmr.policies import make_policy
-from services.checkpoints import CheckpointDir
 from services.config import AppArgs
+from services.routing import checkpoint_root
 from services.store import DecisionStore
 
 log = logging.getLogger("cmr.serve.learner")
@@ -35,15 +39,21 @@ class LearnerActor:
         self.encoder = encoder
         state = self.args.state_dir()
         self.store = DecisionStore(state / "decisions.sqlite")
-        self.ckpts = CheckpointDir(state / "checkpoints" / self.args.policy)
+        self.root = checkpoint_root(self.args)
         self.hub = HubStore(state / "hub.sqlite")
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        ck = self.ckpts.load()
-        self.policy = make_policy(self.args.policy, encoder=encoder)
-        self.policy.load_state_dict(ck["state"])
-        self.version = int(ck["version"])
-        self.offset = int(ck["meta"].get("offset", 0))
+        ck = checkpoint.latest(self.root)
+        if ck is None:
+            raise checkpoint.CheckpointError(f"{self.root}: no valid checkpoint to learn from")
+        self.policy = checkpoint.load_policy(ck.path, encoder=encoder)
+        self.version = ck.version
+        # a consolidation checkpoint may lack the offset: the store's cursor is written after each save
+        self.offset = int(ck.fingerprint.get("offset", self.store.cursor("learner")))
+        self.hooks = RecordingHooks()
+        la = self.args.learner
+        self.learner = Learner(self.policy, hooks=[self.hooks], store=self.root, consolidate_every=la.consolidate_every,
+                               events_per_step=la.events_per_step)
         self._hub_version = -1
         self.steps = 0
         self.events_learnt = 0
@@ -75,9 +85,9 @@ class LearnerActor:
             events = self.store.events(after=self.offset)
             if len(events) < self.args.learner.min_events:
                 return None
-            self.policy.update(events)
+            self.learner.consume(events)
             self.offset = int(events[-1].offset)
-            self.version = self.ckpts.save(self.policy.state_dict(), {"policy": self.args.policy, "offset": self.offset, "created": time.time(), "events": len(events)})
+            self.version = self.learner.checkpoint({"offset": self.offset, "events": len(events), "created": time.time()}).version
             self.store.set_cursor("learner", self.offset)
             self.steps += 1
             self.events_learnt += len(events)
@@ -86,7 +96,7 @@ class LearnerActor:
 
     def status(self) -> dict[str, Any]:
         return {"checkpoint_version": self.version, "offset": self.offset, "steps": self.steps, "events_learnt": self.events_learnt,
-                "waiting": self.store.last_offset() - self.offset}
+                "waiting": self.store.last_offset() - self.offset, "checkpoints_written": sum(1 for k, _ in self.hooks.log if k == "after_checkpoint")}
 
     def stop(self) -> None:
         self._stop = True

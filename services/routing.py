@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import threading
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,12 +23,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cmr import checkpoint
+from cmr.data.cmrbench import Experience
 from cmr.decide import Filters, decide
 from cmr.errors import CMRError, HubError
 from cmr.hub import HubStore, ModelHub
 from cmr.policies import make_policy
 from cmr.types import Decision, ModelCard
-from services.checkpoints import CheckpointDir
 from services.config import AppArgs
 from services.store import DecisionStore
 
@@ -112,6 +112,11 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def checkpoint_root(args: AppArgs) -> Path:
+    """Where the served policy's versioned checkpoints live (``cmr.checkpoint`` layout)."""
+    return args.state_dir() / "checkpoints" / args.policy
+
+
 def effective_pools(args: AppArgs) -> list:
     """The pools to deploy: the configured ones, or the embedded ``local`` pool of tiny models."""
     from services.config import PoolConfig, ServedModel
@@ -160,24 +165,27 @@ def bootstrap(args: AppArgs, encoder) -> None:
         served = [c for c in served if c.id not in hub]
         if served:
             hub.add(served)
-        ckpts = CheckpointDir(state / "checkpoints" / args.policy)
-        if ckpts.latest() is None:
+        root = checkpoint_root(args)
+        if checkpoint.latest(root) is None:
+            from cmr.continual.learner import Learner
+
             policy = make_policy(args.policy, encoder=encoder, config=args.policy_config or None)
+            learner = Learner(policy)  # in-memory checkpoints per experience; one written at the end
             if args.bench_path() is not None:
                 if bench_data is None:
                     from cmr.data import load_cmrbench
 
                     bench_data = load_cmrbench(args.bench_path())
                 rng = np.random.default_rng(0)
-                for exp in bench_data.experiences:
+                for exp in bench_data.experiences:  # in order, as the continual protocol says
                     tr = exp.train
                     if args.train_limit is not None and len(tr) > args.train_limit:
                         tr = tr.subset(np.sort(rng.choice(len(tr), args.train_limit, replace=False)))
                     tr.emb = encoder.encode(tr.texts)
-                    policy.fit(tr, bench_data.cards_upto(exp.k))
+                    learner.train_experience(Experience(exp.k, tr, exp.test), bench_data.cards_upto(exp.k))
                     log.info("trained %s on experience %d (%d requests)", args.policy, exp.k, len(tr))
             policy.add_models(hub.list())
-            ckpts.save(policy.state_dict(), {"policy": args.policy, "trained_on": str(args.bench_path()), "created": time.time()})
+            checkpoint.save(root, policy, {"offset": 0, "trained_on": str(args.bench_path()), "train_limit": args.train_limit})
         hub.store.close()
 
 
@@ -194,7 +202,7 @@ class RouterCore:
         bootstrap(args, encoder)
         state = args.state_dir()
         self.store = DecisionStore(state / "decisions.sqlite")
-        self.ckpts = CheckpointDir(state / "checkpoints" / args.policy)
+        self.ckpt_root = checkpoint_root(args)
         self._hub_store = HubStore(state / "hub.sqlite")
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
@@ -203,16 +211,18 @@ class RouterCore:
         self.index = ModelIndex(encoder.dim)
         self.hub = ModelHub(self._hub_store)
         self._emb: dict[str, np.ndarray] = {}
-        self.policy, self.version = self._load_policy(self.ckpts.latest())
+        self.policy, self.version = self._load_policy(None)
+        self._newest_seen = self.version
         self._rebuild()
         self._closed = threading.Event()
 
     # -- state -------------------------------------------------------------------------------
     def _load_policy(self, version: int | None):
-        ck = self.ckpts.load(version)
-        policy = make_policy(self.args.policy, encoder=self.encoder)
-        policy.load_state_dict(ck["state"])
-        return policy, int(ck["version"])
+        """The policy of checkpoint ``version`` (None: the newest that verifies)."""
+        ck = checkpoint.latest(self.ckpt_root) if version is None else checkpoint.open_checkpoint(checkpoint.version_dir(self.ckpt_root, version))
+        if ck is None:
+            raise checkpoint.CheckpointError(f"{self.ckpt_root}: no valid checkpoint")
+        return checkpoint.load_policy(ck.path, encoder=self.encoder), ck.version
 
     def _embed_cards(self, cards: Sequence[ModelCard]) -> None:
         new = [c for c in cards if c.id not in self._emb]
@@ -245,10 +255,19 @@ class RouterCore:
                     self._rebuild()
 
     def check_checkpoint(self) -> int:
-        """Swap to the newest checkpoint if there is a newer one; returns the served version."""
-        latest = self.ckpts.latest()
-        if latest is not None and latest > self.version:
-            return self.reload(latest)
+        """Swap to the newest checkpoint if there is a newer one; returns the served version.
+
+        Listing version folders is cheap; checksums are verified only when a new one appears, and
+        a version that fails verification is skipped (the router keeps serving what it has).
+        """
+        vs = checkpoint.versions(self.ckpt_root)
+        newest = vs[-1] if vs else 0
+        if newest > self._newest_seen:
+            self._newest_seen = newest
+            try:
+                return self.reload(newest)
+            except checkpoint.CheckpointError:
+                log.exception("checkpoint v%d does not verify; still serving v%d", newest, self.version)
         return self.version
 
     def start_watcher(self) -> None:
@@ -276,10 +295,11 @@ class RouterCore:
         if not self._reload_lock.acquire(blocking=False):
             return self.version
         try:
-            version = version or self.ckpts.latest()
-            if version is None or version == self.version:
+            if version is not None and version == self.version:
                 return self.version
             policy, v = self._load_policy(version)
+            if v == self.version:
+                return v
             policy.add_models(list(self._table.cards))  # embed cards now, not on the request path
             with self._lock:
                 policy.add_models(list(self._table.cards))  # cards registered while it loaded (memoised: cheap)

@@ -39,7 +39,14 @@ class TransformersEngine:
         return req.prompt or ""
 
     async def generate(self, request: GenRequest) -> AsyncIterator[GenChunk]:
-        from transformers import AsyncTextIteratorStreamer
+        from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
+
+        cancelled = threading.Event()
+
+        class _Cancel(StoppingCriteria):
+            # the client went away: stop generating at the next token instead of running to the end
+            def __call__(self, input_ids, scores, **kw):
+                return cancelled.is_set()
 
         prompt = self._prompt(request)
         enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
@@ -47,7 +54,8 @@ class TransformersEngine:
         max_new = min(request.max_tokens, self.max_new_tokens)
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sample = request.temperature > 0
-        kwargs = dict(**enc, max_new_tokens=max_new, streamer=streamer, do_sample=sample, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs = dict(**enc, max_new_tokens=max_new, streamer=streamer, do_sample=sample, pad_token_id=self.tokenizer.pad_token_id,
+                      stopping_criteria=StoppingCriteriaList([_Cancel()]))
         if sample:
             kwargs.update(temperature=request.temperature, top_p=request.top_p)
         out: dict[str, Any] = {}
@@ -67,16 +75,21 @@ class TransformersEngine:
         thread.start()
         text = ""
         stopped = False
-        async for piece in streamer:
-            if stopped or not piece:
-                continue
-            text += piece
-            cut = min((i for s in request.stop if (i := text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                piece = piece[: len(piece) - (len(text) - cut)]
-                stopped = True
-            if piece:
-                yield GenChunk(text=piece)
+        try:
+            async for piece in streamer:
+                if stopped or not piece:
+                    continue
+                text += piece
+                cut = min((i for s in request.stop if (i := text.find(s)) >= 0), default=-1)
+                if cut >= 0:
+                    piece = piece[: len(piece) - (len(text) - cut)]
+                    stopped = True
+                    cancelled.set()  # a stop string ends generation now
+                if piece:
+                    yield GenChunk(text=piece)
+        finally:
+            # also reached when the consumer stops early (client disconnect closes this generator)
+            cancelled.set()
         await asyncio.to_thread(thread.join)
         if error:
             raise error[0]

@@ -179,9 +179,10 @@ def test_feedback_changes_later_decisions(client, oai, served):
 def test_checkpoint_swap_under_concurrent_requests(client, served):
     """Checkpoints are written while requests stream in: every request succeeds, and both the old
     and the new versions answer (the swap happened under load)."""
-    from services.checkpoints import CheckpointDir
+    from cmr import checkpoint
+    from services.routing import checkpoint_root
 
-    ckpts = CheckpointDir(served.args.state_dir() / "checkpoints" / served.args.policy)
+    root = checkpoint_root(served.args)
     queries = [f"Classify the sentiment of review number {i}." for i in range(60)]
 
     async def run() -> list[httpx.Response]:
@@ -192,9 +193,9 @@ def test_checkpoint_swap_under_concurrent_requests(client, served):
             tasks = []
             for i, q in enumerate(queries):
                 tasks.append(asyncio.create_task(one(q)))
-                if i % 20 == 10:
-                    ck = await asyncio.to_thread(ckpts.load)
-                    await asyncio.to_thread(ckpts.save, ck["state"], {**ck["meta"], "note": "hot-swap test"})
+                if i % 20 == 10:  # a new version of the same policy, written as the learner would
+                    policy = await asyncio.to_thread(checkpoint.load_policy, root)
+                    await asyncio.to_thread(checkpoint.save, root, policy, {"note": "hot-swap test"})
                 await asyncio.sleep(0.02)
             return await asyncio.gather(*tasks)
 
@@ -204,4 +205,4 @@ def test_checkpoint_swap_under_concurrent_requests(client, served):
     versions = [r.json()["checkpoint_version"] for r in responses]
     assert all(v >= v0 for v in versions)
     assert len(set(versions)) >= 2, versions  # a swap happened while requests were in flight
-    assert _wait_version(client, v0 + 2) == ckpts.latest()
+    assert _wait_version(client, v0 + 2) == checkpoint.versions(root)[-1]

@@ -1,4 +1,4 @@
-"""The serving layer's parts that need no Ray: decision/feedback store, checkpoints, AppArgs and
+"""The serving layer's parts that need no Ray: decision/feedback store, router core, AppArgs and
 config files, the CLI's validation, engines, and the router's vectorised candidate filter."""
 
 from __future__ import annotations
@@ -41,24 +41,6 @@ def test_store_feedback_log(tmp_path):
     assert [e.offset for e in st.events(after=1)] == [2] and st.last_offset() == 2
     st.close()
     assert DecisionStore(tmp_path / "d.sqlite").last_offset() == 2  # durable
-
-
-def test_checkpoints_versioned_and_checked(tmp_path):
-    from services.checkpoints import CheckpointDir, CheckpointError
-
-    ck = CheckpointDir(tmp_path / "ck")
-    assert ck.latest() is None
-    with pytest.raises(CheckpointError):
-        ck.load()
-    assert ck.save({"w": np.arange(3)}, {"policy": "knn"}) == 1
-    assert ck.save({"w": np.arange(4)}, {"policy": "knn", "offset": 7}) == 2
-    got = ck.load()
-    assert got["version"] == 2 and got["meta"]["offset"] == 7 and got["state"]["w"].tolist() == [0, 1, 2, 3]
-    assert ck.load(1)["state"]["w"].tolist() == [0, 1, 2]
-    assert not [p for p in os.listdir(tmp_path / "ck") if p.startswith(".")]  # no temp files left
-    (tmp_path / "ck" / "v000002.pkl").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="checksum"):
-        ck.load()
 
 
 def test_app_args_validation_names_fields(tmp_path):
@@ -162,7 +144,13 @@ def test_transformers_engine_generates_from_a_local_folder(tmp_path):
     req = GenRequest(model="tiny-gpt2-a", messages=[{"role": "user", "content": "hello"}], max_tokens=6, temperature=0)
     a, b = asyncio.run(go(req)), asyncio.run(go(req))
     assert a[-1].completion_tokens == 6 and a[-1].finish_reason == "length" and a[-1].prompt_tokens > 0
-    assert "".join(c.text for c in a) == "".join(c.text for c in b)  # greedy is deterministic
+    text = "".join(c.text for c in a)
+    assert text == "".join(c.text for c in b)  # greedy is deterministic
+    # a stop string cuts the text before it and ends generation with finish_reason "stop"
+    stop = text[2:4]
+    assert stop and text.find(stop) >= 0
+    c = asyncio.run(go(GenRequest(model="tiny-gpt2-a", messages=req.messages, max_tokens=6, temperature=0, stop=[stop])))
+    assert "".join(x.text for x in c) == text[: text.find(stop)] and c[-1].finish_reason == "stop"
 
 
 def test_vectorised_filter_mask_matches_decide_filters():
@@ -184,3 +172,61 @@ def test_vectorised_filter_mask_matches_decide_filters():
         servable = bool(rng.random() < 0.3)
         want = f.mask(cards) & (np.array([bool(c.backend) for c in cards]) if servable else True)
         np.testing.assert_array_equal(table.mask(RouteRequest(query="q", filters=f, servable_only=servable)), want)
+
+
+@pytest.fixture(scope="module")
+def mini_bench(tmp_path_factory, data_root):
+    """A CMRBench-format folder cut from the real data: 2 experiences, 25 train prompts each, and
+    the hub restricted to the models those prompts name plus 20 others."""
+    import json
+
+    from cmr.data.io import read_jsonl
+
+    src = data_root / "cmrbench"
+    out = tmp_path_factory.mktemp("mini_bench")
+    keep: set[str] = set()
+    for k in (1, 2):
+        (out / f"e{k}").mkdir()
+        for split, n in (("train", 25), ("test", 5)):
+            rows = [o for _, o in read_jsonl(src / f"e{k}" / f"{split}.jsonl")][:n]
+            keep |= {r["model"] for r in rows}
+            (out / f"e{k}" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cards = [o for _, o in read_jsonl(src / "hub.jsonl") if o.get("experience", 1) <= 2]
+    chosen = [c for c in cards if c["model"] in keep] + [c for c in cards if c["model"] not in keep][:20]
+    (out / "hub.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chosen))
+    return out, len(chosen)
+
+
+def test_router_core_routes_registers_and_swaps(tmp_path, mini_bench, encoder):
+    from cmr import checkpoint
+    from services.config import AppArgs
+    from services.learner import LearnerActor
+    from services.routing import RouteRequest, RouterCore, checkpoint_root
+
+    bench, n_cards = mini_bench
+    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, learner={"enabled": False, "poll_s": 0})
+    core = RouterCore(args, encoder)
+    assert core.version == 1 and len(core.models()) == n_cards
+    q = "Translate this English text to French."
+    d = core.route([RouteRequest(query=q, k=3)])[0]
+    assert len(d.alternatives) == 2 and d.checkpoint_version == 1 and core.store.decision(d.request_id).model == d.model
+    # registration: routable at once
+    core.register([ModelCard(id="new/translator", domain="Natural Language Processing Translation", description="English to French translation")])
+    assert core.route([RouteRequest(query=q, filters=Filters(allow=["new/translator"]))])[0].model == "new/translator"
+    core.retire(["new/translator"])
+    assert isinstance(core.route([RouteRequest(query=q, filters=Filters(allow=["new/translator"]))])[0], CMRError)
+    # a corrupt newer version is skipped; the learner's next valid one is swapped in
+    root = checkpoint_root(args)
+    checkpoint.save(root, core.policy, {"note": "to corrupt"})
+    (checkpoint.version_dir(root, 2) / "weights.npz").write_bytes(b"broken")
+    assert core.check_checkpoint() == 1
+    learner = LearnerActor(args.to_dict(), encoder=encoder)
+    try:
+        assert learner.step() is None  # no feedback yet
+        core.store.add_feedback(d.request_id, 0.0)
+        v = learner.step()
+        assert v == 3 and learner.status()["offset"] == 1
+        assert core.check_checkpoint() == 3 and core.version == 3
+        assert core.route([RouteRequest(query=q)])[0].checkpoint_version == 3
+    finally:
+        learner.stop()

@@ -68,14 +68,22 @@ def llm_table(reps: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+# baselines first (weakest to strongest), other policies alphabetically, the oracle ceiling last
+_ORDER = {"random": 0, "zeroshot": 1, "knn": 2, "cluster": 3, "oracle": 99}
+
+
+def _row_key(rep: dict[str, Any]) -> tuple:
+    return (_ORDER.get(rep["policy"], 50), rep["policy"])
+
+
 def render(reps: list[dict[str, Any]]) -> str:
-    """All tables, grouped by protocol, dataset and setting; rows sorted by policy name."""
+    """All tables, grouped by protocol, dataset and setting; baselines first, oracle last."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in reps:
         groups.setdefault(_group(r), []).append(r)
     out = []
     for key in sorted(groups, key=str):
-        rs = sorted(groups[key], key=lambda r: r["policy"])
+        rs = sorted(groups[key], key=_row_key)
         if key[0] == "cmr":
             out += [f"### cmr bench cmr — {key[1]}, {key[2]} feedback", "", cmr_table(rs), ""]
         else:

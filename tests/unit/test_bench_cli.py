@@ -121,3 +121,20 @@ def test_policy_options_from_set_and_config(tmp_path, capsys, oc_dir):
     code = main(["bench", "llm", "--policy", "no-such-policy", "--data", str(oc_dir), "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no-such-policy" in err[0]
+
+
+def test_tables_group_reports_and_put_oracle_last(tmp_path, capsys):
+    from cmr.bench import tables
+
+    base = {"protocol": "llm", "dataset": "rb", "unseen": 0.0, "equal_cost": False, "qnc": None, "zero_router_aiq": 0.8,
+            "oracle_aiq": 0.97, "max_quality": 0.9, "quality_at_lambda0": 0.9, "timings": {"train_s": 1.0}}
+    for name, aiq in (("oracle", 0.97), ("knn", 0.85), ("random", 0.6)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "report.json").write_text(json.dumps({**base, "policy": name, "aiq": aiq}))
+    assert tables.main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "### cmr bench llm — rb, all models seen" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| policy")]
+    assert [r.split("|")[1].strip() for r in rows] == ["random", "knn", "oracle"]
+    assert "| knn | 0.850 |" in text

@@ -9,8 +9,11 @@ import numpy as np
 
 from cmr.data.examples import Examples
 from cmr.policies.base import PolicyConfig, RoutingPolicy
-from cmr.policies.memory import OutcomeMemory, as_queries, candidate_prior, check_examples
+from cmr.policies.memory import OutcomeMemory, as_queries, candidate_prior, check_examples, tune_prior_weight, tuning_sample
 from cmr.types import ModelCard
+
+# card-term weight before any tuning (too few rows yet): enough to rank models nothing is known of
+PRIOR_START = 0.1
 
 
 @dataclass
@@ -24,7 +27,11 @@ class ClusterConfig(PolicyConfig):
         temperature: softmax temperature for ``soft``.
         smoothing: pseudo-count pulling each cluster's mean towards the model's global mean
             (a cluster with no known outcome of a model falls back to the global mean).
-        prior_weight: weight of the cosine(query, card text) term added to every score.
+        prior_weight: weight of the cosine(query, card text) term added to every score; None:
+            tuned on every fit of at least ``tune_min_rows`` rows by leave-one-out routing quality
+            over a sample of the stored prompts (as in kNN).
+        tune_min_rows: smallest ``fit`` batch that re-tunes ``prior_weight``.
+        tune_max_rows: stored prompts sampled for that tuning.
     """
 
     n_clusters: int = 64
@@ -32,10 +39,12 @@ class ClusterConfig(PolicyConfig):
     soft: bool = False
     temperature: float = 0.05
     smoothing: float = 1.0
-    prior_weight: float = 0.05
+    prior_weight: float | None = None
+    tune_min_rows: int = 50
+    tune_max_rows: int = 1000
 
     def __post_init__(self) -> None:
-        for name in ("n_clusters", "niter"):
+        for name in ("n_clusters", "niter", "tune_min_rows", "tune_max_rows"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"field '{name}': must be an integer >= 1, got {v!r}")
@@ -43,8 +52,8 @@ class ClusterConfig(PolicyConfig):
             raise ValueError(f"field 'temperature': must be > 0, got {self.temperature!r}")
         if not self.smoothing >= 0:
             raise ValueError(f"field 'smoothing': must be >= 0, got {self.smoothing!r}")
-        if not self.prior_weight >= 0:
-            raise ValueError(f"field 'prior_weight': must be >= 0, got {self.prior_weight!r}")
+        if self.prior_weight is not None and not self.prior_weight >= 0:
+            raise ValueError(f"field 'prior_weight': must be >= 0 or null (tuned), got {self.prior_weight!r}")
 
 
 class ClusterPolicy(RoutingPolicy):
@@ -54,7 +63,8 @@ class ClusterPolicy(RoutingPolicy):
     keeps per-cluster sums of each model's known scores and counts (label frequency on CMRBench).
     A cluster's estimate is smoothed towards the model's global mean known score (or the average
     model's for one never seen); ``soft`` mixes the clusters by a softmax over centroid
-    similarities. ``prior_weight`` × cosine(query, card text) is added, as in kNN. Profile answers
+    similarities. A weight × cosine(query, card text) is added, as in kNN (``prior_weight``, or
+    tuned by leave-one-out when None). Profile answers
     of new models are assigned to the current centroids and feed that model's cluster means.
     """
 
@@ -69,6 +79,14 @@ class ClusterPolicy(RoutingPolicy):
         self._assign = np.zeros(0, dtype=np.int64)
         self._sum = np.zeros((0, 0), dtype=np.float64)  # [K, M] sum of known scores
         self._cnt = np.zeros((0, 0), dtype=np.float64)  # [K, M] number of known scores
+        self._tuned_weight = PRIOR_START
+
+    @property
+    def prior_weight(self) -> float:
+        """The card-term weight in use: the configured one, else the last tuned one."""
+        if self.config.prior_weight is not None:
+            return float(self.config.prior_weight)
+        return self._tuned_weight if self.encoder is not None or self._card_emb else 0.0
 
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
@@ -79,10 +97,41 @@ class ClusterPolicy(RoutingPolicy):
         if len(self._mem):
             self._recluster()
             self._recount()
+            if self.config.prior_weight is None and len(data) >= self.config.tune_min_rows:
+                self._tune_prior_weight()
+
+    def _per_cluster(self, kc: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """``[K, len(kc)]`` smoothed per-cluster mean of columns ``kc`` (``prior`` where unknown)."""
+        a = self.config.smoothing
+        p = prior[None, :]
+        tot = self._cnt[:, kc] + a
+        ok = tot > 0
+        return np.where(ok, (self._sum[:, kc] + a * p) / np.where(ok, tot, 1.0), p)
+
+    def _tune_prior_weight(self) -> None:
+        """Leave-one-out: each sampled prompt is scored with its own outcomes taken out of its
+        cluster's counts; keep the card weight under which routing them picks the best outcomes."""
+        rows, cols, cmat = tuning_sample(self._mem, self._card_emb, self.config.seed, self.config.tune_max_rows)
+        if len(rows) < 2 or not len(cols):
+            return
+        x = self._mem.emb[rows]
+        prior = candidate_prior(self._mem, cols)
+        full = self._per_cluster(cols, prior)  # [K, n_c]
+        w = self.cluster_weights(x)  # [n, K]
+        own = self._assign[rows]
+        s = self._mem.scores[np.ix_(rows, cols)]
+        known = ~np.isnan(s)
+        a, p = self.config.smoothing, prior[None, :]
+        tot = self._cnt[np.ix_(own, cols)] - known + a
+        ok = tot > 0
+        loo = np.where(ok, (self._sum[np.ix_(own, cols)] - np.where(known, s, 0.0) + a * p) / np.where(ok, tot, 1.0), p)
+        wo = w[np.arange(len(rows)), own][:, None]
+        est = w @ full + wo * (loo - full[own])  # swap the own cluster's estimate for its LOO one
+        self._tuned_weight = tune_prior_weight(est, x @ cmat.T, s)
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Embed the new cards (for the card prior) and count their profile answers in the clusters."""
-        if self.config.prior_weight > 0:
+        if self.encoder is not None and (self.config.prior_weight is None or self.config.prior_weight > 0):
             self.card_embeddings(cards)
         prof = self.profile_examples([c for c in cards if c.profile and c.id not in self._profiled])
         if prof is not None:
@@ -127,22 +176,17 @@ class ClusterPolicy(RoutingPolicy):
         return p
 
     def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
-        """Cluster estimate (smoothed, backed off) + ``prior_weight`` × cosine(query, card) ``[n_q, n_c]``."""
+        """Cluster estimate (smoothed, backed off) + card weight × cosine(query, card) ``[n_q, n_c]``."""
         q = as_queries(q)
         cols = self._mem.columns([c.id for c in candidates])
         prior = candidate_prior(self._mem, cols)
         est = np.broadcast_to(prior, (len(q), len(cols))).copy()
         seen = np.flatnonzero(cols >= 0)
         if len(self._centroids) and len(seen) and len(q):
-            kc = cols[seen]
-            a = self.config.smoothing
-            p = prior[seen][None, :]
-            tot = self._cnt[:, kc] + a
-            ok = tot > 0
-            per_cluster = np.where(ok, (self._sum[:, kc] + a * p) / np.where(ok, tot, 1.0), p)  # [K, n_seen]
-            est[:, seen] = self.cluster_weights(q) @ per_cluster
-        if self.config.prior_weight > 0 and len(candidates):
-            est += self.config.prior_weight * (q @ self.card_embeddings(candidates).T)
+            est[:, seen] = self.cluster_weights(q) @ self._per_cluster(cols[seen], prior[seen])
+        w = self.prior_weight
+        if w > 0 and len(candidates):
+            est += w * (q @ self.card_embeddings(candidates).T)
         return est
 
     # -- state -------------------------------------------------------------------------------
@@ -155,6 +199,7 @@ class ClusterPolicy(RoutingPolicy):
             assign=self._assign.copy(),
             cluster_sum=self._sum.copy(),
             cluster_count=self._cnt.copy(),
+            tuned_prior_weight=self._tuned_weight,
         )
         return state
 
@@ -167,3 +212,4 @@ class ClusterPolicy(RoutingPolicy):
         self._assign = np.asarray(state["assign"], dtype=np.int64).copy()
         self._sum = np.asarray(state["cluster_sum"], dtype=np.float64).copy()
         self._cnt = np.asarray(state["cluster_count"], dtype=np.float64).copy()
+        self._tuned_weight = float(state.get("tuned_prior_weight", PRIOR_START))

@@ -9,12 +9,14 @@ import numpy as np
 
 from cmr.data.examples import Examples
 from cmr.policies.base import PolicyConfig, RoutingPolicy
-from cmr.policies.memory import OutcomeMemory, as_queries, candidate_prior, check_examples
+from cmr.policies.memory import OutcomeMemory, as_queries, candidate_prior, check_examples, tune_prior_weight, tuning_sample
 from cmr.types import ModelCard
 
 _WEIGHTINGS = ("uniform", "similarity", "softmax")
 # elements gathered per chunk of queries ([b, k, n_c] floats): bounds the scoring memory
 _CHUNK_ELEMENTS = 1 << 22
+# card-term weight before any tuning (too few rows yet): enough to rank models nothing is known of
+PRIOR_START = 0.1
 
 
 @dataclass
@@ -26,16 +28,24 @@ class KNNConfig(PolicyConfig):
         weighting: ``uniform``; ``similarity`` (cosine, clipped at 0); ``softmax`` (exp(cos/temperature)).
         temperature: softmax temperature (``weighting="softmax"`` only).
         prior_weight: weight of the cosine(query, card text) term added to every score; ranks models
-            with no neighbour evidence (new hub entries) and breaks ties among the rest.
+            with no neighbour evidence (new hub entries) and breaks ties among the rest. None: tuned
+            on every fit of at least ``tune_min_rows`` rows, by leave-one-out routing quality over
+            a sample of the stored prompts (informative cards, as on CMRBench, earn a large weight;
+            bare model names, as in outcome matrices, earn ~0).
         shrinkage: pseudo-count pulling each neighbour estimate towards the model's global mean
             (0 = plain weighted mean).
+        tune_min_rows: smallest ``fit`` batch that re-tunes ``prior_weight`` (feedback batches are
+            usually smaller and leave it alone).
+        tune_max_rows: stored prompts sampled for that tuning.
     """
 
     k: int = 100
-    weighting: str = "similarity"
+    weighting: str = "softmax"
     temperature: float = 0.05
-    prior_weight: float = 0.05
+    prior_weight: float | None = None
     shrinkage: float = 0.0
+    tune_min_rows: int = 50
+    tune_max_rows: int = 1000
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
@@ -44,10 +54,14 @@ class KNNConfig(PolicyConfig):
             raise ValueError(f"field 'weighting': must be one of {', '.join(_WEIGHTINGS)}, got {self.weighting!r}")
         if not self.temperature > 0:
             raise ValueError(f"field 'temperature': must be > 0, got {self.temperature!r}")
-        if not self.prior_weight >= 0:
-            raise ValueError(f"field 'prior_weight': must be >= 0, got {self.prior_weight!r}")
+        if self.prior_weight is not None and not self.prior_weight >= 0:
+            raise ValueError(f"field 'prior_weight': must be >= 0 or null (tuned), got {self.prior_weight!r}")
         if not self.shrinkage >= 0:
             raise ValueError(f"field 'shrinkage': must be >= 0, got {self.shrinkage!r}")
+        for name in ("tune_min_rows", "tune_max_rows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"field '{name}': must be an integer >= 1, got {v!r}")
 
 
 class KNNPolicy(RoutingPolicy):
@@ -58,8 +72,9 @@ class KNNPolicy(RoutingPolicy):
     weighted mean of its *known* scores over the neighbours (NaN outcomes are ignored; on
     one-hot CMRBench data this is the weighted label vote). A model with no known outcome among
     the neighbours backs off to its global mean known score, or the average model's when it was
-    never seen. ``prior_weight`` × cosine(query, card text) is added to every score, so models
-    never seen in training still rank by how well their card matches the query.
+    never seen. A weight × cosine(query, card text) is added to every score, so models never
+    seen in training still rank by how well their card matches the query; the weight is
+    ``prior_weight``, or tuned by leave-one-out on the stored prompts when that is None.
     """
 
     name = "knn"
@@ -70,6 +85,14 @@ class KNNPolicy(RoutingPolicy):
         self._mem = OutcomeMemory()
         self._profiled: set[str] = set()
         self._index = None  # faiss.IndexFlatIP over self._mem.emb, rebuilt whenever rows change
+        self._tuned_weight = PRIOR_START
+
+    @property
+    def prior_weight(self) -> float:
+        """The card-term weight in use: the configured one, else the last tuned one."""
+        if self.config.prior_weight is not None:
+            return float(self.config.prior_weight)
+        return self._tuned_weight if self.encoder is not None or self._card_emb else 0.0
 
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
@@ -78,10 +101,33 @@ class KNNPolicy(RoutingPolicy):
         self.add_models(cards)
         if self._mem.add(data.emb, data.model_ids, data.scores):
             self._rebuild_index()
+        if self.config.prior_weight is None and len(data) >= self.config.tune_min_rows:
+            self._tune_prior_weight()
+
+    def _tune_prior_weight(self) -> None:
+        """Leave-one-out: score a sample of stored prompts from their other neighbours and keep
+        the card weight under which routing them picks the best known outcomes."""
+        rows, cols, cmat = tuning_sample(self._mem, self._card_emb, self.config.seed, self.config.tune_max_rows)
+        if len(rows) < 2 or not len(cols):
+            return
+        x = self._mem.emb[rows]
+        k = min(self.config.k + 1, len(self._mem))
+        sims, idx = self._index.search(x, k)
+        self_hit = idx == rows[:, None]
+        self_hit[~self_hit.any(axis=1), -1] = True  # self not retrieved (tied duplicates): drop the farthest
+        first = self_hit.argmax(axis=1)  # exactly one dropped per row
+        self_hit[:] = False
+        self_hit[np.arange(len(rows)), first] = True
+        keep = ~self_hit
+        idx = idx[keep].reshape(len(rows), k - 1)
+        sims = sims[keep].reshape(len(rows), k - 1)
+        prior = candidate_prior(self._mem, cols)
+        est = self._aggregate(idx, self._weights(sims.astype(np.float32)), cols, prior)
+        self._tuned_weight = tune_prior_weight(est, x @ cmat.T, self._mem.scores[np.ix_(rows, cols)])
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Embed the new cards (for the card prior) and add their profile answers as neighbours."""
-        if self.config.prior_weight > 0:
+        if self.encoder is not None and (self.config.prior_weight is None or self.config.prior_weight > 0):
             self.card_embeddings(cards)
         prof = self.profile_examples([c for c in cards if c.profile and c.id not in self._profiled])
         if prof is not None:
@@ -117,32 +163,36 @@ class KNNPolicy(RoutingPolicy):
             return est
         k = min(self.config.k, len(self._mem))
         sims, idx = self._index.search(q, k)
-        w = self._weights(sims.astype(np.float32))
-        kc = cols[seen]
+        est[:, seen] = self._aggregate(idx, self._weights(sims.astype(np.float32)), cols[seen], prior[seen])
+        return est
+
+    def _aggregate(self, idx: np.ndarray, w: np.ndarray, kc: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """Weighted mean of the known scores of columns ``kc`` over neighbours ``idx`` (weights
+        ``w``, both ``[n_q, k]``), shrunk towards / backed off to ``prior`` ``[len(kc)]``."""
         table = self._mem.scores
-        num = np.empty((len(q), len(kc)), dtype=np.float64)
+        n_q, k = idx.shape
+        num = np.empty((n_q, len(kc)), dtype=np.float64)
         den = np.empty_like(num)
-        step = max(1, _CHUNK_ELEMENTS // (k * len(kc)))
-        for s in range(0, len(q), step):  # chunks of queries, vectorised within
-            g = table[idx[s : s + step, :, None], kc[None, None, :]]  # [b, k, n_seen]
+        step = max(1, _CHUNK_ELEMENTS // max(1, k * len(kc)))
+        for s in range(0, n_q, step):  # chunks of queries, vectorised within
+            g = table[idx[s : s + step, :, None], kc[None, None, :]]  # [b, k, n_c]
             known = ~np.isnan(g)
             wb = w[s : s + step, None, :]
             num[s : s + step] = np.matmul(wb, np.where(known, g, 0.0))[:, 0, :]
             den[s : s + step] = np.matmul(wb, known.astype(np.float32))[:, 0, :]
         a = self.config.shrinkage
-        p = prior[seen][None, :]
+        p = prior[None, :]
         tot = den + a
         ok = tot > 0
-        out = np.where(ok, (num + a * p) / np.where(ok, tot, 1.0), p)
-        est[:, seen] = out
-        return est
+        return np.where(ok, (num + a * p) / np.where(ok, tot, 1.0), p)
 
     def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
-        """Neighbour estimate + ``prior_weight`` × cosine(query, card) ``[n_q, n_c]``."""
+        """Neighbour estimate + card weight × cosine(query, card) ``[n_q, n_c]``."""
         q = as_queries(q)
         est = self.neighbour_estimate(q, candidates)
-        if self.config.prior_weight > 0 and len(candidates):
-            est += self.config.prior_weight * (q @ self.card_embeddings(candidates).T)
+        w = self.prior_weight
+        if w > 0 and len(candidates):
+            est += w * (q @ self.card_embeddings(candidates).T)
         return est
 
     # -- state -------------------------------------------------------------------------------
@@ -150,6 +200,7 @@ class KNNPolicy(RoutingPolicy):
         state = super().state_dict()
         state["memory"] = self._mem.state_dict()
         state["profiled"] = sorted(self._profiled)
+        state["tuned_prior_weight"] = self._tuned_weight
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -157,6 +208,7 @@ class KNNPolicy(RoutingPolicy):
         self._mem = OutcomeMemory()
         self._mem.load_state_dict(state["memory"])
         self._profiled = set(state.get("profiled", []))
+        self._tuned_weight = float(state.get("tuned_prior_weight", PRIOR_START))
         self._index = None
         if len(self._mem):
             self._rebuild_index()

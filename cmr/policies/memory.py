@@ -129,3 +129,36 @@ def candidate_prior(memory: OutcomeMemory, cols: np.ndarray) -> np.ndarray:
         m = mean[cols[seen]]
         out[seen] = np.where(np.isnan(m), avg, m)
     return out
+
+
+#: card-term weights tried when a policy tunes its own (``prior_weight=None``)
+PRIOR_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def tuning_sample(memory: OutcomeMemory, card_emb: dict[str, np.ndarray], seed: int, max_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows and columns on which a policy tunes its card-term weight: a seeded sample of at most
+    ``max_rows`` stored rows, and the columns of models whose card is embedded (the live hub).
+    Returns ``(rows, cols, card matrix [n_cols, d])``."""
+    cols = np.array([j for j, m in enumerate(memory.model_ids) if m in card_emb], dtype=np.int64)
+    n = len(memory)
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, max_rows), replace=False)) if n else np.zeros(0, np.int64)
+    cmat = np.stack([card_emb[memory.model_ids[j]] for j in cols]) if len(cols) else np.zeros((0, memory.emb.shape[1]), np.float32)
+    return rows, cols, cmat
+
+
+def tune_prior_weight(est: np.ndarray, card_sim: np.ndarray, truth: np.ndarray, grid: Sequence[float] = PRIOR_GRID) -> float:
+    """The weight ``w`` of ``grid`` whose routing, argmax of ``est + w·card_sim`` (the one decision
+    rule, no cost), has the highest mean known true score on held-out rows (``truth``, NaN =
+    unknown, such rows do not count). Ties go to the smaller weight."""
+    from cmr.decide import choose
+
+    best_w, best_v = float(grid[0]), -np.inf
+    rows = np.arange(len(est))
+    zero = np.zeros(est.shape[1])
+    for w in grid:
+        got = truth[rows, choose(est + w * card_sim, zero, 0.0)]
+        ok = ~np.isnan(got)
+        v = float(got[ok].mean()) if ok.any() else -np.inf
+        if v > best_v + 1e-12:
+            best_w, best_v = float(w), v
+    return best_w

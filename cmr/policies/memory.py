@@ -132,7 +132,7 @@ def candidate_prior(memory: OutcomeMemory, cols: np.ndarray) -> np.ndarray:
 
 
 #: card-term weights tried when a policy tunes its own (``prior_weight=None``)
-PRIOR_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
+PRIOR_GRID = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def tuning_sample(memory: OutcomeMemory, card_emb: dict[str, np.ndarray], seed: int, max_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -48,7 +48,7 @@ class BanditConfig(PolicyConfig):
     card_weight: weight of the card-similarity prior mean.
     """
 
-    dim: int = 32
+    dim: int = 16
     projection: str = "pca"
     pca_rows: int = 64
     reg: float = 1.0
@@ -108,16 +108,19 @@ class LinearBanditPolicy(RoutingPolicy):
             S = np.sqrt(np.maximum(w, 0.0))
             k = int(min(dim, (S > 1e-6 * max(S[0], 1e-12)).sum()))
             cols, sig = V[:, :k], S[:k]
-        if cols.shape[1] < dim:
+        if cols.shape[1] < min(dim, D):
             # pad with random directions orthogonal to the PCA ones (QR keeps the PCA columns)
-            R = rng.standard_normal((D, dim - cols.shape[1]))
+            R = rng.standard_normal((D, min(dim, D) - cols.shape[1]))
             Q, _ = np.linalg.qr(np.concatenate([cols, R], axis=1))
-            pad = Q[:, cols.shape[1] : dim]
+            pad = Q[:, cols.shape[1] : min(dim, D)]
             # MiniLM vectors are unit-norm: a random direction carries ~1/sqrt(D) of it
             floor = sig[-1] if sig.size else 1.0 / np.sqrt(D)
             pad_sig = np.maximum((X - self._mu) @ pad, 0).std(axis=0) if len(X) > 1 else np.zeros(pad.shape[1])
             cols = np.concatenate([cols, pad], axis=1)
             sig = np.concatenate([sig, np.maximum(pad_sig, floor)])
+        if cols.shape[1] < dim:  # embeddings narrower than dim: the extra features stay 0
+            cols = np.concatenate([cols, np.zeros((D, dim - cols.shape[1]))], axis=1)
+            sig = np.concatenate([sig, np.ones(dim - len(sig))])
         # scale so that |φ| ~ 1 (the usual LinUCB normalisation): the prior N(0, I/reg) then
         # predicts rewards of order 1, not of order sqrt(dim)
         self._proj, self._sigma = cols, sig * np.sqrt(dim)

@@ -18,7 +18,7 @@ from cmr.policies.bandit_base import BanditConfig, LinearBanditPolicy
 class LinUCBConfig(BanditConfig):
     """``alpha``: width of the confidence bonus (0 = greedy ridge regression)."""
 
-    alpha: float = 0.5
+    alpha: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -21,7 +21,7 @@ from cmr.policies.bandit_base import BanditConfig, LinearBanditPolicy, stable_ha
 class ThompsonConfig(BanditConfig):
     """``noise``: reward noise scale; posterior samples have covariance noise²·P⁻¹."""
 
-    noise: float = 0.5
+    noise: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()

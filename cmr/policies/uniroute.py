@@ -50,7 +50,7 @@ class UniRouteConfig(PolicyConfig):
     assign: str = "hard"
     temperature: float = 0.05
     smoothing: float = 1.0
-    profile_only: bool = True
+    profile_only: bool = False
     card_weight: float = 0.0
 
     def __post_init__(self) -> None:

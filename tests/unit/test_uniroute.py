@@ -1,0 +1,106 @@
+"""UniRoute: models as per-cluster accuracy vectors; a new model joins through its profile
+answers (no training step); the learned cluster map fits the training outcomes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cmr.decide import choose
+from cmr.policies import make_policy
+from cmr.types import FeedbackEvent
+
+
+def _unseen_split(data, hidden: int = 0, n_prof: int = 40):
+    """The llm protocol's --unseen order: profile prompts first, seen cards, fit, then the new card."""
+    prof, rest = data.train.subset(np.arange(n_prof)), data.train.subset(np.arange(n_prof, len(data.train)))
+    ids = prof.meta["id"]
+    cards = [
+        dataclasses.replace(c, profile={ids[i]: float(prof.scores[i, j]) for i in np.flatnonzero(~np.isnan(prof.scores[:, j]))})
+        for j, c in enumerate(data.cards)
+    ]
+    seen = [c for j, c in enumerate(cards) if j != hidden]
+    return prof, rest, seen, cards[hidden]
+
+
+@pytest.mark.parametrize("name", ["uniroute", "uniroute-map"])
+def test_new_model_joins_through_its_profile_vector(name, outcomes_small):
+    prof, rest, seen, new = _unseen_split(outcomes_small)
+    policy = make_policy(name, config={"seed": 0, **({"epochs": 40} if name == "uniroute-map" else {})})
+    policy.set_profile_prompts(prof.meta["id"], prof.emb)
+    policy.add_models(seen)
+    policy.fit(rest.select_models([c.id for c in seen]), seen)
+    before = policy.psi([c.id for c in seen])
+    policy.add_models([new])
+    # the newcomer's Ψ is the smoothed, assignment-weighted mean of its profile answers ...
+    y = prof.scores[:, outcomes_small.model_ids.index(new.id)].astype(np.float64)
+    known = ~np.isnan(y)
+    P = policy.assignment(prof.emb[known])
+    a = policy.config.smoothing
+    expected = (P.T @ y[known] + a * y[known].mean()) / (P.sum(axis=0) + a)
+    np.testing.assert_allclose(policy.psi([new.id])[0], expected, rtol=1e-9)
+    # ... nothing else moved (no training step), and the score is Σ_k p(k|x)·Ψ[k]
+    np.testing.assert_array_equal(policy.psi([c.id for c in seen]), before)
+    q = outcomes_small.test.emb
+    np.testing.assert_allclose(policy.score(q, [new])[:, 0], policy.assignment(q) @ expected, rtol=1e-9)
+
+
+def test_clusters_come_from_the_profile_prompts(outcomes_small):
+    prof, rest, seen, _ = _unseen_split(outcomes_small, n_prof=40)
+    with_profile = make_policy("uniroute", config={"min_cluster_size": 8})
+    with_profile.set_profile_prompts(prof.meta["id"], prof.emb)
+    with_profile.fit(rest, outcomes_small.cards)
+    assert with_profile.n_clusters == 40 // 8  # capped by the 40 profile prompts, not the 80 fit rows
+    plain = make_policy("uniroute", config={"min_cluster_size": 8})
+    plain.fit(rest, outcomes_small.cards)
+    assert plain.n_clusters == len(rest) // 8
+
+
+def test_routes_better_than_a_random_model(outcomes_small):
+    data = outcomes_small
+    policy = make_policy("uniroute", config={"n_clusters": 4, "min_cluster_size": 4})
+    policy.fit(data.train, data.cards)
+    s = policy.score(data.test.emb, data.cards)
+    truth = data.test.scores.astype(np.float64)
+    ch = choose(s, np.zeros(len(data.cards)), 0.0)
+    routed = np.nanmean(truth[np.arange(len(truth)), ch])
+    assert routed > np.nanmean(truth)  # mean over every (prompt, model): a random router
+
+
+def test_learned_map_fits_training_outcomes_better_than_its_kmeans_start(outcomes_small):
+    data = outcomes_small
+
+    def train_bce(epochs):
+        p = make_policy("uniroute-map", config={"epochs": epochs, "lr": 0.05, "n_clusters": 6, "min_cluster_size": 4, "seed": 0})
+        p.fit(data.train, data.cards)
+        pred = np.clip(p.score(data.train.emb, data.cards), 1e-4, 1 - 1e-4)
+        y = data.train.scores.astype(np.float64)
+        k = ~np.isnan(y)
+        return float(-(y[k] * np.log(pred[k]) + (1 - y[k]) * np.log(1 - pred[k])).mean())
+
+    assert train_bce(60) < train_bce(1) - 0.005
+
+
+def test_feedback_moves_the_chosen_models_cluster_estimate(outcomes_small):
+    data = outcomes_small
+    policy = make_policy("uniroute", config={"n_clusters": 4, "min_cluster_size": 4})
+    policy.fit(data.train, data.cards)
+    m = data.cards[0].id
+    x = data.test.emb[0]
+    k = int(policy.assignment(x).argmax())
+    before = policy.psi([m])[0]
+    policy.update([FeedbackEvent(request_id=f"r{i}", model=m, reward=1.0, embedding=x.tolist()) for i in range(20)])
+    after = policy.psi([m])[0]
+    assert after[k] > before[k]
+    others = np.arange(len(before)) != k
+    # other clusters move only through the model's overall mean (smoothing), far less
+    assert np.abs(after[others] - before[others]).max() < after[k] - before[k]
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="assign"):
+        make_policy("uniroute", config={"assign": "fuzzy"})
+    with pytest.raises(ValueError, match="n_clusters"):
+        make_policy("uniroute-map", config={"n_clusters": 0})

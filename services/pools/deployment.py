@@ -14,7 +14,11 @@ from ray import serve
 from cmr.errors import CMRError
 from cmr.hub import HubStore
 from services.config import AppArgs
-from services.pools.base import EngineFactory, GenRequest, make_engine
+from services.pools.base import EngineError, EngineFactory, GenRequest, make_engine
+
+
+class _NotFound(CMRError):
+    pass
 
 
 class PoolDeployment:
@@ -41,7 +45,7 @@ class PoolDeployment:
     async def get_engine(self, model_id: str):
         got = self.hub.get(model_id)
         if got is None or got[1]:
-            raise CMRError(f"field 'model': model {model_id!r} is not in the hub")
+            raise _NotFound(f"field 'model': model {model_id!r} is not in the hub")
         card = got[0]
         if not card.backend.get("engine"):
             raise CMRError(f"field 'model': model {model_id!r} has no backend to serve it (route-only hub entry)")
@@ -55,6 +59,12 @@ class PoolDeployment:
         req = GenRequest.from_dict(request)
         try:
             engine = await self.get_engine(req.model)
+        except _NotFound as e:
+            yield {"error": str(e), "status": 404}
+            return
+        except EngineError as e:  # e.g. vllm not installed: the server cannot serve it, the request was fine
+            yield {"error": f"model {req.model!r} cannot be served here: {e}", "status": 503}
+            return
         except CMRError as e:
             yield {"error": str(e), "status": 400}
             return

@@ -144,6 +144,23 @@ def test_runtime_registration_receives_traffic(client, oai, served):
     assert gone.status_code == 400
 
 
+def test_engine_that_cannot_run_here_is_a_clear_error(client, oai):
+    """A vLLM model on a machine without vLLM: 503 with the install hint, and the pool keeps serving."""
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    r = client.post("/v1/admin/models", json={"id": "needs-vllm", "backend": {"engine": "vllm", "path": "some/model"}})
+    assert r.status_code == 201
+    bad = client.post("/v1/chat/completions", json={"model": "needs-vllm", "messages": CHAT, "max_tokens": 2})
+    assert bad.status_code == 503 and "cmr[vllm]" in bad.json()["error"]["message"]
+    ok = oai.chat.completions.create(model="tiny-gpt2-a", messages=CHAT, max_tokens=2)
+    assert ok.model == "tiny-gpt2-a"
+    assert client.delete("/v1/admin/models/needs-vllm").status_code == 200
+
+
 def test_feedback_changes_later_decisions(client, oai, served):
     import ray
 

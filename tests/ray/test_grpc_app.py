@@ -11,8 +11,9 @@ import pytest
 pytestmark = pytest.mark.ray
 
 GRPC = True
-# a second app in the session: keep it small (no learner; the router trains on a few requests)
-APP_ARGS = {"learner": {"enabled": False}, "train_limit": 20}
+# no learner; two router replicas: first start (seed, train) must happen once, and a model
+# registered through one replica must be routable through the other at once
+APP_ARGS = {"learner": {"enabled": False}, "train_limit": 20, "router_replicas": 2}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,9 @@ def test_register_and_list(stub, served):
     assert after == before | {"grpc-tiny"}
     chunks = list(stub.Chat(pb.ChatRequest(messages=[pb.Message(role="user", content="hi")], max_tokens=4, routing=pb.Routing(allow=["grpc-tiny"]))))
     assert chunks[0].model == "grpc-tiny" and chunks[-1].completion_tokens > 0
+    # whichever router replica answers, the new model is there (hub version checked per batch)
+    routed = [stub.Route(pb.RouteRequest(query=f"question {i}", no_record=True, routing=pb.Routing(allow=["grpc-tiny"]))).model for i in range(12)]
+    assert routed == ["grpc-tiny"] * 12
     with pytest.raises(grpc.RpcError) as e:
         stub.RegisterModel(pb.RegisterModelRequest(cards=[pb.ModelCard(id="grpc-tiny")]))
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS

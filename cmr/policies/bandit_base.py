@@ -159,7 +159,10 @@ class LinearBanditPolicy(RoutingPolicy):
         """Card embeddings of ``ids`` (id-only cards where no card was given), None without an encoder."""
         if self.encoder is None or self.config.card_weight == 0:
             return None
-        return self.card_embeddings([ModelCard(id=m) if m not in self._card_emb else _Known(m) for m in ids])
+        missing = [ModelCard(id=m) for m in dict.fromkeys(ids) if m not in self._card_emb]
+        if missing:  # arms met only through feedback: their id words are all we know
+            self.card_embeddings(missing)
+        return np.stack([self._card_emb[m] for m in ids]) if len(ids) else np.zeros((0, self.encoder.dim), np.float32)
 
     # -- learning ----------------------------------------------------------------------------
     def _observe(self, emb: np.ndarray, ids: Sequence[str], R: np.ndarray) -> None:
@@ -365,18 +368,6 @@ class LinearBanditPolicy(RoutingPolicy):
         self._profiled = set(state.get("profiled", []))
         self._pending = [(np.asarray(p["emb"], np.float32), list(p["ids"]), np.asarray(p["R"], np.float64)) for p in state.get("pending", [])]
         self._cache = {}
-
-
-class _Known:
-    """Stand-in for a card whose embedding is already memoised (only ``id`` is read)."""
-
-    __slots__ = ("id",)
-
-    def __init__(self, mid: str):
-        self.id = mid
-
-    def text(self) -> str:  # never called: the id is memoised
-        return self.id
 
 
 def stable_hash(s: str) -> int:

@@ -372,7 +372,7 @@ class RouterCore:
                     d = decide(scores[r_i : r_i + 1, cols], [cards[c] for c in cols], lam=reqs[i].lam, k=reqs[i].k, checkpoint_version=version)[0]
                     out[i] = d
             else:
-                cards = [table.cards[j] for j in cand]
+                cards = table.cards if cand.size == len(table.cards) else [table.cards[j] for j in cand]
                 scores = policy.score(q, cards)
                 lam = np.array([reqs[i].lam for i in rows], dtype=np.float64)
                 for i, d in zip(rows, decide(scores, cards, lam=lam, k=k, checkpoint_version=version)):

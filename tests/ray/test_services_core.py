@@ -230,3 +230,27 @@ def test_router_core_routes_registers_and_swaps(tmp_path, mini_bench, encoder):
         assert core.route([RouteRequest(query=q)])[0].checkpoint_version == 3
     finally:
         learner.stop()
+
+
+def test_retrieve_k_preselects_by_card_similarity(tmp_path, mini_bench, encoder):
+    """With ``retrieve_k`` the policy only sees the k live cards nearest the query (FAISS), and
+    filters still apply before the pre-selection."""
+    from services.config import AppArgs
+    from services.routing import RouteRequest, RouterCore
+
+    bench, _ = mini_bench
+    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, retrieve_k=5, learner={"enabled": False})
+    core = RouterCore(args, encoder)
+    cards = core.models()
+    emb = encoder.encode([c.text() for c in cards])
+    queries = ["Translate this English text to French.", "Detect objects in a street photo.", "Transcribe this audio file."]
+    q = encoder.encode(queries)
+    sims = q @ emb.T
+    for i, d in enumerate(core.route([RouteRequest(query=t, k=5) for t in queries])):
+        near = {cards[j].id for j in np.argsort(-sims[i])[:5]}
+        assert d.model in near and {m for m, _ in d.alternatives} <= near
+    dom = cards[0].domain
+    in_dom = [j for j, c in enumerate(cards) if c.domain == dom]
+    d = core.route([RouteRequest(query=queries[0], filters=Filters(domains=[dom]), k=3)])[0]
+    near = {cards[j].id for j in sorted(in_dom, key=lambda j: -sims[0, j])[:5]}
+    assert d.model in near

@@ -212,11 +212,15 @@ class Ingress(GrpcServicerMixin):
         base = {"id": d["request_id"], "object": "chat.completion.chunk", "created": created, "model": d["model"]}
         yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], "routing": _routing_field(d)})
         last = first
-        chunks = _prepend(first, it)
-        async for ch in chunks:
-            last = ch
-            if ch["text"]:
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": ch["text"]}, "finish_reason": None}]})
+        try:
+            async for ch in _prepend(first, it):
+                last = ch
+                if ch["text"]:
+                    yield _sse({**base, "choices": [{"index": 0, "delta": {"content": ch["text"]}, "finish_reason": None}]})
+        except Exception as e:  # headers are sent: report the failure in-band, as OpenAI's API does
+            yield _sse(_error_body(500, f"generation failed: {type(e).__name__}: {e}"))
+            yield "data: [DONE]\n\n"
+            return
         yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": last.get("finish_reason") or "stop"}]})
         if usage_wanted:
             yield _sse({**base, "choices": [], "usage": _usage(last)})
@@ -242,12 +246,17 @@ class Ingress(GrpcServicerMixin):
         base = {"id": d["request_id"], "object": "text_completion", "created": created, "model": d["model"]}
         last = first
         sent_routing = False
-        async for ch in _prepend(first, it):
-            last = ch
-            if ch["text"]:
-                extra = {} if sent_routing else {"routing": _routing_field(d)}
-                sent_routing = True
-                yield _sse({**base, "choices": [{"index": 0, "text": ch["text"], "finish_reason": None, "logprobs": None}], **extra})
+        try:
+            async for ch in _prepend(first, it):
+                last = ch
+                if ch["text"]:
+                    extra = {} if sent_routing else {"routing": _routing_field(d)}
+                    sent_routing = True
+                    yield _sse({**base, "choices": [{"index": 0, "text": ch["text"], "finish_reason": None, "logprobs": None}], **extra})
+        except Exception as e:  # headers are sent: report the failure in-band
+            yield _sse(_error_body(500, f"generation failed: {type(e).__name__}: {e}"))
+            yield "data: [DONE]\n\n"
+            return
         yield _sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": last.get("finish_reason") or "stop", "logprobs": None}],
                     **({} if sent_routing else {"routing": _routing_field(d)})})
         if usage_wanted:

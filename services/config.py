@@ -98,6 +98,9 @@ class AppArgs(_Strict):
     train_limit: int | None = Field(default=None, ge=1)
     #: seed the hub with at most this many CMRBench cards (None = all; tests keep hubs small)
     hub_limit: int | None = Field(default=None, ge=1)
+    #: profile prompts drawn from the bench's train splits at first start: a model registered
+    #: with its scores on them (card ``profile``) is routed by those answers, not only its card
+    profile_size: int = Field(default=32, ge=0)
     #: create and serve two tiny local transformers chat models (offline) when no pool is configured
     tiny_models: bool = True
     pools: list[PoolConfig] = Field(default_factory=list)

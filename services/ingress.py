@@ -154,6 +154,11 @@ class Ingress(GrpcServicerMixin):
         res = _check(await self.router.register.remote(body.cards), "id")
         return JSONResponse(res, status_code=201)
 
+    @app.get("/v1/admin/profile")
+    async def profile(self) -> dict[str, Any]:
+        """The profile prompts: a new model's card may carry its scores on them (``profile``)."""
+        return {"prompts": await self.router.profile_prompts.remote()}
+
     @app.delete("/v1/admin/models/{model_id:path}")
     async def retire_one(self, model_id: str) -> dict[str, Any]:
         return _check(await self.router.retire.remote([model_id]), "id")

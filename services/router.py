@@ -78,6 +78,9 @@ class RouterDeployment:
         await asyncio.to_thread(self.core.sync)
         return [c.to_dict() for c in self.core.models()]
 
+    async def profile_prompts(self) -> list[dict[str, str]]:
+        return list(self.core.profile_prompts)
+
     async def card(self, model_id: str) -> dict[str, Any]:
         await asyncio.to_thread(self.core.sync)
         try:

@@ -143,6 +143,37 @@ def prepare_models(args: AppArgs) -> dict[str, Path]:
         return ensure_tiny_models(args.home_path() / "models", bench / "hub.jsonl" if bench else None)
 
 
+def profile_path(args: AppArgs) -> Path:
+    return args.state_dir() / "profile_prompts.jsonl"
+
+
+def _set_profile_prompts(args: AppArgs, policy, bench_data, encoder) -> None:
+    """Pick the profile prompts (UniRoute: a new model joins by answering them) from the train
+    splits, give them to the policy, and publish them for ``GET /v1/admin/profile``."""
+    import json
+    import os
+    import tempfile
+
+    rows = [(e, i) for e in bench_data.experiences for i in range(len(e.train))]
+    rng = np.random.default_rng(1)
+    pick = rng.choice(len(rows), min(args.profile_size, len(rows)), replace=False)
+    texts = [rows[j][0].train.texts[rows[j][1]] for j in pick]
+    ids = [f"p{n:04d}" for n in range(len(texts))]
+    policy.set_profile_prompts(ids, encoder.encode(texts))
+    path = profile_path(args)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".profile.")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in zip(ids, texts))
+    os.replace(tmp, path)
+
+
+def read_profile_prompts(args: AppArgs) -> list[dict[str, str]]:
+    import json
+
+    path = profile_path(args)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def bootstrap(args: AppArgs, encoder) -> None:
     """First start, idempotent: tiny models, hub seeded with the bench and served cards, and a
     first checkpoint of ``args.policy`` trained on the bench's train splits in experience order."""
@@ -176,6 +207,8 @@ def bootstrap(args: AppArgs, encoder) -> None:
                     from cmr.data import load_cmrbench
 
                     bench_data = load_cmrbench(args.bench_path())
+                if args.profile_size:
+                    _set_profile_prompts(args, policy, bench_data, encoder)
                 rng = np.random.default_rng(0)
                 for exp in bench_data.experiences:  # in order, as the continual protocol says
                     tr = exp.train
@@ -202,6 +235,7 @@ class RouterCore:
         bootstrap(args, encoder)
         state = args.state_dir()
         self.store = DecisionStore(state / "decisions.sqlite")
+        self.profile_prompts = read_profile_prompts(args)
         self.ckpt_root = checkpoint_root(args)
         self._hub_store = HubStore(state / "hub.sqlite")
         self._lock = threading.RLock()
@@ -311,7 +345,13 @@ class RouterCore:
 
     # -- hub admin ---------------------------------------------------------------------------
     def register(self, cards: Sequence[ModelCard]) -> int:
-        """Add cards to the hub: routable as soon as this returns."""
+        """Add cards to the hub: routable as soon as this returns (from their card text, and from
+        their answers to the profile prompts when given)."""
+        known = {p["id"] for p in self.profile_prompts}
+        for c in cards:
+            bad = next((k for k in c.profile if k not in known), None)
+            if bad is not None:
+                raise HubError(f"field 'profile.{bad}': not a profile prompt id (GET /v1/admin/profile lists them)")
         self._embed_cards(cards)  # encode first, outside the lock
         with self._lock:
             v = self.hub.add(list(cards))

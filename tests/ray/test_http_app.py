@@ -46,6 +46,8 @@ def test_health_and_models(client):
     # the whole CMRBench hub is routable, the two tiny models are servable too
     assert len(data) == 2315 + 2 + 1 and {"auto", "tiny-gpt2-a", "tiny-gpt2-b"} <= ids
     assert {m["id"] for m in data if m["servable"]} == {"auto", "tiny-gpt2-a", "tiny-gpt2-b"}
+    prompts = client.get("/v1/admin/profile").json()["prompts"]
+    assert len(prompts) == 32 and len({p["id"] for p in prompts}) == 32 and all(p["prompt"] for p in prompts)
 
 
 def test_route_decision_and_filters(client):

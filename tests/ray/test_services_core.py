@@ -204,9 +204,19 @@ def test_router_core_routes_registers_and_swaps(tmp_path, mini_bench, encoder):
     from services.routing import RouteRequest, RouterCore, checkpoint_root
 
     bench, n_cards = mini_bench
-    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, learner={"enabled": False, "poll_s": 0})
+    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, profile_size=5, learner={"enabled": False, "poll_s": 0})
     core = RouterCore(args, encoder)
     assert core.version == 1 and len(core.models()) == n_cards
+    # a model that answered the profile prompts well is routed to for them, at once
+    prompts = core.profile_prompts
+    assert len(prompts) == 5
+    with pytest.raises(CMRError, match=r"profile\.nope"):
+        core.register([ModelCard(id="profiled", profile={"nope": 1.0})])
+    core.register([ModelCard(id="profiled", description="a card", profile={p["id"]: 1.0 for p in prompts}),
+                   ModelCard(id="plain", description="a card")])  # same card text, no answers
+    d = core.route([RouteRequest(query=prompts[0]["prompt"], filters=Filters(allow=["plain", "profiled"]), k=2)])[0]
+    assert d.model == "profiled" and d.score - d.alternatives[0][1] > 0.5
+    core.retire(["profiled", "plain"])
     q = "Translate this English text to French."
     d = core.route([RouteRequest(query=q, k=3)])[0]
     assert len(d.alternatives) == 2 and d.checkpoint_version == 1 and core.store.decision(d.request_id).model == d.model

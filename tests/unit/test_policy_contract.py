@@ -57,16 +57,39 @@ def _is_stochastic(policy, q, cards) -> bool:
     return not np.array_equal(a, b)
 
 
-@pytest.fixture(params=["cmr", "outcomes"])
-def fitted(request, encoder, cmr_small, outcomes_small):
-    """A factory: policy name -> (policy, test Examples, candidate cards), fitted on one data kind."""
+@pytest.fixture(scope="module")
+def _fitted_states():
+    """(data kind, policy name) -> pickled state_dict of a fitted policy: most checks start from
+    a restored copy instead of fitting again (some policies train for seconds)."""
+    return {}
 
-    def build(name):
+
+@pytest.fixture(params=["cmr", "outcomes"])
+def fitted(request, encoder, cmr_small, outcomes_small, _fitted_states):
+    """A factory: policy name -> (policy, test Examples, candidate cards), fitted on one data kind.
+
+    ``fresh=True`` always fits a new instance (the state round-trip test needs a genuinely
+    fitted one); otherwise a policy fitted earlier in this module is restored from its state.
+    """
+
+    def build(name, fresh=False):
+        if request.param == "cmr":
+            last = cmr_small.experiences[-1]
+            test, cards = last.test, cmr_small.cards_upto(last.k)
+        else:
+            test, cards = outcomes_small.test, outcomes_small.cards
+        key = (request.param, name)
+        if not fresh and key in _fitted_states:
+            policy = make_policy(name, encoder=encoder)
+            policy.load_state_dict(pickle.loads(_fitted_states[key]))
+            return policy, test, cards
         policy = make_policy(name, encoder=encoder)
         if request.param == "cmr":
-            test, cards = _fit_cmr(policy, cmr_small)
+            _fit_cmr(policy, cmr_small)
         else:
-            test, cards = _fit_outcomes(policy, outcomes_small)
+            _fit_outcomes(policy, outcomes_small)
+        if not fresh:
+            _fitted_states[key] = pickle.dumps(policy.state_dict())
         return policy, test, cards
 
     return build
@@ -124,7 +147,7 @@ def test_unseen_candidates_get_finite_scores(name, fitted):
 
 @pytest.mark.parametrize("name", policy_names())
 def test_state_dict_round_trip_gives_identical_scores(name, fitted, encoder):
-    policy, test, cards = fitted(name)
+    policy, test, cards = fitted(name, fresh=True)
     policy.add_models([NEW_CARD])
     cands = [*cards, NEW_CARD]
     state = policy.state_dict()

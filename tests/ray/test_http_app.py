@@ -225,3 +225,20 @@ def test_checkpoint_swap_under_concurrent_requests(client, served):
     assert all(v >= v0 for v in versions)
     assert len(set(versions)) >= 2, versions  # a swap happened while requests were in flight
     assert _wait_version(client, v0 + 2) == checkpoint.versions(root)[-1]
+
+
+def test_openai_engine_forwards_to_a_remote_endpoint(client, oai, served):
+    """A model served by the ``openai`` engine: the remote endpoint here is this server's own
+    OpenAI-compatible API (loop-back), so the forwarded call really generates with tiny-gpt2-b."""
+    r = client.post("/v1/admin/models", json={
+        "id": "remote-tiny", "cost": 0.0003, "description": "tiny-gpt2-b behind an OpenAI-compatible endpoint",
+        "backend": {"engine": "openai", "base_url": served.url + "/v1", "path": "tiny-gpt2-b"},
+    })
+    assert r.status_code == 201, r.text
+    direct = oai.chat.completions.create(model="tiny-gpt2-b", messages=CHAT, max_tokens=6, temperature=0)
+    via = oai.chat.completions.create(model="remote-tiny", messages=CHAT, max_tokens=6, temperature=0)
+    assert via.model == "remote-tiny" and via.choices[0].message.content == direct.choices[0].message.content
+    assert via.usage.completion_tokens == direct.usage.completion_tokens
+    streamed = list(oai.chat.completions.create(model="remote-tiny", messages=CHAT, max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == direct.choices[0].message.content
+    assert client.delete("/v1/admin/models/remote-tiny").status_code == 200

@@ -38,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override for every --policy (JSON values); POLICY:KEY=VALUE for one policy only")
     parser.add_argument("--config", default=None, metavar="FILE.json", help="config for every --policy as a JSON object (--set wins)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts routed between two updates")
-    parser.add_argument("--lam", type=float, default=0.0, help="cost weight λ of the routing decision and of the regret")
+    parser.add_argument(
+        "--lam",
+        default="0",
+        help="cost weight λ of the routing decision and of the regret; 'sweep' draws one λ per request from the "
+        "llm protocol's λ grid (users with different cost preferences: every model gets explored)",
+    )
     parser.add_argument("--warm", type=float, default=0.1, help="fraction of the stream the fixed baselines are trained on")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts of the shuffled stream (quick runs)")
 
@@ -106,16 +111,19 @@ def load_stream(arg: str | None, seed: int, limit: int | None = None) -> dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def _utilities(stream, lam: float):
+def _utilities(stream, lam):
     import numpy as np
 
+    lam = np.asarray(lam, dtype=np.float64)
+    lam = lam[:, None] if lam.ndim == 1 else lam
     util = stream.scores.astype(np.float64) - lam * np.nan_to_num(stream.costs.astype(np.float64))
     return np.where(np.isnan(stream.scores), -np.inf, util)
 
 
-def replay(policy, stream, segments, lam: float, batch_size: int, start: int = 0, learn: bool = True) -> dict[str, Any]:
+def replay(policy, stream, segments, lam, batch_size: int, start: int = 0, learn: bool = True) -> dict[str, Any]:
     """Route rows ``start..`` of ``stream`` batch by batch; with ``learn``, feed back the chosen
-    model's reward after each batch. Returns per-row regret and reward arrays."""
+    model's reward after each batch. ``lam`` is one cost weight or one per stream row.
+    Returns per-row regret and reward arrays."""
     import numpy as np
 
     from cmr.decide import choose
@@ -123,6 +131,7 @@ def replay(policy, stream, segments, lam: float, batch_size: int, start: int = 0
 
     util = _utilities(stream, lam)
     best = util.max(axis=1)
+    lam_rows = np.broadcast_to(np.asarray(lam, dtype=np.float64), (len(stream),))
     ids = list(stream.model_ids)
     col = stream.column
     n = len(stream)
@@ -144,7 +153,7 @@ def replay(policy, stream, segments, lam: float, batch_size: int, start: int = 0
         q = stream.emb[b0:b1]
         t0 = time.perf_counter()
         s = common.check_scores(policy.score(q, cards), b1 - b0, len(cards), policy.name)
-        ch = cand[choose(s, costs, lam, mask=np.isfinite(util[b0:b1][:, cand]))]
+        ch = cand[choose(s, costs, lam_rows[b0:b1], mask=np.isfinite(util[b0:b1][:, cand]))]
         t_route += time.perf_counter() - t0
         r = np.arange(b0, b1)
         regret[b0 - start : b1 - start] = best[r] - util[r, ch]
@@ -217,7 +226,7 @@ def _markdown(rep: dict[str, Any]) -> str:
     lines = [
         f"# cmr bench online — {rep['dataset']}",
         "",
-        f"{s['n']} training prompts replayed in batches of {s['batch_size']} (seed {rep['seed']}), λ = {rep['lam']:g}; "
+        f"{s['n']} training prompts replayed in batches of {s['batch_size']} (seed {rep['seed']}), λ = {rep['lam']}; "
         f"baselines trained offline on the first {s['warm_rows']} prompts ({rep['warm']:.0%}). "
         f"{rep['date']}, {rep['machine']['cpus']} CPU(s), commit {rep['git_commit'] or '—'}",
         "",
@@ -298,8 +307,14 @@ def run(args: argparse.Namespace) -> int:
         raise common.BenchConfigError("--batch-size: must be >= 1")
     if not 0.0 < args.warm < 1.0:
         raise common.BenchConfigError(f"--warm {args.warm}: must be in (0, 1)")
-    if not math.isfinite(args.lam) or args.lam < 0:
-        raise common.BenchConfigError(f"--lam {args.lam}: must be a finite number >= 0")
+    lam_arg = str(args.lam).strip().lower()
+    if lam_arg != "sweep":
+        try:
+            lam_value = float(lam_arg)
+        except ValueError:
+            raise common.BenchConfigError(f"--lam {args.lam}: must be a number >= 0 or 'sweep'") from None
+        if not math.isfinite(lam_value) or lam_value < 0:
+            raise common.BenchConfigError(f"--lam {args.lam}: must be a finite number >= 0 or 'sweep'")
     baselines = args.baseline or ["knn"]
     for name in [*args.policy, *baselines]:
         policy_class(name)  # unknown names fail before any work
@@ -308,6 +323,13 @@ def run(args: argparse.Namespace) -> int:
     encoder = default_encoder()
     common.embed(encoder, [stream, data.test])
     n = len(stream)
+    if lam_arg == "sweep":
+        from cmr.bench import metrics
+
+        grid = metrics.lambda_grid(np.array([c.cost for c in data.cards], dtype=np.float64), 1.0)
+        lam = np.random.default_rng(args.seed + 1).choice(grid, size=n)  # seeded: every router sees the same λs
+    else:
+        lam = lam_value
     warm_rows = max(1, int(math.ceil(args.warm * n)))
     last_rows = max(1, (n - warm_rows) // 4)
     out = common.out_dir(args.out, "online", d["name"], "+".join(args.policy))
@@ -318,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": d["name"],
         "data": str(d["root"]),
         "seed": args.seed,
-        "lam": args.lam,
+        "lam": lam_arg if lam_arg == "sweep" else lam_value,
         "warm": args.warm,
         "stream": {"n": n, "batch_size": args.batch_size, "warm_rows": warm_rows, "last_quarter_rows": last_rows, "n_models": len(stream.model_ids)},
         "policies": {},
@@ -328,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     for name in args.policy:
         policy = common.build_policy(argparse.Namespace(**{**vars(args), "policy": name, "sets": _sets_for(name, args.sets)}), encoder)
         t0 = time.perf_counter()
-        r = replay(policy, stream, d["segments"], args.lam, args.batch_size)
+        r = replay(policy, stream, d["segments"], lam, args.batch_size)
         s = _summary(r["regret"], r["reward"], warm_rows, last_rows)
         s["curve_after_warm"] = _curve(np.cumsum(r["regret"][warm_rows:]))
         s["test"] = _evaluate(policy, data, all_cards)
@@ -342,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         first = stream.subset(np.arange(warm_rows))
         policy.fit(first, warm_cards)
-        r = replay(policy, stream, d["segments"], args.lam, args.batch_size, start=warm_rows, learn=False)
+        r = replay(policy, stream, d["segments"], lam, args.batch_size, start=warm_rows, learn=False)
         s = _summary(r["regret"], r["reward"], 0, last_rows)
         s["cum_regret"] = s["mean_regret"] = s["mean_regret_first_half"] = s["mean_regret_second_half"] = None
         s["curve_after_warm"] = s.pop("curve")
@@ -368,7 +390,7 @@ def run(args: argparse.Namespace) -> int:
     rep.update(common.run_info())
     common.write_json(out / "report.json", rep)
     common.write_text(out / "report.md", _markdown(rep))
-    common.write_figure(out / "regret.png", _plot(rep, f"online routing on {d['name']} (λ = {args.lam:g}, batch {args.batch_size})"))
+    common.write_figure(out / "regret.png", _plot(rep, f"online routing on {d['name']} (λ = {lam_arg}, batch {args.batch_size})"))
     for name, v in rep["verdict"].items():
         print(
             f"{name}: ends {'ahead of' if v['ahead'] else 'NOT ahead of'} fixed {v['baseline']} (last-quarter regret); "

@@ -15,11 +15,11 @@ def test_online_report_on_an_outcome_matrix(tmp_path, data_root):
     out = tmp_path / "run"
     rc = main([
         "bench", "online", "--data", str(data_root / "routing" / "routerbench"), "--policy", "linucb", "--policy", "thompson",
-        "--set", "linucb:alpha=0.2", "--limit", "160", "--batch-size", "16", "--out", str(out),
+        "--set", "linucb:alpha=0.2", "--lam", "sweep", "--limit", "160", "--batch-size", "16", "--out", str(out),
     ])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["stream"]["n"] == 160 and rep["stream"]["warm_rows"] == 16
+    assert rep["stream"]["n"] == 160 and rep["stream"]["warm_rows"] == 16 and rep["lam"] == "sweep"
     assert rep["policies"]["linucb"]["config"]["alpha"] == 0.2  # scoped --set reached linucb only
     assert rep["policies"]["thompson"]["config"]["noise"] > 0
     assert set(rep["baselines"]) == {"knn"}
@@ -68,7 +68,7 @@ def test_online_on_a_cmrbench_folder(tmp_path):
     assert t["equal_cost"] and 0.0 <= t["aiq"] <= 1.0  # equal costs: AIQ is the routed accuracy (M-Acc)
 
 
-@pytest.mark.parametrize("bad, message", [(["--warm", "1.5"], "--warm"), (["--policy", "no-such-policy"], "no-such-policy"), (["--lam", "-1"], "--lam")])
+@pytest.mark.parametrize("bad, message", [(["--warm", "1.5"], "--warm"), (["--policy", "no-such-policy"], "no-such-policy"), (["--lam", "-1"], "--lam"), (["--lam", "cheap"], "--lam")])
 def test_bad_options_fail_with_one_line(tmp_path, capsys, bad, message):
     root = write_cmrbench(tmp_path / "cmr")
     args = ["bench", "online", "--data", str(root), "--policy", "linucb", "--out", str(tmp_path / "run"), *bad]

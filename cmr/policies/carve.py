@@ -6,17 +6,24 @@ adapter) over frozen MiniLM features; every model id has one embedding, initiali
 card text, so a model that joins is routable before any example. Scores are cosines over a
 temperature.
 
-Two levels, because CMRBench labels carry a domain (the pipeline task) and the hub's cards
-carry it too: a domain head scores the query against one embedding per domain, a model head
-against one embedding per model, and the score of model m is
+A model's embedding is ``normalize(proj(prototype_m) + offset_m)``: the prototype is the running
+(reward-weighted) sum of its card embedding and the queries it was right for, so with an
+identity projection the router starts as the card+queries centroid classifier, the strongest
+frozen-feature baseline on CMRBench; training learns the projection (and optional offsets)
+on top. Positives are scored *leave-one-out*: a training query is taken out of its own
+model's prototype, or a model with one or two queries is matched trivially by its own query.
 
-    log p(domain(m) | q) + log p(m | q, domain(m))
+Optionally two levels (``hierarchical=True``), because CMRBench labels carry a domain: a
+domain head scores the query against one embedding per domain and the score of model m is
+``log p(domain(m) | q) + log p(m | q, domain(m))``. Off by default: on a validation split
+carved from the train splits it lost 8 points of D-Acc against the flat softmax.
 
-(``hierarchical=False``: a flat softmax over models). Training is InfoNCE over the positive
+Training is InfoNCE over the positive
 model against negatives: the full live hub when it is small enough (every hard negative, at
 its true weight), otherwise mined hard negatives (nearest wrong models, re-mined every few
-epochs), same-domain negatives and random far negatives. The card text of every live model
-(id words, domain, description, api_call) is also a training example for its own model.
+epochs), same-domain negatives and random far negatives. Optionally (``card_examples``) the
+card text of every live model (id words, domain, description, api_call) is also a training
+example for its own model; off by default (it lowered validation D-Acc by 3 points).
 
 Continual learning happens inside ``fit`` through :class:`cmr.continual.learner.Learner`:
 a domain-stratified coreset replay buffer (``replay`` = fraction of the data seen) and
@@ -58,13 +65,13 @@ class CarveConfig(PolicyConfig):
     # model
     adapter_hidden: int = 0  # 0 = linear projection only; >0 = residual MLP adapter width
     temperature: float = 0.05
-    hierarchical: bool = True  # domain head + model-within-domain head
+    hierarchical: bool = False  # domain head + model-within-domain head (worse on validation)
     domain_weight: float = 1.0  # weight of the domain loss (training) and of log p(domain) (scoring)
     head: str = "auto"  # "softmax" (one right model), "sigmoid" (outcome matrices), "auto": from the data
     # training
-    epochs: int = 30
+    epochs: int = 5
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 3e-4
     weight_decay: float = 0.0
     full_softmax_max: int = 20_000  # more live models than this -> sampled negatives
     negatives: str = "auto"  # "full", "sampled", "auto" (full up to full_softmax_max)
@@ -72,11 +79,11 @@ class CarveConfig(PolicyConfig):
     n_domain: int = 8
     n_random: int = 16
     remine_every: int = 5  # epochs between hard-negative re-mining
-    offsets: bool = True  # learn a per-model offset on top of the projected prototype
+    offsets: bool = False  # learn a per-model offset on top of the projected prototype (worse on validation)
     offset_decay: float = 0.0  # L2 pull of the offsets towards 0 (the prototype)
     leave_one_out: bool = True  # a training row is left out of its model's prototype
     proto_card_weight: float = 1.0  # weight of the card in a model's prototype (queries weigh 1)
-    card_examples: bool = True  # card text of every live model is a training example for it
+    card_examples: bool = False  # card text of every live model is a training example for it
     card_weight: float = 0.5
     card_text: str = "rich"  # "rich": + api_call; "plain": ModelCard.text()
     # continual
@@ -89,6 +96,9 @@ class CarveConfig(PolicyConfig):
     online_steps: int = 1
     online_replay: int = 32  # replay rows mixed into each online step
     online_lr: float = 5e-4
+    # the online path also moves per-model offsets: a reward-0 event must be able to push one
+    # model away from a query without moving the shared projection for every other model
+    online_offsets: bool = True
     online_capacity: int = 5_000  # reservoir of past events
     # small matrices: one intra-op thread is many times faster than several on a shared CPU
     # (thread spinning); 0 = leave torch's setting alone
@@ -134,6 +144,7 @@ class CarvePolicy(RoutingPolicy):
         self._drow: dict[str, int] = {}
         self._doc_emb: dict[str, np.ndarray] = {}
         self._proto = np.zeros((0, 0), np.float32)  # per-model prototype sums (raw feature space)
+        self._bias_done: set[str] = set()  # sigmoid head: models whose bias was initialised
         self._params: dict[str, Any] | None = None  # torch tensors, built lazily
         self._live: list[str] = []
         self.anchor = Anchor(AnchorConfig(c.anchor, c.anchor_dense))
@@ -382,16 +393,40 @@ class CarvePolicy(RoutingPolicy):
         self._live = [card.id for card in cards]
         if new is not None and len(new):
             self.absorb(new)
+            if self._mode == "sigmoid":
+                self._init_bias(new)
         if self._params is not None and not c.joint and (c.anchor > 0 or c.anchor_dense > 0) and self.experiences_seen > 0:
-            self.anchor.capture(self._trainable(), rows={"E", "D", "bias"})
+            self.anchor.capture(self._trainable(online=True), rows={"E", "D", "bias"})
         else:
             self.anchor.clear()
         self._hard = None
         self._opt = None
 
-    def _trainable(self) -> dict[str, Any]:
+    def _init_bias(self, new: Interactions) -> None:
+        """Sigmoid head: a model met for the first time starts at its mean measured quality
+        (bias = logit of it), so scores are calibrated before the first gradient step."""
+        import torch
+
+        p = self._params
+        fresh = [m not in self._bias_done and m in self._row for m in new.model]
+        if not any(fresh):
+            return
+        sub = new.subset(np.asarray(fresh))
+        rows = torch.as_tensor([self._row[m] for m in sub.model], dtype=torch.long)
+        with torch.no_grad():
+            z = self._project(torch.from_numpy(sub.emb), p)
+            cos_term = (self._logits(z, rows.unsqueeze(1), p)[:, 0] / p["scale"] * self._sig_scale(p)).numpy()
+            uniq, inv = np.unique(rows.numpy(), return_inverse=True)
+            n = np.bincount(inv).astype(np.float64)
+            mean = np.clip(np.bincount(inv, weights=sub.reward) / n, 0.02, 0.98)
+            # the bias that makes the mean logit on the model's rows equal logit(mean quality)
+            bias = np.log(mean / (1 - mean)) - np.bincount(inv, weights=cos_term) / n
+            p["bias"][torch.from_numpy(uniq)] = torch.from_numpy(bias.astype(np.float32))
+        self._bias_done.update(self._models[r] for r in uniq)
+
+    def _trainable(self, online: bool = False) -> dict[str, Any]:
         skip = set() if self._mode == "sigmoid" else {"scale"}
-        if not self.config.offsets:
+        if not self.config.offsets and not (online and self.config.online_offsets):
             skip.add("E")
         return {k: v for k, v in self._params.items() if k not in skip}
 
@@ -598,7 +633,7 @@ class CarvePolicy(RoutingPolicy):
         batch = batch.subset(keep)
         if len(batch) == 0:
             return {"loss": 0.0}
-        opt = torch.optim.SGD(list(self._trainable().values()), lr=c.online_lr)
+        opt = torch.optim.SGD(list(self._trainable(online=True).values()), lr=c.online_lr)
         x = torch.from_numpy(batch.emb)
         pos = torch.as_tensor([self._row[m] for m in batch.model], dtype=torch.long)
         tot = 0.0
@@ -638,6 +673,7 @@ class CarvePolicy(RoutingPolicy):
             doc_ids=ids,
             doc_emb=np.stack([self._doc_emb[i] for i in ids]) if ids else np.zeros((0, 0), np.float32),
             proto=self._proto,
+            bias_done=sorted(self._bias_done),
             params={} if self._params is None else {k: v.detach().numpy().copy() for k, v in self._params.items()},
             anchor=self.anchor.state_dict(),
             buffer=self.buffer.state_dict(),
@@ -662,6 +698,7 @@ class CarvePolicy(RoutingPolicy):
         self._live = list(state["live"])
         self._doc_emb = {m: np.asarray(v, np.float32) for m, v in zip(state["doc_ids"], state["doc_emb"])}
         self._proto = np.array(state["proto"], dtype=np.float32)
+        self._bias_done = set(state.get("bias_done", []))
         params = state["params"]
         self._params = {k: torch.from_numpy(np.array(v, dtype=np.float32)).requires_grad_(True) for k, v in params.items()} or None
         self.anchor = Anchor(AnchorConfig(c.anchor, c.anchor_dense))

@@ -35,20 +35,33 @@ def test_config_round_trip_and_validation():
         make_policy("carve", config={"nope": 1})
 
 
-def test_training_fits_its_data_and_scores_are_distributions(cmr_small, encoder):
-    p, exp, live = _fit_e1(cmr_small, encoder)
-    before = make_policy("carve", encoder=encoder, config={"epochs": 0})
-    before.add_models(live)
-    before.fit(exp.train, live)
-    # training moves routing towards the labelled models (measured on the training rows)
-    assert _m_acc(p, exp.train, live) > _m_acc(before, exp.train, live) + 0.2
+def _epoch_losses(cmr_small, encoder, **cfg):
+    from cmr.continual import RecordingHooks
+    from cmr.continual.learner import Learner
+
+    exp = cmr_small.experiences[0]
+    p = make_policy("carve", encoder=encoder, config={"epochs": 6, **cfg})
+    live = cmr_small.cards_upto(1)
+    hooks = RecordingHooks()
+    Learner(p, hooks=[hooks]).train_experience(exp, live)
+    return p, [m["loss"] for k, (_, _, m) in [(k, v) for k, v in hooks.log if k == "after_epoch"]]
+
+
+def test_training_lowers_the_loss_and_scores_are_distributions(cmr_small, encoder):
+    p, losses = _epoch_losses(cmr_small, encoder, lr=2e-3)
+    assert len(losses) == 6 and losses[-1] < 0.9 * losses[0], losses
+    exp, live = cmr_small.experiences[0], cmr_small.cards_upto(1)
     s = p.score(exp.test.emb, live)
     assert s.shape == (len(exp.test), len(live)) and np.all(s >= 0)
-    # hierarchical softmax over the candidates: each row is a probability distribution
+    # a softmax over the candidates: each row is a probability distribution
     np.testing.assert_allclose(s.sum(1), 1.0, atol=1e-4)
     # any candidate subset, any order
     sub = live[::7][::-1]
     assert p.score(exp.test.emb[:3], sub).shape == (3, len(sub))
+    # the hierarchical variant is a distribution too (log p(domain) + log p(model | domain))
+    h, hl = _epoch_losses(cmr_small, encoder, lr=2e-3, hierarchical=True)
+    np.testing.assert_allclose(h.score(exp.test.emb, live).sum(1), 1.0, atol=1e-4)
+    assert hl[-1] < hl[0]
 
 
 def test_new_model_is_routable_before_any_feedback(cmr_small, encoder):
@@ -69,21 +82,24 @@ def test_new_model_is_routable_before_any_feedback(cmr_small, encoder):
 
 
 def test_online_update_pulls_and_pushes(cmr_small, encoder):
-    p, exp, live = _fit_e1(cmr_small, encoder, epochs=4, online_lr=0.05, online_steps=3)
+    cfg = dict(epochs=4, online_lr=0.05, online_steps=3)
+    p, exp, live = _fit_e1(cmr_small, encoder, **cfg)
     q = exp.test.emb[:4]
     target = live[5]
     before = p.score(q, live)[:, 5]
-    ev = [FeedbackEvent(request_id=str(i), model=target.id, reward=1.0, embedding=q[i].tolist()) for i in range(4)]
-    p.update(ev)
-    mid = p.score(q, live)[:, 5]
-    assert np.all(mid > before)
-    p.update([FeedbackEvent(request_id=str(i), model=target.id, reward=0.0, embedding=q[i].tolist()) for i in range(4)])
-    assert np.all(p.score(q, live)[:, 5] < mid)
-    assert len(p.events) == 8
+    p.update([FeedbackEvent(request_id=str(i), model=target.id, reward=1.0, embedding=q[i].tolist()) for i in range(4)])
+    assert np.all(p.score(q, live)[:, 5] > before)
+    assert len(p.events) == 4
+    # reward 0: a fresh router trained the same way moves the queries away from the model it chose
+    p2, _, _ = _fit_e1(cmr_small, encoder, **cfg)
+    chosen = p2.score(q, live).argmax(1)
+    before = p2.score(q, live)[np.arange(4), chosen]
+    p2.update([FeedbackEvent(request_id=str(i), model=live[chosen[i]].id, reward=0.0, embedding=q[i].tolist()) for i in range(4)])
+    assert np.all(p2.score(q, live)[np.arange(4), chosen] < before)
     # events without an embedding cannot be learnt from and change nothing
-    st = p.score(q, live)
-    p.update([FeedbackEvent(request_id="x", model=target.id, reward=1.0)])
-    np.testing.assert_array_equal(st, p.score(q, live))
+    st = p2.score(q, live)
+    p2.update([FeedbackEvent(request_id="x", model=target.id, reward=1.0)])
+    np.testing.assert_array_equal(st, p2.score(q, live))
 
 
 def test_online_update_adds_unknown_models(cmr_small, encoder):
@@ -94,12 +110,10 @@ def test_online_update_adds_unknown_models(cmr_small, encoder):
 
 
 def test_sampled_negatives_train(cmr_small, encoder):
-    p, exp, live = _fit_e1(cmr_small, encoder, negatives="sampled", n_hard=4, n_domain=2, n_random=4, remine_every=2)
+    p, losses = _epoch_losses(cmr_small, encoder, lr=2e-3, negatives="sampled", n_hard=4, n_domain=2, n_random=4, remine_every=2)
+    # hard negatives were mined among the live models, never the row's own model
     assert p._hard is not None and p._hard.shape[1] == 4
-    before = make_policy("carve", encoder=encoder, config={"epochs": 0})
-    before.add_models(live)
-    before.fit(exp.train, live)
-    assert _m_acc(p, exp.train, live) > _m_acc(before, exp.train, live) + 0.2
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_outcome_matrices_use_a_sigmoid_quality_head(outcomes_small, encoder):

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -144,9 +145,13 @@ class Ingress(GrpcServicerMixin):
             raw = await request.json()
         except ValueError:
             raise APIError(400, "request body must be JSON") from None
-        body = RegisterBody(cards=raw["cards"] if isinstance(raw, dict) and "cards" in raw else [raw]) if isinstance(raw, (dict, list)) else None
-        if body is None or not all(isinstance(c, dict) for c in body.cards):
-            raise APIError(400, "field 'cards': each model card must be a JSON object", "cards")
+        cards = raw["cards"] if isinstance(raw, dict) and "cards" in raw else raw if isinstance(raw, list) else [raw]
+        try:
+            body = RegisterBody(cards=cards)
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise APIError(400, f"field '{loc}': {first['msg']} (a card is a JSON object; several go in 'cards')", loc) from None
         for c in body.cards:
             engine = (c.get("backend") or {}).get("engine") if isinstance(c.get("backend"), dict) else None
             if engine is not None and engine not in ("transformers", "vllm", "openai"):

@@ -92,6 +92,9 @@ def test_bad_requests_name_the_field(client):
         ("/v1/admin/models", {"id": "", "cost": 0}, 400, "id"),
         ("/v1/admin/models", {"id": "m-neg", "cost": -1}, 400, "cost"),
         ("/v1/admin/models", {"id": "m-eng", "backend": {"engine": "tgi"}}, 400, "backend.engine"),
+        ("/v1/admin/models", {"cards": []}, 400, "cards"),
+        ("/v1/admin/models", {"cards": ["not a card"]}, 400, "cards.0"),
+        ("/v1/admin/models", {"id": "m-prof", "profile": {"p0000": "high"}}, 400, "profile.p0000"),
     ]
     for path, body, status, field in cases:
         r = client.post(path, json=body)

@@ -90,7 +90,7 @@ class CarveConfig(PolicyConfig):
     replay: float = 0.2  # coreset budget as a fraction of the data seen (0 = no replay)
     replay_cap: int = 4  # coreset rows per model at most
     anchor: float = 1.0  # anchoring strength on model/domain embeddings (0 = none)
-    anchor_dense: float = 1.0  # anchoring strength on the projection
+    anchor_dense: float = 0.1  # anchoring strength on the projection (validated: 1 and 10 cost plasticity)
     joint: bool = False  # upper reference: keep all data, retrain from the cards each experience
     # online
     online_steps: int = 1

@@ -100,3 +100,23 @@ def test_failed_write_leaves_nothing(tmp_path, encoder):
     assert ckpt.latest(tmp_path) is None
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_policy(tmp_path, encoder)
+
+
+def test_cmr_train_in_process_writes_a_version_per_experience(tmp_path, data_root, encoder, capsys):
+    from cmr.cli import main
+
+    out = tmp_path / "ck"
+    rc = main(["train", "--policy", "carve", "--data", str(data_root / "cmrbench"), "--out", str(out),
+               "--experiences", "2", "--limit", "30", "--set", "epochs=1", "replay=0.1"])
+    assert rc == 0
+    assert ckpt.versions(out) == [1, 2]
+    fp1 = ckpt.open_checkpoint(out / "v000001").fingerprint
+    fp2 = ckpt.open_checkpoint(out / "v000002").fingerprint
+    # the fingerprint covers the data seen so far: it changes when e2's split joins
+    assert fp1["experience"] == 1 and fp2["experience"] == 2 and fp1["sha256"] != fp2["sha256"]
+    p = ckpt.load_policy(out, encoder)
+    assert p.config.replay == 0.1 and p.experiences_seen == 2
+    capsys.readouterr()
+    # a bad option is one clear line and exit 2, not a traceback
+    assert main(["train", "--data", str(data_root / "cmrbench"), "--out", str(out), "--set", "nope=1"]) == 2
+    assert "unknown option(s) nope" in capsys.readouterr().err

@@ -105,7 +105,6 @@ def evaluate(policy, data, n_lambdas: int = 80) -> dict[str, Any]:
     truth = np.nan_to_num(test.scores.astype(np.float64), nan=0.0)
     o_curve = metrics.sweep(truth, test.scores, test.costs, card_costs, metrics.lambda_grid(card_costs, 1.0, n_lambdas))
     hull = metrics.pareto_hull(curve[:, 1], curve[:, 2])
-    # at λ = 0: how often the router picks the best single model, and the quality it reaches
     res: dict[str, Any] = {
         "aiq": metrics.aiq(curve[:, 1], curve[:, 2], c_min, c_max),
         "zero_router_aiq": metrics.aiq(sc, sq, c_min, c_max),

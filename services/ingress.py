@@ -118,7 +118,8 @@ class Ingress(GrpcServicerMixin):
                                              "servable_only": servable_only, "record": record})
         if "error" in res and model not in (None, AUTO):
             raise APIError(404, f"field 'model': model {model!r} is not served here", "model")
-        return _check(res, "routing")["decision"]
+        res = _check(res, "routing")
+        return {**res["decision"], "pool": res.get("pool")}
 
     @app.post("/v1/route")
     async def route(self, body: RouteRequestBody) -> JSONResponse:
@@ -177,10 +178,12 @@ class Ingress(GrpcServicerMixin):
         return {"status": "ok", **(await self.router.status.remote())}
 
     # -- generation --------------------------------------------------------------------------
-    def _pool(self, model: str) -> DeploymentHandle:
-        name = self.pool_of.get(model, self.default_pool)
+    def _pool(self, model: str, asked: str | None = None) -> DeploymentHandle:
+        """The configured pool of ``model``, else the pool its card's ``backend.pool`` names, else
+        the first pool (runtime registrations)."""
+        name = self.pool_of.get(model) or asked or self.default_pool
         if name is None or name not in self.pools:
-            raise APIError(400, f"field 'model': no pool serves {model!r}", "model")
+            raise APIError(400, f"field 'backend.pool': no pool {name!r} serves {model!r}; pools: {', '.join(self.pools) or 'none'}", "model")
         return self.pools[name]
 
     async def _start(self, body, gen: dict[str, Any]) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]], dict[str, Any]]:
@@ -188,7 +191,7 @@ class Ingress(GrpcServicerMixin):
         d = await self._decide(body.query(), body.routing, servable_only=True, model=body.model)
         gen = {**gen, "model": d["model"], "max_tokens": body.token_limit(), "temperature": body.temperature,
                "top_p": body.top_p, "stop": body.stop_list(), "seed": body.seed}
-        stream = self._pool(d["model"]).options(stream=True, multiplexed_model_id=d["model"]).generate.remote(gen)
+        stream = self._pool(d["model"], d.get("pool")).options(stream=True, multiplexed_model_id=d["model"]).generate.remote(gen)
         it = stream.__aiter__()
         first = await it.__anext__()
         if "error" in first:

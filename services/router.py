@@ -54,7 +54,7 @@ class RouterDeployment:
             return self.core.route(parsed)
 
         results = await asyncio.to_thread(work)
-        return [_error(d, 400) if isinstance(d, CMRError) else {"decision": d.to_dict()} for d in results]
+        return [_error(d, 400) if isinstance(d, CMRError) else {"decision": d.to_dict(), "pool": self.core.pool_of(d.model)} for d in results]
 
     async def route(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self.route_batch(req)
@@ -112,7 +112,15 @@ class RouterDeployment:
 
     async def status(self) -> dict[str, Any]:
         await asyncio.to_thread(self.core.sync)
-        return self.core.status()
+        out = self.core.status()
+        if self._learner is not None:
+            try:
+                out["learner"] = await asyncio.wait_for(self._learner.status.remote(), timeout=2)
+            except asyncio.TimeoutError:
+                out["learner"] = {"state": "starting or busy"}  # its constructor loads the encoder
+            except Exception as e:  # the router still serves; report what is wrong with the learner
+                out["learner"] = {"error": f"{type(e).__name__}: {e}"}
+        return out
 
     async def check_health(self) -> None:
         if self.core.policy is None:

@@ -364,6 +364,12 @@ class RouterCore:
             self._rebuild()
         return v
 
+    def pool_of(self, model_id: str) -> str | None:
+        """The pool a card's ``backend.pool`` asks for (runtime registrations into a named pool)."""
+        t = self._table
+        j = t.pos.get(model_id)
+        return None if j is None else t.cards[j].backend.get("pool")
+
     def models(self) -> list[ModelCard]:
         return list(self._table.cards)
 

@@ -41,6 +41,12 @@ def _wait_version(client, above: int, deadline_s: float = 60) -> int:
 def test_health_and_models(client):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["checkpoint_version"] >= 1
+    end = time.monotonic() + 60
+    while "checkpoint_version" not in h["learner"]:  # the learner actor may still be loading
+        assert "error" not in h["learner"] and time.monotonic() < end, h["learner"]
+        time.sleep(0.5)
+        h = client.get("/healthz").json()
+    assert h["learner"]["checkpoint_version"] >= 1 and h["learner"]["waiting"] == 0
     data = client.get("/v1/models").json()["data"]
     ids = {m["id"] for m in data}
     # the whole CMRBench hub is routable, the two tiny models are servable too
@@ -145,6 +151,12 @@ def test_runtime_registration_receives_traffic(client, oai, served):
     assert resp.model == "tiny-gpt2-new" and resp.usage.completion_tokens > 0
     # retired: gone from routing at once
     assert client.delete("/v1/admin/models/tiny-gpt2-new").status_code == 200
+    # a card may name its pool; an unknown one is a clear 400
+    r = client.post("/v1/admin/models", json={"id": "tiny-bad-pool", "backend": {"engine": "transformers", "path": str(folder), "pool": "gpu"}})
+    assert r.status_code == 201
+    bad = client.post("/v1/chat/completions", json={"model": "tiny-bad-pool", "messages": CHAT})
+    assert bad.status_code == 400 and "backend.pool" in bad.json()["error"]["message"]
+    assert client.delete("/v1/admin/models/tiny-bad-pool").status_code == 200
     gone = client.post("/v1/route", json={"query": "x", "routing": {"allow": ["tiny-gpt2-new"]}})
     assert gone.status_code == 400
 

@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     common.write_json(out / "report.json", rep)
     common.write_text(out / "report.md", _markdown(rep))
     title = f"{args.policy} on {root.name}" + (f" (unseen {args.unseen:g})" if args.unseen else "")
-    common.write_figure(out / "curve.png", plots.quality_cost(*plot_args, title=title, label=args.policy))
+    common.write_figure(out / "curve.png", plots.quality_cost(*plot_args, title=title, label=args.policy, unseen=rep.get("unseen_models", ())))
     b = rep["best_single"]
     if rep["equal_cost"]:
         print(f"{title}: quality {rep['aiq']:.3f} (equal costs: AIQ = quality)  best single {b['quality']:.3f} ({b['model']})  oracle {rep['oracle']['quality']:.3f}")

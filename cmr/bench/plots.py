@@ -48,10 +48,12 @@ def quality_cost(
     oracle_pt: tuple[float, float],
     title: str,
     label: str,
+    unseen: Sequence[str] = (),
 ):
     """The router's λ-sweep points and hull, the single models and the oracle on one plot.
 
-    ``curve`` is ``[n, 3]`` (λ, cost, quality); ``hull`` ``[h, 2]`` (cost, quality).
+    ``curve`` is ``[n, 3]`` (λ, cost, quality); ``hull`` ``[h, 2]`` (cost, quality). Models in
+    ``unseen`` (hidden at training time) are drawn hollow.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
@@ -60,10 +62,13 @@ def quality_cost(
     if oracle_curve is not None and len(oracle_curve) > 1:
         ax.plot(oracle_curve[:, 1], oracle_curve[:, 2], ":", color="tab:green", lw=1, label="oracle (λ sweep)")
     ax.plot([oracle_pt[0]], [oracle_pt[1]], "*", color="tab:green", ms=12, label="oracle")
+    hidden = set(unseen)
     for s in singles:
-        ax.plot([s["cost"]], [s["quality"]], "o", color="tab:red", ms=5)
+        ax.plot([s["cost"]], [s["quality"]], "o", color="tab:red", ms=5, mfc="none" if s["model"] in hidden else "tab:red")
         ax.annotate(s["model"].split("/")[-1], (s["cost"], s["quality"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot([], [], "o", color="tab:red", ms=5, label="single models")
+    if hidden:
+        ax.plot([], [], "o", color="tab:red", mfc="none", ms=5, label="unseen at training")
     costs = np.array([s["cost"] for s in singles] + list(curve[:, 1]))
     if costs.min() > 0 and costs.max() / costs.min() > 20:
         ax.set_xscale("log")  # per-call prices span orders of magnitude

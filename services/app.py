@@ -14,13 +14,18 @@ from ray.serve import Application
 
 from services.config import AppArgs
 from services.ingress import Ingress
+from services.pools.base import EngineFactory
 from services.pools.deployment import PoolDeployment
 from services.router import RouterDeployment
 from services.routing import effective_pools
 
 
-def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
-    """Ingress → Router (+ learner actor) and one deployment per pool."""
+def build_app(args: dict[str, Any] | AppArgs | None = None, engine_factory: EngineFactory | None = None) -> Application:
+    """Ingress → Router (+ learner actor) and one deployment per pool.
+
+    ``engine_factory`` (Python callers only; YAML cannot name one) replaces ``make_engine`` in
+    every pool, e.g. ``services.pools.vllm.fake_vllm_factory`` where vLLM cannot run.
+    """
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     a = args.to_dict()
     router = serve.deployment(RouterDeployment, name="Router").options(
@@ -33,6 +38,6 @@ def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
             opts["autoscaling_config"] = p.autoscaling_config
         else:
             opts["num_replicas"] = p.num_replicas
-        pools[p.name] = serve.deployment(PoolDeployment, name=f"Pool-{p.name}").options(**opts).bind(a, p.name)
+        pools[p.name] = serve.deployment(PoolDeployment, name=f"Pool-{p.name}").options(**opts).bind(a, p.name, engine_factory)
     ingress = serve.deployment(Ingress, name="Ingress").options(ray_actor_options=args.ingress_actor_options, max_ongoing_requests=512)
     return ingress.bind(a, router, pools)

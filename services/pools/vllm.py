@@ -80,3 +80,13 @@ class FakeVLLMEngine:
 
     async def check_health(self) -> None:
         return None
+
+
+def fake_vllm_factory(model_id: str, backend: dict[str, Any]):
+    """An engine factory for machines without vLLM: ``FakeVLLMEngine`` for ``engine: vllm`` cards,
+    the real engines for the others (``build_app(args, engine_factory=fake_vllm_factory)``)."""
+    from services.pools.base import make_engine
+
+    if backend.get("engine") == "vllm":
+        return FakeVLLMEngine(model_id, backend)
+    return make_engine(model_id, backend)

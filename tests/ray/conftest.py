@@ -1,6 +1,7 @@
 """Real Ray Serve in-process on CPU: one Ray per session, one Serve app per test module.
 
-A module sets ``APP_ARGS`` (extra ``AppArgs`` fields) and ``GRPC = True`` to open the gRPC port.
+A module sets ``APP_ARGS`` (extra ``AppArgs`` fields), ``GRPC = True`` to open the gRPC port, and
+``ENGINE_FACTORY = "fake-vllm"`` to give the pools ``fake_vllm_factory``.
 State lives in a fresh ``CMR_HOME`` per module; the embedding cache stays the shared one, so the
 CMRBench card and prompt texts are not re-encoded.
 """
@@ -62,7 +63,10 @@ def served(ray_session, tmp_path_factory, request):
     home = tmp_path_factory.mktemp("cmr_home")
     fields = {"home": str(home), "train_limit": 40, "learner": {"poll_s": 0.5}, **getattr(request.module, "APP_ARGS", {})}
     args = AppArgs(**fields)
-    serve.run(build_app(args), name="cmr", route_prefix="/")
+    factory = None
+    if getattr(request.module, "ENGINE_FACTORY", None) == "fake-vllm":
+        from services.pools.vllm import fake_vllm_factory as factory
+    serve.run(build_app(args, engine_factory=factory), name="cmr", route_prefix="/")
     try:
         yield ServedApp(url=f"http://127.0.0.1:{port}", grpc_port=grpc_port, args=args)
     finally:

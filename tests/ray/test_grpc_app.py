@@ -14,6 +14,8 @@ GRPC = True
 # no learner; two router replicas: first start (seed, train) must happen once, and a model
 # registered through one replica must be routable through the other at once
 APP_ARGS = {"learner": {"enabled": False}, "train_limit": 20, "router_replicas": 2}
+# vLLM cannot run here: its cards get FakeVLLMEngine, the tiny models their real engine
+ENGINE_FACTORY = "fake-vllm"
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +81,13 @@ def test_register_and_list(stub, served):
     with pytest.raises(grpc.RpcError) as e:
         stub.RegisterModel(pb.RegisterModelRequest(cards=[pb.ModelCard(id="grpc-tiny")]))
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_vllm_model_through_the_fake_engine(stub):
+    """A runtime-registered ``engine: vllm`` model goes config → pool → engine; here the engine is
+    the injected ``FakeVLLMEngine``, which echoes the last user message."""
+    from services.grpc import cmr_pb2 as pb
+
+    stub.RegisterModel(pb.RegisterModelRequest(cards=[pb.ModelCard(id="vllm-model", backend_json=json.dumps({"engine": "vllm", "path": "org/model"}))]))
+    chunks = list(stub.Chat(pb.ChatRequest(model="vllm-model", max_tokens=3, messages=[pb.Message(role="user", content="one two three four")])))
+    assert "".join(c.text for c in chunks) == "one two three" and chunks[-1].completion_tokens == 3

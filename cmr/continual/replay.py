@@ -196,8 +196,8 @@ class ReservoirBuffer(_Stored):
         self._rng = np.random.default_rng(seed)
         self._emb: np.ndarray | None = None
         self._model: list[str] = []
-        self._reward = np.zeros(capacity, np.float32)
-        self._weight = np.zeros(capacity, np.float32)
+        self._reward = np.zeros(0, np.float32)
+        self._weight = np.zeros(0, np.float32)
         self._domain: list[str] = []
         self._text: list[str] = []
 
@@ -223,8 +223,16 @@ class ReservoirBuffer(_Stored):
         n = len(items)
         if n == 0:
             return
-        if self._emb is None:
-            self._emb = np.zeros((self.capacity, items.emb.shape[1]), np.float32)
+        need = min(self.capacity, self.seen + n)
+        if self._emb is None or len(self._emb) < need:
+            # grow geometrically up to the capacity (a huge capacity must not be allocated up front)
+            size = min(self.capacity, max(need, 2 * (0 if self._emb is None else len(self._emb))))
+            old = 0 if self._emb is None else len(self._emb)
+            emb = np.zeros((size, items.emb.shape[1]), np.float32)
+            reward, weight = np.zeros(size, np.float32), np.zeros(size, np.float32)
+            if old:
+                emb[:old], reward[:old], weight[:old] = self._emb, self._reward, self._weight
+            self._emb, self._reward, self._weight = emb, reward, weight
         pos = self.seen + np.arange(n)
         slot = pos.copy()
         late = pos >= self.capacity

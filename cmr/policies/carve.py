@@ -458,7 +458,6 @@ class CarvePolicy(RoutingPolicy):
 
         c: CarveConfig = self.config
         if epoch == 0 or self._epoch_items is None or self._epoch_items is not items:
-            self._epoch_src = items
             self._epoch_all = Interactions.concat([items, self._card_items()])
             self._epoch_items = items
             # what each row contributed to its model's prototype: data rows were absorbed with

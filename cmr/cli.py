@@ -18,7 +18,6 @@ BENCH: dict[str, str] = {
     "cmr": "cmr.bench.cmr_protocol",
     "llm": "cmr.bench.llm_protocol",
     "online": "cmr.bench.online",
-    "online": "cmr.bench.online",
 }
 
 # other sub-commands -> module with add_arguments/run

@@ -91,11 +91,11 @@ def test_oracle_unknown_outcomes_rank_below_known(encoder, cmr_small):
 
 
 def test_oracle_with_shared_embeddings_and_re_reveal(encoder, outcomes_small):
-    """ARC prompts of RouterBench share one (truncated) embedding: scoring the revealed rows in
-    one call, in order, still gives each its own truth; a second reveal replaces the first."""
+    """Distinct prompts may share one embedding (repeated or truncated texts): scoring the revealed
+    rows in one call, in order, still gives each its own truth; a second reveal replaces the first."""
     test = outcomes_small.test
     arc = test.subset(np.flatnonzero(np.array(test.meta["task"]) == "arc-challenge"))
-    assert len({r.tobytes() for r in arc.emb}) < len(arc)  # the collision this test is about
+    arc.emb = np.repeat(arc.emb[:1], len(arc), axis=0)  # the collision this test is about
     oracle = make_policy("oracle")
     oracle.reveal(arc)
     cards = outcomes_small.cards

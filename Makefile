@@ -20,7 +20,7 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test]"
 
 run: install
-	$(BIN)/cmr bench cmr --policy knn
+	$(BIN)/cmr bench cmr --policy carve
 
 test: install
 	$(BIN)/python -m pytest tests

@@ -43,3 +43,17 @@ def device() -> str:
 def progress_enabled() -> bool:
     """Progress bars on unless ``CMR_NO_PROGRESS=1``."""
     return os.environ.get("CMR_NO_PROGRESS", "") not in ("1", "true", "yes")
+
+
+def remote_base_url() -> str | None:
+    """Default base URL for remote OpenAI-compatible pools: ``CMR_OPENAI_BASE_URL``."""
+    return os.environ.get("CMR_OPENAI_BASE_URL") or None
+
+
+def secret(name: str) -> str | None:
+    """A secret whose *variable name* comes from configuration (e.g. a card's ``api_key_env``).
+
+    The one exception to the ``CMR_`` prefix: the operator chooses the name, and keys must never
+    be written into cards or configs.
+    """
+    return os.environ.get(name) or None

@@ -35,7 +35,7 @@ class ServedModel(_Strict):
     engine: Literal["transformers", "vllm", "openai"] = "transformers"
     #: transformers/vllm: a local model directory (or hub id for vllm); openai: the remote model name
     path: str | None = None
-    #: openai engine: base URL of the remote OpenAI-compatible endpoint (else ``OPENAI_BASE_URL``)
+    #: openai engine: base URL of the remote OpenAI-compatible endpoint (else ``CMR_OPENAI_BASE_URL``)
     base_url: str | None = None
     #: openai engine: name of the env var that holds the API key (the key itself is never in config)
     api_key_env: str = "OPENAI_API_KEY"

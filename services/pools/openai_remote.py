@@ -1,14 +1,15 @@
 """The ``openai`` engine: a remote OpenAI-compatible endpoint, streamed through the official client.
 
-Base URL from the card's ``backend.base_url`` (else ``OPENAI_BASE_URL``); the key from the env var
+Base URL from the card's ``backend.base_url`` (else ``CMR_OPENAI_BASE_URL``); the key from the env var
 the card names (``backend.api_key_env``, default ``OPENAI_API_KEY``): keys never live in cards.
 """
 
 from __future__ import annotations
 
-import os
+
 from typing import Any, AsyncIterator
 
+from cmr import constants
 from services.pools.base import EngineError, GenChunk, GenRequest
 
 
@@ -18,14 +19,14 @@ class OpenAIEngine:
     def __init__(self, model_id: str, backend: dict[str, Any]):
         from openai import AsyncOpenAI
 
-        base_url = backend.get("base_url") or os.environ.get("OPENAI_BASE_URL")
+        base_url = backend.get("base_url") or constants.remote_base_url()
         if not base_url:
-            raise EngineError(f"field 'backend.base_url': model {model_id!r} needs a base URL (or OPENAI_BASE_URL)")
+            raise EngineError(f"field 'backend.base_url': model {model_id!r} needs a base URL (or CMR_OPENAI_BASE_URL)")
         key_env = backend.get("api_key_env", "OPENAI_API_KEY")
         self.model_id = model_id
         self.remote_model = backend.get("path") or model_id
         self.max_new_tokens = int(backend.get("max_new_tokens", 1024))
-        self.client = AsyncOpenAI(base_url=base_url, api_key=os.environ.get(key_env) or "none")
+        self.client = AsyncOpenAI(base_url=base_url, api_key=constants.secret(key_env) or "none")
 
     async def generate(self, request: GenRequest) -> AsyncIterator[GenChunk]:
         common = dict(model=self.remote_model, max_tokens=min(request.max_tokens, self.max_new_tokens), temperature=request.temperature,

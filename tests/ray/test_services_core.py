@@ -107,7 +107,7 @@ def test_engines_factory_errors(monkeypatch):
         make_engine("m", {"engine": "tgi"})
     with pytest.raises(EngineError, match="backend.path"):
         make_engine("m", {"engine": "transformers", "path": "/no/such/folder"})
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("CMR_OPENAI_BASE_URL", raising=False)
     with pytest.raises(EngineError, match="backend.base_url"):
         make_engine("m", {"engine": "openai"})
     try:

@@ -40,7 +40,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="sets",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
         help="policy config override, repeatable; VALUE is parsed as JSON when it can be (3, 0.1, true, [1,2])",

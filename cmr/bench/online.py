@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="outcome-matrix folder or set name (routerbench), or a CMRBench folder")
     parser.add_argument("--out", default=None, help="output folder (default: runs/online-<dataset>-<policies>-<UTC time>)")
     parser.add_argument("--seed", type=int, default=0, help="stream order and policy seed")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override for every --policy (JSON values); POLICY:KEY=VALUE for one policy only")
+    parser.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="config override for every --policy (JSON values); POLICY:KEY=VALUE for one policy only")
     parser.add_argument("--config", default=None, metavar="FILE.json", help="config for every --policy as a JSON object (--set wins)")
     parser.add_argument("--batch-size", type=int, default=32, help="prompts routed between two updates")
     parser.add_argument(

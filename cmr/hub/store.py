@@ -42,29 +42,24 @@ class HubStore:
 
     def write(self, cards: Iterable[ModelCard], retired: bool = False) -> int:
         """Insert or replace cards in one transaction; returns the new hub version."""
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                v = int(cur.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0]) + 1
-                cur.executemany(
-                    "INSERT OR REPLACE INTO cards (id, card, retired, version) VALUES (?, ?, ?, ?)",
-                    [(c.id, json.dumps(c.to_dict()), int(retired), v) for c in cards],
-                )
-                cur.execute("UPDATE meta SET value=? WHERE key='version'", (v,))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            return v
+        rows = [(c.id, json.dumps(c.to_dict()), int(retired)) for c in cards]
+        return self._bump(lambda cur, v: cur.executemany(
+            "INSERT OR REPLACE INTO cards (id, card, retired, version) VALUES (?, ?, ?, ?)", [(*r, v) for r in rows]))
 
     def set_retired(self, ids: Iterable[str], retired: bool) -> int:
+        """Mark cards retired (or live again) in one transaction; returns the new hub version."""
+        ids = list(ids)
+        return self._bump(lambda cur, v: cur.executemany(
+            "UPDATE cards SET retired=?, version=? WHERE id=?", [(int(retired), v, i) for i in ids]))
+
+    def _bump(self, change) -> int:
+        """Run ``change(cursor, new_version)`` and bump the version, all or nothing."""
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
                 v = int(cur.execute("SELECT value FROM meta WHERE key='version'").fetchone()[0]) + 1
-                cur.executemany("UPDATE cards SET retired=?, version=? WHERE id=?", [(int(retired), v, i) for i in ids])
+                change(cur, v)
                 cur.execute("UPDATE meta SET value=? WHERE key='version'", (v,))
                 cur.execute("COMMIT")
             except BaseException:

@@ -66,3 +66,9 @@ def outcomes_small(data_root, encoder):
     data.test = data.test.subset(rng.choice(len(data.test), 60, replace=False))
     data.train.emb, data.test.emb = encoder.encode(data.train.texts), encoder.encode(data.test.texts)
     return data
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the Ray tests last: their session-wide Ray instance then never runs beside the unit
+    tests (2 cores), and a unit-test failure shows before the slower Serve tests."""
+    items.sort(key=lambda item: "/tests/ray/" in str(item.path))

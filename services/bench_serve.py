@@ -1,0 +1,359 @@
+"""Serving benchmark (issue 4): router decision latency in-process, and end-to-end throughput and
+latency through Ray Serve on loopback.
+
+``python -m services.bench_serve [--models 2000 100000] [--concurrency 16 32] [--requests 200] [--out DIR]``
+
+1. *Decision latency* (no HTTP, no Ray): a ``RouterCore`` over a hub of N synthetic model cards,
+   driven exactly as the Router deployment drives it (``RouterCore.route``: encode → optional
+   FAISS top-``retrieve_k`` → ``policy.score`` → ``cmr.decide.decide``), per single request and
+   per batch of 16. Queries are real CMRBench *test* prompts encoded by the real MiniLM, **without**
+   the embedding cache (a cache hit would hide the encoder's cost). Card texts come from templates;
+   embedding 100k card texts with MiniLM on 2 CPUs takes too long, so ``--distinct`` of them are
+   embedded with the real (cached) MiniLM and every other card reuses one of those vectors plus
+   small Gaussian noise (renormalised). ``CardBankEncoder`` hands those vectors to the router behind
+   the ``Encoder`` interface and sends every other text (the queries) to MiniLM.
+2. *End to end* (Ray Serve, HTTP on 127.0.0.1): the embedded app (CMRBench hub, ``knn`` trained on
+   ``--train-limit`` requests per experience, tiny local GPT-2 pool, no learner) at each
+   concurrency: ``/v1/route``; ``/v1/chat/completions`` with ``model="auto"`` (router + pool); the
+   same with a concrete model id (straight to the pool: the direct path). Every prompt carries a
+   unique suffix so the router's embedding cache never answers for the encoder.
+
+Writes ``report.json`` and ``report.md`` atomically into ``--out`` (default ``runs/serve-<UTC>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# the issue's floors on the 2-core machine
+FLOORS = {"decision_p99_ms_2k": 15.0, "decision_p99_ms_100k": 30.0, "router_overhead_frac": 0.20, "routed_rps": 100.0}
+
+_FAMILIES = ("llama", "mistral", "qwen", "gemma", "phi", "falcon", "bloom", "gpt-neo", "t5", "bert", "roberta", "deberta",
+             "opt", "pythia", "stablelm", "mpt", "olmo", "yi", "baichuan", "internlm")
+_DOMAINS = ("text-generation", "summarization", "translation", "question-answering", "text-classification", "code",
+            "math", "token-classification", "sentiment-analysis", "zero-shot-classification", "conversational", "fill-mask")
+_SKILLS = ("instruction following", "long documents", "multilingual text", "legal contracts", "medical notes",
+           "customer support chats", "source code", "grade-school math word problems", "news articles", "scientific papers",
+           "product reviews", "named entities", "short answers to trivia", "dialogue", "tweets and social media posts")
+_SIZES = ("125m", "350m", "1b", "3b", "7b", "13b", "34b", "70b")
+
+
+def synthetic_cards(n: int, seed: int = 0) -> list:
+    """``n`` model cards from templates (family, size, domain, a described skill, a cost by size)."""
+    from cmr.types import ModelCard
+
+    rng = np.random.default_rng(seed)
+    fam = rng.integers(len(_FAMILIES), size=n)
+    dom = rng.integers(len(_DOMAINS), size=n)
+    sk = rng.integers(len(_SKILLS), size=n)
+    sz = rng.integers(len(_SIZES), size=n)
+    return [
+        ModelCard(id=f"synth/{_FAMILIES[f]}-{_SIZES[s]}-{_DOMAINS[d]}-{i:06d}", family=_FAMILIES[f], domain=_DOMAINS[d],
+                  description=f"A {_SIZES[s]} {_FAMILIES[f]} model fine-tuned for {_DOMAINS[d].replace('-', ' ')} on {_SKILLS[k]}.",
+                  cost=round(0.0005 * 2.0 ** s, 6))
+        for i, (f, d, k, s) in enumerate(zip(fam, dom, sk, sz))
+    ]
+
+
+class CardBankEncoder:
+    """``Encoder``: known card texts → their prepared vectors; any other text → the inner encoder.
+
+    The benchmark's stand-in for embedding 100k card texts with MiniLM (too slow on 2 CPUs): the
+    vectors are real MiniLM vectors of ``distinct`` card texts, shared by the other cards with noise.
+    """
+
+    def __init__(self, inner, bank: dict[str, np.ndarray]):
+        self.inner, self.bank = inner, bank
+        self.name, self.dim = inner.name, inner.dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        miss = [i for i, t in enumerate(texts) if t not in self.bank]
+        for i, t in enumerate(texts):
+            if t in self.bank:
+                out[i] = self.bank[t]
+        if miss:
+            out[miss] = self.inner.encode([texts[i] for i in miss])
+        return out
+
+
+def card_bank(cards: Sequence, distinct: int, seed: int = 0) -> tuple[dict[str, np.ndarray], int]:
+    """Vectors for every card text: the first ``distinct`` embedded by the real (cached) MiniLM,
+    the others a copy of one of those + N(0, 0.03²) noise, unit-normed."""
+    from cmr.encoders import default_encoder
+
+    texts = [c.text() for c in cards]
+    d = min(distinct, len(texts))
+    base = default_encoder().encode(texts[:d])
+    rng = np.random.default_rng(seed)
+    src = rng.integers(d, size=len(texts) - d)
+    rest = base[src] + rng.normal(0, 0.03, size=(len(src), base.shape[1])).astype(np.float32)
+    rest /= np.linalg.norm(rest, axis=1, keepdims=True)
+    vecs = np.concatenate([base, rest]).astype(np.float32)
+    return dict(zip(texts, vecs)), d
+
+
+def test_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` real CMRBench test-split prompts, spread over the experiences."""
+    from cmr.data import load_cmrbench
+    from services.config import AppArgs
+
+    bench = load_cmrbench(AppArgs().bench_path())
+    texts = [t for e in bench.experiences for t in e.test.texts]
+    rng = np.random.default_rng(seed)
+    return [texts[i] for i in rng.choice(len(texts), min(n, len(texts)), replace=False)]
+
+
+def _pcts(ms: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(ms, dtype=np.float64)
+    return {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()), "max_ms": float(a.max())}
+
+
+def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retrieve_k: int, distinct: int,
+                     batch: int = 16, home: Path) -> dict[str, Any]:
+    """p50/p99 of ``RouterCore.route`` (encode + retrieve + score + select) per request and per batch."""
+    from cmr.encoders.minilm import MiniLMEncoder
+    from services.config import AppArgs
+    from services.routing import RouteRequest, RouterCore
+
+    t0 = time.perf_counter()
+    cards = synthetic_cards(n_models)
+    bank, d = card_bank(cards, distinct)
+    enc = CardBankEncoder(MiniLMEncoder(), bank)  # queries: real MiniLM, no cache
+    args = AppArgs(home=str(home), policy=policy, bench=None, tiny_models=False, retrieve_k=retrieve_k,
+                   learner={"enabled": False})
+    core = RouterCore(args, encoder=enc)
+    core.register(cards)
+    setup_s = time.perf_counter() - t0
+    reqs = [RouteRequest(query=p, k=3, record=False) for p in prompts]
+    core.route(reqs[:2])  # warm-up: torch kernels, FAISS
+    single = []
+    for r in reqs:
+        t = time.perf_counter()
+        out = core.route([r])
+        single.append((time.perf_counter() - t) * 1e3)
+        if isinstance(out[0], Exception):
+            raise out[0]
+    batched = []
+    for i in range(0, len(reqs) - batch + 1, batch):
+        t = time.perf_counter()
+        core.route(reqs[i : i + batch])
+        batched.append((time.perf_counter() - t) * 1e3)
+    # where the time goes, on the same requests: the encoder alone
+    enc_ms = []
+    for p in prompts:
+        t = time.perf_counter()
+        enc.encode([p])
+        enc_ms.append((time.perf_counter() - t) * 1e3)
+    core.close()
+    return {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy,
+            "retrieve_k": retrieve_k, "setup_s": round(setup_s, 1), "single": _pcts(single), "encode_only": _pcts(enc_ms),
+            f"batch{batch}": _pcts(batched) if batched else None,
+            f"batch{batch}_per_request_p50_ms": (float(np.median(batched)) / batch) if batched else None}
+
+
+# -- end to end ------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> dict[str, Any]:
+    """Send ``bodies`` with at most ``concurrency`` in flight; latency per request, overall req/s."""
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def one(body: dict) -> None:
+            nonlocal errors
+            async with sem:
+                t = time.perf_counter()
+                r = await client.post(path, json=body)
+                dt = (time.perf_counter() - t) * 1e3
+                if r.status_code == 200:
+                    lat.append(dt)
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(b) for b in bodies))
+        wall = time.perf_counter() - t0
+    out = _pcts(lat) if lat else {"n": 0}
+    out.update({"errors": errors, "wall_s": round(wall, 2), "rps": len(lat) / wall})
+    return out
+
+
+def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests: int, *, home: Path,
+               train_limit: int, max_tokens: int) -> dict[str, Any]:
+    """Start the app on loopback, measure route / auto chat / direct chat at each concurrency, stop."""
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from cmr import constants
+
+    os.environ["CMR_CACHE"] = str(constants.cache_dir())  # workers inherit: same embedding cache
+    import ray
+    from ray import serve
+
+    from services.app import build_app
+    from services.config import AppArgs
+    from services.pools.tiny import TINY_SPECS
+
+    direct_model = TINY_SPECS[0][0]
+    args = AppArgs(home=str(home), policy="knn", train_limit=train_limit, learner={"enabled": False})
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="cmr", route_prefix="/")
+        startup_s = time.perf_counter() - t0
+        url = f"http://127.0.0.1:{port}"
+        seq = iter(range(10**9))
+
+        def q(i: int) -> str:
+            return f"{prompts[i % len(prompts)]} (#{next(seq)})"  # unique: no embedding-cache hits
+
+        def route_body(i): return {"query": q(i), "record": False}
+        def auto_body(i): return {"model": "auto", "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
+        def direct_body(i): return {"model": direct_model, "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
+
+        kinds = {"route": ("/v1/route", route_body), "chat_auto": ("/v1/chat/completions", auto_body),
+                 "chat_direct": ("/v1/chat/completions", direct_body)}
+        for path, mk in kinds.values():  # warm-up: replicas, tokenizers, batch loop
+            asyncio.run(_load(url, path, [mk(i) for i in range(8)], 8))
+        res: dict[str, Any] = {"startup_s": round(startup_s, 1), "direct_model": direct_model, "max_tokens": max_tokens,
+                               "requests_per_cell": n_requests, "app": {"policy": args.policy, "train_limit": train_limit,
+                                                                         "retrieve_k": args.retrieve_k, "max_batch_size": args.max_batch_size,
+                                                                         "batch_wait_timeout_s": args.batch_wait_timeout_s}, "cells": {}}
+        for c in concurrencies:
+            for name, (path, mk) in kinds.items():
+                res["cells"][f"{name}@{c}"] = asyncio.run(_load(url, path, [mk(i) for i in range(n_requests)], c))
+            a, d = res["cells"][f"chat_auto@{c}"], res["cells"][f"chat_direct@{c}"]
+            if a.get("n") and d.get("n"):
+                res["cells"][f"router_overhead@{c}"] = {"p50_ms": a["p50_ms"] - d["p50_ms"],
+                                                        "frac_of_direct_p50": (a["p50_ms"] - d["p50_ms"]) / d["p50_ms"]}
+        return res
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# -- report ----------------------------------------------------------------------------------
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def verdicts(report: dict[str, Any]) -> dict[str, Any]:
+    """Each floor of the issue: measured value, floor, met (None where that part was not run)."""
+    out: dict[str, Any] = {}
+    for d in report.get("decision", []):
+        key = "decision_p99_ms_2k" if d["models"] <= 10_000 else "decision_p99_ms_100k"
+        v = d["single"]["p99_ms"]
+        out[f"{key}@{d['models']}"] = {"measured": v, "floor": FLOORS[key], "met": v <= FLOORS[key]}
+    cells = (report.get("e2e") or {}).get("cells", {})
+    for k, v in cells.items():
+        if k.startswith("router_overhead@"):
+            out[k] = {"measured": v["frac_of_direct_p50"], "floor": FLOORS["router_overhead_frac"],
+                      "met": v["frac_of_direct_p50"] <= FLOORS["router_overhead_frac"]}
+        if k.startswith("route@"):
+            out[f"routed_rps@{k[6:]}"] = {"measured": v["rps"], "floor": FLOORS["routed_rps"], "met": v["rps"] >= FLOORS["routed_rps"]}
+    return out
+
+
+def render_md(report: dict[str, Any]) -> str:
+    lines = [f"# Serving benchmark ({report['started_utc']})", "", f"`{report['command']}`", "",
+             f"Machine: {report['machine']}; load average (1/5/15 min) at start {report['loadavg_start']}, at end {report.get('loadavg_end')}", "", "## Decision latency (in-process RouterCore.route, ms)", "",
+             "| models | policy | retrieve_k | single p50 | single p99 | encode-only p50 | batch16 p50 | batch16 p99 | batch16 per req |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d in report.get("decision", []):
+        b = d.get("batch16") or {}
+        lines.append(f"| {d['models']:,} | {d['policy']} | {d['retrieve_k']} | {d['single']['p50_ms']:.1f} | {d['single']['p99_ms']:.1f} | "
+                     f"{d['encode_only']['p50_ms']:.1f} | {b.get('p50_ms', float('nan')):.1f} | {b.get('p99_ms', float('nan')):.1f} | "
+                     f"{(d.get('batch16_per_request_p50_ms') or float('nan')):.2f} |")
+    e2e = report.get("e2e")
+    if e2e:
+        lines += ["", "## End to end through Ray Serve on 127.0.0.1", "",
+                  "| cell | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
+        for k, v in e2e["cells"].items():
+            if "rps" in v:
+                lines.append(f"| {k} | {v['rps']:.1f} | {v.get('p50_ms', float('nan')):.1f} | {v.get('p99_ms', float('nan')):.1f} | {v['errors']} |")
+        for k, v in e2e["cells"].items():
+            if k.startswith("router_overhead@"):
+                lines.append(f"\n{k}: {v['p50_ms']:.1f} ms = {100 * v['frac_of_direct_p50']:.0f}% of the direct p50")
+    lines += ["", "## Floors", "", "| floor | measured | limit | met |", "|---|---|---|---|"]
+    for k, v in report["floors"].items():
+        lines.append(f"| {k} | {v['measured']:.3g} | {v['floor']:g} | {'yes' if v['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_atomic(out / "report.md", render_md(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m services.bench_serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", type=int, nargs="+", default=[2000, 100_000], help="hub sizes for the decision latency")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--requests", type=int, default=200, help="requests per end-to-end cell")
+    p.add_argument("--decision-requests", type=int, default=200, help="single requests per hub size (batches: the same prompts)")
+    p.add_argument("--distinct", type=int, default=1000, help="card texts really embedded per hub (the rest reuse their vectors)")
+    p.add_argument("--policy", default="zeroshot", help="policy for the synthetic hubs (no outcomes exist for synthetic models)")
+    p.add_argument("--retrieve-k", type=int, default=256, help="FAISS pre-selection above this many models (0 = never)")
+    p.add_argument("--train-limit", type=int, default=40, help="end-to-end app: knn trained on this many requests per experience")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    started = datetime.now(timezone.utc)
+    out = a.out or Path("runs") / f"serve-{started.strftime('%Y%m%dT%H%M%SZ')}"
+    import platform
+
+    report: dict[str, Any] = {"started_utc": started.isoformat(timespec="seconds"),
+                              "command": "python -m services.bench_serve " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+                              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+                              "loadavg_start": list(os.getloadavg()), "decision": []}
+    prompts = test_prompts(max(a.decision_requests, 256))
+    with tempfile.TemporaryDirectory(prefix="cmr-bench-serve-") as tmp:
+        for n in a.models:
+            rk = a.retrieve_k if n > a.retrieve_k * 8 else 0  # small hubs: the policy scores every model
+            d = decision_latency(n, prompts[: a.decision_requests], policy=a.policy, retrieve_k=rk, distinct=a.distinct,
+                                 home=Path(tmp) / f"dec{n}")
+            report["decision"].append(d)
+            print(f"decision {n:>7,} models  rk={rk:<4} single p50 {d['single']['p50_ms']:.1f} p99 {d['single']['p99_ms']:.1f} ms"
+                  f"  (encode p50 {d['encode_only']['p50_ms']:.1f})  batch16 p50 {(d['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms"
+                  f"  setup {d['setup_s']} s", flush=True)
+        if not a.skip_e2e:
+            report["e2e"] = end_to_end(prompts, a.concurrency, a.requests, home=Path(tmp) / "e2e",
+                                       train_limit=a.train_limit, max_tokens=a.max_tokens)
+    report["loadavg_end"] = list(os.getloadavg())  # the CPU is shared: how busy it was
+    report["floors"] = verdicts(report)
+    report["wall_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
+    write_report(report, out)
+    print(render_md(report))
+    print(f"wrote {out}/report.json, report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""The serving benchmark's decision-latency part at tiny scale (no Serve start): real MiniLM,
+real FAISS/RouterCore, a real policy; checks the report's structure, not timings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from services import bench_serve
+
+
+def test_synthetic_cards_are_distinct_and_valid():
+    cards = bench_serve.synthetic_cards(50)
+    assert len({c.id for c in cards}) == 50
+    assert len({c.text() for c in cards}) == 50
+    assert all(c.cost > 0 and c.domain and c.family for c in cards)
+
+
+def test_decision_latency_tiny_report(tmp_path):
+    prompts = bench_serve.test_prompts(20)
+    assert len(prompts) == 20 and all(isinstance(p, str) and p for p in prompts)
+    # 200 models, retrieve_k 64 < 200: the FAISS pre-selection path runs too
+    d = bench_serve.decision_latency(200, prompts[:5], policy="zeroshot", retrieve_k=64, distinct=20, batch=4,
+                                     home=tmp_path / "home")
+    assert d["models"] == 200 and d["hub_models"] == 200 and d["distinct_embedded_cards"] == 20
+    assert d["single"]["n"] == 5 and d["batch4"]["n"] == 1 and d["encode_only"]["n"] == 5
+    for part in ("single", "batch4", "encode_only"):
+        assert 0 < d[part]["p50_ms"] <= d[part]["p99_ms"] <= d[part]["max_ms"]
+    report = {"started_utc": "t", "command": "c", "machine": "m", "loadavg_start": [0, 0, 0], "decision": [d]}
+    report["floors"] = bench_serve.verdicts(report)
+    f = report["floors"]["decision_p99_ms_2k@200"]
+    assert f["floor"] == 15.0 and f["met"] == (f["measured"] <= 15.0)
+    bench_serve.write_report(report, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["decision"][0]["models"] == 200
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| 200 | zeroshot | 64 |" in md and "decision_p99_ms_2k@200" in md
+
+
+def test_card_bank_reuses_real_vectors_with_noise():
+    cards = bench_serve.synthetic_cards(30)
+    bank, d = bench_serve.card_bank(cards, 10)
+    assert d == 10 and len(bank) == 30
+    v = np.stack([bank[c.text()] for c in cards])
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    # every extra card is close to one of the really embedded ones, but not identical
+    sims = v[10:] @ v[:10].T
+    assert (sims.max(axis=1) > 0.5).all() and (sims.max(axis=1) < 0.9999).all()

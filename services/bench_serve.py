@@ -151,15 +151,20 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
         t = time.perf_counter()
         core.route(reqs[i : i + batch])
         batched.append((time.perf_counter() - t) * 1e3)
-    # where the time goes, on the same requests: the encoder alone
-    enc_ms = []
-    for p in prompts:
+    # where the time goes, on the same requests: the encoder alone, and the rest alone
+    # (RouterCore.route with the query embedding given: retrieve + score + select)
+    enc_ms, rest_ms = [], []
+    for r in reqs:
         t = time.perf_counter()
-        enc.encode([p])
+        e = enc.encode([r.query])
         enc_ms.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        core.route([r], emb=e)
+        rest_ms.append((time.perf_counter() - t) * 1e3)
     core.close()
     return {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy,
             "retrieve_k": retrieve_k, "setup_s": round(setup_s, 1), "single": _pcts(single), "encode_only": _pcts(enc_ms),
+            "retrieve_score_select_only": _pcts(rest_ms),
             f"batch{batch}": _pcts(batched) if batched else None,
             f"batch{batch}_per_request_p50_ms": (float(np.median(batched)) / batch) if batched else None}
 
@@ -177,6 +182,7 @@ async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> di
 
     lat: list[float] = []
     errors = 0
+    samples: list[str] = []  # the first few error bodies: an error count alone says nothing
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
         async def one(body: dict) -> None:
@@ -189,12 +195,14 @@ async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> di
                     lat.append(dt)
                 else:
                     errors += 1
+                    if len(samples) < 3:
+                        samples.append(f"{r.status_code}: {r.text[:300]}")
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(b) for b in bodies))
         wall = time.perf_counter() - t0
     out = _pcts(lat) if lat else {"n": 0}
-    out.update({"errors": errors, "wall_s": round(wall, 2), "rps": len(lat) / wall})
+    out.update({"errors": errors, "error_samples": samples, "wall_s": round(wall, 2), "rps": len(lat) / wall})
     return out
 
 
@@ -279,15 +287,20 @@ def verdicts(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _rss(d: dict[str, Any]) -> str:
+    r = d.get("retrieve_score_select_only")
+    return f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}" if r else "-"
+
+
 def render_md(report: dict[str, Any]) -> str:
     lines = [f"# Serving benchmark ({report['started_utc']})", "", f"`{report['command']}`", "",
              f"Machine: {report['machine']}; load average (1/5/15 min) at start {report['loadavg_start']}, at end {report.get('loadavg_end')}", "", "## Decision latency (in-process RouterCore.route, ms)", "",
-             "| models | policy | retrieve_k | single p50 | single p99 | encode-only p50 | batch16 p50 | batch16 p99 | batch16 per req |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| models | policy | retrieve_k | single p50 | single p99 | encode-only p50 / p99 | retrieve+score+select p50 / p99 | batch16 p50 | batch16 p99 | batch16 per req |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for d in report.get("decision", []):
         b = d.get("batch16") or {}
         lines.append(f"| {d['models']:,} | {d['policy']} | {d['retrieve_k']} | {d['single']['p50_ms']:.1f} | {d['single']['p99_ms']:.1f} | "
-                     f"{d['encode_only']['p50_ms']:.1f} | {b.get('p50_ms', float('nan')):.1f} | {b.get('p99_ms', float('nan')):.1f} | "
+                     f"{d['encode_only']['p50_ms']:.1f} / {d['encode_only']['p99_ms']:.1f} | {_rss(d)} | {b.get('p50_ms', float('nan')):.1f} | {b.get('p99_ms', float('nan')):.1f} | "
                      f"{(d.get('batch16_per_request_p50_ms') or float('nan')):.2f} |")
     e2e = report.get("e2e")
     if e2e:

@@ -25,7 +25,8 @@ def test_decision_latency_tiny_report(tmp_path):
                                      home=tmp_path / "home")
     assert d["models"] == 200 and d["hub_models"] == 200 and d["distinct_embedded_cards"] == 20
     assert d["single"]["n"] == 5 and d["batch4"]["n"] == 1 and d["encode_only"]["n"] == 5
-    for part in ("single", "batch4", "encode_only"):
+    assert d["retrieve_score_select_only"]["n"] == 5
+    for part in ("single", "batch4", "encode_only", "retrieve_score_select_only"):
         assert 0 < d[part]["p50_ms"] <= d[part]["p99_ms"] <= d[part]["max_ms"]
     report = {"started_utc": "t", "command": "c", "machine": "m", "loadavg_start": [0, 0, 0], "decision": [d]}
     report["floors"] = bench_serve.verdicts(report)

@@ -49,9 +49,16 @@ class TransformersEngine:
                 return cancelled.is_set()
 
         prompt = self._prompt(request)
-        enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
-        n_prompt = int(enc["input_ids"].shape[1])
         max_new = min(request.max_tokens, self.max_new_tokens)
+        enc = self.tokenizer(prompt, return_tensors="pt")
+        window = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        if window and enc["input_ids"].shape[1] + max_new > window:
+            # keep the end of an over-long prompt (the latest turn) so prompt + answer fit the
+            # model's context window; running past it fails inside the position embeddings
+            keep = max(1, window - max_new)
+            enc = {k: v[:, -keep:] for k, v in enc.items()}
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        n_prompt = int(enc["input_ids"].shape[1])
         streamer = AsyncTextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sample = request.temperature > 0
         kwargs = dict(**enc, max_new_tokens=max_new, streamer=streamer, do_sample=sample, pad_token_id=self.tokenizer.pad_token_id,

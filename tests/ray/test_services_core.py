@@ -151,6 +151,10 @@ def test_transformers_engine_generates_from_a_local_folder(tmp_path):
     assert stop and text.find(stop) >= 0
     c = asyncio.run(go(GenRequest(model="tiny-gpt2-a", messages=req.messages, max_tokens=6, temperature=0, stop=[stop])))
     assert "".join(x.text for x in c) == text[: text.find(stop)] and c[-1].finish_reason == "stop"
+    # a prompt longer than the context window keeps its end and still generates
+    window = eng.model.config.n_positions
+    long = asyncio.run(go(GenRequest(model="tiny-gpt2-a", prompt="word " * (3 * window), max_tokens=6, temperature=0)))
+    assert long[-1].completion_tokens == 6 and long[-1].prompt_tokens == window - 6
 
 
 def test_vectorised_filter_mask_matches_decide_filters():

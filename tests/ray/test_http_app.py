@@ -245,10 +245,12 @@ def test_checkpoint_swap_under_concurrent_requests(client, served):
         return responses, swapped
 
     responses, swapped = asyncio.run(run())
-    assert swapped == [v0 + 1, v0 + 2]
+    # the learner may also write a version meanwhile, so versions are checked by order, not value
+    assert len(swapped) == 2 and v0 < swapped[0] < swapped[1]
     assert {r.status_code for r in responses} == {200}
     versions = {r.json()["checkpoint_version"] for r in responses}
-    assert {v0, v0 + 2} <= versions <= {v0, v0 + 1, v0 + 2}
+    assert min(versions) >= v0 and max(versions) >= swapped[1]
+    assert len(versions) >= 2  # answers came from old and new versions alike
 
 
 def test_openai_engine_forwards_to_a_remote_endpoint(client, oai, served):

@@ -8,12 +8,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig, RoutingPolicy
-from cmr.policies.memory import OutcomeMemory, as_queries, candidate_prior, check_examples, tune_prior_weight, tuning_sample
+from cmr.policies.base import PolicyConfig
+from cmr.policies.memory import PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, tune_prior_weight, tuning_sample
 from cmr.types import ModelCard
 
 # card-term weight before any tuning (too few rows yet): enough to rank models nothing is known of
-PRIOR_START = 0.1
 
 
 @dataclass
@@ -56,7 +55,7 @@ class ClusterConfig(PolicyConfig):
             raise ValueError(f"field 'prior_weight': must be >= 0 or null (tuned), got {self.prior_weight!r}")
 
 
-class ClusterPolicy(RoutingPolicy):
+class ClusterPolicy(MemoryPolicy):
     """Cluster: K-means over all prompts seen; a model's score is its mean known score in the query's cluster.
 
     Every ``fit`` re-clusters all prompts stored so far (seeded ``faiss.Kmeans``, spherical), then
@@ -73,20 +72,10 @@ class ClusterPolicy(RoutingPolicy):
 
     def __init__(self, encoder=None, config=None):
         super().__init__(encoder, config)
-        self._mem = OutcomeMemory()
-        self._profiled: set[str] = set()
         self._centroids = np.zeros((0, 0), dtype=np.float32)
         self._assign = np.zeros(0, dtype=np.int64)
         self._sum = np.zeros((0, 0), dtype=np.float64)  # [K, M] sum of known scores
         self._cnt = np.zeros((0, 0), dtype=np.float64)  # [K, M] number of known scores
-        self._tuned_weight = PRIOR_START
-
-    @property
-    def prior_weight(self) -> float:
-        """The card-term weight in use: the configured one, else the last tuned one."""
-        if self.config.prior_weight is not None:
-            return float(self.config.prior_weight)
-        return self._tuned_weight if self.encoder is not None or self._card_emb else 0.0
 
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
@@ -131,15 +120,10 @@ class ClusterPolicy(RoutingPolicy):
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Embed the new cards (for the card prior) and count their profile answers in the clusters."""
-        if self.encoder is not None and (self.config.prior_weight is None or self.config.prior_weight > 0):
-            self.card_embeddings(cards)
-        prof = self.profile_examples([c for c in cards if c.profile and c.id not in self._profiled])
-        if prof is not None:
-            self._profiled.update(prof.model_ids)
-            if self._mem.add(prof.emb, prof.model_ids, prof.scores):
-                if not len(self._centroids):
-                    self._recluster()
-                self._recount()
+        if self._add_cards(cards):
+            if not len(self._centroids):
+                self._recluster()
+            self._recount()
 
     def _recluster(self) -> None:
         import faiss  # deferred: importing cmr.policies must stay cheap

@@ -8,15 +8,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig, RoutingPolicy
-from cmr.policies.memory import OutcomeMemory, as_queries, candidate_prior, check_examples, tune_prior_weight, tuning_sample
+from cmr.policies.base import PolicyConfig
+from cmr.policies.memory import PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, tune_prior_weight, tuning_sample
 from cmr.types import ModelCard
 
 _WEIGHTINGS = ("uniform", "similarity", "softmax")
 # elements gathered per chunk of queries ([b, k, n_c] floats): bounds the scoring memory
 _CHUNK_ELEMENTS = 1 << 22
 # card-term weight before any tuning (too few rows yet): enough to rank models nothing is known of
-PRIOR_START = 0.1
 
 
 @dataclass
@@ -64,7 +63,7 @@ class KNNConfig(PolicyConfig):
                 raise ValueError(f"field '{name}': must be an integer >= 1, got {v!r}")
 
 
-class KNNPolicy(RoutingPolicy):
+class KNNPolicy(MemoryPolicy):
     """kNN: similarity-weighted mean of each model's known scores over the k nearest labelled prompts.
 
     Every labelled prompt from every ``fit`` (one per experience), feedback batch and model
@@ -82,17 +81,7 @@ class KNNPolicy(RoutingPolicy):
 
     def __init__(self, encoder=None, config=None):
         super().__init__(encoder, config)
-        self._mem = OutcomeMemory()
-        self._profiled: set[str] = set()
         self._index = None  # faiss.IndexFlatIP over self._mem.emb, rebuilt whenever rows change
-        self._tuned_weight = PRIOR_START
-
-    @property
-    def prior_weight(self) -> float:
-        """The card-term weight in use: the configured one, else the last tuned one."""
-        if self.config.prior_weight is not None:
-            return float(self.config.prior_weight)
-        return self._tuned_weight if self.encoder is not None or self._card_emb else 0.0
 
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
@@ -127,13 +116,8 @@ class KNNPolicy(RoutingPolicy):
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Embed the new cards (for the card prior) and add their profile answers as neighbours."""
-        if self.encoder is not None and (self.config.prior_weight is None or self.config.prior_weight > 0):
-            self.card_embeddings(cards)
-        prof = self.profile_examples([c for c in cards if c.profile and c.id not in self._profiled])
-        if prof is not None:
-            self._profiled.update(prof.model_ids)
-            if self._mem.add(prof.emb, prof.model_ids, prof.scores):
-                self._rebuild_index()
+        if self._add_cards(cards):
+            self._rebuild_index()
 
     def _rebuild_index(self) -> None:
         import faiss  # deferred: importing cmr.policies must stay cheap

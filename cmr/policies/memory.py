@@ -13,6 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from cmr.data.examples import Examples
+from cmr.policies.base import RoutingPolicy
+from cmr.types import ModelCard
+
+#: card-term weight before the first tuning
+PRIOR_START = 0.1
 
 
 def check_examples(data: Examples, who: str) -> None:
@@ -162,3 +167,32 @@ def tune_prior_weight(est: np.ndarray, card_sim: np.ndarray, truth: np.ndarray, 
         if v > best_v + 1e-12:
             best_w, best_v = float(w), v
     return best_w
+
+
+class MemoryPolicy(RoutingPolicy):
+    """Base of the memory-based baselines (knn, cluster): an ``OutcomeMemory``, the models whose
+    profile answers are stored, and the card-prior weight (configured, else tuned on fit)."""
+
+    def __init__(self, encoder=None, config=None):
+        super().__init__(encoder, config)
+        self._mem = OutcomeMemory()
+        self._profiled: set[str] = set()
+        self._tuned_weight = PRIOR_START
+
+    @property
+    def prior_weight(self) -> float:
+        """The card-term weight in use: the configured one, else the last tuned one."""
+        if self.config.prior_weight is not None:
+            return float(self.config.prior_weight)
+        return self._tuned_weight if self.encoder is not None or self._card_emb else 0.0
+
+    def _add_cards(self, cards: Sequence[ModelCard]) -> bool:
+        """Embed new cards (for the card prior) and store their profile answers not stored yet;
+        returns whether the memory grew."""
+        if self.encoder is not None and (self.config.prior_weight is None or self.config.prior_weight > 0):
+            self.card_embeddings(cards)
+        prof = self.profile_examples([c for c in cards if c.profile and c.id not in self._profiled])
+        if prof is None:
+            return False
+        self._profiled.update(prof.model_ids)
+        return bool(self._mem.add(prof.emb, prof.model_ids, prof.scores))

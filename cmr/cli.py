@@ -23,6 +23,7 @@ BENCH: dict[str, str] = {
 # other sub-commands -> module with add_arguments/run
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("services.serve_cli", "start Ray locally and serve the router"),
+    "keys": ("services.keys_cli", "create, list and revoke the served app's API keys"),
     "train": ("cmr.train", "train a policy over the CMRBench experiences, a checkpoint after each"),
 }
 

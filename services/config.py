@@ -85,6 +85,28 @@ class LearnerArgs(_Strict):
     consolidate_every: int = Field(default=1000, ge=1)
 
 
+class AuthArgs(_Strict):
+    """API keys and request limits (``services.auth``). Keys live in ``<state>/keys.sqlite``
+    (``cmr keys create``); ``open`` serves without keys, for local use only, never the default."""
+
+    #: serve without API keys (every request is allowed; the body cap still applies)
+    open: bool = False
+    #: key store file (default ``<state>/keys.sqlite``)
+    keys_path: str | None = None
+    #: token bucket of a key that sets none: requests per second, and burst
+    rate_per_s: float = Field(default=50.0, gt=0)
+    burst: float = Field(default=100.0, ge=1)
+    #: request-body cap (HTTP body or gRPC message) of a key that sets none, and in open mode
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    #: a created or revoked key takes effect within this many seconds
+    reload_s: float = Field(default=1.0, gt=0)
+
+    def settings(self):
+        from services.auth import AuthSettings
+
+        return AuthSettings(open=self.open, rate_per_s=self.rate_per_s, burst=self.burst, max_body_bytes=self.max_body_bytes, reload_s=self.reload_s)
+
+
 class AppArgs(_Strict):
     """Arguments of ``build_app``: the whole served app in one object."""
 
@@ -115,6 +137,12 @@ class AppArgs(_Strict):
     router_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     ingress_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     learner: LearnerArgs = Field(default_factory=LearnerArgs)
+    auth: AuthArgs = Field(default_factory=AuthArgs)
+    #: feedback is accepted for this long after the decision (then 410); older decisions without
+    #: feedback are purged
+    request_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    #: longest prompt (a message's content, a completion prompt, a route query), in characters
+    max_prompt_chars: int = Field(default=32_000, ge=1)
     #: how often (seconds) a router's watcher thread checks for a newer checkpoint
     reload_check_s: float = Field(default=0.5, gt=0)
 

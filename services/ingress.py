@@ -9,21 +9,31 @@ chosen model. Bad input gets a 4xx whose message names the field, in OpenAI's er
 # no ``from __future__ import annotations`` here: FastAPI must see real types in the route
 # signatures that ``@serve.ingress`` rewrites, or bodies would be taken for query parameters
 import json
+import logging
 import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from services import metrics
+from services import auth
 from services.config import AppArgs
 from services.grpc.servicer import GrpcServicerMixin
 from services.schemas import AUTO, ChatCompletionRequest, CompletionRequest, FeedbackBody, RegisterBody, RetireBody, RouteRequestBody
 
 app = FastAPI(title="cmr", description="Continual model router: OpenAI-compatible API with routing extensions")
+# API keys, scopes, rate limits and the body cap, before any route runs (services/auth.py)
+app.add_middleware(auth.AuthMiddleware)
+
+#: one structured line per decision (request id, model, key id, tenant; never the prompt): the
+#: "ray.serve" logger lands in the replica's Serve log, JSON with Serve's LoggingConfig
+_decision_log = logging.getLogger("ray.serve")
 
 
 class APIError(Exception):
@@ -34,9 +44,7 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def _error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+_error_body = auth.error_dict
 
 
 @app.exception_handler(RequestValidationError)
@@ -48,10 +56,22 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if parts and parts[0] in ("body", "query", "path"):
         parts = parts[1:]
     loc = ".".join(str(x) for x in parts)
-    msg = f"field '{loc}': {first.get('msg')}" if loc else str(first.get("msg"))
+    if first.get("type") == "json_invalid":  # loc is a character position, not a field
+        loc, msg = "", f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))} at character {parts[0] if parts else '?'}"
+    else:
+        msg = f"field '{loc}': {first.get('msg')}" if loc else str(first.get("msg"))
     if len(errs) > 1:
         msg += f" (and {len(errs) - 1} more)"
+    if request.url.path == "/v1/feedback":
+        metrics.feedback("invalid")
     return JSONResponse(_error_body(400, msg, loc or None), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # unknown paths (404), wrong methods (405): the same error shape as everything else
+    return JSONResponse(_error_body(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
 
 
 @app.exception_handler(APIError)
@@ -108,27 +128,46 @@ class Ingress(GrpcServicerMixin):
         self.pool_of = {m.id: p.name for p in effective_pools(self.args) for m in p.models}
         # models registered at runtime with a backend are served by the first pool
         self.default_pool = next(iter(pools), None)
+        a = self.args.auth
+        self.auth = auth.Authenticator(a.settings(), None if a.open else auth.keys_path(self.args.state_dir(), a.keys_path))
+        auth.activate(self.auth)  # this replica's middleware and gRPC methods use it
+
+    def _check_prompt(self, texts: list[tuple[str, str]]) -> None:
+        """400 naming the field when a prompt is longer than ``AppArgs.max_prompt_chars``."""
+        cap = self.args.max_prompt_chars
+        for name, text in texts:
+            if len(text) > cap:
+                raise APIError(400, f"field '{name}': prompt of {len(text)} characters is longer than the limit of {cap}", name)
 
     # -- routing -----------------------------------------------------------------------------
     async def _decide(self, query: str, opts, servable_only: bool, model: str | None = None, record: bool = True) -> dict[str, Any]:
         filters = opts.filters()
         if model is not None and model != AUTO:
             filters = {**filters, "allow": [model]}  # a concrete model bypasses the choice, still recorded
+        who = auth.current_principal() or auth.OPEN
+        t0 = time.perf_counter()
         res = await self.router.route.remote({"query": query, "lam": opts.cost_weight, "filters": filters, "k": opts.k,
-                                             "servable_only": servable_only, "record": record})
+                                             "servable_only": servable_only, "record": record, "key_id": who.key_id, "tenant": who.tenant})
+        metrics.routing_latency(time.perf_counter() - t0, "generate" if servable_only else "route")
         if "error" in res and model not in (None, AUTO):
             raise APIError(404, f"field 'model': model {model!r} is not served here", "model")
         res = _check(res, "routing")
-        return {**res["decision"], "pool": res.get("pool")}
+        d = res["decision"]
+        _decision_log.info("cmr decision %s -> %s", d["request_id"], d["model"], extra={
+            "cmr_request_id": d["request_id"], "cmr_model": d["model"], "cmr_checkpoint_version": d["checkpoint_version"],
+            "cmr_key_id": who.key_id, "cmr_tenant": who.tenant})
+        return {**d, "pool": res.get("pool")}
 
     @app.post("/v1/route")
     async def route(self, body: RouteRequestBody) -> JSONResponse:
+        self._check_prompt([("query", body.query)])
         d = await self._decide(body.query, body.routing, servable_only=False, record=body.record)
         return JSONResponse(_routing_field(d), headers=_headers(d))
 
     @app.post("/v1/feedback")
     async def feedback(self, body: FeedbackBody) -> dict[str, Any]:
-        res = _check(await self.router.feedback.remote(body.request_id, body.reward), "request_id")
+        who = auth.current_principal() or auth.OPEN
+        res = _check(await self.router.feedback.remote(body.request_id, body.reward, who.tenant, not self.args.auth.open), "request_id")
         return {"request_id": body.request_id, "accepted": True, "offset": res["offset"]}
 
     # -- hub ---------------------------------------------------------------------------------
@@ -153,11 +192,7 @@ class Ingress(GrpcServicerMixin):
             first = e.errors()[0]
             loc = ".".join(str(x) for x in first["loc"])
             raise APIError(400, f"field '{loc}': {first['msg']} (a card is a JSON object; several go in 'cards')", loc) from None
-        for c in body.cards:
-            engine = (c.get("backend") or {}).get("engine") if isinstance(c.get("backend"), dict) else None
-            if engine is not None and engine not in ("transformers", "vllm", "openai"):
-                raise APIError(400, f"field 'backend.engine': must be transformers, vllm or openai, got {engine!r}", "backend.engine")
-        res = _check(await self.router.register.remote(body.cards), "id")
+        res = _check(await self.router.register.remote([c.card_dict() for c in body.cards]), "id")
         return JSONResponse(res, status_code=201)
 
     @app.get("/v1/admin/profile")
@@ -207,6 +242,7 @@ class Ingress(GrpcServicerMixin):
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest, request: Request):
+        self._check_prompt([(f"messages.{i}.content", m.content) for i, m in enumerate(body.messages)])
         d, it, first = await self._start(body, {"messages": [m.model_dump() for m in body.messages]})
         created = int(time.time())
         if body.stream:
@@ -231,6 +267,7 @@ class Ingress(GrpcServicerMixin):
                 if ch["text"]:
                     yield _sse({**base, "choices": [{"index": 0, "delta": {"content": ch["text"]}, "finish_reason": None}]})
         except Exception as e:  # headers are sent: report the failure in-band, as OpenAI's API does
+            metrics.pool_error(self.pool_of.get(d["model"]) or d.get("pool") or self.default_pool or "?")
             yield _sse(_error_body(500, f"generation failed: {type(e).__name__}: {e}"))
             yield "data: [DONE]\n\n"
             return
@@ -241,6 +278,7 @@ class Ingress(GrpcServicerMixin):
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
+        self._check_prompt([("prompt", body.prompt)])
         d, it, first = await self._start(body, {"prompt": body.prompt})
         created = int(time.time())
         if body.stream:
@@ -267,6 +305,7 @@ class Ingress(GrpcServicerMixin):
                     sent_routing = True
                     yield _sse({**base, "choices": [{"index": 0, "text": ch["text"], "finish_reason": None, "logprobs": None}], **extra})
         except Exception as e:  # headers are sent: report the failure in-band
+            metrics.pool_error(self.pool_of.get(d["model"]) or d.get("pool") or self.default_pool or "?")
             yield _sse(_error_body(500, f"generation failed: {type(e).__name__}: {e}"))
             yield "data: [DONE]\n\n"
             return

@@ -18,7 +18,8 @@ from cmr.errors import CMRError
 from cmr.types import ModelCard
 from services.config import AppArgs
 from services.routing import RouteRequest, RouterCore
-from services.store import DuplicateFeedbackError, UnknownRequestError
+from services import metrics
+from services.store import DuplicateFeedbackError, ExpiredRequestError, ForbiddenFeedbackError, UnknownRequestError
 
 
 def _error(e: Exception, status: int) -> dict[str, Any]:
@@ -32,6 +33,7 @@ class RouterDeployment:
     def __init__(self, args: dict[str, Any] | AppArgs):
         self.args = args if isinstance(args, AppArgs) else AppArgs.from_dict(args)
         self.core = RouterCore(self.args)
+        self.core.store.configure(ttl_s=self.args.request_ttl_s)
         self.core.start_watcher()
         self.route_batch.set_max_batch_size(self.args.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
@@ -51,9 +53,20 @@ class RouterDeployment:
 
         def work():
             self.core.sync()
-            return self.core.route(parsed)
+            out = self.core.route(parsed)
+            # who asked (API key, tenant): written before the ids reach anyone, so feedback can be checked
+            self.core.store.set_owners([(d.request_id, r.get("key_id"), r.get("tenant")) for d, r, p in zip(out, reqs, parsed)
+                                        if not isinstance(d, CMRError) and p.record])
+            return out
 
         results = await asyncio.to_thread(work)
+        counts: dict[str, int] = {}
+        for d in results:
+            if not isinstance(d, CMRError):
+                counts[d.model] = counts.get(d.model, 0) + 1
+        for m, n in counts.items():
+            metrics.decision(m, n)
+        metrics.checkpoint_version(self.core.version, role="router")
         return [_error(d, 400) if isinstance(d, CMRError) else {"decision": d.to_dict(), "pool": self.core.pool_of(d.model)} for d in results]
 
     async def route(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +78,8 @@ class RouterDeployment:
             v = await asyncio.to_thread(self.core.register, parsed)
         except CMRError as e:
             return _error(e, 409 if "already registered" in str(e) else 400)
+        except (TypeError, ValueError, AttributeError) as e:  # a card field of the wrong type that got past the schema
+            return _error(CMRError(f"malformed card: {type(e).__name__}: {e}"), 400)
         return {"hub_version": v, "registered": [c.id for c in parsed]}
 
     async def retire(self, model_ids: list[str]) -> dict[str, Any]:
@@ -88,15 +103,18 @@ class RouterDeployment:
         except CMRError as e:
             return _error(e, 404)
 
-    async def feedback(self, request_id: str, reward: float) -> dict[str, Any]:
+    async def feedback(self, request_id: str, reward: float, tenant: str | None = None, check_owner: bool = False) -> dict[str, Any]:
+        """Append a reward (durably: the offset is returned after the commit). ``check_owner``:
+        only ``tenant`` (the tenant of the posting key) may reward its own requests."""
+        status = "accepted"
         try:
-            off = await asyncio.to_thread(self.core.store.add_feedback, request_id, reward)
-        except UnknownRequestError as e:
-            return _error(e, 404)
-        except DuplicateFeedbackError as e:
-            return _error(e, 409)
+            off = await asyncio.to_thread(self.core.store.add_feedback, request_id, reward, tenant, check_owner)
         except (CMRError, ValueError) as e:
-            return _error(e, 400)
+            status, code = {UnknownRequestError: ("unknown", 404), ExpiredRequestError: ("expired", 410),
+                            DuplicateFeedbackError: ("duplicate", 409), ForbiddenFeedbackError: ("forbidden", 403)}.get(type(e), ("invalid", 400))
+            return _error(e, code)
+        finally:
+            metrics.feedback(status)
         if self._learner is not None:
             self._learner.notify.remote()  # fire and forget: the learner batches what is waiting
         return {"offset": off}

@@ -22,7 +22,7 @@ class RoutingOptions(BaseModel):
     cost_weight: float = Field(default=0.0, ge=0)
     domains: list[str] | None = None
     families: list[str] | None = None
-    max_cost: float | None = Field(default=None, ge=0)
+    max_cost: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     allow: list[str] | None = None
     deny: list[str] = Field(default_factory=list)
     k: int = Field(default=3, ge=1, le=100)
@@ -46,7 +46,7 @@ class _GenParams(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None
@@ -98,8 +98,49 @@ class RouteRequestBody(BaseModel):
 class FeedbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(min_length=1)
-    reward: float = Field(ge=0, le=1)
+    request_id: str = Field(min_length=1, max_length=256)
+    #: a number (not a string or boolean), finite, in [0, 1]
+    reward: float = Field(ge=0, le=1, strict=True, allow_inf_nan=False)
+
+
+class CardBody(BaseModel):
+    """A model card as posted: the typed fields are checked here (a 400 naming the field), other
+    keys are kept and go to the card's ``metadata`` (``ModelCard.from_dict``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$")
+    family: str | None = None
+    domain: str | None = None
+    description: str = ""
+    cost: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    backend: dict[str, Any] = Field(default_factory=dict)
+    profile: dict[str, float] = Field(default_factory=dict)
+    experience: int | None = None
+    added_at: float | None = Field(default=None, allow_inf_nan=False)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("profile")
+    @classmethod
+    def _finite_profile(cls, v: dict[str, float]) -> dict[str, float]:
+        import math
+
+        bad = next((k for k, x in v.items() if not math.isfinite(x) or not 0 <= x <= 1), None)
+        if bad is not None:
+            raise ValueError(f"profile score of {bad!r} must be a finite number in [0, 1]")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _engine(cls, v: dict[str, Any]) -> dict[str, Any]:
+        engine = v.get("engine")
+        if engine is not None and engine not in ("transformers", "vllm", "openai"):
+            raise ValueError(f"backend.engine must be transformers, vllm or openai, got {engine!r}")
+        return v
+
+    def card_dict(self) -> dict[str, Any]:
+        """What ``ModelCard.from_dict`` takes: the fields sent (defaults left to the card)."""
+        return self.model_dump(exclude_unset=True, exclude_none=True)
 
 
 class RegisterBody(BaseModel):
@@ -107,10 +148,10 @@ class RegisterBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cards: list[dict[str, Any]] = Field(min_length=1)
+    cards: list[CardBody] = Field(min_length=1, max_length=10_000)
 
 
 class RetireBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[str] = Field(min_length=1)
+    ids: list[str] = Field(min_length=1, max_length=10_000)

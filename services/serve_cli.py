@@ -4,6 +4,10 @@ With no configuration it serves the embedded default: the CMRBench hub for ``/v1
 router trained at first start, two tiny local chat models and the learner, all state under
 ``CMR_HOME``. ``--config`` reads a YAML of ``AppArgs`` fields (or a Serve config such as
 ``cluster/serve.yaml``); flags override it.
+
+API keys are required unless ``--open``. At the first start without keys a bootstrap key (tenant
+``default``, every scope) is created, printed once and saved to ``$CMR_HOME/serve/bootstrap.key``
+(mode 0600); ``cmr keys`` makes and revokes others.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tiny-models", action="store_true", help="do not create/serve the two tiny local chat models")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
     p.add_argument("--address", help="connect to this Ray cluster instead of starting one")
+    p.add_argument("--open", action="store_true", help="serve WITHOUT API keys (local use only; AuthArgs.open)")
+    p.add_argument("--log-format", choices=("json", "text"), default="json",
+                   help="Serve log encoding of the app's replicas (json: structured, with request ids)")
 
 
 def build_args(ns: argparse.Namespace):
@@ -42,11 +49,14 @@ def build_args(ns: argparse.Namespace):
         data["learner"] = {**(data.get("learner") or {}), "enabled": False}
     if ns.no_tiny_models:
         data["tiny_models"] = False
+    if getattr(ns, "open", False):
+        data["auth"] = {**(data.get("auth") or {}), "open": True}
     return load_args(data, source=ns.config or "arguments")
 
 
 def run(ns: argparse.Namespace) -> int:
     args = build_args(ns)  # validate before starting anything
+    _announce_keys(args, ns.host)
     import ray
     from ray import serve
 
@@ -60,7 +70,7 @@ def run(ns: argparse.Namespace) -> int:
     grpc = {"port": ns.grpc_port, "grpc_servicer_functions": servicer_functions()} if ns.grpc_port else None
     serve.start(http_options={"host": ns.host, "port": ns.http_port}, grpc_options=grpc)
     print(f"cmr: starting (state under {args.home_path()}); first start trains the router and creates the tiny models", flush=True)
-    serve.run(build_app(args), name="cmr", route_prefix="/", blocking=False)
+    serve.run(build_app(args), name="cmr", route_prefix="/", blocking=False, logging_config={"encoding": ns.log_format.upper()})
     print(f"cmr: serving http://{ns.host}:{ns.http_port}/v1 (OpenAI-compatible)" + (f", gRPC on :{ns.grpc_port}" if grpc else "") + "; Ctrl-C stops", flush=True)
     import signal
     import threading
@@ -79,3 +89,18 @@ def run(ns: argparse.Namespace) -> int:
         if h is not None:
             ray.kill(h)
         ray.shutdown()
+
+
+def _announce_keys(args, host: str) -> None:
+    """Open mode: say so loudly. Else make sure a key exists (bootstrap key at first start)."""
+    if args.auth.open:
+        print("cmr: OPEN MODE: no API key is checked" + (f"; {host} is reachable from other machines" if host not in ("127.0.0.1", "localhost", "::1") else ""), flush=True)
+        return
+    from services.auth import ensure_bootstrap_key
+
+    path, token = ensure_bootstrap_key(args.state_dir(), args.auth.keys_path)
+    if token is not None:
+        print(f"cmr: created the bootstrap API key (tenant 'default', scopes infer,feedback,admin): {token}", flush=True)
+        print(f"cmr: saved to {path} (mode 0600); it is not shown again. `cmr keys create` makes scoped keys, `cmr keys revoke` removes one", flush=True)
+    else:
+        print(f"cmr: API keys required (Authorization: Bearer <key>); `cmr keys list` shows them" + (f", bootstrap key in {path}" if path.is_file() else ""), flush=True)

@@ -4,6 +4,14 @@ The router records every decision (request id, query, query embedding, chosen mo
 posted later for that request id becomes a ``FeedbackEvent`` appended with an increasing offset.
 The learner reads events after its saved offset, so no event is lost or learnt twice across
 restarts. Plain sqlite3: usable without Ray (tests, tools).
+
+Durability: the feedback insert commits with ``synchronous=FULL`` (the WAL is fsynced before the
+call returns, so a 2xx means the event survives a power loss); decisions use ``NORMAL`` (safe
+against a process crash; a decision lost to a power cut only means its feedback is refused).
+Each decision records the API key and tenant that asked for it (``set_owners``); feedback is
+accepted from the same tenant only, and for ``ttl_s`` seconds (then 410). Decisions past their
+time that never got feedback are purged; decisions with feedback stay, since the learner's
+events are joined with them.
 """
 
 from __future__ import annotations
@@ -36,7 +44,11 @@ CREATE TABLE IF NOT EXISTS feedback (
   created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS decisions_created ON decisions (created);
 """
+
+#: columns added after the first release: added to an existing file on open
+_ADDED = {"key_id": "TEXT", "tenant": "TEXT"}
 
 
 class UnknownRequestError(CMRError):
@@ -47,10 +59,18 @@ class DuplicateFeedbackError(CMRError):
     """A second reward for the same request id."""
 
 
+class ExpiredRequestError(CMRError):
+    """Feedback for a decision older than the store's ``ttl_s``."""
+
+
+class ForbiddenFeedbackError(CMRError):
+    """Feedback from a tenant other than the one whose key made the request."""
+
+
 class DecisionStore:
     """Append-only decisions and feedback; one connection shared by threads under a lock."""
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, ttl_s: float | None = None, purge_every_s: float = 60.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -58,6 +78,22 @@ class DecisionStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(decisions)")}
+        for col, kind in _ADDED.items():
+            if col not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE decisions ADD COLUMN {col} {kind}")
+                except sqlite3.OperationalError:  # another process added it first
+                    pass
+        self.ttl_s = ttl_s
+        self.purge_every_s = purge_every_s
+        self._last_purge = 0.0
+
+    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None) -> None:
+        """Set how long request ids accept feedback (None: forever) and how often to purge."""
+        self.ttl_s = ttl_s
+        if purge_every_s is not None:
+            self.purge_every_s = purge_every_s
 
     def record(self, decisions: list[Decision], queries: list[str], emb: np.ndarray, costs: list[float]) -> None:
         """Record a batch of decisions in one transaction (their ``request_id`` must be set)."""
@@ -68,24 +104,73 @@ class DecisionStore:
         ]
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT INTO decisions (request_id, created, query, embedding, model, cost, decision) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self._db.execute("COMMIT")
+        if self.ttl_s is not None and now - self._last_purge >= self.purge_every_s:
+            self.purge_expired(now)
+
+    def set_owners(self, owners: list[tuple[str, str | None, str | None]]) -> None:
+        """Record ``(request_id, key_id, tenant)`` of decisions just made, in one transaction
+        (before their ids reach the client, so no feedback can arrive in between)."""
+        rows = [(k, t, rid) for rid, k, t in owners if k is not None or t is not None]
+        if not rows:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("UPDATE decisions SET key_id=?, tenant=? WHERE request_id=?", rows)
+            self._db.execute("COMMIT")
+
+    def owner(self, request_id: str) -> tuple[str | None, str | None] | None:
+        """``(key_id, tenant)`` of a decision, or None if there is no such decision."""
+        with self._lock:
+            row = self._db.execute("SELECT key_id, tenant FROM decisions WHERE request_id=?", (request_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete decisions older than ``ttl_s`` that have no feedback; returns how many."""
+        if self.ttl_s is None:
+            return 0
+        now = time.time() if now is None else now
+        self._last_purge = now
+        with self._lock:
+            cur = self._db.execute("DELETE FROM decisions WHERE created < ? AND request_id NOT IN (SELECT request_id FROM feedback)",
+                                   (now - self.ttl_s,))
+        return int(cur.rowcount)
 
     def decision(self, request_id: str) -> Decision | None:
         with self._lock:
             row = self._db.execute("SELECT decision FROM decisions WHERE request_id=?", (request_id,)).fetchone()
         return None if row is None else Decision.from_dict(json.loads(row[0]))
 
-    def add_feedback(self, request_id: str, reward: float) -> int:
-        """Append the reward for a past decision; returns the event's offset."""
+    def add_feedback(self, request_id: str, reward: float, tenant: str | None = None, check_owner: bool = False) -> int:
+        """Append the reward for a past decision; returns the event's offset once it is on disk.
+
+        ``check_owner``: only the decision's tenant may post it (``ForbiddenFeedbackError``; a
+        decision made without a key has no tenant and accepts no keyed feedback). Raises
+        ``UnknownRequestError``, ``ExpiredRequestError`` (older than ``ttl_s``),
+        ``DuplicateFeedbackError`` or ``ValueError`` (reward not a finite number in [0, 1]).
+        """
         FeedbackEvent(request_id=request_id, model="-", reward=reward)  # validates the reward (names the field)
+        now = time.time()
         with self._lock:
-            if self._db.execute("SELECT 1 FROM decisions WHERE request_id=?", (request_id,)).fetchone() is None:
-                raise UnknownRequestError(f"field 'request_id': no decision with id {request_id!r}")
+            row = self._db.execute("SELECT created, tenant FROM decisions WHERE request_id=?", (request_id,)).fetchone()
+            if row is None:
+                hint = f" (unknown, or expired and purged: ids accept feedback for {self.ttl_s:g} s)" if self.ttl_s is not None else ""
+                raise UnknownRequestError(f"field 'request_id': no decision with id {request_id!r}{hint}")
+            if check_owner and row[1] != tenant:
+                raise ForbiddenFeedbackError(f"field 'request_id': {request_id!r} was not made with a key of this tenant")
+            if self._db.execute("SELECT 1 FROM feedback WHERE request_id=?", (request_id,)).fetchone() is not None:
+                raise DuplicateFeedbackError(f"field 'request_id': feedback for {request_id!r} was already recorded")
+            if self.ttl_s is not None and now - row[0] > self.ttl_s:
+                raise ExpiredRequestError(f"field 'request_id': {request_id!r} expired (feedback is accepted for {self.ttl_s:g} s after the request)")
+            # the one commit a 2xx promises: fsync the WAL before returning
+            self._db.execute("PRAGMA synchronous=FULL")
             try:
-                cur = self._db.execute("INSERT INTO feedback (request_id, reward, created) VALUES (?, ?, ?)", (request_id, float(reward), time.time()))
-            except sqlite3.IntegrityError:
+                cur = self._db.execute("INSERT INTO feedback (request_id, reward, created) VALUES (?, ?, ?)", (request_id, float(reward), now))
+            except sqlite3.IntegrityError:  # posted by another process between the check and the insert
                 raise DuplicateFeedbackError(f"field 'request_id': feedback for {request_id!r} was already recorded") from None
+            finally:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             return int(cur.lastrowid)
 
     def events(self, after: int = 0, limit: int = 10_000) -> list[FeedbackEvent]:

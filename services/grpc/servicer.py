@@ -3,6 +3,11 @@
 Ray Serve's gRPC proxy calls the ingress deployment's method named after the RPC, so these live
 in a mixin that ``Ingress`` inherits: the same routing, validation and pools as HTTP. Errors set
 the gRPC status (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS) with a message naming the field.
+
+Every call is authenticated from its ``authorization`` metadata (``Bearer <key>``) with the
+scope of the method (``services.auth.GRPC_SCOPES``): UNAUTHENTICATED (no or bad key),
+PERMISSION_DENIED (scope, another tenant's request id), RESOURCE_EXHAUSTED (rate limit, with a
+``retry-after`` trailer; message larger than the key's cap).
 """
 
 import json
@@ -11,10 +16,13 @@ from typing import Any, AsyncIterator
 import grpc
 from pydantic import ValidationError
 
+from services import auth
 from services.grpc import cmr_pb2 as pb
 from services.schemas import AUTO, ChatCompletionRequest, FeedbackBody, RouteRequestBody, RoutingOptions
 
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ALREADY_EXISTS}
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
+          404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ALREADY_EXISTS, 410: grpc.StatusCode.NOT_FOUND,
+          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 
 
 def _routing(r: "pb.Routing") -> dict[str, Any]:
@@ -50,14 +58,39 @@ def _validation_message(e: ValidationError) -> str:
     return f"field '{'.'.join(str(x) for x in first['loc'])}': {first['msg']}"
 
 
+def _authenticate(ctx, method: str, request) -> bool:
+    """Authenticate the call and set the principal for this request; False (status set) if refused."""
+    try:
+        p = auth.grpc_authenticate(auth.active(), ctx.invocation_metadata() if ctx is not None else (), method, request.ByteSize())
+    except auth.AuthError as e:
+        _fail(ctx, e.status, e.message)
+        if e.retry_after is not None and ctx is not None:
+            ctx.set_trailing_metadata([("retry-after", str(max(1, int(e.retry_after + 0.999))))])
+        return False
+    auth.set_principal(p)
+    return True
+
+
+def _prompt_error(self, texts: list[tuple[str, str]]) -> str | None:
+    cap = self.args.max_prompt_chars
+    for name, text in texts:
+        if len(text) > cap:
+            return f"field '{name}': prompt of {len(text)} characters is longer than the limit of {cap}"
+    return None
+
+
 class GrpcServicerMixin:
     """``Route``, ``Chat`` (server streaming), ``Feedback``, ``RegisterModel``, ``ListModels``."""
 
     async def Route(self, request: "pb.RouteRequest", grpc_context=None) -> "pb.RouteReply":
         from services.ingress import APIError
 
+        if not _authenticate(grpc_context, "Route", request):
+            return pb.RouteReply()
         try:
             body = RouteRequestBody(query=request.query, routing=RoutingOptions(**_routing(request.routing)), record=not request.no_record)
+            if (msg := _prompt_error(self, [("query", body.query)])) is not None:
+                raise APIError(400, msg, "query")
             return _reply(await self._decide(body.query, body.routing, servable_only=False, record=body.record))
         except ValidationError as e:
             _fail(grpc_context, 400, _validation_message(e))
@@ -68,6 +101,8 @@ class GrpcServicerMixin:
     async def Chat(self, request: "pb.ChatRequest", grpc_context=None) -> AsyncIterator["pb.ChatChunk"]:
         from services.ingress import APIError
 
+        if not _authenticate(grpc_context, "Chat", request):
+            raise GrpcAbort(grpc_context.details() if grpc_context is not None else "refused")
         try:
             fields: dict[str, Any] = {"model": request.model or AUTO, "routing": _routing(request.routing), "stop": list(request.stop) or None,
                                       "messages": [{"role": m.role, "content": m.content} for m in request.messages]}
@@ -77,6 +112,8 @@ class GrpcServicerMixin:
                 if request.HasField(opt):
                     fields[opt] = getattr(request, opt)
             body = ChatCompletionRequest(**fields)
+            if (msg := _prompt_error(self, [(f"messages.{i}.content", m.content) for i, m in enumerate(body.messages)])) is not None:
+                raise APIError(400, msg, "messages")
             d, it, first = await self._start(body, {"messages": [m.model_dump() for m in body.messages]})
         except ValidationError as e:
             _fail(grpc_context, 400, msg := _validation_message(e))
@@ -96,24 +133,39 @@ class GrpcServicerMixin:
                            prompt_tokens=int(last.get("prompt_tokens", 0)), completion_tokens=int(last.get("completion_tokens", 0)))
 
     async def Feedback(self, request: "pb.FeedbackRequest", grpc_context=None) -> "pb.FeedbackReply":
+        from services import metrics
+
+        if not _authenticate(grpc_context, "Feedback", request):
+            return pb.FeedbackReply()
         try:
             body = FeedbackBody(request_id=request.request_id, reward=request.reward)
         except ValidationError as e:
+            metrics.feedback("invalid")
             _fail(grpc_context, 400, _validation_message(e))
             return pb.FeedbackReply()
-        res = await self.router.feedback.remote(body.request_id, body.reward)
+        who = auth.current_principal() or auth.OPEN
+        res = await self.router.feedback.remote(body.request_id, body.reward, who.tenant, not self.args.auth.open)
         if "error" in res:
             _fail(grpc_context, int(res["status"]), res["error"])
             return pb.FeedbackReply()
         return pb.FeedbackReply(accepted=True, offset=res["offset"])
 
     async def RegisterModel(self, request: "pb.RegisterModelRequest", grpc_context=None) -> "pb.RegisterModelReply":
+        if not _authenticate(grpc_context, "RegisterModel", request):
+            return pb.RegisterModelReply()
         cards = []
-        for c in request.cards:
+        for i, c in enumerate(request.cards):
             try:
                 backend = json.loads(c.backend_json) if c.backend_json else {}
             except ValueError:
-                _fail(grpc_context, 400, f"field 'backend_json': model {c.id!r} has invalid JSON")
+                _fail(grpc_context, 400, f"field 'cards.{i}.backend_json': model {c.id!r} has invalid JSON")
+                return pb.RegisterModelReply()
+            if not isinstance(backend, dict):
+                _fail(grpc_context, 400, f"field 'cards.{i}.backend_json': must be a JSON object, got {type(backend).__name__}")
+                return pb.RegisterModelReply()
+            engine = backend.get("engine")
+            if engine is not None and engine not in ("transformers", "vllm", "openai"):
+                _fail(grpc_context, 400, f"field 'cards.{i}.backend_json.engine': must be transformers, vllm or openai, got {engine!r}")
                 return pb.RegisterModelReply()
             cards.append({"id": c.id, "family": c.family or None, "domain": c.domain or None, "description": c.description,
                           "cost": c.cost, "backend": backend, "profile": dict(c.profile)})
@@ -127,6 +179,8 @@ class GrpcServicerMixin:
         return pb.RegisterModelReply(hub_version=res["hub_version"], registered=res["registered"])
 
     async def ListModels(self, request: "pb.ListModelsRequest", grpc_context=None) -> "pb.ListModelsReply":
+        if not _authenticate(grpc_context, "ListModels", request):
+            return pb.ListModelsReply()
         out = []
         for c in await self.router.models.remote():
             servable = bool(c["backend"].get("engine"))

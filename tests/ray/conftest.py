@@ -61,7 +61,9 @@ def served(ray_session, tmp_path_factory, request):
         grpc_options = {"port": grpc_port, "grpc_servicer_functions": servicer_functions()}
     serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options)
     home = tmp_path_factory.mktemp("cmr_home")
-    fields = {"home": str(home), "train_limit": 40, "learner": {"poll_s": 0.5}, **getattr(request.module, "APP_ARGS", {})}
+    # API keys are on by default in the server; these tests run in explicit open mode unless the
+    # module's APP_ARGS says otherwise (tests/ray/test_security.py)
+    fields = {"home": str(home), "train_limit": 40, "learner": {"poll_s": 0.5}, "auth": {"open": True}, **getattr(request.module, "APP_ARGS", {})}
     args = AppArgs(**fields)
     factory = None
     if getattr(request.module, "ENGINE_FACTORY", None) == "fake-vllm":

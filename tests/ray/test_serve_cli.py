@@ -38,9 +38,14 @@ def test_cmr_serve_starts_serves_and_stops(tmp_path):
             if line.startswith("cmr: serving") or time.monotonic() > end:
                 break
         assert lines and lines[-1].startswith(f"cmr: serving http://127.0.0.1:{port}/v1"), lines
+        # API keys are on: the first start created the bootstrap key, printed once and saved 0600
+        key = (tmp_path / "serve" / "bootstrap.key").read_text().strip()
+        assert any(key in line for line in lines) and (tmp_path / "serve" / "bootstrap.key").stat().st_mode & 0o077 == 0
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             assert c.get("/healthz").json()["checkpoint_version"] == 1
-            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3})
+            msg = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
+            assert c.post("/v1/chat/completions", json=msg).status_code == 401
+            r = c.post("/v1/chat/completions", json=msg, headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200 and r.json()["model"] in ("tiny-gpt2-a", "tiny-gpt2-b")
         assert (tmp_path / "serve" / "hub.sqlite").is_file() and (tmp_path / "models" / "tiny-gpt2-a" / "config.json").is_file()
     finally:

@@ -1,0 +1,115 @@
+"""The decision/feedback store's durability details: owners (tenant checks), expiry (410) and
+purge, bad rewards refused with nothing stored, the schema upgrade of an existing file, and a
+feedback event surviving a killed writer process."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from cmr.types import Decision
+from services.store import (DecisionStore, DuplicateFeedbackError, ExpiredRequestError, ForbiddenFeedbackError,
+                            UnknownRequestError)
+
+
+def _record(st: DecisionStore, *rids: str) -> None:
+    ds = [Decision(model="m1", score=0.5, utility=0.5, alternatives=[], checkpoint_version=1, request_id=r) for r in rids]
+    st.record(ds, [f"query {r}" for r in rids], np.zeros((len(rids), 4), np.float32), [0.1] * len(rids))
+
+
+def test_owner_checks_and_rejections_store_nothing(tmp_path):
+    st = DecisionStore(tmp_path / "d.sqlite")
+    _record(st, "r1", "r2", "r3")
+    st.set_owners([("r1", "k1", "acme"), ("r2", "k2", "other")])
+    assert st.owner("r1") == ("k1", "acme") and st.owner("r3") == (None, None) and st.owner("nope") is None
+    with pytest.raises(ForbiddenFeedbackError, match="request_id"):
+        st.add_feedback("r2", 1.0, tenant="acme", check_owner=True)
+    with pytest.raises(ForbiddenFeedbackError):  # made without a key: no tenant may claim it
+        st.add_feedback("r3", 1.0, tenant="acme", check_owner=True)
+    for bad in (float("nan"), float("inf"), -0.1, 1.5, "0.5", True, None):
+        with pytest.raises(ValueError, match="reward"):
+            st.add_feedback("r1", bad, tenant="acme", check_owner=True)
+    with pytest.raises(UnknownRequestError, match="request_id"):
+        st.add_feedback("nope", 1.0, tenant="acme", check_owner=True)
+    assert st.last_offset() == 0 and st.events() == []  # nothing stored by any refusal
+    # the same tenant may post with another of its keys (e.g. a feedback-only key)
+    assert st.add_feedback("r1", 0.75, tenant="acme", check_owner=True) == 1
+    with pytest.raises(DuplicateFeedbackError, match="already recorded"):
+        st.add_feedback("r1", 0.75, tenant="acme", check_owner=True)
+    assert st.add_feedback("r3", 0.0) == 2  # open mode: no owner check
+    assert [(e.request_id, e.reward) for e in st.events()] == [("r1", 0.75), ("r3", 0.0)]
+
+
+def test_expired_ids_are_refused_and_purged(tmp_path):
+    st = DecisionStore(tmp_path / "d.sqlite", ttl_s=0.3, purge_every_s=3600)
+    _record(st, "old-with-feedback", "old", "young")
+    st.add_feedback("old-with-feedback", 1.0)
+    time.sleep(0.4)
+    _record(st, "new")
+    with pytest.raises(ExpiredRequestError, match="expired"):
+        st.add_feedback("old", 1.0)
+    assert st.last_offset() == 1
+    assert st.purge_expired() == 2  # "old" and "young": past the ttl, no feedback
+    with pytest.raises(UnknownRequestError, match="expired and purged"):
+        st.add_feedback("old", 1.0)
+    # a decision with feedback stays: the learner's events join with it
+    assert [e.request_id for e in st.events()] == ["old-with-feedback"] and st.decision("old-with-feedback") is not None
+    assert st.add_feedback("new", 0.5) == 2
+
+
+def test_record_purges_on_its_own(tmp_path):
+    st = DecisionStore(tmp_path / "d.sqlite", ttl_s=0.2, purge_every_s=0.0)
+    _record(st, "a")
+    time.sleep(0.3)
+    _record(st, "b")  # purges "a" on the way
+    assert st.decision("a") is None and st.decision("b") is not None
+
+
+def test_old_file_gains_owner_columns(tmp_path):
+    path = tmp_path / "d.sqlite"
+    db = sqlite3.connect(path)  # the first release's schema, with one decision in it
+    db.executescript("""
+        CREATE TABLE decisions (request_id TEXT PRIMARY KEY, created REAL NOT NULL, query TEXT NOT NULL, embedding BLOB,
+                                model TEXT NOT NULL, cost REAL NOT NULL, decision TEXT NOT NULL);
+        CREATE TABLE feedback (offset INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE, reward REAL NOT NULL, created REAL NOT NULL);
+        CREATE TABLE cursors (name TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+    """)
+    d = Decision(model="m1", score=0.5, utility=0.5, alternatives=[], checkpoint_version=1, request_id="old")
+    import json
+
+    db.execute("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?)", ("old", time.time(), "q", None, "m1", 0.0, json.dumps(d.to_dict())))
+    db.commit()
+    db.close()
+    st = DecisionStore(path)
+    assert st.owner("old") == (None, None)
+    _record(st, "new")
+    st.set_owners([("new", "k", "t")])
+    assert st.owner("new") == ("k", "t") and st.add_feedback("old", 1.0) == 1
+
+
+def _post_then_die(path: str, conn) -> None:
+    st = DecisionStore(path)
+    off = st.add_feedback("r1", 0.5)
+    conn.send(off)  # the "2xx": sent only after add_feedback returned
+    import os
+
+    os._exit(1)  # no close, no checkpoint of the WAL: the process dies
+
+
+def test_acknowledged_feedback_survives_a_killed_writer(tmp_path):
+    path = tmp_path / "d.sqlite"
+    st = DecisionStore(path)
+    _record(st, "r1")
+    st.close()
+    parent, child = mp.get_context("spawn").Pipe()
+    p = mp.get_context("spawn").Process(target=_post_then_die, args=(str(path), child))
+    p.start()
+    off = parent.recv()
+    p.join(30)
+    assert p.exitcode == 1
+    st = DecisionStore(path)
+    assert [(e.offset, e.request_id, e.reward) for e in st.events()] == [(off, "r1", 0.5)]

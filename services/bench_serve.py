@@ -223,7 +223,8 @@ def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests:
     from services.pools.tiny import TINY_SPECS
 
     direct_model = TINY_SPECS[0][0]
-    args = AppArgs(home=str(home), policy="knn", train_limit=train_limit, learner={"enabled": False})
+    # loopback benchmark: explicit open mode (no API keys, no per-key rate limit in the way)
+    args = AppArgs(home=str(home), policy="knn", train_limit=train_limit, learner={"enabled": False}, auth={"open": True})
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -340,6 +340,21 @@ def test_rayjob_entrypoints_are_valid_cmr_commands(overlay):
         pytest.skip(f"`cmr {missing[0]}` is not in the CLI yet (issue 6, part A): its RayJob's arguments are unchecked")
 
 
+@needs_kubectl
+def test_head_waits_for_the_data_then_starts(tmp_path):
+    """The head's init container, run here on a temp folder: it waits (saying how to copy the
+    data) until the ready marker exists, then exits 0."""
+    (svc,) = of_kind(built("cpu"), "RayService")
+    (init,) = svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["initContainers"]
+    assert init["command"][:2] == ["bash", "-c"]
+    script = init["command"][2].replace("/data/.ready", str(tmp_path / ".ready")).replace("sleep 10", "sleep 0.2")
+    with pytest.raises(subprocess.TimeoutExpired) as waiting:
+        subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=1)
+    assert b"kubectl cp" in (waiting.value.stdout or b"")  # bytes, whatever text= says
+    (tmp_path / ".ready").touch()
+    assert subprocess.run(["bash", "-c", script], capture_output=True, timeout=10).returncode == 0
+
+
 # -- the checks catch mistakes --------------------------------------------------------------------
 def _broken_overlay(tmp_path: Path, patch: list[dict[str, Any]], target: str = "RayService") -> list[dict[str, Any]]:
     """An overlay in tmp_path on top of the real base with one JSON patch, built."""

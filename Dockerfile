@@ -8,8 +8,13 @@
 # k8s/overlays/{cpu,gpu} name these two tags. The project lives in /opt/cmr (cluster/ray_job.py is
 # the RayJobs' entrypoint there); state in CMR_HOME=/var/lib/cmr, data in CMR_DATA=/data (both on
 # the cmr-home volume in Kubernetes). Models load offline: MiniLM ships in a pip package.
+# Without Kubernetes: docker run -p 8000:8000 -p 9000:9000 -v DIR:/var/lib/cmr -v DATA:/data IMAGE
+# runs `cmr serve` (KubeRay replaces the command with its own `ray start`).
 
 ARG PYTHON_VERSION=3.11
+# the torch pin of pyproject.toml; each target takes the build for its hardware (declared before
+# the first FROM and again in each stage that uses it: ARGs do not cross stage boundaries)
+ARG TORCH_VERSION=2.13.0
 
 FROM python:${PYTHON_VERSION}-slim AS base
 # wget: KubeRay's default liveness/readiness probes call it; tini reaps Ray's child processes
@@ -24,8 +29,6 @@ ENV PYTHONUNBUFFERED=1 \
     CMR_NO_PROGRESS=1 \
     CMR_HOME=/var/lib/cmr \
     CMR_DATA=/data
-# the torch pin of pyproject.toml; each target takes the build for its hardware
-ARG TORCH_VERSION=2.13.0
 WORKDIR /opt/cmr
 # the build context is the repository less .dockerignore: pyproject.toml, README.md and the
 # packages (cmr/, services/, tune/), plus cluster/ for the job entrypoint
@@ -35,6 +38,7 @@ COPY . /opt/cmr
 # faiss-cpu (a core dependency) both install the `faiss` module: remove the CPU one, then
 # reinstall the GPU one so that its files are the ones left.
 FROM base AS gpu
+ARG TORCH_VERSION
 RUN pip install "torch==${TORCH_VERSION}" \
  && pip install "/opt/cmr[vllm,faiss-gpu]" \
  && FAISS_GPU="$(pip show faiss-gpu-cu12 | sed -n 's/^Version: //p')" \
@@ -43,15 +47,16 @@ RUN pip install "torch==${TORCH_VERSION}" \
  && python -c "import ray, torch, vllm, faiss; assert ray.__version__ == '2.60.0', ray.__version__; print('ray', ray.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__, 'faiss gpus', faiss.get_num_gpus())"
 RUN mkdir -p /var/lib/cmr /data /models
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["cmr", "serve"]
+CMD ["cmr", "serve", "--host", "0.0.0.0"]
 
 # CPU variant (default, last stage): torch from the PyTorch CPU index (no CUDA libraries, a few
 # hundred MB instead of several GB); pip then keeps that build for the pinned version.
 FROM base AS cpu
+ARG TORCH_VERSION
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
  && pip install /opt/cmr \
  && python -c "import ray, torch, faiss, cmr, services.app; assert ray.__version__ == '2.60.0', ray.__version__; print('ray', ray.__version__, 'torch', torch.__version__)"
 RUN mkdir -p /var/lib/cmr /data /models
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["cmr", "serve"]
+CMD ["cmr", "serve", "--host", "0.0.0.0"]

@@ -167,7 +167,9 @@ def test_dockerfile_installs_the_declared_extras_and_pins():
     assert "download.pytorch.org/whl/cpu" in " ".join(rest for _, rest in stages["cpu"])
     # pins: torch and ray as pyproject.toml has them, Python as requires-python allows
     base = " ".join(rest for _, rest in stages[""] + stages["base"])
-    assert f"TORCH_VERSION={pinned('torch')}" in base
+    assert ("ARG", f"TORCH_VERSION={pinned('torch')}") in stages[""]  # global, before the first FROM
+    for target in ("cpu", "gpu"):  # and declared again where it is used
+        assert ("ARG", "TORCH_VERSION") in stages[target] and '"torch==${TORCH_VERSION}"' in _run(stages[target])
     assert pinned("ray[") == "2.60.0"
     for target in ("cpu", "gpu"):
         assert f"ray.__version__ == '{pinned('ray[')}'" in _run(stages[target])

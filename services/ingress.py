@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from services import metrics
@@ -26,6 +27,9 @@ from services import auth
 from services.config import AppArgs
 from services.grpc.servicer import GrpcServicerMixin
 from services.schemas import AUTO, ChatCompletionRequest, CompletionRequest, FeedbackBody, RegisterBody, RetireBody, RouteRequestBody
+
+#: a pool replica that died or became unreachable, or a generation that raised: retried, then fallen back
+_REPLICA_FAILURES = (RayActorError, RayTaskError)
 
 app = FastAPI(title="cmr", description="Continual model router: OpenAI-compatible API with routing extensions")
 # API keys, scopes, rate limits and the body cap, before any route runs (services/auth.py)
@@ -89,6 +93,7 @@ def _routing_field(d: dict[str, Any]) -> dict[str, Any]:
     return {
         "request_id": d["request_id"], "model": d["model"], "score": d["score"], "utility": d["utility"],
         "alternatives": [{"model": m, "score": s} for m, s in d["alternatives"]], "checkpoint_version": d["checkpoint_version"],
+        **({"fallback": d["fallback"]} if d.get("fallback") else {}),
     }
 
 
@@ -97,12 +102,18 @@ def _headers(d: dict[str, Any]) -> dict[str, str]:
         "x-cmr-request-id": d["request_id"], "x-cmr-model": d["model"], "x-cmr-score": f"{d['score']:.6g}",
         "x-cmr-checkpoint-version": str(d["checkpoint_version"]),
         "x-cmr-alternatives": json.dumps([m for m, _ in d["alternatives"]]),
+        **({"x-cmr-fallback": json.dumps(d["fallback"])} if d.get("fallback") else {}),
     }
 
 
 async def _prepend(first: dict[str, Any], it: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     yield first
     async for ch in it:
+        yield ch
+
+
+async def _replay(chunks: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    for ch in chunks:
         yield ch
 
 
@@ -221,17 +232,57 @@ class Ingress(GrpcServicerMixin):
             raise APIError(400, f"field 'backend.pool': no pool {name!r} serves {model!r}; pools: {', '.join(self.pools) or 'none'}", "model")
         return self.pools[name]
 
-    async def _start(self, body, gen: dict[str, Any]) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]], dict[str, Any]]:
-        """Decide, open the pool's stream, and read its first chunk (so load errors become 4xx)."""
+    async def _start(self, body, gen: dict[str, Any], collect: bool | None = None) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]], dict[str, Any]]:
+        """Decide, open the pool's stream, and read its first chunk (so load errors become 4xx).
+
+        A pool replica that dies (or a generation that raises) is survived: the request runs once
+        more on the same model (Serve routes it to another replica of the pool), then on the
+        decision's runner-ups in order; ``d["fallback"]`` says so. ``collect`` (default: not
+        ``body.stream``) reads the whole generation here, so a non-streaming request is retried
+        whole; a streaming one only until its first chunk (later failures are reported in-band).
+        """
         d = await self._decide(body.query(), body.routing, servable_only=True, model=body.model)
-        gen = {**gen, "model": d["model"], "max_tokens": body.token_limit(), "temperature": body.temperature,
+        gen = {**gen, "max_tokens": body.token_limit(), "temperature": body.temperature,
                "top_p": body.top_p, "stop": body.stop_list(), "seed": body.seed}
-        stream = self._pool(d["model"], d.get("pool")).options(stream=True, multiplexed_model_id=d["model"]).generate.remote(gen)
+        collect = not getattr(body, "stream", False) if collect is None else collect
+        plan = [d["model"], d["model"]] + [m for m, _ in d["alternatives"] if m != d["model"]]
+        cur, failures = d, []
+        for attempt, model in enumerate(plan):
+            if model != cur["model"]:
+                try:  # a decision of its own, recorded: feedback then rewards the model that answered
+                    alt = await self._decide(body.query(), body.routing, servable_only=True, model=model)
+                except APIError:
+                    continue
+                rest = [a for a in d["alternatives"] if a[0] != model]
+                cur = {**alt, "alternatives": rest}
+            try:
+                it, first = await self._open(cur, gen, collect)
+            except _REPLICA_FAILURES as e:
+                died = isinstance(e, RayActorError)  # ActorDiedError, ActorUnavailableError
+                if died:  # the pool counts its own generation errors; a dead replica cannot
+                    metrics.pool_error(self.pool_of.get(model) or cur.get("pool") or self.default_pool or "?")
+                logging.getLogger("cmr.serve.ingress").warning("generation of %s failed (attempt %d): %s", model, attempt + 1, e)
+                failures.append(("replica_died" if died else "pool_error", f"{model}: {type(e).__name__}"))
+                continue
+            if failures:
+                reason = failures[-1][0]
+                cur = {**cur, "fallback": {"from": d["model"], "to": cur["model"], "reason": reason, "attempts": attempt + 1,
+                                           "errors": [f for _, f in failures], "from_request_id": d["request_id"]}}
+                metrics.fallback(reason if cur["model"] == d["model"] else f"{reason}_next_model")
+            return cur, it, first
+        raise APIError(503, "generation failed on every replica and fallback model: " + "; ".join(f for _, f in failures), "model")
+
+    async def _open(self, d: dict[str, Any], gen: dict[str, Any], collect: bool) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
+        """Open the pool stream for ``d``'s model; the first chunk read (or all of them with ``collect``)."""
+        stream = self._pool(d["model"], d.get("pool")).options(stream=True, multiplexed_model_id=d["model"]).generate.remote({**gen, "model": d["model"]})
         it = stream.__aiter__()
         first = await it.__anext__()
         if "error" in first:
             raise APIError(int(first.get("status", 400)), first["error"], "model")
-        return d, it, first
+        if collect:
+            rest = [ch async for ch in it]
+            return _replay(rest), first
+        return it, first
 
     async def _collect(self, it, first) -> tuple[str, dict[str, Any]]:
         text, last = first["text"], first

@@ -4,16 +4,30 @@ It reads feedback events from the decision store after the offset of its last ch
 them to the continual learner (``cmr.continual.learner.Learner.consume``: bounded online steps,
 replay and consolidation for trainable policies, ``policy.update`` for the others), hears of hub
 registrations (new cards are added to the policy before learning), and writes the next
-checkpoint version (``cmr.checkpoint``). Routers see the new version and swap to it. The consumed
-offset is stored in the checkpoint's fingerprint, so a restarted learner resumes exactly where
-its last checkpoint ended.
+checkpoint version (``cmr.checkpoint``). Routers see the new version and swap to it.
+
+Exactly once: every checkpoint the learner writes (consolidations inside ``consume`` included)
+records in its fingerprint the offset range it applied, ``applied = [after, upto]`` (events with
+``after < offset <= upto``), and the version it was built on (``base``). A restarted learner loads
+the newest checkpoint that verifies and resumes after its ``offset``; events it had applied in
+memory but not checkpointed died with the process and are applied again, once. A failed step
+reloads that checkpoint too, so a half-applied batch is never applied twice. :func:`audit` walks
+the ``base`` chain of the newest valid checkpoint and counts how often each stored event was
+applied (target: every event ≤ its offset exactly once).
+
+The actor is created with ``max_restarts=-1`` (Ray restarts it after a crash), and the router holds
+it through :class:`LearnerClient`, which re-creates it if it was killed for good.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 from cmr import checkpoint
@@ -43,23 +57,31 @@ class LearnerActor:
         self.hub = HubStore(state / "hub.sqlite")
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self.instance = uuid.uuid4().hex[:12]  # a new one per (re)start: restarts are visible in status()
+        self.started = time.time()
+        self._load()
+        self.steps = 0
+        self.events_learnt = 0
+        self.failures = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        """(Re)load the newest valid checkpoint: policy, version, offset; a fresh ``Learner``."""
         ck = checkpoint.latest(self.root)
         if ck is None:
             raise checkpoint.CheckpointError(f"{self.root}: no valid checkpoint to learn from")
-        self.policy = checkpoint.load_policy(ck.path, encoder=encoder)
-        self.version = ck.version
-        # a consolidation checkpoint may lack the offset: the store's cursor is written after each save
+        self.policy = checkpoint.load_policy(ck.path, encoder=self.encoder)
+        self.version = self.base = ck.version
+        # an old consolidation checkpoint may lack the offset: the store's cursor is written after each save
         self.offset = int(ck.fingerprint.get("offset", self.store.cursor("learner")))
         self.hooks = RecordingHooks()
         la = self.args.learner
         self.learner = Learner(self.policy, hooks=[self.hooks], store=self.root, consolidate_every=la.consolidate_every,
                                events_per_step=la.events_per_step)
         self._hub_version = -1
-        self.steps = 0
-        self.events_learnt = 0
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        log.info("learner %s on checkpoint v%d, offset %d", self.instance, self.version, self.offset)
 
     def _loop(self) -> None:
         # wake on notify, or every poll_s: feedback written while nobody nudged is still learnt
@@ -69,7 +91,13 @@ class LearnerActor:
             try:
                 self.step()
             except Exception:  # keep the loop alive; the error is logged with its traceback
-                log.exception("learner step failed")
+                log.exception("learner step failed; reloading the last checkpoint")
+                self.failures += 1
+                try:
+                    with self._lock:
+                        self._load()  # a half-applied batch must not be applied again on top of itself
+                except Exception:
+                    log.exception("learner reload failed")
 
     def notify(self) -> None:
         """New feedback or a registration arrived: learn soon (returns at once)."""
@@ -85,32 +113,114 @@ class LearnerActor:
             events = self.store.events(after=self.offset)
             if len(events) < self.args.learner.min_events:
                 return None
-            self.learner.consume(events)
-            self.offset = int(events[-1].offset)
-            self.version = self.learner.checkpoint({"offset": self.offset, "events": len(events), "created": time.time()}).version
+            start, n = self.offset, 0
+            eps = self.args.learner.events_per_step
+            for i in range(0, len(events), eps):
+                part = events[i : i + eps]
+                upto = int(part[-1].offset)
+                # a consolidation checkpoint written inside consume() covers exactly the events so far
+                self.learner.fingerprint = {"offset": upto, "applied": [start, upto], "base": self.base}
+                n += len(part)
+                ck = self.learner.consume(part)
+                if ck is not None:
+                    self.version = self.base = ck.version
+                    start, n = upto, 0
+            self.learner.fingerprint = {}
+            upto = int(events[-1].offset)
+            if start < upto:
+                ck = self.learner.checkpoint({"offset": upto, "applied": [start, upto], "base": self.base,
+                                              "events": n, "created": time.time(), "learner": self.instance})
+                self.version = self.base = ck.version
+            self.offset = upto  # after the checkpoint: status() never shows the offset ahead of the version
             self.store.set_cursor("learner", self.offset)
             self.steps += 1
             self.events_learnt += len(events)
             log.info("learnt %d feedback events -> checkpoint v%d", len(events), self.version)
+            self._metrics()
             return self.version
+
+    def _metrics(self) -> None:
+        from services import metrics
+
+        metrics.checkpoint_version(self.version, role="learner")
+        metrics.learner_lag(self.store.last_offset() - self.offset)
 
     def status(self) -> dict[str, Any]:
         return {"checkpoint_version": self.version, "offset": self.offset, "steps": self.steps, "events_learnt": self.events_learnt,
-                "waiting": self.store.last_offset() - self.offset, "checkpoints_written": sum(1 for k, _ in self.hooks.log if k == "after_checkpoint")}
+                "waiting": self.store.last_offset() - self.offset, "instance": self.instance, "started": self.started,
+                "pid": os.getpid(), "failures": self.failures,
+                "checkpoints_written": sum(1 for k, _ in self.hooks.log if k == "after_checkpoint")}
 
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
 
 
-def get_or_create_learner(args: AppArgs):
-    """The app's learner actor, created detached on first call (the same one for every replica)."""
+def _create(args: AppArgs):
     import ray
 
     la = args.learner
     cls = ray.remote(LearnerActor)
+    # max_restarts=-1: Ray restarts a crashed learner, which resumes from its last checkpoint
     return cls.options(name=la.name, namespace=la.namespace, lifetime="detached", get_if_exists=True,
-                       num_cpus=0, max_concurrency=4).remote(args.to_dict())
+                       num_cpus=0, max_concurrency=4, max_restarts=-1).remote(args.to_dict())
+
+
+class _Method:
+    def __init__(self, client: "LearnerClient", name: str):
+        self.client, self.name = client, name
+
+    def remote(self, *a: Any, **kw: Any):
+        h = self.client.handle()
+        ref = getattr(h, self.name).remote(*a, **kw)
+        ref.future().add_done_callback(lambda f: self.client._seen(f, h))
+        return ref
+
+
+class LearnerClient:
+    """The router's hold on the learner: ``client.notify.remote()``, ``client.status.remote()`` as
+    on an actor handle, but a learner killed for good (``ray.kill``, or restarts exhausted) is
+    re-created on the next call; it resumes from its last checkpoint, so nothing is lost."""
+
+    def __init__(self, args: AppArgs):
+        self.args = args
+        self._handle = None
+        self._lock = threading.Lock()
+        self.recreated = 0
+
+    def handle(self):
+        with self._lock:
+            if self._handle is None:
+                self._handle = _create(self.args)
+            return self._handle
+
+    def _seen(self, fut, h) -> None:
+        # runs in Ray's callback thread once the call finished: a dead actor is dropped here
+        from ray.exceptions import ActorDiedError
+
+        try:
+            exc = fut.exception()
+        except BaseException:  # cancelled
+            return
+        if isinstance(exc, ActorDiedError):
+            with self._lock:
+                if self._handle is h:
+                    log.warning("learner actor died (%s); re-creating it on the next call", type(exc).__name__)
+                    self._handle = None
+                    self.recreated += 1
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Method(self, name)
+
+
+def get_or_create_learner(args: AppArgs) -> LearnerClient:
+    """The app's learner (one detached actor for every replica), created on first call and
+    re-created when it is gone."""
+    c = LearnerClient(args)
+    c.handle()
+    return c
 
 
 def learner_handle(args: AppArgs):
@@ -121,3 +231,63 @@ def learner_handle(args: AppArgs):
         return ray.get_actor(args.learner.name, namespace=args.learner.namespace)
     except ValueError:
         return None
+
+
+def _fingerprint(root: Path, version: int) -> dict[str, Any] | None:
+    # the chain is read from fingerprint.json alone: a base whose weights are corrupt still tells
+    # which events its successor's state contains (the learner held them in memory)
+    try:
+        return json.loads((checkpoint.version_dir(root, version) / "fingerprint.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def audit(args: AppArgs) -> dict[str, Any]:
+    """Which stored feedback events the newest valid checkpoint has learnt, and how often.
+
+    Walks ``base`` links from the newest checkpoint that verifies back to the first-start one,
+    adding up the ``applied`` offset ranges; every stored event at or below that checkpoint's
+    offset should be covered exactly once. Returns counts and the offending offsets (first 20).
+    """
+    root = checkpoint_root(args)
+    store = DecisionStore(args.state_dir() / "decisions.sqlite")
+    try:
+        offsets = [e.offset for e in store.events(after=0, limit=10**9)]
+    finally:
+        store.close()
+    ck = checkpoint.latest(root)
+    out: dict[str, Any] = {"accepted": len(offsets), "checkpoint_version": None, "chain": [], "broken": None}
+    if ck is None:
+        return {**out, "learnt": 0, "waiting": len(offsets), "lost": [], "duplicated": [], "n_lost": 0, "n_duplicated": 0}
+    upto = int(ck.fingerprint.get("offset", 0))
+    ranges: list[tuple[int, int]] = []
+    v, fp = ck.version, ck.fingerprint
+    while True:
+        out["chain"].append(v)
+        if "applied" in fp:
+            a, b = fp["applied"]
+            ranges.append((int(a), int(b)))
+        elif int(fp.get("offset", 0)) > 0:
+            out["broken"] = f"v{v} has offset {fp['offset']} but no applied range"
+            ranges.append((0, int(fp["offset"])))
+        if "base" not in fp:
+            break
+        v = int(fp["base"])
+        fp = _fingerprint(root, v)
+        if fp is None:
+            out["broken"] = f"base v{v} has no readable fingerprint"
+            break
+    import bisect
+
+    keys = sorted(o for o in offsets if o <= upto)
+    hits = [0] * len(keys)
+    for a, b in ranges:  # events with a < offset <= b
+        for j in range(bisect.bisect_right(keys, a), bisect.bisect_right(keys, b)):
+            hits[j] += 1
+    counts = dict(zip(keys, hits))
+    lost = sorted(o for o, c in counts.items() if c == 0)
+    dup = sorted(o for o, c in counts.items() if c > 1)
+    out["chain"].reverse()
+    return {**out, "checkpoint_version": ck.version, "offset": upto, "learnt": sum(1 for c in counts.values() if c == 1),
+            "waiting": sum(1 for o in offsets if o > upto), "n_lost": len(lost), "n_duplicated": len(dup), "lost": lost[:20],
+            "duplicated": dup[:20]}

@@ -3,6 +3,8 @@
 The engine of a model is built on first use from its hub card's ``backend`` (so a model
 registered at runtime with a backend is served without a restart) and kept in an LRU of a few
 engines per replica (``@serve.multiplexed``). Resources and autoscaling come from ``PoolConfig``.
+A generation that raises is counted (``cmr_pool_errors_total``) and re-raised: the ingress
+retries it on another replica, then falls back to the decision's runner-up.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from ray import serve
 
 from cmr.errors import CMRError
 from cmr.hub import HubStore
+from services import metrics
 from services.config import AppArgs
 from services.pools.base import EngineError, EngineFactory, GenRequest, make_engine
 
@@ -68,8 +71,13 @@ class PoolDeployment:
         except CMRError as e:
             yield {"error": str(e), "status": 400}
             return
-        async for chunk in engine.generate(req):
-            yield chunk.to_dict()
+        try:
+            async for chunk in engine.generate(req):
+                yield chunk.to_dict()
+        except Exception:
+            # counted here (the ingress retries it, then falls back to a runner-up model)
+            metrics.pool_error(self.pool)
+            raise
 
     async def check_health(self) -> None:
         # engines are checked by their own generate path; a pool with a dead hub store is unhealthy

@@ -1,0 +1,185 @@
+"""Faults survived, on the real served app: a pool replica killed mid-request, the learner killed,
+a corrupt latest checkpoint and the router replica killed.
+
+The pool serving the two tiny models runs two replicas; replicas and the learner are found and
+killed with Ray's own API (``ray.util.state.list_actors`` + ``ray.kill``), as an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.ray
+
+CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+#: filled in by the ``_pools`` fixture (before ``served`` reads it): the tiny models, 2 replicas
+APP_ARGS: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pools(tmp_path_factory):
+    """The embedded tiny pool, but with two replicas (so one can die while the other serves)."""
+    from services.config import AppArgs
+    from services.routing import effective_pools, prepare_models
+
+    models_home = AppArgs(home=str(tmp_path_factory.mktemp("tiny_models")))
+    prepare_models(models_home)
+    pools = [p.model_copy(update={"num_replicas": 2}).model_dump(mode="json") for p in effective_pools(models_home)]
+    APP_ARGS.update({"pools": pools, "learner": {"poll_s": 0.5}})
+    if "auth" in AppArgs.model_fields:  # local test server: explicit open mode (no API keys)
+        APP_ARGS["auth"] = {"open": True}
+    yield
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with httpx.Client(base_url=served.url, timeout=120) as c:
+        yield c
+
+
+def _replicas(deployment: str) -> list:
+    """Live replica actors of a deployment of the ``cmr`` app, as actor handles."""
+    import ray
+
+    # Serve names replica actors "SERVE_REPLICA::<app>#<deployment>#<id>" in namespace "serve";
+    # the names of dead actors are released, so these are the live ones
+    rows = ray.util.list_named_actors(all_namespaces=True)
+    names = [r["name"] for r in rows if r["namespace"] == "serve" and r["name"].startswith(f"SERVE_REPLICA::cmr#{deployment}#")]
+    out = []
+    for name in names:
+        try:
+            out.append(ray.get_actor(name, namespace="serve"))
+        except ValueError:  # died between the listing and the lookup
+            pass
+    return out
+
+
+def _wait(pred, what: str, deadline_s: float = 90, every: float = 0.3):
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what} (last: {got!r})")
+
+
+def _learner_status(client) -> dict:
+    return client.get("/healthz").json().get("learner", {})
+
+
+def test_pool_replica_killed_mid_request(served, client):
+    import ray
+
+    reps = _wait(lambda: len(r := _replicas("Pool-local")) == 2 and r, "two pool replicas")
+    # warm both models on both replicas (the multiplexed loaders), so the kill hits generation
+    for _ in range(6):
+        for m in ("tiny-gpt2-a", "tiny-gpt2-b"):
+            assert client.post("/v1/chat/completions", json={"model": m, "messages": CHAT, "max_tokens": 2}).status_code == 200
+
+    async def burst(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=180) as ac:
+            body = {"model": "auto", "messages": CHAT, "max_tokens": 256, "temperature": 1.0}
+            tasks = [asyncio.create_task(ac.post("/v1/chat/completions", json=body)) for _ in range(n)]
+
+            def busy() -> list:
+                counts = ray.get([r.get_num_ongoing_requests.remote() for r in reps])
+                return [r for r, c in zip(reps, counts) if c > 0]
+
+            victim = None
+            end = time.monotonic() + 60
+            while victim is None and time.monotonic() < end:  # kill a replica while it is generating
+                b = await asyncio.to_thread(busy)
+                victim = b[0] if b else None
+                await asyncio.sleep(0.05)
+            assert victim is not None, "no pool replica ever had a request in flight"
+            ray.kill(victim)
+            return await asyncio.gather(*tasks)
+
+    rs = asyncio.run(burst(8))
+    assert [r.status_code for r in rs] == [200] * len(rs), [r.text[:200] for r in rs if r.status_code != 200]
+    fell = [r for r in rs if "fallback" in r.json()["routing"]]
+    assert fell, "the killed replica's requests should say they were retried or fell back"
+    for r in fell:
+        fb = r.json()["routing"]["fallback"]
+        assert fb["reason"] == "replica_died" and fb["attempts"] >= 2 and fb["to"] == r.json()["model"]
+        assert json.loads(r.headers["x-cmr-fallback"]) == fb and r.json()["choices"][0]["message"]["content"]
+        if fb["to"] != fb["from"]:  # served by a runner-up: its own recorded decision, so feedback rewards it
+            assert r.json()["id"] != fb["from_request_id"]
+        assert client.post("/v1/feedback", json={"request_id": r.json()["id"], "reward": 1.0}).status_code == 200
+    # Serve replaces the dead replica; the pool serves on meanwhile
+    _wait(lambda: len(_replicas("Pool-local")) == 2, "the pool back at two replicas", 120)
+    assert client.post("/v1/chat/completions", json={"model": "auto", "messages": CHAT, "max_tokens": 4}).status_code == 200
+
+
+def test_learner_killed_feedback_learnt_exactly_once(served, client):
+    import ray
+
+    from services.learner import audit, learner_handle
+
+    before = _wait(lambda: (s := _learner_status(client)).get("waiting") == 0 and s, "an idle learner")
+    ids = [client.post("/v1/route", json={"query": f"Translate sentence {i} to German."}).json()["request_id"] for i in range(6)]
+    # killed for good (no Ray restart): routing goes on, on the last checkpoint; feedback is still
+    # accepted, and the router re-creates the learner on a later call
+    ray.kill(learner_handle(served.args))
+    for rid in ids:
+        assert client.post("/v1/feedback", json={"request_id": rid, "reward": 0.8}).status_code == 200
+        r = client.post("/v1/route", json={"query": "routing goes on"})
+        assert r.status_code == 200 and r.json()["checkpoint_version"] >= 1
+    after = _wait(lambda: (s := _learner_status(client)).get("instance") not in (None, before["instance"]) and s.get("waiting") == 0 and s,
+                  "a re-created learner to catch up")
+    a = audit(served.args)
+    assert a["n_lost"] == 0 and a["n_duplicated"] == 0 and a["broken"] is None, a
+    assert a["learnt"] == a["accepted"] >= 6 and a["waiting"] == 0 and a["checkpoint_version"] == after["checkpoint_version"]
+
+
+def test_corrupt_checkpoint_skipped_by_restarted_router(served, client):
+    import ray
+
+    from cmr import checkpoint
+    from services.learner import audit
+    from services.routing import checkpoint_root
+
+    root = checkpoint_root(served.args)
+    _wait(lambda: _learner_status(client).get("waiting") == 0, "an idle learner")
+    rid = client.post("/v1/route", json={"query": "Summarise this article."}).json()["request_id"]
+    assert client.post("/v1/feedback", json={"request_id": rid, "reward": 1.0}).status_code == 200
+    newest = _wait(lambda: (h := client.get("/healthz").json())["learner"].get("waiting") == 0
+                   and h["checkpoint_version"] == h["learner"]["checkpoint_version"] and h["checkpoint_version"], "the router on the newest checkpoint")
+    assert checkpoint.versions(root)[-1] == newest
+    good = checkpoint.versions(root)[-2]
+    (checkpoint.version_dir(root, newest) / "weights.npz").write_bytes(b"torn write")  # the newest no longer verifies
+    card = {"id": "faults/added-before-restart", "description": "a card registered before the router restart", "cost": 0.5}
+    assert client.post("/v1/admin/models", json=card).status_code == 201
+    pending = client.post("/v1/route", json={"query": "A decision made before the restart."}).json()["request_id"]
+    routers = _replicas("Router")
+    for r in routers:
+        ray.kill(r)
+    # the replacement comes back with the newest checkpoint that verifies, the hub and the decision store
+    _wait(lambda: (h := _safe_health(client)) and h.get("checkpoint_version") == good, "a restarted router", 180, 1.0)
+    assert not {a._actor_id for a in routers} & {a._actor_id for a in _replicas("Router")}
+    models = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert card["id"] in models
+    r = client.post("/v1/route", json={"query": "Translate to French."})
+    assert r.status_code == 200 and r.json()["checkpoint_version"] == good
+    chat = client.post("/v1/chat/completions", json={"model": "auto", "messages": CHAT, "max_tokens": 4})
+    assert chat.status_code == 200 and chat.json()["routing"]["checkpoint_version"] == good
+    # feedback for a decision made before the restart is accepted; the learner (which held the
+    # corrupt version's state in memory) writes a newer valid one and the router swaps to it
+    assert client.post("/v1/feedback", json={"request_id": pending, "reward": 0.5}).status_code == 200
+    _wait(lambda: (_safe_health(client) or {}).get("checkpoint_version", 0) > newest, "the router on the learner's next checkpoint")
+    a = audit(served.args)
+    assert a["n_lost"] == 0 and a["n_duplicated"] == 0 and a["waiting"] == 0, a
+
+
+def _safe_health(client) -> dict | None:
+    try:
+        r = client.get("/healthz", timeout=10)
+    except httpx.HTTPError:  # the router is restarting
+        return None
+    return r.json() if r.status_code == 200 else None

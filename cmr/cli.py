@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("services.serve_cli", "start Ray locally and serve the router"),
     "keys": ("services.keys_cli", "create, list and revoke the served app's API keys"),
     "train": ("cmr.train", "train a policy over the CMRBench experiences, a checkpoint after each"),
+    "tune": ("tune.cli", "Ray Tune sweeps (Optuna + ASHA): continual-router knobs, or the cost weight λ; Pareto front + chosen config"),
+    "calibrate": ("cmr.calibrate", "compute the cost weight λ for a traffic target and apply it to the router"),
 }
 
 

@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="checkpoint root (versions v000001, ... are written under it)")
     p.add_argument("--ray", action="store_true", help="run inside a Ray Train TorchTrainer (1 CPU worker, local Ray)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="policy config options")
+    p.add_argument("--config", default=None, metavar="FILE.json", help="policy config as a JSON object, e.g. `cmr tune cmr`'s chosen_config.json (--set wins)")
     p.add_argument("--experiences", type=int, default=None, help="train only the first N experiences")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training requests of each experience (smoke runs)")
 
@@ -138,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
     if not is_cmrbench_dir(data):
         raise TrainError(f"--data {data}: not a CMRBench folder (no hub.jsonl)")
     cls = policy_class(args.policy)
-    config = parse_sets(args.set, cls.Config)
+    from cmr.bench.common import load_config_file
+
+    config = {**load_config_file(getattr(args, "config", None)), **parse_sets(args.set, cls.Config)}
     try:
         cls.Config.from_dict(config)
     except (TypeError, ValueError) as e:

@@ -47,7 +47,7 @@ class RouterDeployment:
     async def route_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Route a batch: each item is ``{query, lam, filters, k, servable_only, record}``;
         each result is ``{"decision": {...}}`` or ``{"error": message, "status": code}``."""
-        parsed = [RouteRequest(query=r["query"], lam=float(r.get("lam", 0.0)), filters=Filters(**(r.get("filters") or {})),
+        parsed = [RouteRequest(query=r["query"], lam=None if r.get("lam") is None else float(r["lam"]), filters=Filters(**(r.get("filters") or {})),
                                k=int(r.get("k", self.args.top_k)), servable_only=bool(r.get("servable_only", False)),
                                record=bool(r.get("record", True))) for r in reqs]
 

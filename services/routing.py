@@ -17,7 +17,7 @@ import logging
 import threading
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,7 +45,8 @@ class RouteRequest:
     """One routing question: the query text, the cost weight λ, filters, decision size."""
 
     query: str
-    lam: float = 0.0
+    #: None: the router's default (the calibrated λ, see ``RouterCore.check_calibration``)
+    lam: float | None = None
     filters: Filters = field(default_factory=Filters)
     k: int = 3
     servable_only: bool = False
@@ -249,6 +250,10 @@ class RouterCore:
         self._newest_seen = self.version
         self._rebuild()
         self._closed = threading.Event()
+        self._calib_stamp: tuple | None = None
+        self.calibration = None
+        self.default_lam = float(args.cost_weight)
+        self.check_calibration()
 
     # -- state -------------------------------------------------------------------------------
     def _load_policy(self, version: int | None):
@@ -312,6 +317,7 @@ class RouterCore:
                 try:
                     self.sync()
                     self.check_checkpoint()
+                    self.check_calibration()
                 except Exception:  # a bad checkpoint must not kill the watcher: keep serving the old one
                     log.exception("checkpoint watcher")
 
@@ -385,7 +391,9 @@ class RouterCore:
         if emb is None:
             emb = self.encoder.encode([r.query for r in reqs])
         with self._lock:
-            policy, version, table = self.policy, self.version, self._table
+            policy, version, table, lam0 = self.policy, self.version, self._table, self.default_lam
+        # requests without a cost weight get the router's (calibrated) default
+        reqs = [r if r.lam is not None else replace(r, lam=lam0) for r in reqs]
         out: list[Decision | CMRError | None] = [None] * len(reqs)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(reqs):
@@ -434,5 +442,35 @@ class RouterCore:
         return out  # type: ignore[return-value]
 
     def status(self) -> dict[str, Any]:
+        calib = self.calibration
         return {"checkpoint_version": self.version, "hub_version": self._hub_version, "models": len(self._table.cards),
-                "servable": int(self._table.servable.sum()), "policy": self.args.policy, "feedback_offset": self.store.last_offset()}
+                "servable": int(self._table.servable.sum()), "policy": self.args.policy, "feedback_offset": self.store.last_offset(),
+                # the λ used for requests that give no cost_weight, and where it came from
+                "cost_weight": self.default_lam,
+                "calibration": None if calib is None else {k: calib.to_dict()[k] for k in ("target", "achieved", "source", "n_prompts", "checkpoint_version", "created")}}
+
+    def check_calibration(self) -> float:
+        """Re-read ``calibration.json`` in the state folder when it changed (``cmr calibrate
+        --apply`` writes it atomically); returns the default λ. No file: ``AppArgs.cost_weight``.
+        A malformed file is logged and the previous λ kept."""
+        from cmr.calibrate import CALIBRATION_FILE, CalibrationError, read_calibration
+
+        path = self.args.state_dir() / CALIBRATION_FILE
+        try:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._calib_stamp:
+            return self.default_lam
+        self._calib_stamp = stamp
+        try:
+            calib = read_calibration(path) if stamp is not None else None
+        except CalibrationError:
+            log.exception("calibration file does not parse; still using λ = %g", self.default_lam)
+            return self.default_lam
+        with self._lock:
+            self.calibration = calib
+            self.default_lam = float(self.args.cost_weight) if calib is None else float(calib.cost_weight)
+        log.info("default cost weight λ = %g (%s)", self.default_lam, "AppArgs.cost_weight" if calib is None else calib.source)
+        return self.default_lam

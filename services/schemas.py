@@ -19,7 +19,8 @@ class RoutingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cost_weight: float = Field(default=0.0, ge=0)
+    #: None (omitted): the router's default λ — its calibration file, else ``AppArgs.cost_weight``
+    cost_weight: float | None = Field(default=None, ge=0)
     domains: list[str] | None = None
     families: list[str] | None = None
     max_cost: float | None = Field(default=None, ge=0, allow_inf_nan=False)

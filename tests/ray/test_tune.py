@@ -1,0 +1,74 @@
+"""``cmr tune``: real Ray Tune (Optuna + ASHA) 2-trial sweeps on small slices; the Pareto files and
+the chosen config / λ load back into ``cmr bench``, ``cmr train``, ``cmr serve`` and the router."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+def test_cmr_sweep_two_trials(ray_session, cmr_small, encoder, tmp_path):
+    from cmr.bench import common
+    from cmr.policies.carve import CarveConfig
+    from services.config import load_args, read_config
+    from tune import cmr_sweep
+
+    out = tmp_path / "out"
+    s = cmr_sweep.sweep(cmr_small, encoder, trials=2, quick=True, storage=str(tmp_path / "storage"), name="t", out=out, concurrent=2,
+                        base={"epochs": 1})
+    assert s["trials"] == 2 and s["finished_all_experiences"] >= 1 and s["front"]
+    # the default config is the first trial, and every finished trial reported per experience
+    assert s["default_trial"] is not None
+    for r in s["all"]:
+        if r["obj_d_acc"] is not None:
+            assert r["iterations"] == len(cmr_small.experiences) and 0.0 <= r["obj_d_acc"] <= 1.0 and r["obj_train_s"] > 0
+    # validation came out of the train splits: the counts add up to the train sizes
+    assert [a + b for a, b in zip(s["validation"]["n_fit"], s["validation"]["n_val"])] == [len(e.train) for e in cmr_small.experiences]
+    # outputs
+    md = (out / "pareto.md").read_text()
+    assert "Pareto front (validation)" in md and "Test splits — evaluated once after the choice" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(s["test"]) == {"chosen", "default"}
+    assert (tmp_path / "storage" / "t").is_dir()  # Tune's own results under the storage path
+    # the chosen config loads where the task says it must
+    chosen = json.loads((out / "chosen_config.json").read_text())
+    assert chosen == s["chosen_config"] and CarveConfig.from_dict(chosen).to_dict() == chosen
+    for k in cmr_sweep.KNOBS:
+        assert chosen[k] == s["chosen"]["config"][k]
+    _, cfg = common.policy_spec(argparse.Namespace(policy="carve", config=str(out / "chosen_config.json"), sets=[], seed=0))
+    assert cfg.to_dict() == chosen  # cmr bench cmr --config
+    from cmr.cli import build_parser
+
+    a = build_parser().parse_args(["train", "--out", str(tmp_path / "ck"), "--config", str(out / "chosen_config.json")])
+    assert a.config.endswith("chosen_config.json")  # cmr train --config
+    served = load_args(read_config(out / "chosen_serve.yaml"))
+    assert served.policy == "carve" and served.policy_config == chosen  # cmr serve --config
+
+
+def test_llm_sweep_two_trials_and_apply(ray_session, outcomes_small, encoder, tmp_path, capsys):
+    from cmr.calibrate import CALIBRATION_FILE, read_calibration
+    from cmr.cli import main
+    from tune import llm_sweep
+
+    out = tmp_path / "out"
+    s = llm_sweep.sweep(outcomes_small, encoder, trials=2, storage=str(tmp_path / "storage"), name="l", out=out, val_fraction=0.25)
+    assert s["trials"] == 2 and s["finished"] == 2 and s["front"]
+    modes = sorted(r["config"]["mode"] for r in s["all"])
+    assert modes == ["lambda", "share"]  # the two seeded points: a fixed λ and a calibration target
+    share_row = next(r for r in s["all"] if r["config"]["mode"] == "share")
+    assert share_row["target_share"] == pytest.approx(0.2)
+    q = [r["val_quality"] for r in s["front"]]
+    c = [r["val_cost"] for r in s["front"]]
+    assert all(np.diff(c) >= 0) and all(np.diff(q) > 0)  # a front sorted by cost rises in quality
+    assert (out / "pareto.png").exists() and "Pareto front (validation)" in (out / "pareto.md").read_text()
+    calib = read_calibration(out / "chosen_lambda.json")
+    assert calib.cost_weight == pytest.approx(s["chosen"]["lam"]) and "test" in s
+    home = tmp_path / "home"
+    assert main(["calibrate", "--from-file", str(out / "chosen_lambda.json"), "--home", str(home), "--apply"]) == 0
+    assert read_calibration(home / "serve" / CALIBRATION_FILE).cost_weight == pytest.approx(calib.cost_weight)
+    assert "written:" in capsys.readouterr().out

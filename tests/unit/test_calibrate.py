@@ -1,0 +1,206 @@
+"""Calibration of the cost weight λ (``cmr/calibrate.py``): targets hold on the calibration set
+exactly and on held-out prompts within tolerance; λ is the smallest that meets them; bad targets
+are one clear error; the router re-reads the calibration file and uses it for requests that give
+no cost weight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmr import calibrate as cal
+from cmr.calibrate import CalibrationError, CalibrationTarget
+
+
+def _synthetic(n: int, m: int = 8, seed: int = 0):
+    """Scores where quality grows with price (the trade-off λ has to make), plus noise."""
+    rng = np.random.default_rng(seed)
+    costs = np.sort(rng.uniform(0.1, 10.0, m))
+    base = np.log1p(costs) / np.log1p(costs.max())
+    return base[None, :] * rng.uniform(0.5, 1.0, (n, 1)) + 0.15 * rng.standard_normal((n, m)), costs
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.35, 0.8])
+def test_share_target_exact_minimal_and_held_out(share):
+    s, c = _synthetic(4000)
+    cal_s, held = s[:2000], s[2000:]
+    price = float(np.median(c))
+    lam, got = cal.lambda_for_share(cal_s, c, share, price)
+    assert got <= share + 1e-12  # exact on the calibration prompts
+    assert got == pytest.approx(cal.share_above(cal_s, c, lam, price))
+    if lam > 0:  # minimal: a slightly smaller λ breaks the target
+        assert cal.share_above(cal_s, c, lam * (1 - 1e-6), price) > share
+    assert abs(cal.share_above(held, c, lam, price) - share) <= 0.03  # held-out, within tolerance
+    # the chosen cost never increases with λ, so the share curve is non-increasing
+    shares = [cal.share_above(cal_s, c, x, price) for x in np.linspace(0, 2 * lam + 0.1, 30)]
+    assert all(a >= b for a, b in zip(shares, shares[1:]))
+
+
+def test_budget_target_exact_and_held_out():
+    s, c = _synthetic(4000, seed=1)
+    full = cal.cost_per_1k(s[:2000], c, 0.0)
+    floor = 1000 * c.min()
+    for budget in (full * 1.1, 0.5 * (full + floor), floor * 1.2):
+        lam, got = cal.lambda_for_budget(s[:2000], c, budget)
+        assert got <= budget * (1 + 1e-9)
+        if lam > 0:
+            assert got >= 0.97 * budget or cal.cost_per_1k(s[:2000], c, lam * 0.999) > budget
+        held = cal.cost_per_1k(s[2000:], c, lam)
+        assert abs(held - budget) / budget <= 0.05 or lam == 0.0
+
+
+def test_calibrate_with_a_mask_and_non_finite_scores():
+    s, c = _synthetic(500, seed=2)
+    s[0, 3] = -np.inf
+    s[1, 2] = np.nan
+    mask = np.ones_like(s, dtype=bool)
+    mask[:, -1] = False  # the priciest model is never a candidate
+    out = cal.calibrate(s, c, CalibrationTarget("share", max_share=0.2, price=float(c[4])), mask=mask)
+    assert out.achieved["share_above_price"] <= 0.2 and out.n_prompts == 500 and out.cost_weight >= 0
+
+
+@pytest.mark.parametrize(
+    "target, field",
+    [
+        (dict(kind="share", max_share=1.5, price=1.0), "max_share"),
+        (dict(kind="share", max_share=-0.1, price=1.0), "max_share"),
+        (dict(kind="share", max_share=0.2), "price"),
+        (dict(kind="share", max_share=0.2, price=float("nan")), "price"),
+        (dict(kind="budget"), "budget_per_1k"),
+        (dict(kind="budget", budget_per_1k=-3.0), "budget_per_1k"),
+        (dict(kind="cheap"), "kind"),
+    ],
+)
+def test_bad_targets_name_the_field(target, field):
+    with pytest.raises(CalibrationError, match=field):
+        CalibrationTarget.from_dict(target)
+
+
+def test_impossible_targets_are_clear_errors():
+    s, c = _synthetic(200)
+    with pytest.raises(CalibrationError, match="field 'price'.*below every model's cost"):
+        cal.lambda_for_share(s, c, 0.1, price=float(c.min()) / 2)
+    with pytest.raises(CalibrationError, match="field 'budget_per_1k'.*cheapest"):
+        cal.lambda_for_budget(s, c, budget_per_1k=1000 * float(c.min()) / 2)
+    with pytest.raises(CalibrationError, match="shape"):
+        cal.calibrate(s[:, :3], c, CalibrationTarget("budget", budget_per_1k=5000.0))
+    with pytest.raises(CalibrationError, match="no prompts"):
+        cal.lambda_for_share(s[:0], c, 0.1, 1.0)
+
+
+def test_calibration_file_round_trip_and_malformed(tmp_path):
+    p = tmp_path / "serve" / cal.CALIBRATION_FILE
+    assert cal.read_calibration(p) is None
+    c = cal.Calibration(cost_weight=0.25, target={"kind": "budget", "budget_per_1k": 3.0}, achieved={"cost_per_1k": 2.9}, source="t", n_prompts=7)
+    cal.write_calibration(p, c)
+    assert cal.read_calibration(p) == c
+    assert [x.name for x in p.parent.iterdir()] == [cal.CALIBRATION_FILE]  # no temp file left behind
+    p.write_text('{"cost_weight": -1}')
+    with pytest.raises(CalibrationError, match="cost_weight"):
+        cal.read_calibration(p)
+    p.write_text("{not json")
+    with pytest.raises(CalibrationError, match="invalid JSON"):
+        cal.read_calibration(p)
+
+
+def test_real_routerbench_share_holds_on_held_out_prompts(outcomes_small, encoder):
+    """knn fitted on half of a RouterBench train slice, λ calibrated on the other half, checked
+    on the test prompts (never used to choose anything)."""
+    from cmr.policies.registry import make_policy
+
+    data = outcomes_small
+    fit, calib = data.train.subset(np.arange(60)), data.train.subset(np.arange(60, 120))
+    pol = make_policy("knn", encoder=encoder)
+    pol.add_models(data.cards)
+    pol.fit(fit, data.cards)
+    costs = np.array([c.cost for c in data.cards])
+    price = float(np.sort(costs)[len(costs) // 2])
+    sc = cal.score_prompts(pol, calib.emb, data.cards)
+    out = cal.calibrate(sc, costs, CalibrationTarget("share", max_share=0.3, price=price))
+    assert out.achieved["share_above_price"] <= 0.3
+    held = cal.share_above(cal.score_prompts(pol, data.test.emb, data.cards), costs, out.cost_weight, price)
+    assert held <= 0.3 + 0.15  # 60 held-out prompts: a loose tolerance
+    lam0 = cal.share_above(sc, costs, 0.0, price)
+    assert lam0 > 0.3 or out.cost_weight == 0.0  # the target actually constrained something (or was already met)
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    from cmr.cli import main
+
+    for argv, msg in [
+        (["calibrate", "--max-share", "0.2", "--data", "routerbench"], "--price"),
+        (["calibrate", "--max-share", "2", "--price", "1", "--data", "routerbench"], "max_share"),
+        (["calibrate", "--lambda", "-1"], "cost_weight"),
+        (["calibrate", "--budget", "3", "--lambda", "1"], "exactly one"),
+        (["calibrate", "--budget", "3"], "--logged or --data"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("cmr: error:") and msg in err[0], (argv, err)
+
+
+@pytest.fixture(scope="module")
+def mini_bench(tmp_path_factory, data_root):
+    """A CMRBench-format folder: 2 experiences, 25 train / 10 test prompts, the hub cut to the
+    models they name plus 20 others."""
+    from cmr.data.io import read_jsonl
+
+    src = data_root / "cmrbench"
+    out = tmp_path_factory.mktemp("mini_bench_cal")
+    keep: set[str] = set()
+    for k in (1, 2):
+        (out / f"e{k}").mkdir()
+        for split, n in (("train", 25), ("test", 10)):
+            rows = [o for _, o in read_jsonl(src / f"e{k}" / f"{split}.jsonl")][:n]
+            keep |= {r["model"] for r in rows}
+            (out / f"e{k}" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cards = [o for _, o in read_jsonl(src / "hub.jsonl") if o.get("experience", 1) <= 2]
+    chosen = [c for c in cards if c["model"] in keep] + [c for c in cards if c["model"] not in keep][:20]
+    (out / "hub.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chosen))
+    return out
+
+
+def test_router_uses_the_calibrated_lambda_from_logged_traffic(tmp_path, mini_bench, encoder, capsys):
+    """Route logged traffic, calibrate on it with ``cmr calibrate --logged --apply``; the router
+    re-reads the file: requests without a cost weight get that λ, an explicit one still wins,
+    and ``status()`` (``/healthz``) names the λ and its source."""
+    from cmr.cli import main
+    from cmr.data.io import read_jsonl
+    from cmr.types import ModelCard
+    from services.config import AppArgs
+    from services.routing import RouteRequest, RouterCore
+
+    args = AppArgs(home=str(tmp_path), bench=str(mini_bench), tiny_models=False, profile_size=0, learner={"enabled": False})
+    core = RouterCore(args, encoder)
+    # CMRBench cards cost nothing: add priced copies of the hub's cards so λ has something to trade
+    base = core.models()
+    priced = [ModelCard(id=f"priced/{c.id}", family=c.family, domain=c.domain, description=c.description, cost=1.0 + i % 3)
+              for i, c in enumerate(base[:15])]
+    core.register(priced)
+    prompts = [o["prompt"] for k in (1, 2) for split in ("train", "test") for _, o in read_jsonl(mini_bench / f"e{k}" / f"{split}.jsonl")]
+    logged, held = prompts[:50], prompts[50:]
+    assert core.status()["cost_weight"] == 0.0 and core.status()["calibration"] is None
+    core.route([RouteRequest(query=q) for q in logged])  # recorded: the traffic to calibrate on
+    price = 0.5
+    assert main(["calibrate", "--logged", "--home", str(tmp_path), "--max-share", "0.1", "--price", str(price), "--apply"]) == 0
+    out = capsys.readouterr().out
+    assert "λ = " in out and "written:" in out
+    lam = core.check_calibration()
+    st = core.status()
+    assert st["cost_weight"] == lam and st["calibration"]["source"].startswith("logged:") and st["calibration"]["n_prompts"] == 50
+    assert st["calibration"]["achieved"]["share_above_price"] <= 0.1
+    costs = {c.id: c.cost for c in core.models()}
+    dec = core.route([RouteRequest(query=q, record=False) for q in held])
+    assert np.mean([costs[d.model] > price for d in dec]) <= 0.1 + 0.15
+    # an explicit cost weight still wins over the calibrated default
+    explicit = core.route([RouteRequest(query=q, lam=0.0, record=False) for q in held])
+    assert [d.utility for d in explicit] == [d.score for d in explicit]
+    # a manual λ, then a malformed file: the router keeps the last good λ
+    assert main(["calibrate", "--lambda", "7.5", "--home", str(tmp_path), "--apply"]) == 0
+    assert core.check_calibration() == 7.5 and core.status()["calibration"]["source"] == "manual"
+    (tmp_path / "serve" / cal.CALIBRATION_FILE).write_text("{broken")
+    assert core.check_calibration() == 7.5
+    core.close()

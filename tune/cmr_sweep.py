@@ -1,0 +1,306 @@
+"""``cmr tune cmr``: Optuna + ASHA over the continual router's (carve) knobs.
+
+Objective: the CMRBench continual protocol, trained on the train splits *minus* a validation
+part carved out of each (seeded), scored on those validation parts — never on test. One Tune
+iteration is one experience: after experience k the trial reports M/F/D-Acc averaged over the
+validation sets 1..k, forgetting so far and cumulative training time, so ASHA can stop a bad
+trial after its first experiences. At the last experience it also reports the objectives
+(``obj_*``) Optuna optimises jointly: maximise D-Acc and M-Acc, minimise D forgetting and training
+time. The Pareto front over those four is written as ``pareto.md`` / ``pareto.png``; the chosen
+config (rule below) as ``chosen_config.json`` (a carve config: ``cmr bench cmr --config``,
+``cmr train --config``) and ``chosen_serve.yaml`` (``cmr serve --config``: ``policy_config``).
+Then the chosen config — and the default, for reference — is run once on the real protocol
+(full train splits, test splits) and recorded separately (``test_eval.md``).
+
+Choice rule (validation only): among Pareto trials with D forgetting ≤ ``--max-forgetting``, the
+highest mean of D-Acc and M-Acc (ties: less training time).
+
+Carve's replay has no separate per-domain quota knob: the coreset gives each domain its share of
+everything seen × ``replay`` (the budget), and ``replay_cap`` caps rows per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tune import common as tc
+
+OBJECTIVES = ["obj_d_acc", "obj_m_acc", "obj_forgetting_d", "obj_train_s"]
+MODES = ["max", "max", "min", "min"]
+#: the carve knobs swept (CarveConfig fields)
+KNOBS = ("replay", "replay_cap", "anchor", "anchor_dense", "temperature", "negatives", "n_hard", "n_domain", "n_random", "lr", "epochs")
+
+
+def search_space(quick: bool) -> dict[str, Any]:
+    """Carve's knobs as Tune distributions (converted for Optuna by ``OptunaSearch``)."""
+    from ray import tune
+
+    return {
+        "replay": tune.uniform(0.0, 0.5),  # coreset budget, fraction of the data seen
+        "replay_cap": tune.randint(1, 9),  # rows per model in the coreset
+        "anchor": tune.loguniform(1e-2, 10.0),  # anchoring of model/domain embeddings
+        "anchor_dense": tune.loguniform(1e-3, 3.0),  # anchoring of the projection
+        "temperature": tune.loguniform(0.02, 0.2),
+        "negatives": tune.choice(["full", "sampled"]),  # full softmax over the live hub, or a mix:
+        "n_hard": tune.randint(4, 33),  # mined hard negatives
+        "n_domain": tune.randint(0, 17),  # same-domain negatives
+        "n_random": tune.randint(4, 33),  # random far negatives
+        "lr": tune.loguniform(1e-4, 3e-3),
+        "epochs": tune.randint(2, 8) if quick else tune.randint(2, 16),
+    }
+
+
+def default_point() -> dict[str, Any]:
+    """Carve's defaults for the swept knobs: the first trial, so the front is read against it."""
+    from cmr.policies.carve import CarveConfig
+
+    d = CarveConfig().to_dict()
+    p = {k: d[k] for k in KNOBS}
+    if p["negatives"] == "auto":
+        p["negatives"] = "full"  # auto = full below 20,000 live models (CMRBench has 2,315)
+    return p
+
+
+def validation_split(bench, fraction: float, seed: int):
+    """A copy of ``bench`` whose experiences are (train minus validation, validation): the
+    validation rows are a seeded ``fraction`` of each train split. Test splits are dropped."""
+    from cmr.data.cmrbench import Experience
+
+    rng = np.random.default_rng(seed)
+    exps = []
+    for e in bench.experiences:
+        n = len(e.train)
+        n_val = max(1, int(round(fraction * n)))
+        if n_val >= n:
+            raise tc.TuneError(f"--val-fraction {fraction}: leaves no training rows in experience {e.k} ({n} rows)")
+        perm = rng.permutation(n)
+        exps.append(Experience(e.k, e.train.subset(np.sort(perm[n_val:])), e.train.subset(np.sort(perm[:n_val]))))
+    return replace(bench, experiences=exps)
+
+
+def run_protocol(bench, policy, report=None) -> dict[str, Any]:
+    """The continual protocol on ``bench`` (its ``test`` parts are what is scored), calling
+    ``report(metrics)`` after each experience. Same routing and scoring as ``cmr bench cmr``."""
+    from cmr.bench import metrics
+    from cmr.bench.cmr_protocol import _accuracies, _route  # the protocol's own scoring
+
+    exps = bench.experiences
+    K = len(exps)
+    mats = {m: np.full((K, K), np.nan) for m in "mfd"}
+    train_s = 0.0
+    out: dict[str, Any] = {}
+    for ki, exp in enumerate(exps):
+        live = bench.cards_upto(exp.k)
+        costs = np.array([c.cost for c in live], dtype=np.float64)
+        t0 = time.perf_counter()
+        policy.add_models(bench.cards_of(exp.k))
+        policy.fit(exp.train, live)
+        train_s += time.perf_counter() - t0
+        for ji in range(ki + 1):
+            ch = _route(policy, exps[ji].test.emb, live, costs, 1024)
+            for m, v in _accuracies(ch, live, exps[ji].test).items():
+                mats[m][ki, ji] = v
+        sub = {m: mats[m][: ki + 1, : ki + 1] for m in "mfd"}
+        out = {
+            **{f"val_{m}_acc": metrics.final_average(sub[m]) for m in "mfd"},
+            **{f"val_forgetting_{m}": metrics.forgetting(sub[m]) for m in "mfd"},
+            "train_s": train_s,
+            "experience": exp.k,
+        }
+        # Tune wants every metric in every result: the objectives are NaN until the last experience
+        out.update({k: float("nan") for k in OBJECTIVES})
+        if ki == K - 1:
+            out.update(obj_d_acc=out["val_d_acc"], obj_m_acc=out["val_m_acc"], obj_forgetting_d=out["val_forgetting_d"], obj_train_s=train_s)
+            out["matrix_d"] = metrics.matrix_to_json(mats["d"])
+        if report is not None:
+            report(out)
+    return out
+
+
+def cmr_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
+    """One Tune trial: a carve router with ``config`` through the validation protocol."""
+    import ray.tune
+
+    from cmr.policies.carve import CarveConfig, CarvePolicy
+
+    enc = tc.PrecomputedEncoder(payload["table"], payload["encoder_name"], payload["dim"])
+    cfg = CarveConfig.from_dict({**payload["base"], **config})
+    run_protocol(payload["bench"], CarvePolicy(encoder=enc, config=cfg), report=lambda m: ray.tune.report({k: v for k, v in m.items() if k != "matrix_d"}))
+
+
+def choose(rows: list[dict[str, Any]], max_forgetting: float) -> dict[str, Any] | None:
+    """The chosen front row: forgetting within bound, best mean of D and M accuracy, then faster."""
+    ok = [r for r in rows if r["obj_forgetting_d"] <= max_forgetting] or sorted(rows, key=lambda r: r["obj_forgetting_d"])[:1]
+    return max(ok, key=lambda r: (0.5 * (r["obj_d_acc"] + r["obj_m_acc"]), -r["obj_train_s"])) if ok else None
+
+
+def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name: str | None, out: Path, seed: int = 0,
+          val_fraction: float = 0.2, concurrent: int = 2, max_forgetting: float = 0.06, base: dict[str, Any] | None = None,
+          test_eval: bool = True, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Run the sweep on an embedded ``bench`` and write the outputs under ``out``; returns the summary."""
+    from ray import tune
+
+    from cmr.bench import common
+    from cmr.policies.carve import CarveConfig, CarvePolicy
+    from tune import pareto
+
+    if trials < 1:
+        raise tc.TuneError("--trials: must be >= 1")
+    if not 0.0 < val_fraction < 1.0:
+        raise tc.TuneError(f"--val-fraction {val_fraction}: must be in (0, 1)")
+    t_start = time.perf_counter()
+    base = {"seed": seed, **(base or {})}
+    CarveConfig.from_dict(base)  # a bad --set fails before Ray starts
+    val = validation_split(bench, val_fraction, seed)
+    rec = tc.RecordingEncoder(encoder)
+    CarvePolicy(encoder=rec, config=CarveConfig.from_dict(base)).add_models(bench.cards)  # the card texts carve embeds
+    payload = {"bench": val, "table": rec.table, "encoder_name": encoder.name, "dim": encoder.dim, "base": base}
+    storage = tc.storage_path(storage)
+    name = name or f"cmr-carve-{common.utc_stamp()}"
+    started = tc.init_ray(address, num_cpus)
+    try:
+        grid = tc.run_tuner(tune.with_parameters(cmr_trial, payload=payload), search_space(quick), objectives=OBJECTIVES, modes=MODES,
+                            asha_metric="val_d_acc", asha_mode="max", max_t=len(val.experiences), trials=trials, concurrent=concurrent,
+                            storage=storage, name=name, seed=seed, points=[default_point()])
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    t_sweep = time.perf_counter() - t_start
+    keys = ["val_m_acc", "val_f_acc", "val_d_acc", "val_forgetting_d", "train_s", *OBJECTIVES]
+    rows = tc.trial_rows(grid, keys)
+    done = [r for r in rows if r["obj_d_acc"] is not None]
+    if not done:
+        errs = "; ".join(r["error"] for r in rows if r["error"])
+        raise tc.TuneError(f"no trial finished every experience ({len(rows)} trials){': ' + errs if errs else ''}")
+    vals = np.array([[r[k] for k in OBJECTIVES] for r in done], dtype=np.float64)
+    front = [r for r, keep in zip(done, pareto.pareto_mask(vals, MODES)) if keep]
+    chosen = choose(front, max_forgetting)
+    chosen_cfg = CarveConfig.from_dict({**base, **chosen["config"]}).to_dict()
+    default_row = next((r for r in done if all(r["config"].get(k) == v for k, v in default_point().items())), None)
+    summary: dict[str, Any] = {
+        "sweep": "cmr", "policy": "carve", "dataset": bench.root.name, "trials": len(rows), "finished_all_experiences": len(done),
+        "stopped_early": sum(1 for r in rows if r["obj_d_acc"] is None and r["error"] is None), "errors": sum(1 for r in rows if r["error"]),
+        "objectives": dict(zip(OBJECTIVES, MODES)), "asha": {"metric": "val_d_acc", "mode": "max", "max_t": len(val.experiences), "grace_period": 1},
+        "validation": {"fraction": val_fraction, "seed": seed, "n_fit": [len(e.train) for e in val.experiences], "n_val": [len(e.test) for e in val.experiences]},
+        "choice_rule": f"Pareto trials with D forgetting <= {max_forgetting}: highest (D-Acc + M-Acc)/2, then least train time",
+        "storage": storage, "name": name, "quick": quick, "search_space": {k: str(v) for k, v in search_space(quick).items()},
+        "front": front, "chosen": chosen, "chosen_config": chosen_cfg, "default_trial": default_row, "all": rows,
+        "sweep_wall_s": t_sweep,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_json(out / "chosen_config.json", chosen_cfg)
+    import yaml
+
+    common.write_text(out / "chosen_serve.yaml", "# cmr serve --config FILE: the served router uses the tuned carve config\n"
+                      + yaml.safe_dump({"policy": "carve", "policy_config": chosen_cfg}, sort_keys=False))
+    if test_eval:
+        summary["test"] = evaluate_on_test(bench, encoder, {"chosen": chosen_cfg, "default": CarveConfig.from_dict(base).to_dict()})
+    summary.update(common.run_info())
+    summary["wall_s"] = time.perf_counter() - t_start
+    common.write_json(out / "report.json", summary)
+    common.write_text(out / "pareto.md", _markdown(summary))
+    fig = pareto.scatter([r["obj_forgetting_d"] for r in done], [r["obj_d_acc"] for r in done], [r["obj_forgetting_d"] for r in front],
+                         [r["obj_d_acc"] for r in front], (chosen["obj_forgetting_d"], chosen["obj_d_acc"]),
+                         "D forgetting (validation, lower is better)", "D-Acc (validation, after the last experience)",
+                         f"cmr tune cmr: {len(done)} trials on {bench.root.name} (colour: train s)", color=[r["obj_train_s"] for r in done], clabel="train s")
+    common.write_figure(out / "pareto.png", fig)
+    return summary
+
+
+def evaluate_on_test(bench, encoder, configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each config once through the real protocol (full train splits, test splits): reported,
+    never used to choose."""
+    from cmr.bench import cmr_protocol
+    from cmr.policies.carve import CarveConfig, CarvePolicy
+
+    res = {}
+    for label, cfg in configs.items():
+        r = cmr_protocol.evaluate(bench, CarvePolicy(encoder=encoder, config=CarveConfig.from_dict(cfg)))
+        res[label] = {"final": r["final"], "forgetting": r["forgetting"], "train_s": r["timings"]["train_total_s"], "matrix_d": r["matrix"]["d"]}
+    return res
+
+
+def _markdown(s: dict[str, Any]) -> str:
+    from tune.pareto import markdown_table
+
+    def flat(r):
+        return {**{k: r.get(k) for k in ("trial", *OBJECTIVES)}, **{k: r["config"].get(k) for k in KNOBS}}
+
+    cols = [("trial", "trial"), ("obj_d_acc", "D-Acc"), ("obj_m_acc", "M-Acc"), ("obj_forgetting_d", "forgetting D"), ("obj_train_s", "train s")]
+    cols += [(k, k) for k in KNOBS]
+    front = sorted(s["front"], key=lambda r: -r["obj_d_acc"])
+    lines = [
+        f"# cmr tune cmr — carve on {s['dataset']}",
+        "",
+        f"{s['trials']} trials (Optuna TPE, multi-objective; ASHA on validation D-Acc per experience): {s['finished_all_experiences']} ran every "
+        f"experience, {s['stopped_early']} stopped early by ASHA, {s['errors']} failed. Sweep wall time {s['sweep_wall_s']:.0f} s; "
+        f"{s['date']}, {s['machine']['cpus']} CPU(s), commit {s['git_commit'] or '—'}. Tune storage: `{s['storage']}/{s['name']}`.",
+        "",
+        f"Validation: {100 * s['validation']['fraction']:.0f}% of each train split (seed {s['validation']['seed']}); the routers train on the rest. "
+        "Objectives: D-Acc and M-Acc (max), D forgetting and train seconds (min), after the last experience.",
+        "",
+        f"## Pareto front (validation) — {len(front)} of {s['finished_all_experiences']} trials",
+        "",
+        *markdown_table([flat(r) for r in front], cols),
+        "",
+        f"Choice: {s['choice_rule']} → trial `{s['chosen']['trial']}`" + (" (the default config)" if s["default_trial"] and s["chosen"]["trial"] == s["default_trial"]["trial"] else "") + ".",
+    ]
+    if s["default_trial"]:
+        lines += ["", "Default carve config on the same validation split: " + ", ".join(
+            f"{h} {s['default_trial'][k]:.3f}" for k, h in cols[1:5])]
+    if "test" in s:
+        lines += ["", "## Test splits — evaluated once after the choice (not used to choose)", "",
+                  "| config | M-Acc | F-Acc | D-Acc | forgetting M | forgetting D | train s |", "|---|---|---|---|---|---|---|"]
+        for label, r in s["test"].items():
+            f, g = r["final"], r["forgetting"]
+            lines.append(f"| {label} | {f['m_acc']:.3f} | {f['f_acc']:.3f} | {f['d_acc']:.3f} | {g['m']:.3f} | {g['d']:.3f} | {r['train_s']:.1f} |")
+    lines += ["", "Files: `chosen_config.json` (`cmr bench cmr --policy carve --config`, `cmr train --config`), "
+              "`chosen_serve.yaml` (`cmr serve --config`), `pareto.png`, `report.json` (every trial)."]
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from tune.cli import add_sweep_arguments
+
+    add_sweep_arguments(p)
+    p.add_argument("--data", default=None, help="CMRBench folder (default: $CMR_DATA/cmrbench)")
+    p.add_argument("--max-forgetting", type=float, default=0.06, help="choice rule: D forgetting bound on the front (default 0.06)")
+    p.add_argument("--no-test", action="store_true", help="skip the one test-split evaluation of the chosen config")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cmr.bench import common
+    from cmr.data.cmrbench import load_cmrbench
+    from cmr.encoders import default_encoder
+    from tune.cli import out_dir, sets
+
+    root = common.resolve_cmrbench_dir(args.data)
+    bench = load_cmrbench(root)
+    base = sets(args)
+    trials = args.trials or (6 if args.quick else 40)
+    encoder = default_encoder()
+    common.embed(encoder, [p for e in bench.experiences for p in (e.train, e.test)])
+    storage = tc.storage_path(args.storage)
+    name = args.name or f"cmr-carve-{common.utc_stamp()}"
+    out = out_dir(args.out, storage, name)
+    s = sweep(bench, encoder, trials=trials, quick=args.quick, storage=storage, name=name, out=out, seed=args.seed,
+              val_fraction=args.val_fraction, concurrent=args.concurrent, max_forgetting=args.max_forgetting, base=base,
+              test_eval=not args.no_test, address=args.address, num_cpus=args.num_cpus)
+    c = s["chosen"]
+    print(f"cmr tune cmr: {s['trials']} trials ({s['finished_all_experiences']} complete, {s['stopped_early']} stopped by ASHA), "
+          f"front {len(s['front'])}; chosen {c['trial']}: val D-Acc {c['obj_d_acc']:.3f} M-Acc {c['obj_m_acc']:.3f} "
+          f"forgetting D {c['obj_forgetting_d']:.3f} train {c['obj_train_s']:.1f}s; wall {s['wall_s']:.0f}s")
+    if "test" in s:
+        for label, r in s["test"].items():
+            f = r["final"]
+            print(f"  test ({label}, evaluated once after the choice): M-Acc {f['m_acc']:.3f} F-Acc {f['f_acc']:.3f} D-Acc {f['d_acc']:.3f} forgetting D {r['forgetting']['d']:.3f}")
+    print(f"outputs: {out} (pareto.md, pareto.png, chosen_config.json, chosen_serve.yaml, report.json)")
+    return 0

@@ -178,7 +178,12 @@ class Ingress(GrpcServicerMixin):
     @app.post("/v1/feedback")
     async def feedback(self, body: FeedbackBody) -> dict[str, Any]:
         who = auth.current_principal() or auth.OPEN
-        res = _check(await self.router.feedback.remote(body.request_id, body.reward, who.tenant, not self.args.auth.open), "request_id")
+        res = await self.router.feedback.remote(body.request_id, body.reward, who.tenant, not self.args.auth.open)
+        # one structured line per feedback event, accepted or not (never the reward's request text)
+        _decision_log.info("cmr feedback %s -> %s", body.request_id[:64], res.get("status", 200), extra={
+            "cmr_request_id": body.request_id[:64], "cmr_feedback_status": res.get("status", 200), "cmr_offset": res.get("offset"),
+            "cmr_key_id": who.key_id, "cmr_tenant": who.tenant})
+        res = _check(res, "request_id")
         return {"request_id": body.request_id, "accepted": True, "offset": res["offset"]}
 
     # -- hub ---------------------------------------------------------------------------------

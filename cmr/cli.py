@@ -18,6 +18,7 @@ BENCH: dict[str, str] = {
     "cmr": "cmr.bench.cmr_protocol",
     "llm": "cmr.bench.llm_protocol",
     "online": "cmr.bench.online",
+    "load": "services.loadtest",  # the served app under load while a replica and the learner are killed
 }
 
 # other sub-commands -> module with add_arguments/run

@@ -210,7 +210,7 @@ def run_load(a: argparse.Namespace, home: Path) -> dict[str, Any]:
     prompts = test_prompts(max(a.requests, 1), seed=a.seed)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    report: dict[str, Any] = {"config": {k: v for k, v in vars(a).items() if k not in ("func",)}, **run_info(),
+    report: dict[str, Any] = {"config": {k: v for k, v in vars(a).items() if k not in ("func", "command", "protocol")}, **run_info(),
                               "loadavg_start": list(os.getloadavg()), "events": []}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -346,7 +346,8 @@ def run(a: argparse.Namespace) -> int:
     finally:
         if not a.keep_home:
             shutil.rmtree(home, ignore_errors=True)
-    report["command"] = "python -m services.loadtest " + " ".join(sys.argv[1:])
+    via_cli = getattr(a, "protocol", None) == "load"
+    report["command"] = ("cmr " if via_cli else "python -m services.loadtest ") + " ".join(sys.argv[1:])
     if a.keep_home:
         report["home"] = str(home)
     out.mkdir(parents=True, exist_ok=True)

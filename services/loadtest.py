@@ -301,6 +301,13 @@ def _feedback(run: _Run, au: dict[str, Any]) -> dict[str, Any]:
             "checkpoint_chain": au["chain"], "chain_broken": au["broken"], "audited_checkpoint": au["checkpoint_version"]}
 
 
+def _chain(vs: list[int]) -> str:
+    if not vs:
+        return "no checkpoint chain"
+    gaps = [b for a, b in zip(vs, vs[1:]) if b != a + 1]
+    return f"a chain of {len(vs)} checkpoints v{vs[0]}→v{vs[-1]}" + (f" (skipping to {gaps})" if gaps else "")
+
+
 def render_md(r: dict[str, Any]) -> str:
     q, fb, f = r.get("requests", {}), r.get("fallbacks", {}), r.get("feedback", {})
     lat = q.get("latency", {})
@@ -326,7 +333,7 @@ def render_md(r: dict[str, Any]) -> str:
               f"| events | {f.get('posted')} | {f.get('accepted')} | {f.get('stored')} | {f.get('learnt')} | {f.get('waiting')} | **{f.get('lost')}** | **{f.get('duplicated')}** |",
               "", f"Learner: instance {r.get('learner', {}).get('before', {}).get('instance')} → {r.get('learner', {}).get('after', {}).get('instance')}, "
                   f"caught up: {r.get('learner', {}).get('caught_up')} ({r.get('learner', {}).get('catch_up_after_last_request_s')} s after the last request); "
-                  f"audited checkpoint v{f.get('audited_checkpoint')}, chain {f.get('checkpoint_chain')}, broken: {f.get('chain_broken')}.",
+                  f"audited checkpoint v{f.get('audited_checkpoint')}, {_chain(f.get('checkpoint_chain') or [])}, broken: {f.get('chain_broken')}.",
               "", "Lost = no 2xx answer. Feedback lost/duplicated = stored events the newest valid checkpoint applied 0 or >1 times, "
                   "from the applied offset ranges along its base chain (`services.learner.audit`)."]
     if q.get("errors"):

@@ -192,10 +192,13 @@ def lambda_for_share(scores, costs, max_share: float, price: float, mask=None) -
     if n == 0:
         raise CalibrationError("calibration: no prompts to calibrate on")
     crit = critical_lambdas(scores, costs, price, mask)
-    if np.isinf(crit).any():
-        cmin = float(np.min(costs))
-        raise CalibrationError(f"field 'price': {price:g} is below every model's cost (cheapest {cmin:g}): no λ can meet the share")
     allowed = int(math.floor(max_share * n + 1e-9))  # prompts that may stay above the price
+    stuck = int(np.isinf(crit).sum())  # prompts with no candidate priced <= price: above it at any λ
+    if stuck > allowed:
+        cmin = float(np.min(costs))
+        if mask is None or stuck == n:
+            raise CalibrationError(f"field 'price': {price:g} is below every model's cost (cheapest {cmin:g}): no λ can meet the share")
+        raise CalibrationError(f"field 'max_share': {max_share:g} is unreachable: {stuck} of {n} prompts have no candidate priced <= {price:g}")
     if allowed >= n:
         lam = 0.0
     else:

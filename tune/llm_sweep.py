@@ -58,7 +58,13 @@ def llm_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
     from cmr import calibrate as cal
 
     p = payload
-    lam, target = trial_lambda(config, p)
+    try:
+        lam, target = trial_lambda(config, p)
+    except cal.CalibrationError as e:  # an unreachable share target is a result, not a crash
+        nan = float("nan")
+        ray.tune.report({"val_quality": nan, "val_cost": nan, "lam": nan, "val_share_above_price": nan,
+                         "target_share": float(config["max_share"]), "infeasible": str(e)})
+        return
     cost, quality = _realised(p["val_pred"], p["val_scores"], p["val_costs"], p["card_costs"], lam)
     known = ~np.isnan(p["val_scores"])
     share = cal.share_above(p["val_pred"], p["card_costs"], lam, p["price"], mask=known)
@@ -150,7 +156,7 @@ def sweep(data, encoder, *, policy: str = "knn", policy_config: dict[str, Any] |
                                  source=f"cmr tune llm ({data.name}, policy {policy}, trial {chosen['trial']})", n_prompts=len(val))
     summary: dict[str, Any] = {
         "sweep": "llm", "policy": policy, "policy_config": pol.config.to_dict(), "dataset": data.name, "trials": len(rows), "finished": len(done),
-        "errors": sum(1 for r in rows if r["error"]), "objectives": dict(zip(OBJECTIVES, MODES)), "price": price,
+        "errors": sum(1 for r in rows if r["error"]), "infeasible_targets": len(rows) - len(done) - sum(1 for r in rows if r["error"]), "objectives": dict(zip(OBJECTIVES, MODES)), "price": price,
         "split": {"seed": seed, "n_fit": len(fit), "n_calibration": len(calib), "n_validation": len(val)},
         "val_aiq": val_aiq, "lambda_range": [lo, hi], "fit_s": fit_s,
         "choice_rule": f"cheapest Pareto point with validation quality >= best front quality - {quality_tolerance}",
@@ -193,7 +199,8 @@ def _markdown(s: dict[str, Any]) -> str:
     lines = [
         f"# cmr tune llm — {s['policy']} on {s['dataset']}",
         "",
-        f"{s['trials']} trials (Optuna TPE, objectives: validation quality max, cost min; {s['errors']} failed). Sweep wall time "
+        f"{s['trials']} trials (Optuna TPE, objectives: validation quality max, cost min; {s['infeasible_targets']} share targets unreachable, "
+        f"{s['errors']} failed). Sweep wall time "
         f"{s['sweep_wall_s']:.0f} s; {s['date']}, {s['machine']['cpus']} CPU(s), commit {s['git_commit'] or '—'}. "
         f"Tune storage: `{s['storage']}/{s['name']}`.",
         "",

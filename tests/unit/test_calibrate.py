@@ -204,3 +204,16 @@ def test_router_uses_the_calibrated_lambda_from_logged_traffic(tmp_path, mini_be
     (tmp_path / "serve" / cal.CALIBRATION_FILE).write_text("{broken")
     assert core.check_calibration() == 7.5
     core.close()
+
+
+def test_share_with_prompts_that_have_no_cheap_candidate():
+    """With a candidate mask, a prompt may have no model under the price: it stays above it at any
+    λ and counts against the share; only more such prompts than the share allows is an error."""
+    s, c = _synthetic(1000, seed=3)
+    price = float(c[3])
+    mask = np.ones_like(s, dtype=bool)
+    mask[:50, :4] = False  # 5% of prompts: only models above the price
+    lam, got = cal.lambda_for_share(s, c, 0.2, price, mask=mask)
+    assert 0.05 <= got <= 0.2
+    with pytest.raises(CalibrationError, match="field 'max_share'.*50 of 1000 prompts"):
+        cal.lambda_for_share(s, c, 0.03, price, mask=mask)

@@ -73,6 +73,64 @@ def _learner_status(client) -> dict:
     return client.get("/healthz").json().get("learner", {})
 
 
+def test_learner_exactly_once_across_consolidation_and_a_failed_step(tmp_path):
+    """No Serve: the learner's checkpoints (consolidations inside ``consume`` included) carry the
+    offset ranges they applied, and a step that fails half-way is not applied twice."""
+    from cmr import checkpoint
+    from cmr.encoders import default_encoder
+    from cmr.hub import HubStore, ModelHub
+    from cmr.types import Decision, ModelCard
+    from services.config import AppArgs
+    from services.learner import LearnerActor, audit
+    from services.routing import bootstrap, checkpoint_root
+    from services.store import DecisionStore
+
+    args = AppArgs(home=str(tmp_path), bench=None, tiny_models=False, profile_size=0,
+                   learner={"enabled": False, "poll_s": 0, "events_per_step": 2, "consolidate_every": 3})
+    enc = default_encoder()
+    bootstrap(args, enc)
+    hub = ModelHub(HubStore(args.state_dir() / "hub.sqlite"))
+    hub.add([ModelCard(id="m1", description="translation model"), ModelCard(id="m2", description="summarisation model")])
+    store = DecisionStore(args.state_dir() / "decisions.sqlite")
+
+    def feed(start: int, n: int) -> None:
+        ds = [Decision(model=f"m{1 + i % 2}", score=0.5, utility=0.5, request_id=f"r{start + i}") for i in range(n)]
+        qs = [f"query number {start + i}" for i in range(n)]
+        store.record(ds, qs, enc.encode(qs), [0.0] * n)
+        for d in ds:
+            store.add_feedback(d.request_id, 0.7)
+
+    rows0 = len(checkpoint.load_policy(checkpoint_root(args), encoder=enc).state_dict()["memory"]["emb"])
+    feed(0, 7)
+    learner = LearnerActor(args.to_dict(), encoder=enc)
+    try:
+        learner.step()  # slices of 2; consolidations after events 4 and 7 write the checkpoints
+        fps = [checkpoint.open_checkpoint(checkpoint.version_dir(checkpoint_root(args), v)).fingerprint for v in checkpoint.versions(checkpoint_root(args))]
+        assert [fp.get("applied") for fp in fps] == [None, [0, 4], [4, 7]] and all(fp.get("consolidation") for fp in fps[1:])
+        # the next step fails after applying its first slice in memory: the loop reloads the last checkpoint
+        feed(7, 5)
+        real, calls = learner.learner.consume, []
+
+        def flaky(part):
+            calls.append(part)
+            if len(calls) == 2:
+                raise RuntimeError("injected failure")
+            return real(part)
+
+        learner.learner.consume = flaky
+        learner.notify()
+        _wait(lambda: learner.failures == 1, "the failed step", 30, 0.05)
+        learner.notify()
+        _wait(lambda: learner.status()["waiting"] == 0 and learner.status()["offset"] == 12, "the learner to catch up", 30, 0.05)
+    finally:
+        learner.stop()
+    a = audit(args)
+    assert (a["learnt"], a["n_lost"], a["n_duplicated"], a["waiting"], a["broken"]) == (12, 0, 0, 0, None), a
+    # the served state holds each event once: the memory grew by exactly the 12 events
+    rows = len(checkpoint.load_policy(checkpoint_root(args), encoder=enc).state_dict()["memory"]["emb"])
+    assert rows == rows0 + 12
+
+
 def test_pool_replica_killed_mid_request(served, client):
     import ray
 

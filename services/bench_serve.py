@@ -122,9 +122,11 @@ def _pcts(ms: Sequence[float]) -> dict[str, float]:
 
 
 def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retrieve_k: int, distinct: int,
-                     batch: int = 16, home: Path, encoder: str = "onnx", encoder_threads: int = 1) -> dict[str, Any]:
+                     batch: int = 16, home: Path, encoder: str = "onnx", encoder_threads: int = 1,
+                     other_encoders: Sequence[tuple[str, int]] = ()) -> dict[str, Any]:
     """p50/p99 of ``RouterCore.route`` (encode + retrieve + score + select) per request and per batch,
-    with the router's query encoder (``AppArgs.encoder``) and its start-up warm-up."""
+    with the router's query encoder (``AppArgs.encoder``) after its start-up warm-up; then the same
+    for each of ``other_encoders`` (``(backend, threads)``) on the same hub, under ``variants``."""
     from cmr.encoders import make_encoder
     from services.config import AppArgs
     from services.routing import RouteRequest, RouterCore
@@ -139,36 +141,45 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
     core.register(cards)
     setup_s = time.perf_counter() - t0
     reqs = [RouteRequest(query=p, k=3, record=False) for p in prompts]
-    warmup_s = core.warm_up()  # what the Router deployment does at replica start
-    single = []
-    for r in reqs:
-        t = time.perf_counter()
-        out = core.route([r])
-        single.append((time.perf_counter() - t) * 1e3)
-        if isinstance(out[0], Exception):
-            raise out[0]
-    batched = []
-    for i in range(0, len(reqs) - batch + 1, batch):
-        t = time.perf_counter()
-        core.route(reqs[i : i + batch])
-        batched.append((time.perf_counter() - t) * 1e3)
-    # where the time goes, on the same requests: the encoder alone, and the rest alone
-    # (RouterCore.route with the query embedding given: retrieve + score + select)
-    enc_ms, rest_ms = [], []
-    for r in reqs:
-        t = time.perf_counter()
-        e = enc.encode([r.query])
-        enc_ms.append((time.perf_counter() - t) * 1e3)
-        t = time.perf_counter()
-        core.route([r], emb=e)
-        rest_ms.append((time.perf_counter() - t) * 1e3)
+
+    def measure() -> dict[str, Any]:
+        warmup_s = core.warm_up()  # what the Router deployment does at replica start
+        single = []
+        for r in reqs:
+            t = time.perf_counter()
+            out = core.route([r])
+            single.append((time.perf_counter() - t) * 1e3)
+            if isinstance(out[0], Exception):
+                raise out[0]
+        batched = []
+        for i in range(0, len(reqs) - batch + 1, batch):
+            t = time.perf_counter()
+            core.route(reqs[i : i + batch])
+            batched.append((time.perf_counter() - t) * 1e3)
+        # where the time goes, on the same requests: the encoder alone (wall and CPU time: the CPU
+        # time is its cost on one core whatever else runs), and the rest alone (RouterCore.route
+        # with the query embedding given: retrieve + score + select)
+        enc_ms, enc_cpu, rest_ms = [], [], []
+        for r in reqs:
+            c, t = time.process_time(), time.perf_counter()
+            e = enc.encode([r.query])
+            enc_ms.append((time.perf_counter() - t) * 1e3)
+            enc_cpu.append((time.process_time() - c) * 1e3)
+            t = time.perf_counter()
+            core.route([r], emb=e)
+            rest_ms.append((time.perf_counter() - t) * 1e3)
+        return {"warmup_s": round(warmup_s, 2), "single": _pcts(single), "encode_only": _pcts(enc_ms), "encode_only_cpu": _pcts(enc_cpu),
+                "retrieve_score_select_only": _pcts(rest_ms), f"batch{batch}": _pcts(batched) if batched else None,
+                f"batch{batch}_per_request_p50_ms": (float(np.median(batched)) / batch) if batched else None}
+
+    res = {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy,
+           "retrieve_k": retrieve_k, "encoder": encoder, "encoder_threads": encoder_threads, "setup_s": round(setup_s, 1),
+           **measure(), "variants": {}}
+    for backend, threads in other_encoders:
+        enc.inner = make_encoder(backend, threads)  # the router's encoder, swapped under the same hub
+        res["variants"][f"{backend} threads={threads}"] = {"encoder": backend, "encoder_threads": threads, **measure()}
     core.close()
-    return {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy,
-            "retrieve_k": retrieve_k, "encoder": encoder, "encoder_threads": encoder_threads, "setup_s": round(setup_s, 1),
-            "warmup_s": round(warmup_s, 2), "single": _pcts(single), "encode_only": _pcts(enc_ms),
-            "retrieve_score_select_only": _pcts(rest_ms),
-            f"batch{batch}": _pcts(batched) if batched else None,
-            f"batch{batch}_per_request_p50_ms": (float(np.median(batched)) / batch) if batched else None}
+    return res
 
 
 # -- encoder variants --------------------------------------------------------------------------
@@ -447,6 +458,18 @@ def render_md(report: dict[str, Any]) -> str:
         lines.append(f"| {d['models']:,} | {d['policy']} | {d['retrieve_k']} | {d['single']['p50_ms']:.1f} | {d['single']['p99_ms']:.1f} | "
                      f"{d['encode_only']['p50_ms']:.1f} / {d['encode_only']['p99_ms']:.1f} | {_rss(d)} | {b.get('p50_ms', float('nan')):.1f} | {b.get('p99_ms', float('nan')):.1f} | "
                      f"{(d.get('batch16_per_request_p50_ms') or float('nan')):.2f} |")
+    rows = [(d, f"{d.get('encoder', '?')} threads={d.get('encoder_threads', '?')}", d) for d in report.get("decision", [])]
+    rows += [(d, k, v) for d in report.get("decision", []) for k, v in (d.get("variants") or {}).items()]
+    if any(d.get("variants") for d in report.get("decision", [])):
+        lines += ["", "### Decision latency by query encoder (same hub, same queries; the first row per hub is the served default)", "",
+                  "encode CPU: the encoder's CPU time per query, i.e. its cost on one core whatever else loads the machine.", "",
+                  "| models | query encoder | single p50 | single p99 | encode wall p50 / p99 | encode CPU p50 / p99 | batch16 per req |",
+                  "|---|---|---|---|---|---|---|"]
+        for d, name, v in rows:
+            c = v.get("encode_only_cpu") or {"p50_ms": float("nan"), "p99_ms": float("nan")}
+            lines.append(f"| {d['models']:,} | {name} | {v['single']['p50_ms']:.1f} | {v['single']['p99_ms']:.1f} | "
+                         f"{v['encode_only']['p50_ms']:.1f} / {v['encode_only']['p99_ms']:.1f} | {c['p50_ms']:.1f} / {c['p99_ms']:.1f} | "
+                         f"{(v.get('batch16_per_request_p50_ms') or float('nan')):.2f} |")
     ev = report.get("encoders")
     if ev:
         lines += ["", f"## Query encoder variants (encoder alone, same {ev['prompts']} prompts, calls interleaved; ms)", "",
@@ -511,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=None, help="end-to-end app: AppArgs.max_batch_size (default: its default)")
     p.add_argument("--batch-wait-s", type=float, default=None, help="end-to-end app: AppArgs.batch_wait_timeout_s")
     p.add_argument("--router-replicas", type=int, default=None, help="end-to-end app: AppArgs.router_replicas")
+    p.add_argument("--decision-encoders", nargs="*", default=["onnx:2", "onnx-int8:1", "onnx-int8:2", "torch:1"],
+                   help="BACKEND:THREADS query encoders also measured on each hub (beside --encoder)")
     p.add_argument("--encoder-prompts", type=int, default=160, help="prompts for the encoder-variant comparison (0 = skip it)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--int8-quality", action="store_true", help="also measure the routing quality of the onnx-int8 query encoder (CMRBench)")
@@ -530,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in report["encoders"]["variants"].items():
             print(f"encoder {k:<28} single p50 {v['single']['p50_ms']:.1f} p99 {v['single']['p99_ms']:.1f} ms"
                   f"  batch16 p50 {(v['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms  max|diff| {v['max_abs_diff_vs_torch']:.1e}", flush=True)
+    try:
+        others = [(b, int(t)) for b, t in (x.split(":") for x in a.decision_encoders)]
+        if any(b not in ("onnx", "torch", "onnx-int8") or t < 1 for b, t in others):
+            raise ValueError
+    except ValueError:
+        p.error("--decision-encoders: each must be BACKEND:THREADS, e.g. onnx-int8:2")
     if a.int8_quality:
         report["int8_quality"] = int8_routing_quality()
         print(json.dumps(report["int8_quality"]), flush=True)
@@ -537,11 +568,15 @@ def main(argv: list[str] | None = None) -> int:
         for n in a.models:
             rk = a.retrieve_k if n > a.retrieve_k * 8 else 0  # small hubs: the policy scores every model
             d = decision_latency(n, prompts[: a.decision_requests], policy=a.policy, retrieve_k=rk, distinct=a.distinct,
-                                 home=Path(tmp) / f"dec{n}", encoder=a.encoder, encoder_threads=a.encoder_threads)
+                                 home=Path(tmp) / f"dec{n}", encoder=a.encoder, encoder_threads=a.encoder_threads,
+                                 other_encoders=others)
             report["decision"].append(d)
             print(f"decision {n:>7,} models  rk={rk:<4} single p50 {d['single']['p50_ms']:.1f} p99 {d['single']['p99_ms']:.1f} ms"
                   f"  (encode p50 {d['encode_only']['p50_ms']:.1f})  batch16 p50 {(d['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms"
                   f"  setup {d['setup_s']} s", flush=True)
+            for k, v in d["variants"].items():
+                print(f"    {k:<22} single p50 {v['single']['p50_ms']:.1f} p99 {v['single']['p99_ms']:.1f} ms"
+                      f"  (encode CPU p99 {v['encode_only_cpu']['p99_ms']:.1f})", flush=True)
         if not a.skip_e2e:
             app = {"encoder": a.encoder, "encoder_threads": a.encoder_threads}
             app.update({k: v for k, v in (("max_batch_size", a.max_batch_size), ("batch_wait_timeout_s", a.batch_wait_s),

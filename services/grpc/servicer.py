@@ -26,7 +26,9 @@ _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTI
 
 
 def _routing(r: "pb.Routing") -> dict[str, Any]:
-    d: dict[str, Any] = {"cost_weight": r.cost_weight, "deny": list(r.deny)}
+    d: dict[str, Any] = {"deny": list(r.deny)}
+    if r.HasField("cost_weight"):  # unset: the router's calibrated default λ
+        d["cost_weight"] = r.cost_weight
     for name in ("domains", "families", "allow"):
         if getattr(r, name):
             d[name] = list(getattr(r, name))
@@ -114,7 +116,8 @@ class GrpcServicerMixin:
             body = ChatCompletionRequest(**fields)
             if (msg := _prompt_error(self, [(f"messages.{i}.content", m.content) for i, m in enumerate(body.messages)])) is not None:
                 raise APIError(400, msg, "messages")
-            d, it, first = await self._start(body, {"messages": [m.model_dump() for m in body.messages]})
+            # Chat is server streaming: chunks go out as they are generated (retry only before the first)
+            d, it, first = await self._start(body, {"messages": [m.model_dump() for m in body.messages]}, collect=False)
         except ValidationError as e:
             _fail(grpc_context, 400, msg := _validation_message(e))
             raise GrpcAbort(msg) from None

@@ -91,10 +91,12 @@ def decide(
     best = choose(scores, costs, lam, mask)
     k = max(1, min(k, len(candidates)))
     top = np.argpartition(-u, k - 1, axis=1)[:, :k] if k < len(candidates) else np.tile(np.arange(len(candidates)), (len(u), 1))
+    lams = np.broadcast_to(np.asarray(lam, dtype=np.float64), (len(u),))
     out = []
     for i in range(len(u)):
         order = top[i][np.argsort(-u[i, top[i]], kind="stable")]
         alts = [(candidates[j].id, float(scores[i, j])) for j in order if j != best[i] and np.isfinite(u[i, j])][: k - 1]
         j = best[i]
-        out.append(Decision(model=candidates[j].id, score=float(scores[i, j]), utility=float(u[i, j]), alternatives=alts, checkpoint_version=checkpoint_version))
+        out.append(Decision(model=candidates[j].id, score=float(scores[i, j]), utility=float(u[i, j]), alternatives=alts, checkpoint_version=checkpoint_version,
+                            cost_weight=float(lams[i])))
     return out

@@ -87,6 +87,8 @@ class Decision:
     alternatives: list[tuple[str, float]] = field(default_factory=list)
     checkpoint_version: int | None = None
     request_id: str | None = None
+    #: the cost weight λ the utility was computed with (the request's, or the router's calibrated default)
+    cost_weight: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -93,6 +93,7 @@ def _routing_field(d: dict[str, Any]) -> dict[str, Any]:
     return {
         "request_id": d["request_id"], "model": d["model"], "score": d["score"], "utility": d["utility"],
         "alternatives": [{"model": m, "score": s} for m, s in d["alternatives"]], "checkpoint_version": d["checkpoint_version"],
+        "cost_weight": d.get("cost_weight"),
         **({"fallback": d["fallback"]} if d.get("fallback") else {}),
     }
 

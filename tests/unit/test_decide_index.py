@@ -41,6 +41,16 @@ def test_decide_filters_alternatives_and_errors():
         decide(scores, cards, filters=Filters(domains=["nope"]))
 
 
+def test_decision_records_the_cost_weight_it_used():
+    cards = [ModelCard(id="cheap", cost=0.0), ModelCard(id="dear", cost=1.0)]
+    scores = np.array([[0.5, 0.9], [0.5, 0.9]])
+    # per-query λ: the first query ignores cost, the second pays 0.5 per unit of cost
+    a, b = decide(scores, cards, lam=np.array([0.0, 0.5]), k=2)
+    assert (a.model, a.cost_weight) == ("dear", 0.0)
+    assert (b.model, b.cost_weight) == ("cheap", 0.5)
+    assert type(a).from_dict(a.to_dict()) == a
+
+
 def test_index_add_remove_search_by_id():
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(50, 8)).astype(np.float32)

@@ -80,7 +80,10 @@ def test_cost_weight_prefers_cheaper(client):
     costs = {m["id"]: m["cost"] for m in client.get("/v1/models").json()["data"] if m["id"] in ("tiny-gpt2-a", "tiny-gpt2-b")}
     cheap = min(costs, key=costs.get)
     q["routing"]["cost_weight"] = 1000.0  # any score gap is dwarfed by the cost gap
-    assert client.post("/v1/route", json=q).json()["model"] == cheap
+    d = client.post("/v1/route", json=q).json()
+    assert (d["model"], d["cost_weight"]) == (cheap, 1000.0)
+    del q["routing"]["cost_weight"]  # omitted: the router's default (no calibration file here: AppArgs.cost_weight)
+    assert client.post("/v1/route", json=q).json()["cost_weight"] == 0.0
 
 
 def test_bad_requests_name_the_field(client):

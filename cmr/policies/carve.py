@@ -16,7 +16,10 @@ model's prototype, or a model with one or two queries is matched trivially by it
 Optionally two levels (``hierarchical=True``), because CMRBench labels carry a domain: a
 domain head scores the query against one embedding per domain and the score of model m is
 ``log p(domain(m) | q) + log p(m | q, domain(m))``. Off by default: on a validation split
-carved from the train splits it lost 8 points of D-Acc against the flat softmax.
+carved from the train splits it lost 8 points of D-Acc against the flat softmax. A soft version
+(``domain_bonus`` β: each model's logit gains β × the query's cosine to its domain's centroid) is
+off by default too: on the same validation split β = 0.3 gave D +0.7 / M −0.6 points and more
+forgetting, β = 1 D +0.4 / M −1.3 (``docs/results/limits/``).
 
 Training is InfoNCE over the positive
 model against negatives: the full live hub when it is small enough (every hard negative, at
@@ -67,6 +70,10 @@ class CarveConfig(PolicyConfig):
     temperature: float = 0.05
     hierarchical: bool = False  # domain head + model-within-domain head (worse on validation)
     domain_weight: float = 1.0  # weight of the domain loss (training) and of log p(domain) (scoring)
+    # soft domain smoothing (flat head): each model's logit gains domain_bonus × the query's cosine
+    # to its domain's centroid (mean of the candidates' embeddings in that domain), in training
+    # and scoring alike; 0 = off
+    domain_bonus: float = 0.0
     sigmoid_lr: float = 3e-3  # learning rate of the sigmoid (outcome-matrix) head
     head: str = "auto"  # "softmax" (one right model), "sigmoid" (outcome matrices), "auto": from the data
     # training
@@ -318,6 +325,8 @@ class CarvePolicy(RoutingPolicy):
 
         if logits is None:
             logits = self._logits(z, rows, p)
+        if self.config.domain_bonus > 0 and len(self._domains):
+            logits = logits + self._domain_bonus(z, rows, p)
         if not self.config.hierarchical:
             return torch.log_softmax(logits, dim=-1)
         dom = self._mdom()[rows]
@@ -325,6 +334,17 @@ class CarvePolicy(RoutingPolicy):
         lse = self._group_logsumexp(logits, dom, len(self._domains))
         within = logits - lse.gather(1, dom.unsqueeze(0).expand_as(logits))
         return within + self.config.domain_weight * self._domain_logp(z, p)[:, dom]
+
+    def _domain_bonus(self, z, rows, p):
+        """``domain_bonus · scale · cos(z, centroid of the candidates of domain(m))`` per model
+        ``[B, C]``: a model with one or two queries borrows evidence from its domain's others."""
+        import torch
+
+        e = self._model_emb(rows, p)
+        dom = self._mdom()[rows]
+        cent = torch.zeros((len(self._domains), e.shape[1]), dtype=e.dtype).index_add(0, dom, e)
+        cent = torch.nn.functional.normalize(cent, dim=-1)
+        return self.config.domain_bonus * p["scale"] * (z @ cent.T)[:, dom]
 
     def _mdom(self):
         """Domain row of every model row (a tensor, rebuilt only when the tables grew)."""

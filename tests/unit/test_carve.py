@@ -64,6 +64,33 @@ def test_training_lowers_the_loss_and_scores_are_distributions(cmr_small, encode
     assert hl[-1] < hl[0]
 
 
+def test_domain_bonus_shifts_mass_towards_the_query_domain(cmr_small, encoder):
+    import dataclasses
+
+    p, exp, live = _fit_e1(cmr_small, encoder, epochs=0)
+    q = exp.test.emb
+    base = p.score(q, live)
+    p.config = dataclasses.replace(p.config, domain_bonus=1.0)
+    s = p.score(q, live)
+    np.testing.assert_allclose(s.sum(1), 1.0, atol=1e-4)
+    # the bonus is the query's cosine to each domain's centroid: the mass on the domain nearest
+    # the query (the one whose centroid it is closest to) grows, on every row
+    e = p.model_embeddings([c.id for c in live])
+    dom = np.array([c.domain for c in live], dtype=object)
+    doms = sorted(set(dom))
+    cent = np.stack([e[dom == d].sum(0) / np.linalg.norm(e[dom == d].sum(0)) for d in doms])
+    import torch
+
+    with torch.no_grad():
+        z = p._project(torch.from_numpy(q), p._params).numpy()
+    near = np.array(doms, dtype=object)[(z @ cent.T).argmax(1)]
+    mass = lambda sc: np.array([sc[i, dom == near[i]].sum() for i in range(len(q))])  # noqa: E731
+    assert np.all(mass(s) > mass(base))
+    # and it trains (the bonus is part of the training softmax too)
+    _, losses = _epoch_losses(cmr_small, encoder, lr=2e-3, domain_bonus=0.5)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
 def test_new_model_is_routable_before_any_feedback(cmr_small, encoder):
     p, exp, live = _fit_e1(cmr_small, encoder, epochs=4)
     card = ModelCard(id="acme/whale-song-transcriber", domain="Audio Automatic Speech Recognition",

@@ -380,9 +380,11 @@ def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests:
         startup_s = time.perf_counter() - t0
         url = f"http://127.0.0.1:{port}"
         seq = iter(range(10**9))
+        # the embedding cache persists across runs: a counter alone repeats the texts of the last run
+        run = os.urandom(4).hex()
 
         def q(i: int) -> str:
-            return f"{prompts[i % len(prompts)]} (#{next(seq)})"  # unique: no embedding-cache hits
+            return f"{prompts[i % len(prompts)]} (#{run}-{next(seq)})"  # unique: no embedding-cache hits
 
         def route_body(i): return {"query": q(i), "record": False}
         def auto_body(i): return {"model": "auto", "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}

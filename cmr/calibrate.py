@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,22 +291,10 @@ def logged_embeddings(db_path: Path | str, limit: int | None = None) -> np.ndarr
 def write_calibration(path: Path | str, calib: Calibration) -> Path:
     """Write ``calib`` as JSON atomically (temp file in the same folder, fsync, rename): a router
     polling the file sees the old or the new λ, never half a file."""
+    from cmr.bench.common import write_text  # the one atomic writer (temp + fsync + rename)
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(calib.to_dict(), f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_text(path, json.dumps(calib.to_dict(), indent=2, allow_nan=False) + "\n")
     return path
 
 

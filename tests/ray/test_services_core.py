@@ -182,23 +182,11 @@ def test_vectorised_filter_mask_matches_decide_filters():
 def mini_bench(tmp_path_factory, data_root):
     """A CMRBench-format folder cut from the real data: 2 experiences, 25 train prompts each, and
     the hub restricted to the models those prompts name plus 20 others."""
-    import json
+    from tests.unit.bench_data import write_mini_cmrbench
 
-    from cmr.data.io import read_jsonl
-
-    src = data_root / "cmrbench"
     out = tmp_path_factory.mktemp("mini_bench")
-    keep: set[str] = set()
-    for k in (1, 2):
-        (out / f"e{k}").mkdir()
-        for split, n in (("train", 25), ("test", 5)):
-            rows = [o for _, o in read_jsonl(src / f"e{k}" / f"{split}.jsonl")][:n]
-            keep |= {r["model"] for r in rows}
-            (out / f"e{k}" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cards = [o for _, o in read_jsonl(src / "hub.jsonl") if o.get("experience", 1) <= 2]
-    chosen = [c for c in cards if c["model"] in keep] + [c for c in cards if c["model"] not in keep][:20]
-    (out / "hub.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chosen))
-    return out, len(chosen)
+    n = write_mini_cmrbench(data_root / "cmrbench", out, n_train=25, n_test=5)
+    return out, n
 
 
 def test_router_core_routes_registers_and_swaps(tmp_path, mini_bench, encoder):

@@ -97,3 +97,22 @@ def write_outcomes(root: Path, with_cost: bool = True, drop: tuple[str, str] | N
             lines.append(f"{pid},{m},{score},{c if with_cost else ''}")
     (root / "outcomes.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+def write_mini_cmrbench(src: Path, out: Path, n_train: int, n_test: int, n_other: int = 20) -> int:
+    """A real CMRBench slice in the shared format: experiences 1-2, the first ``n_train`` /
+    ``n_test`` requests of each split, the hub cut to the models they name plus ``n_other`` more.
+    Returns the number of hub cards written."""
+    from cmr.data.io import read_jsonl
+
+    keep: set[str] = set()
+    for k in (1, 2):
+        (out / f"e{k}").mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", n_train), ("test", n_test)):
+            rows = [o for _, o in read_jsonl(src / f"e{k}" / f"{split}.jsonl")][:n]
+            keep |= {r["model"] for r in rows}
+            (out / f"e{k}" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cards = [o for _, o in read_jsonl(src / "hub.jsonl") if o.get("experience", 1) <= 2]
+    chosen = [c for c in cards if c["model"] in keep] + [c for c in cards if c["model"] not in keep][:n_other]
+    (out / "hub.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chosen))
+    return len(chosen)

@@ -5,7 +5,6 @@ no cost weight."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -146,20 +145,10 @@ def test_cli_bad_input_is_one_line(capsys):
 def mini_bench(tmp_path_factory, data_root):
     """A CMRBench-format folder: 2 experiences, 25 train / 10 test prompts, the hub cut to the
     models they name plus 20 others."""
-    from cmr.data.io import read_jsonl
+    from tests.unit.bench_data import write_mini_cmrbench
 
-    src = data_root / "cmrbench"
     out = tmp_path_factory.mktemp("mini_bench_cal")
-    keep: set[str] = set()
-    for k in (1, 2):
-        (out / f"e{k}").mkdir()
-        for split, n in (("train", 25), ("test", 10)):
-            rows = [o for _, o in read_jsonl(src / f"e{k}" / f"{split}.jsonl")][:n]
-            keep |= {r["model"] for r in rows}
-            (out / f"e{k}" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cards = [o for _, o in read_jsonl(src / "hub.jsonl") if o.get("experience", 1) <= 2]
-    chosen = [c for c in cards if c["model"] in keep] + [c for c in cards if c["model"] not in keep][:20]
-    (out / "hub.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chosen))
+    write_mini_cmrbench(data_root / "cmrbench", out, n_train=25, n_test=10)
     return out
 
 

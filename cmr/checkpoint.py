@@ -11,7 +11,9 @@ Layout: ``<root>/v000001/`` with
 
 A version is written into a hidden temp folder, every file fsynced, then renamed into place
 (``os.replace`` of a directory is atomic on POSIX), so a reader sees a whole checkpoint or
-none. :func:`latest` skips versions whose manifest or checksums do not verify.
+none. :func:`latest` skips versions whose manifest or checksums do not verify. :func:`prune`
+keeps the newest N valid versions (rename to a trash folder, then delete; never a version a
+reader holds a lease on, :func:`reading`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -194,18 +197,108 @@ def verify(path: Path | str) -> dict[str, Any]:
 def read_state(path: Path | str) -> dict[str, Any]:
     """The policy state stored in a verified checkpoint folder."""
     path = Path(path)
-    verify(path)
-    skeleton = json.loads((path / "state.json").read_text())
-    with np.load(path / "weights.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    with reading(path):
+        verify(path)
+        try:
+            skeleton = json.loads((path / "state.json").read_text())
+            with np.load(path / "weights.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:  # e.g. pruned meanwhile by a reader that held no lease
+            raise CheckpointError(f"{path}: unreadable after verification ({e})") from None
     return _join_arrays(skeleton, arrays)
+
+
+# ------------------------------------------------------------------------------ retention
+#: a read lease older than this is taken for one left by a killed process and ignored by prune()
+LEASE_STALE_S = 600.0
+
+
+@contextmanager
+def reading(path: Path | str) -> Iterator[None]:
+    """Hold a read lease on a version folder while reading it: :func:`prune` leaves it alone.
+
+    The lease is an empty file ``<root>/.read-v000007-<pid>-<ns>`` beside the versions; a
+    process killed mid-read leaves one behind, ignored after :data:`LEASE_STALE_S`.
+    """
+    path = Path(path)
+    lease = None
+    if _VERSION.match(path.name):
+        lease = path.parent / f".read-{path.name}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            lease.touch()
+        except OSError:  # a read-only store: nobody prunes it
+            lease = None
+    try:
+        yield
+    finally:
+        if lease is not None:
+            lease.unlink(missing_ok=True)
+
+
+def _leased(root: Path) -> set[int]:
+    now, out = time.time(), set()
+    for p in root.glob(".read-v*"):
+        m = _VERSION.match(p.name[len(".read-"):].split("-", 1)[0])
+        try:
+            fresh = now - p.stat().st_mtime < LEASE_STALE_S
+        except OSError:  # the reader finished meanwhile
+            continue
+        if m and fresh:
+            out.add(int(m.group(1)))
+    return out
+
+
+def prune(root: Path | str, keep: int) -> list[int]:
+    """Remove old versions: keep the newest ``keep`` that verify and everything newer than the
+    oldest of them (corrupt ones included: their fingerprints still link the learner's chain).
+
+    Never removes a version under a read lease (:func:`reading`). A version is first renamed
+    into ``<root>/.trash-…`` (atomic), then deleted, so a reader sees a whole folder or none.
+    Leftover trash (a pruner killed mid-delete) is removed too. Returns the removed versions.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(root)
+    vs = versions(root)
+    valid: list[int] = []
+    for v in reversed(vs):
+        if len(valid) == keep:
+            break
+        try:
+            verify(version_dir(root, v))
+        except CheckpointError:
+            continue
+        valid.append(v)
+    removed: list[int] = []
+    if len(valid) == keep:
+        oldest, leased = valid[-1], _leased(root)
+        for v in vs:
+            if v >= oldest:
+                break
+            if v in leased:
+                continue
+            trash = root / f".trash-v{v:06d}-{os.getpid()}-{time.monotonic_ns()}"
+            try:
+                os.rename(version_dir(root, v), trash)
+            except FileNotFoundError:  # another pruner took it
+                continue
+            removed.append(v)
+        if removed:
+            _fsync_dir(root)
+    for t in root.glob(".trash-*"):
+        shutil.rmtree(t, ignore_errors=True)
+    return removed
 
 
 def open_checkpoint(path: Path | str) -> Checkpoint:
     """A verified checkpoint folder as a :class:`Checkpoint` (state loaded lazily)."""
     path = Path(path)
-    manifest = verify(path)
-    fp = json.loads((path / "fingerprint.json").read_text())
+    with reading(path):
+        manifest = verify(path)
+        try:
+            fp = json.loads((path / "fingerprint.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable fingerprint.json ({e})") from None
     return Checkpoint(version=int(manifest["version"]), path=path, policy=str(manifest["policy"]), fingerprint=fp)
 
 
@@ -235,9 +328,14 @@ def load_policy(path: Path | str, encoder=None):
     from cmr.policies.registry import make_policy
 
     path = resolve(path)
-    cfg = json.loads((path / "config.json").read_text())
+    with reading(path):
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable config.json ({e})") from None
+        state = read_state(path)
     policy = make_policy(cfg["policy"], encoder=encoder, config=cfg["config"])
-    policy.load_state_dict(read_state(path))
+    policy.load_state_dict(state)
     return policy
 
 

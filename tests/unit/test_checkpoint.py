@@ -120,3 +120,63 @@ def test_cmr_train_in_process_writes_a_version_per_experience(tmp_path, data_roo
     # a bad option is one clear line and exit 2, not a traceback
     assert main(["train", "--data", str(data_root / "cmrbench"), "--out", str(out), "--set", "nope=1"]) == 2
     assert "unknown option(s) nope" in capsys.readouterr().err
+
+
+def _knn_versions(root, encoder, cmr_small, n):
+    p = make_policy("knn", encoder=encoder)
+    p.fit(cmr_small.experiences[0].train, cmr_small.cards_upto(1))
+    for i in range(n):
+        ckpt.save(root, p, {"offset": i})
+    return p
+
+
+def test_prune_keeps_newest_valid_and_the_chain_between(tmp_path, cmr_small, encoder):
+    _knn_versions(tmp_path, encoder, cmr_small, 6)
+    (tmp_path / "v000005" / "weights.npz").write_bytes(b"torn")  # v5 no longer verifies
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        ckpt.prune(tmp_path, 0)
+    assert ckpt.prune(tmp_path, 10) == [] and ckpt.versions(tmp_path) == [1, 2, 3, 4, 5, 6]  # fewer valid than keep
+    # the newest 2 valid are v6 and v4; the corrupt v5 between them stays (its fingerprint links the chain)
+    assert ckpt.prune(tmp_path, 2) == [1, 2, 3]
+    assert ckpt.versions(tmp_path) == [4, 5, 6] and ckpt.latest(tmp_path).version == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v000004", "v000005", "v000006"]  # no trash, no lease left
+    assert ckpt.open_checkpoint(tmp_path / "v000004").fingerprint == {"offset": 3}
+    # saving goes on numbering after the newest, never re-using a pruned number
+    _knn_versions(tmp_path, encoder, cmr_small, 1)
+    assert ckpt.prune(tmp_path, 1) == [4, 5, 6] and ckpt.versions(tmp_path) == [7]
+
+
+def test_prune_skips_a_version_being_read_and_removes_by_rename(tmp_path, cmr_small, encoder, monkeypatch):
+    import os
+    import time
+
+    _knn_versions(tmp_path, encoder, cmr_small, 4)
+    with ckpt.reading(tmp_path / "v000001"):
+        assert [p.name.startswith(".read-v000001-") for p in tmp_path.iterdir() if p.name.startswith(".")] == [True]
+        assert ckpt.prune(tmp_path, 1) == [2, 3]  # v1 is held by a reader
+        assert ckpt.read_state(tmp_path / "v000001")  # and still whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the lease went with the reader
+    # a lease left by a killed reader is ignored once stale
+    stale = tmp_path / ".read-v000001-999999-1"
+    stale.touch()
+    old = time.time() - ckpt.LEASE_STALE_S - 1
+    os.utime(stale, (old, old))
+    # removal is a rename into trash first: with the delete failing, the version is gone whole
+    # from its name (no half folder), and the next prune clears the trash
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: None)
+    assert ckpt.prune(tmp_path, 1) == [1]
+    assert ckpt.versions(tmp_path) == [4]
+    trash = [p for p in tmp_path.iterdir() if p.name.startswith(".trash-v000001-")]
+    assert len(trash) == 1 and {f.name for f in trash[0].iterdir()} >= {"manifest.json", "weights.npz"}
+    monkeypatch.undo()
+    assert ckpt.prune(tmp_path, 1) == [] and not list(tmp_path.glob(".trash-*"))
+
+
+def test_reading_a_pruned_version_is_a_checkpoint_error(tmp_path, cmr_small, encoder):
+    _knn_versions(tmp_path, encoder, cmr_small, 2)
+    path = tmp_path / "v000001"
+    ckpt.prune(tmp_path, 1)
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.load_policy(path, encoder)
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.open_checkpoint(path)

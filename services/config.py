@@ -83,6 +83,9 @@ class LearnerArgs(_Strict):
     #: ``Learner.consume``: events per bounded online step, events between consolidations
     events_per_step: int = Field(default=32, ge=1)
     consolidate_every: int = Field(default=1000, ge=1)
+    #: checkpoint versions kept after each learner step: the newest this many that verify
+    #: (``cmr.checkpoint.prune``); 0 keeps every version
+    keep_checkpoints: int = Field(default=20, ge=0)
 
 
 class AuthArgs(_Strict):

@@ -13,7 +13,9 @@ the newest checkpoint that verifies and resumes after its ``offset``; events it 
 memory but not checkpointed died with the process and are applied again, once. A failed step
 reloads that checkpoint too, so a half-applied batch is never applied twice. :func:`audit` walks
 the ``base`` chain of the newest valid checkpoint and counts how often each stored event was
-applied (target: every event ≤ its offset exactly once).
+applied (target: every event ≤ its offset exactly once). After each step the learner prunes old
+versions (``LearnerArgs.keep_checkpoints``, :func:`cmr.checkpoint.prune`); the audit then covers
+the kept chain, from the oldest kept version's applied range on.
 
 The actor is created with ``max_restarts=-1`` (Ray restarts it after a crash), and the router holds
 it through :class:`LearnerClient`, which re-creates it if it was killed for good.
@@ -63,6 +65,7 @@ class LearnerActor:
         self.steps = 0
         self.events_learnt = 0
         self.failures = 0
+        self.pruned = 0
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -133,11 +136,26 @@ class LearnerActor:
                 self.version = self.base = ck.version
             self.offset = upto  # after the checkpoint: status() never shows the offset ahead of the version
             self.store.set_cursor("learner", self.offset)
+            self._prune()
             self.steps += 1
             self.events_learnt += len(events)
             log.info("learnt %d feedback events -> checkpoint v%d", len(events), self.version)
             self._metrics()
             return self.version
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_checkpoints`` valid versions (0: all); a failure only logs."""
+        keep = self.args.learner.keep_checkpoints
+        if keep <= 0:
+            return
+        try:
+            gone = checkpoint.prune(self.root, keep)
+        except OSError:
+            log.exception("pruning old checkpoints failed")
+            return
+        self.pruned += len(gone)
+        if gone:
+            log.info("pruned checkpoints v%d..v%d (keeping the newest %d valid)", gone[0], gone[-1], keep)
 
     def _metrics(self) -> None:
         from services import metrics
@@ -148,7 +166,7 @@ class LearnerActor:
     def status(self) -> dict[str, Any]:
         return {"checkpoint_version": self.version, "offset": self.offset, "steps": self.steps, "events_learnt": self.events_learnt,
                 "waiting": self.store.last_offset() - self.offset, "instance": self.instance, "started": self.started,
-                "pid": os.getpid(), "failures": self.failures,
+                "pid": os.getpid(), "failures": self.failures, "pruned": self.pruned,
                 "checkpoints_written": sum(1 for k, _ in self.hooks.log if k == "after_checkpoint")}
 
     def stop(self) -> None:
@@ -248,6 +266,12 @@ def audit(args: AppArgs) -> dict[str, Any]:
     Walks ``base`` links from the newest checkpoint that verifies back to the first-start one,
     adding up the ``applied`` offset ranges; every stored event at or below that checkpoint's
     offset should be covered exactly once. Returns counts and the offending offsets (first 20).
+
+    After retention (``LearnerArgs.keep_checkpoints``) the walk stops at the oldest kept version
+    of the chain: ``audited_from_version``; its ``applied`` range starts at
+    ``audited_from_offset``, and only events after it are audited (``before_chain`` counts the
+    earlier ones, learnt by pruned versions; ``pruned_upto``: the chain's newest removed version).
+    A base missing *inside* the kept window is a broken chain.
     """
     root = checkpoint_root(args)
     store = DecisionStore(args.state_dir() / "decisions.sqlite")
@@ -256,17 +280,21 @@ def audit(args: AppArgs) -> dict[str, Any]:
     finally:
         store.close()
     ck = checkpoint.latest(root)
-    out: dict[str, Any] = {"accepted": len(offsets), "checkpoint_version": None, "chain": [], "broken": None}
+    out: dict[str, Any] = {"accepted": len(offsets), "checkpoint_version": None, "chain": [], "broken": None,
+                           "audited_from_version": None, "audited_from_offset": 0, "pruned_upto": None, "before_chain": 0}
     if ck is None:
         return {**out, "learnt": 0, "waiting": len(offsets), "lost": [], "duplicated": [], "n_lost": 0, "n_duplicated": 0}
     upto = int(ck.fingerprint.get("offset", 0))
     ranges: list[tuple[int, int]] = []
     v, fp = ck.version, ck.fingerprint
+    start = 0  # where the audited chain begins: its oldest applied range's start
     while True:
         out["chain"].append(v)
+        start = 0
         if "applied" in fp:
             a, b = fp["applied"]
             ranges.append((int(a), int(b)))
+            start = int(a)
         elif int(fp.get("offset", 0)) > 0:
             out["broken"] = f"v{v} has offset {fp['offset']} but no applied range"
             ranges.append((0, int(fp["offset"])))
@@ -275,11 +303,15 @@ def audit(args: AppArgs) -> dict[str, Any]:
         v = int(fp["base"])
         fp = _fingerprint(root, v)
         if fp is None:
-            out["broken"] = f"base v{v} has no readable fingerprint"
+            left = checkpoint.versions(root)
+            if not checkpoint.version_dir(root, v).exists() and (not left or v < left[0]):
+                out["pruned_upto"] = v  # retention removed it and everything older: not a break
+            else:
+                out["broken"] = f"base v{v} has no readable fingerprint"
             break
     import bisect
 
-    keys = sorted(o for o in offsets if o <= upto)
+    keys = sorted(o for o in offsets if start < o <= upto)
     hits = [0] * len(keys)
     for a, b in ranges:  # events with a < offset <= b
         for j in range(bisect.bisect_right(keys, a), bisect.bisect_right(keys, b)):
@@ -288,6 +320,8 @@ def audit(args: AppArgs) -> dict[str, Any]:
     lost = sorted(o for o, c in counts.items() if c == 0)
     dup = sorted(o for o, c in counts.items() if c > 1)
     out["chain"].reverse()
+    out["audited_from_version"], out["audited_from_offset"] = out["chain"][0], start
+    out["before_chain"] = sum(1 for o in offsets if o <= start)
     return {**out, "checkpoint_version": ck.version, "offset": upto, "learnt": sum(1 for c in counts.values() if c == 1),
             "waiting": sum(1 for o in offsets if o > upto), "n_lost": len(lost), "n_duplicated": len(dup), "lost": lost[:20],
             "duplicated": dup[:20]}

@@ -130,6 +130,29 @@ def test_learner_exactly_once_across_consolidation_and_a_failed_step(tmp_path):
     rows = len(checkpoint.load_policy(checkpoint_root(args), encoder=enc).state_dict()["memory"]["emb"])
     assert rows == rows0 + 12
 
+    # retention: a learner keeping 2 versions prunes after its step; the audit covers the kept chain
+    root = checkpoint_root(args)
+    args2 = AppArgs.from_dict({**args.to_dict(), "learner": {**args.learner.model_dump(), "keep_checkpoints": 2}})
+    learner = LearnerActor(args2.to_dict(), encoder=enc)
+    try:
+        feed(12, 3)
+        assert learner.step() is not None and learner.status()["pruned"] > 0
+    finally:
+        learner.stop()
+    kept = checkpoint.versions(root)
+    assert len(kept) == 2 and kept[0] > 1 and not [p for p in root.iterdir() if p.name.startswith(".")]
+    a = audit(args2)
+    assert a["chain"] == kept and a["audited_from_version"] == kept[0] and a["pruned_upto"] == kept[0] - 1, a
+    assert (a["n_lost"], a["n_duplicated"], a["waiting"], a["broken"]) == (0, 0, 0, None), a
+    fp0 = checkpoint.open_checkpoint(checkpoint.version_dir(root, kept[0])).fingerprint
+    assert a["audited_from_offset"] == fp0["applied"][0] > 0 and a["learnt"] + a["before_chain"] == a["accepted"] == 15, a
+    # a version missing inside the kept window is a broken chain, not retention
+    checkpoint.save(root, checkpoint.load_policy(root, encoder=enc), {"offset": 15, "applied": [15, 15], "base": kept[-1]})
+    import shutil
+
+    shutil.rmtree(checkpoint.version_dir(root, kept[-1]))
+    assert audit(args2)["broken"] == f"base v{kept[-1]} has no readable fingerprint"
+
 
 def test_pool_replica_killed_mid_request(served, client):
     import ray

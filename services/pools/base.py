@@ -18,6 +18,13 @@ class EngineError(CMRError):
     """An engine cannot be built or used (missing optional extra, bad backend settings)."""
 
 
+class GenerationError(CMRError):
+    """A generation that raised inside a pool replica, as a plain message: the engine's own
+    exception may not survive Ray's pickling to the ingress (openai's ``APIConnectionError``
+    needs keyword arguments), and an ``UnserializableException`` would skip the retry and the
+    runner-up fallback."""
+
+
 @dataclass
 class GenRequest:
     """One generation: chat ``messages`` (templated by the engine) or a raw ``prompt``."""

@@ -3,12 +3,14 @@
 The engine of a model is built on first use from its hub card's ``backend`` (so a model
 registered at runtime with a backend is served without a restart) and kept in an LRU of a few
 engines per replica (``@serve.multiplexed``). Resources and autoscaling come from ``PoolConfig``.
-A generation that raises is counted (``cmr_pool_errors_total``) and re-raised: the ingress
-retries it on another replica, then falls back to the decision's runner-up.
+A generation that raises is counted (``cmr_pool_errors_total``) and re-raised as a picklable
+``GenerationError``: the ingress retries it on another replica, then falls back to the
+decision's runner-up.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -17,7 +19,9 @@ from cmr.errors import CMRError
 from cmr.hub import HubStore
 from services import metrics
 from services.config import AppArgs
-from services.pools.base import EngineError, EngineFactory, GenRequest, make_engine
+from services.pools.base import EngineError, EngineFactory, GenerationError, GenRequest, make_engine
+
+log = logging.getLogger("ray.serve")
 
 
 class _NotFound(CMRError):
@@ -74,10 +78,12 @@ class PoolDeployment:
         try:
             async for chunk in engine.generate(req):
                 yield chunk.to_dict()
-        except Exception:
-            # counted here (the ingress retries it, then falls back to a runner-up model)
+        except Exception as e:
+            # counted here (the ingress retries it, then falls back to a runner-up model); re-raised
+            # as a GenerationError, which always reaches the ingress as a RayTaskError
             metrics.pool_error(self.pool)
-            raise
+            log.warning("generation of %s failed: %s: %s", req.model, type(e).__name__, e)
+            raise GenerationError(f"model {req.model!r}: {type(e).__name__}: {e}") from None
 
     async def check_health(self) -> None:
         # engines are checked by their own generate path; a pool with a dead hub store is unhealthy

@@ -1,5 +1,6 @@
 """Faults survived, on the real served app: a pool replica killed mid-request, the learner killed,
-a corrupt latest checkpoint and the router replica killed.
+a corrupt latest checkpoint, the router replica killed, and a model whose backend always fails
+(served by the runner-up). The learner keeps 3 checkpoint versions (retention under the faults).
 
 The pool serving the two tiny models runs two replicas; replicas and the learner are found and
 killed with Ray's own API (``ray.util.state.list_actors`` + ``ray.kill``), as an operator would.
@@ -30,7 +31,8 @@ def _pools(tmp_path_factory):
     models_home = AppArgs(home=str(tmp_path_factory.mktemp("tiny_models")))
     prepare_models(models_home)
     pools = [p.model_copy(update={"num_replicas": 2}).model_dump(mode="json") for p in effective_pools(models_home)]
-    APP_ARGS.update({"pools": pools, "learner": {"poll_s": 0.5}})
+    # keep 3 checkpoint versions: retention runs under the kills below, routers reading meanwhile
+    APP_ARGS.update({"pools": pools, "learner": {"poll_s": 0.5, "keep_checkpoints": 3}})
     if "auth" in AppArgs.model_fields:  # local test server: explicit open mode (no API keys)
         APP_ARGS["auth"] = {"open": True}
     yield
@@ -201,7 +203,9 @@ def test_pool_replica_killed_mid_request(served, client):
 def test_learner_killed_feedback_learnt_exactly_once(served, client):
     import ray
 
+    from cmr import checkpoint
     from services.learner import audit, learner_handle
+    from services.routing import checkpoint_root
 
     before = _wait(lambda: (s := _learner_status(client)).get("waiting") == 0 and s, "an idle learner")
     ids = [client.post("/v1/route", json={"query": f"Translate sentence {i} to German."}).json()["request_id"] for i in range(6)]
@@ -216,7 +220,10 @@ def test_learner_killed_feedback_learnt_exactly_once(served, client):
                   "a re-created learner to catch up")
     a = audit(served.args)
     assert a["n_lost"] == 0 and a["n_duplicated"] == 0 and a["broken"] is None, a
-    assert a["learnt"] == a["accepted"] >= 6 and a["waiting"] == 0 and a["checkpoint_version"] == after["checkpoint_version"]
+    # what the pruned versions learnt is before the audited chain; the kept chain covers the rest once
+    assert a["learnt"] + a["before_chain"] == a["accepted"] >= 6 and a["learnt"] >= 1, a
+    assert a["waiting"] == 0 and a["checkpoint_version"] == after["checkpoint_version"]
+    assert len(checkpoint.versions(checkpoint_root(served.args))) <= 3 + 1  # the newest 3 valid (+ at most one being written)
 
 
 def test_corrupt_checkpoint_skipped_by_restarted_router(served, client):
@@ -264,3 +271,49 @@ def _safe_health(client) -> dict | None:
     except httpx.HTTPError:  # the router is restarting
         return None
     return r.json() if r.status_code == 200 else None
+
+
+BROKEN = "faults/broken-backend"
+
+
+def test_failing_model_served_by_the_runner_up(served, client):
+    """The chosen model's generation fails on every attempt (an ``openai`` backend on a closed
+    loopback port): the request is retried once, then served by the runner-up, the response says
+    so, and feedback for its id rewards the model that answered."""
+    from services.store import DecisionStore
+
+    card = {"id": BROKEN, "description": "a model whose endpoint is down", "cost": 0.0,
+            "backend": {"engine": "openai", "base_url": "http://127.0.0.1:9/v1"}}
+    assert client.post("/v1/admin/models", json=card).status_code == 201
+    try:
+        # cost weight 1000: the free broken model wins over the tiny models (costs > 0)
+        routing = {"cost_weight": 1000.0, "allow": [BROKEN, "tiny-gpt2-a", "tiny-gpt2-b"]}
+        probe = client.post("/v1/route", json={"query": "Tell me about lighthouses.", "routing": routing, "record": False}).json()
+        assert probe["model"] == BROKEN and len(probe["alternatives"]) == 2, probe
+        runner_up = probe["alternatives"][0]["model"]
+        r = client.post("/v1/chat/completions", json={"model": "auto", "messages": CHAT, "max_tokens": 4, "routing": routing})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        fb = body["routing"]["fallback"]
+        assert (fb["from"], fb["to"], fb["reason"]) == (BROKEN, runner_up, "pool_error"), fb
+        assert fb["attempts"] == 3 and len(fb["errors"]) == 2 and all(e.startswith(f"{BROKEN}: ") for e in fb["errors"]), fb
+        assert body["model"] == runner_up and body["routing"]["model"] == runner_up and body["choices"][0]["message"]["content"]
+        assert json.loads(r.headers["x-cmr-fallback"]) == fb and r.headers["x-cmr-model"] == runner_up
+        # the answer is the runner-up's own recorded decision: its feedback is the runner-up's reward
+        assert body["id"] != fb["from_request_id"]
+        ok = client.post("/v1/feedback", json={"request_id": body["id"], "reward": 1.0})
+        assert ok.status_code == 200, ok.text
+        store = DecisionStore(served.args.state_dir() / "decisions.sqlite")
+        try:
+            ev = [e for e in store.events(after=ok.json()["offset"] - 1, limit=1) if e.request_id == body["id"]]
+        finally:
+            store.close()
+        assert len(ev) == 1 and ev[0].model == runner_up and ev[0].reward == 1.0
+        # streaming fails over the same way (before the first chunk is sent)
+        with client.stream("POST", "/v1/chat/completions", json={"model": "auto", "messages": CHAT, "max_tokens": 4,
+                                                                  "routing": routing, "stream": True}) as s:
+            assert s.status_code == 200
+            first = json.loads(next(line for line in s.iter_lines() if line.startswith("data: "))[6:])
+        assert first["model"] == runner_up and first["routing"]["fallback"]["from"] == BROKEN
+    finally:  # auto routing elsewhere must not pick the free broken model
+        assert client.delete(f"/v1/admin/models/{BROKEN}").status_code == 200

@@ -203,7 +203,9 @@ def run_load(a: argparse.Namespace, home: Path) -> dict[str, Any]:
     base = AppArgs(home=str(home))
     prepare_models(base)
     pools = [p.model_copy(update={"num_replicas": a.replicas}).model_dump(mode="json") for p in effective_pools(base)]
-    fields: dict[str, Any] = {"home": str(home), "policy": "knn", "train_limit": a.train_limit, "pools": pools, "learner": {"poll_s": 0.5}}
+    fields: dict[str, Any] = {"home": str(home), "policy": "knn", "train_limit": a.train_limit, "pools": pools,
+                              # every checkpoint kept: the audit then covers the whole run, from v1 on
+                              "learner": {"poll_s": 0.5, "keep_checkpoints": 0}}
     if "auth" in AppArgs.model_fields:
         fields["auth"] = {"open": True}  # loopback test server: explicit open mode
     args = AppArgs(**fields)
@@ -298,7 +300,8 @@ def _feedback(run: _Run, au: dict[str, Any]) -> dict[str, Any]:
             "rejected": sum(1 for r in answered if "feedback_status" in r and r["feedback_status"] != 200),
             "stored": au["accepted"], "learnt": au["learnt"], "waiting": au.get("waiting"), "lost": au["n_lost"],
             "duplicated": au["n_duplicated"], "lost_offsets": au["lost"], "duplicated_offsets": au["duplicated"],
-            "checkpoint_chain": au["chain"], "chain_broken": au["broken"], "audited_checkpoint": au["checkpoint_version"]}
+            "checkpoint_chain": au["chain"], "chain_broken": au["broken"], "audited_checkpoint": au["checkpoint_version"],
+            "audited_from_offset": au.get("audited_from_offset"), "before_chain": au.get("before_chain"), "pruned_upto": au.get("pruned_upto")}
 
 
 def _chain(vs: list[int]) -> str:
@@ -333,7 +336,8 @@ def render_md(r: dict[str, Any]) -> str:
               f"| events | {f.get('posted')} | {f.get('accepted')} | {f.get('stored')} | {f.get('learnt')} | {f.get('waiting')} | **{f.get('lost')}** | **{f.get('duplicated')}** |",
               "", f"Learner: instance {r.get('learner', {}).get('before', {}).get('instance')} → {r.get('learner', {}).get('after', {}).get('instance')}, "
                   f"caught up: {r.get('learner', {}).get('caught_up')} ({r.get('learner', {}).get('catch_up_after_last_request_s')} s after the last request); "
-                  f"audited checkpoint v{f.get('audited_checkpoint')}, {_chain(f.get('checkpoint_chain') or [])}, broken: {f.get('chain_broken')}.",
+                  f"audited checkpoint v{f.get('audited_checkpoint')}, {_chain(f.get('checkpoint_chain') or [])}, broken: {f.get('chain_broken')}; "
+                  f"events after offset {f.get('audited_from_offset')} audited ({f.get('before_chain')} earlier ones in pruned versions).",
               "", "Lost = no 2xx answer. Feedback lost/duplicated = stored events the newest valid checkpoint applied 0 or >1 times, "
                   "from the applied offset ranges along its base chain (`services.learner.audit`)."]
     if q.get("errors"):

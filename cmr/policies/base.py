@@ -146,7 +146,16 @@ class RoutingPolicy(ABC):
                 self._card_emb[c.id] = v
         if not cards:
             return np.zeros((0, self.encoder.dim if self.encoder else 0), dtype=np.float32)
-        return np.stack([self._card_emb[c.id] for c in cards])
+        # the router scores every batch against the same card tuple (one per hub version): stack
+        # it once (tuples are immutable; a memoised vector is never replaced, only added)
+        memo = getattr(self, "_card_stack", None)
+        if isinstance(cards, tuple) and memo is not None and memo[0] is cards and memo[1] is self._card_emb:
+            return memo[2]
+        out = np.stack([self._card_emb[c.id] for c in cards])
+        if isinstance(cards, tuple):
+            out.flags.writeable = False  # shared between batches: a caller must not change it
+            self._card_stack = (cards, self._card_emb, out)
+        return out
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

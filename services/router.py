@@ -40,6 +40,7 @@ class RouterDeployment:
         self.route_batch.set_max_batch_size(self.args.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self._learner = None
+        self._reported_version: int | None = None
         if self.args.learner.enabled:
             from services.learner import get_or_create_learner
 
@@ -68,7 +69,9 @@ class RouterDeployment:
                 counts[d.model] = counts.get(d.model, 0) + 1
         for m, n in counts.items():
             metrics.decision(m, n)
-        metrics.checkpoint_version(self.core.version, role="router")
+        if self.core.version != self._reported_version:  # a gauge: set it when it changes, not per batch
+            self._reported_version = self.core.version
+            metrics.checkpoint_version(self.core.version, role="router")
         return [_error(d, 400) if isinstance(d, CMRError) else {"decision": d.to_dict(), "pool": self.core.pool_of(d.model)} for d in results]
 
     async def route(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError, UnserializableException
 from ray.serve.handle import DeploymentHandle
 
 from services import metrics
@@ -29,7 +29,8 @@ from services.grpc.servicer import GrpcServicerMixin
 from services.schemas import AUTO, ChatCompletionRequest, CompletionRequest, FeedbackBody, RegisterBody, RetireBody, RouteRequestBody
 
 #: a pool replica that died or became unreachable, or a generation that raised: retried, then fallen back
-_REPLICA_FAILURES = (RayActorError, RayTaskError)
+# (UnserializableException: an engine error that could not cross the process boundary)
+_REPLICA_FAILURES = (RayActorError, RayTaskError, UnserializableException)
 
 app = FastAPI(title="cmr", description="Continual model router: OpenAI-compatible API with routing extensions")
 # API keys, scopes, rate limits and the body cap, before any route runs (services/auth.py)
@@ -275,6 +276,8 @@ class Ingress(GrpcServicerMixin):
                 cur = {**cur, "fallback": {"from": d["model"], "to": cur["model"], "reason": reason, "attempts": attempt + 1,
                                            "errors": [f for _, f in failures], "from_request_id": d["request_id"]}}
                 metrics.fallback(reason if cur["model"] == d["model"] else f"{reason}_next_model")
+                if cur["request_id"] != d["request_id"]:  # feedback for the failed decision must not credit its model
+                    await self.router.supersede.remote(d["request_id"], cur["request_id"])
             return cur, it, first
         raise APIError(503, "generation failed on every replica and fallback model: " + "; ".join(f for _, f in failures), "model")
 

@@ -19,7 +19,7 @@ from cmr.types import ModelCard
 from services.config import AppArgs
 from services.routing import RouteRequest, RouterCore
 from services import metrics
-from services.store import DuplicateFeedbackError, ExpiredRequestError, ForbiddenFeedbackError, UnknownRequestError
+from services.store import DuplicateFeedbackError, ExpiredRequestError, ForbiddenFeedbackError, SupersededRequestError, UnknownRequestError
 
 
 def _error(e: Exception, status: int) -> dict[str, Any]:
@@ -116,13 +116,18 @@ class RouterDeployment:
             off = await asyncio.to_thread(self.core.store.add_feedback, request_id, reward, tenant, check_owner)
         except (CMRError, ValueError) as e:
             status, code = {UnknownRequestError: ("unknown", 404), ExpiredRequestError: ("expired", 410),
-                            DuplicateFeedbackError: ("duplicate", 409), ForbiddenFeedbackError: ("forbidden", 403)}.get(type(e), ("invalid", 400))
+                            DuplicateFeedbackError: ("duplicate", 409), ForbiddenFeedbackError: ("forbidden", 403),
+                            SupersededRequestError: ("superseded", 409)}.get(type(e), ("invalid", 400))
             return _error(e, code)
         finally:
             metrics.feedback(status)
         if self._learner is not None:
             self._learner.notify.remote()  # fire and forget: the learner batches what is waiting
         return {"offset": off}
+
+    async def supersede(self, request_id: str, by: str) -> None:
+        """A fallback answered ``request_id`` under decision ``by``: route its feedback there."""
+        await asyncio.to_thread(self.core.store.supersede, request_id, by)
 
     def __del__(self) -> None:
         core = getattr(self, "core", None)

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS feedback (
   created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS superseded (request_id TEXT PRIMARY KEY, by TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS decisions_created ON decisions (created);
 """
 
@@ -57,6 +58,10 @@ class UnknownRequestError(CMRError):
 
 class DuplicateFeedbackError(CMRError):
     """A second reward for the same request id."""
+
+
+class SupersededRequestError(CMRError):
+    """Feedback for a decision whose model failed; another decision answered the request."""
 
 
 class ExpiredRequestError(CMRError):
@@ -159,6 +164,10 @@ class DecisionStore:
                 raise UnknownRequestError(f"field 'request_id': no decision with id {request_id!r}{hint}")
             if check_owner and row[1] != tenant:
                 raise ForbiddenFeedbackError(f"field 'request_id': {request_id!r} was not made with a key of this tenant")
+            sup = self._db.execute("SELECT by FROM superseded WHERE request_id=?", (request_id,)).fetchone()
+            if sup is not None:  # its model failed and another answered: a reward here would credit the wrong model
+                raise SupersededRequestError(f"field 'request_id': the model of {request_id!r} failed and the request was answered "
+                                             f"under id {sup[0]!r}: send the feedback for that id")
             if self._db.execute("SELECT 1 FROM feedback WHERE request_id=?", (request_id,)).fetchone() is not None:
                 raise DuplicateFeedbackError(f"field 'request_id': feedback for {request_id!r} was already recorded")
             if self.ttl_s is not None and now - row[0] > self.ttl_s:
@@ -172,6 +181,12 @@ class DecisionStore:
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             return int(cur.lastrowid)
+
+    def supersede(self, request_id: str, by: str) -> None:
+        """Mark a decision whose model failed to answer as replaced by decision ``by`` (a fallback):
+        feedback for it is then refused with a pointer to ``by``."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO superseded (request_id, by) VALUES (?, ?)", (request_id, by))
 
     def events(self, after: int = 0, limit: int = 10_000) -> list[FeedbackEvent]:
         """Feedback events with offset > ``after``, oldest first, joined with their decisions."""

@@ -309,6 +309,9 @@ def test_failing_model_served_by_the_runner_up(served, client):
         finally:
             store.close()
         assert len(ev) == 1 and ev[0].model == runner_up and ev[0].reward == 1.0
+        # the failed decision is superseded: a reward for it would credit the model that never answered
+        stale = client.post("/v1/feedback", json={"request_id": fb["from_request_id"], "reward": 0.0})
+        assert stale.status_code == 409 and body["id"] in stale.json()["error"]["message"], stale.text
         # streaming fails over the same way (before the first chunk is sent)
         with client.stream("POST", "/v1/chat/completions", json={"model": "auto", "messages": CHAT, "max_tokens": 4,
                                                                   "routing": routing, "stream": True}) as s:

@@ -57,3 +57,13 @@ def secret(name: str) -> str | None:
     be written into cards or configs.
     """
     return os.environ.get(name) or None
+
+
+def export_for_ray_workers() -> None:
+    """Before ``ray.init``: the environment local Ray workers inherit from this driver — the same
+    embedding cache (``CMR_CACHE``, resolved now), offline model loading, no uv runtime env and no
+    tokenizer thread pools fighting Ray's."""
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["CMR_CACHE"] = str(cache_dir())

@@ -354,12 +354,9 @@ async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> di
 def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests: int, *, home: Path,
                train_limit: int, max_tokens: int, app: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start the app on loopback, measure route / auto chat / direct chat at each concurrency, stop."""
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from cmr import constants
 
-    os.environ["CMR_CACHE"] = str(constants.cache_dir())  # workers inherit: same embedding cache
+    constants.export_for_ray_workers()  # workers inherit the driver's cache and offline settings
     import ray
     from ray import serve
 

@@ -182,12 +182,9 @@ def _wait_learner(url: str, before: str | None, deadline: float) -> dict[str, An
 
 def run_load(a: argparse.Namespace, home: Path) -> dict[str, Any]:
     """Start the app under ``home``, run the load with the kills, audit; the report dict."""
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from cmr import constants
 
-    os.environ["CMR_CACHE"] = str(constants.cache_dir())  # workers inherit it: the shared embedding cache
+    constants.export_for_ray_workers()  # workers inherit the driver's cache and offline settings
     import httpx
     import ray
     from ray import serve

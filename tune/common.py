@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -70,8 +69,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ["CMR_CACHE"] = str(constants.cache_dir())  # workers inherit the driver's cache
+    constants.export_for_ray_workers()  # workers inherit the driver's cache and offline settings
     if address:
         ray.init(address=address, log_to_driver=False)
     else:

@@ -9,7 +9,24 @@ import numpy as np
 from cmr.data import load_cmrbench
 from cmr.encoders import default_encoder
 from cmr.policies.registry import make_policy
+from cmr import constants
 from cmr.decide import choose
+
+
+def validation_mask(tr, rng, frac=0.15):
+    """Hold out one row of each model that has >= 2 rows, up to ``frac`` of the split (so, as on
+    test, every held-out target still has training rows). Consumes one ``rng.permutation``."""
+    perm = rng.permutation(len(tr))
+    seen, val = set(), []
+    counts = np.bincount(tr.labels, minlength=len(tr.model_ids))
+    for i in perm:
+        lab = tr.labels[i]
+        if counts[lab] >= 2 and lab not in seen and len(val) < int(frac * len(tr)):
+            seen.add(lab)
+            val.append(i)
+    mask = np.zeros(len(tr), bool)
+    mask[val] = True
+    return mask
 
 
 def parse_set(items):
@@ -32,21 +49,13 @@ def main():
     ap.add_argument("--exps", type=int, default=4)
     a = ap.parse_args()
     enc = default_encoder()
-    bench = load_cmrbench("/work/shared/data/cmrbench")
+    bench = load_cmrbench(constants.data_root() / "cmrbench")
     rng = np.random.default_rng(0)
     exps = []
     for exp in bench.experiences[: a.exps]:
         tr, te = exp.train, exp.test
         if a.val:
-            # hold out one row of models with >= 2 rows (as on test, every target has training rows)
-            perm = rng.permutation(len(tr))
-            seen, val = set(), []
-            counts = np.bincount(tr.labels, minlength=len(tr.model_ids))
-            for i in perm:
-                l = tr.labels[i]
-                if counts[l] >= 2 and l not in seen and len(val) < int(0.15 * len(tr)):
-                    seen.add(l); val.append(i)
-            mask = np.zeros(len(tr), bool); mask[val] = True
+            mask = validation_mask(tr, rng)
             te, tr = tr.subset(mask), tr.subset(~mask)
         tr.emb, te.emb = enc.encode(tr.texts), enc.encode(te.texts)
         exps.append((exp.k, tr, te))

@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cmr import constants  # noqa: E402
 from cmr.data import load_cmrbench  # noqa: E402
 from cmr.decide import choose  # noqa: E402
 from cmr.encoders import default_encoder  # noqa: E402
 from cmr.policies.registry import make_policy  # noqa: E402
+from carve_eval import validation_mask  # noqa: E402
 
 
 class FusedEncoder:
@@ -65,16 +67,7 @@ def main() -> int:
     exps = []
     for exp in bench.experiences:  # the validation split of bench/carve_eval.py --val, row for row
         tr = exp.train
-        perm = rng.permutation(len(tr))
-        seen, val = set(), []
-        counts = np.bincount(tr.labels, minlength=len(tr.model_ids))
-        for i in perm:
-            lab = tr.labels[i]
-            if counts[lab] >= 2 and lab not in seen and len(val) < int(0.15 * len(tr)):
-                seen.add(lab)
-                val.append(i)
-        mask = np.zeros(len(tr), bool)
-        mask[val] = True
+        mask = validation_mask(tr, rng)
         exps.append((exp.k, tr, exp.test) if a.test else (exp.k, tr.subset(~mask), tr.subset(mask)))
     fit_texts = [t for _, tr, _ in exps for t in tr.texts] + [c.text() for c in bench.cards]
     vec = _tfidf().fit(fit_texts)

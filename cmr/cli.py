@@ -40,6 +40,16 @@ def _policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_module_commands(sub, modules: dict[str, str]) -> None:
+    """One sub-parser per ``name -> module``; the module supplies ``add_arguments(parser)``,
+    ``run(args) -> int`` and, as its docstring's first line, the help text."""
+    for name, module in modules.items():
+        mod = importlib.import_module(module)
+        sp = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmr", description="cmr — a continual model router on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark protocol and write a report")
     bsub = bench.add_subparsers(dest="protocol", required=True)
-    for name, module in BENCH.items():
-        mod = importlib.import_module(module)
-        bp = bsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
-        mod.add_arguments(bp)
-        bp.set_defaults(func=mod.run)
+    add_module_commands(bsub, BENCH)
 
     for name, (module, help_) in COMMANDS.items():
         mod = importlib.import_module(module)

@@ -41,14 +41,9 @@ def out_dir(arg: str | None, storage: str, name: str) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    import importlib
+    from cmr.cli import add_module_commands
 
-    sub = p.add_subparsers(dest="sweep", required=True)
-    for name, module in SWEEPS.items():
-        mod = importlib.import_module(module)
-        sp = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
-        mod.add_arguments(sp)
-        sp.set_defaults(func=mod.run)
+    add_module_commands(p.add_subparsers(dest="sweep", required=True), SWEEPS)
 
 
 def run(args: argparse.Namespace) -> int:  # replaced by the sub-command's run via set_defaults

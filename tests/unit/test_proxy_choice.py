@@ -1,0 +1,108 @@
+"""``cmr serve --proxy``: which front door a local Ray gets, the RAY_* environment that asks for it,
+and the refusals (no binary → exit 2 with one line; ``--address`` → the cluster decides)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+
+import pytest
+
+from cmr import constants
+from services import serve_cli
+
+
+def _ns(**kw) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    serve_cli.add_arguments(p)
+    return p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """Both variables absent, and restored afterwards even though choose_proxy writes os.environ
+    (setenv records the original; delenv of an absent variable alone would not): the Ray tests
+    later in the same session must not inherit a front door from here."""
+    for name in (constants.RAY_HAPROXY_ENV, constants.RAY_HAPROXY_BINARY_ENV):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_env_for_each_proxy():
+    assert constants.ray_proxy_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert constants.ray_proxy_env("serve") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # explicit: beats an inherited 1
+    with pytest.raises(ValueError, match="proxy"):
+        constants.ray_proxy_env("nginx")
+    with pytest.raises(ValueError, match="proxy"):
+        constants.resolve_proxy("nginx")
+
+
+def _fake_haproxy(tmp_path, version: str):
+    fake = tmp_path / f"haproxy-{version}"
+    fake.write_text(f"#!/bin/sh\necho 'HAProxy version {version}-1 2026/01/01 - https://haproxy.org/'\n")
+    return fake
+
+
+def test_binary_override_decides(clean_env, tmp_path):
+    fake = _fake_haproxy(tmp_path, "2.8.25")
+    clean_env.setenv(constants.RAY_HAPROXY_BINARY_ENV, str(fake))
+    assert constants.haproxy_binary() is None and constants.resolve_proxy("auto") == "serve"  # not executable
+    assert "is not an executable file" in constants.haproxy_problem()
+    fake.chmod(0o755)
+    assert constants.haproxy_binary() == str(fake) and constants.haproxy_version(str(fake)) == (2, 8)
+    assert constants.haproxy_problem() is None and constants.resolve_proxy("auto") == "haproxy"
+    assert constants.resolve_proxy("serve") == "serve"
+
+
+def test_too_old_haproxy_is_not_used(clean_env, tmp_path):
+    """Debian 12's HAProxy 2.6 rejects the config Ray 2.60 writes: auto must not pick it."""
+    old = _fake_haproxy(tmp_path, "2.6.12")
+    old.chmod(0o755)
+    clean_env.setenv(constants.RAY_HAPROXY_BINARY_ENV, str(old))
+    assert constants.haproxy_version(str(old)) == (2, 6) and "version 2.6; " in constants.haproxy_problem()
+    assert constants.resolve_proxy("auto") == "serve"
+
+
+def test_auto_exports_haproxy_when_usable(clean_env, tmp_path, capsys):
+    fake = _fake_haproxy(tmp_path, "3.0.11")
+    fake.chmod(0o755)
+    clean_env.setenv(constants.RAY_HAPROXY_BINARY_ENV, str(fake))
+    assert serve_cli.choose_proxy(_ns()) == "haproxy"
+    assert os.environ[constants.RAY_HAPROXY_ENV] == "1" and constants.proxy_in_env() == "haproxy"
+    assert f"front door: haproxy (HAProxy {fake}" in capsys.readouterr().out
+    assert serve_cli.choose_proxy(_ns(proxy="serve")) == "serve" and os.environ[constants.RAY_HAPROXY_ENV] == "0"
+
+
+def test_auto_falls_back_and_explicit_haproxy_exits_2(clean_env, capsys):
+    clean_env.setenv(constants.RAY_HAPROXY_BINARY_ENV, "/nonexistent/haproxy")
+    assert serve_cli.choose_proxy(_ns()) == "serve" and os.environ[constants.RAY_HAPROXY_ENV] == "0"
+    assert "front door: serve (RAY_SERVE_HAPROXY_BINARY_PATH=/nonexistent/haproxy is not an executable file)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        serve_cli.choose_proxy(_ns(proxy="haproxy"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "/nonexistent/haproxy is not an executable file" in err
+
+
+def test_address_leaves_the_cluster_env_alone(clean_env, capsys):
+    assert serve_cli.choose_proxy(_ns(address="ray://head:10001", proxy="haproxy")) is None
+    assert constants.RAY_HAPROXY_ENV not in os.environ
+    assert "cluster's own environment decides" in capsys.readouterr().out
+
+
+def test_k8s_ray_pods_get_haproxy():
+    """KubeRay's `ray start` gets no `cmr serve` flag: the head and every worker take the flag from
+    the cmr-env config map (Ray reads it when its processes start)."""
+    import yaml
+
+    base = constants.REPO_ROOT / "k8s" / "base"
+    env = yaml.safe_load((base / "configmap.yaml").read_text())["data"]
+    assert env[constants.RAY_HAPROXY_ENV] == constants.ray_proxy_env("haproxy")[constants.RAY_HAPROXY_ENV]
+    svc = yaml.safe_load((base / "rayservice.yaml").read_text())
+    rc = svc["spec"]["rayClusterConfig"]
+    pods = [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]
+    for spec in pods:
+        ray = spec["containers"][0]
+        assert {"configMapRef": {"name": "cmr-env"}} in ray.get("envFrom", []), ray["name"]
+        assert all(e["name"] != constants.RAY_HAPROXY_ENV for e in ray.get("env", [])), "overridden in a container"

@@ -141,6 +141,9 @@ class Ingress(GrpcServicerMixin):
         self.pool_of = {m.id: p.name for p in effective_pools(self.args) for m in p.models}
         # models registered at runtime with a backend are served by the first pool
         self.default_pool = next(iter(pools), None)
+        # concurrent decisions of this replica go to the router as one handle call (``_route_coalesced``)
+        self._route_coalesced.set_max_batch_size(self.args.max_batch_size)
+        self._route_coalesced.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         a = self.args.auth
         self.auth = auth.Authenticator(a.settings(), None if a.open else auth.keys_path(self.args.state_dir(), a.keys_path))
         auth.activate(self.auth)  # this replica's middleware and gRPC methods use it
@@ -159,8 +162,8 @@ class Ingress(GrpcServicerMixin):
             filters = {**filters, "allow": [model]}  # a concrete model bypasses the choice, still recorded
         who = auth.current_principal() or auth.OPEN
         t0 = time.perf_counter()
-        res = await self.router.route.remote({"query": query, "lam": opts.cost_weight, "filters": filters, "k": opts.k,
-                                             "servable_only": servable_only, "record": record, "key_id": who.key_id, "tenant": who.tenant})
+        res = await self._route_coalesced({"query": query, "lam": opts.cost_weight, "filters": filters, "k": opts.k,
+                                           "servable_only": servable_only, "record": record, "key_id": who.key_id, "tenant": who.tenant})
         metrics.routing_latency(time.perf_counter() - t0, "generate" if servable_only else "route")
         if "error" in res and model not in (None, AUTO):
             raise APIError(404, f"field 'model': model {model!r} is not served here", "model")
@@ -170,6 +173,14 @@ class Ingress(GrpcServicerMixin):
             "cmr_request_id": d["request_id"], "cmr_model": d["model"], "cmr_checkpoint_version": d["checkpoint_version"],
             "cmr_key_id": who.key_id, "cmr_tenant": who.tenant})
         return {**d, "pool": res.get("pool")}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _route_coalesced(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Concurrent ``_decide`` calls of this replica, gathered (up to ``AppArgs.max_batch_size``,
+        waiting at most ``batch_wait_timeout_s``) and sent as ONE handle call: Serve's per-call cost
+        (handle routing, replica request handling, the router's own batching) is paid once per
+        batch instead of once per request. Each caller gets its own slot of the answer, errors too."""
+        return await self.router.route_many.remote(reqs)
 
     @app.post("/v1/route")
     async def route(self, body: RouteRequestBody) -> JSONResponse:

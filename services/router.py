@@ -1,7 +1,8 @@
 """``RouterDeployment``: the Serve deployment around ``RouterCore``.
 
-Concurrent requests are gathered by ``@serve.batch`` and routed together: one encoder call and
-one ``policy.score`` per batch. The blocking work (MiniLM, FAISS, SQLite) runs in a worker thread
+The ingress gathers its concurrent requests itself and sends them as one ``route_many`` call;
+single ``route`` calls (other callers) are gathered by ``@serve.batch``. Either way a batch is
+routed together: one encoder call and one ``policy.score`` per batch. The blocking work (MiniLM, FAISS, SQLite) runs in a worker thread
 so the replica keeps accepting requests while a batch is scored. Hub changes are picked up
 per batch (``RouterCore.sync``); newer checkpoints are loaded and swapped in by a watcher thread.
 """
@@ -39,6 +40,7 @@ class RouterDeployment:
         self.core.start_watcher()
         self.route_batch.set_max_batch_size(self.args.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._batch_lock = asyncio.Lock()
         self._learner = None
         self._reported_version: int | None = None
         if self.args.learner.enabled:
@@ -46,23 +48,37 @@ class RouterDeployment:
 
             self._learner = get_or_create_learner(self.args)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def route_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Route a batch: each item is ``{query, lam, filters, k, servable_only, record}``;
-        each result is ``{"decision": {...}}`` or ``{"error": message, "status": code}``."""
-        parsed = [RouteRequest(query=r["query"], lam=None if r.get("lam") is None else float(r["lam"]), filters=Filters(**(r.get("filters") or {})),
-                               k=int(r.get("k", self.args.top_k)), servable_only=bool(r.get("servable_only", False)),
-                               record=bool(r.get("record", True))) for r in reqs]
+    def _parse(self, r: dict[str, Any]) -> RouteRequest:
+        return RouteRequest(query=r["query"], lam=None if r.get("lam") is None else float(r["lam"]), filters=Filters(**(r.get("filters") or {})),
+                            k=int(r.get("k", self.args.top_k)), servable_only=bool(r.get("servable_only", False)),
+                            record=bool(r.get("record", True)))
 
-        def work():
+    async def _route_list(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Route ``reqs`` as one batch (one encode, one score per filter group); results in order.
+        A request that does not parse or whose filters match nothing gets its error in its own slot."""
+        parsed: list[RouteRequest | None] = []
+        errors: dict[int, dict[str, Any]] = {}
+        for i, r in enumerate(reqs):
+            try:
+                parsed.append(self._parse(r))
+            except (CMRError, KeyError, TypeError, ValueError) as e:  # a caller other than the ingress (which validates) sent a bad item
+                parsed.append(None)
+                errors[i] = _error(CMRError(f"malformed routing request: {type(e).__name__}: {e}"), 400)
+        todo = [i for i, p in enumerate(parsed) if p is not None]
+
+        def work() -> list[Any]:
             self.core.sync()
-            out = self.core.route(parsed)
+            out = self.core.route([parsed[i] for i in todo])  # type: ignore[misc]
             # who asked (API key, tenant): written before the ids reach anyone, so feedback can be checked
-            self.core.store.set_owners([(d.request_id, r.get("key_id"), r.get("tenant")) for d, r, p in zip(out, reqs, parsed)
-                                        if not isinstance(d, CMRError) and p.record])
+            # (one write for the whole batch)
+            self.core.store.set_owners([(d.request_id, reqs[i].get("key_id"), reqs[i].get("tenant")) for d, i in zip(out, todo)
+                                        if not isinstance(d, CMRError) and parsed[i].record])  # type: ignore[union-attr]
             return out
 
-        results = await asyncio.to_thread(work)
+        # one batch at a time per replica, as ``route_batch`` always ran (serve.batch's default
+        # max_concurrent_batches=1): batches queue here instead of racing for the same 2 cores
+        async with self._batch_lock:
+            results = await asyncio.to_thread(work) if todo else []
         counts: dict[str, int] = {}
         for d in results:
             if not isinstance(d, CMRError):
@@ -72,10 +88,25 @@ class RouterDeployment:
         if self.core.version != self._reported_version:  # a gauge: set it when it changes, not per batch
             self._reported_version = self.core.version
             metrics.checkpoint_version(self.core.version, role="router")
-        return [_error(d, 400) if isinstance(d, CMRError) else {"decision": d.to_dict(), "pool": self.core.pool_of(d.model)} for d in results]
+        answers = iter(_error(d, 400) if isinstance(d, CMRError) else {"decision": d.to_dict(), "pool": self.core.pool_of(d.model)} for d in results)
+        return [errors[i] if i in errors else next(answers) for i in range(len(reqs))]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def route_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Route a batch gathered from single ``route`` calls: each item is ``{query, lam, filters,
+        k, servable_only, record, key_id, tenant}``; each result is ``{"decision": {...}, "pool"}``
+        or ``{"error": message, "status": code}``."""
+        return await self._route_list(reqs)
 
     async def route(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Route one request (gathered with concurrent ones by ``@serve.batch``)."""
         return await self.route_batch(req)
+
+    async def route_many(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Route a list the caller already gathered (the ingress coalesces its concurrent requests
+        into one handle call) as one batch, without a second ``@serve.batch`` wait here; the
+        results come back in order, each as ``route`` would answer it."""
+        return await self._route_list(list(reqs))
 
     async def register(self, cards: list[dict[str, Any]]) -> dict[str, Any]:
         try:

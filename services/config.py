@@ -143,8 +143,14 @@ class AppArgs(_Strict):
     #: faster per query), ``torch`` (sentence-transformers), ``onnx-int8`` (quantised: faster,
     #: different embeddings, opt-in; see ``cmr.encoders.make_encoder``)
     encoder: Literal["onnx", "torch", "onnx-int8"] = "onnx"
-    #: intra-op threads of the router's encoder (1: on a busy 2-core host a second thread waits for a core)
+    #: intra-op threads of the router's encoder for batches (1: on a busy 2-core host a second
+    #: thread waits for a core)
     encoder_threads: int = Field(default=1, ge=1)
+    #: threads for a lone query (an idle router is latency-bound; onnx encoders only; None: as batches)
+    encoder_single_threads: int | None = Field(default=2, ge=1)
+    #: routed query embeddings kept in an in-memory LRU (repeated prompts skip the encoder); query
+    #: embeddings are never written to the persistent embedding cache. 0: off
+    query_cache_size: int = Field(default=4096, ge=0)
     #: at replica start, encode and route a spread of query lengths once, so that the first
     #: requests do not pay for lazy initialisation (they set the p99 otherwise)
     warmup: bool = True

@@ -230,9 +230,14 @@ class RouterCore:
         if encoder is None:
             from cmr.encoders import default_encoder
 
-            encoder = default_encoder(backend=args.encoder, threads=args.encoder_threads)
+            encoder = default_encoder(backend=args.encoder, threads=args.encoder_threads,
+                                      single_threads=args.encoder_single_threads if args.encoder != "torch" else None)
+        from cmr.encoders import MemoryCachedEncoder
+
         self.args = args
-        self.encoder = encoder
+        self.encoder = encoder  # cards, profile prompts, first-start training: the persistent cache
+        # routed queries: an in-memory LRU over the encoder itself (no disk write per batch)
+        self.query_encoder = MemoryCachedEncoder(getattr(encoder, "inner", encoder), args.query_cache_size)
         bootstrap(args, encoder)
         state = args.state_dir()
         self.store = DecisionStore(state / "decisions.sqlite")
@@ -404,7 +409,7 @@ class RouterCore:
     def route(self, reqs: Sequence[RouteRequest], emb: np.ndarray | None = None) -> list[Decision | CMRError]:
         """Decide a batch; a request whose filters match nothing gets an error in its slot."""
         if emb is None:
-            emb = self.encoder.encode([r.query for r in reqs])
+            emb = self.query_encoder.encode([r.query for r in reqs])
         with self._lock:
             policy, version, table, lam0 = self.policy, self.version, self._table, self.default_lam
         # requests without a cost weight get the router's (calibrated) default

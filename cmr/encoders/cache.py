@@ -79,18 +79,56 @@ class CachedEncoder:
         return out
 
 
+class MemoryCachedEncoder:
+    """Wraps an encoder with a bounded in-memory LRU of the last ``size`` texts: the router's query
+    path. Routed prompts are mostly new and must not grow the persistent cache (or be written to
+    disk per batch); repeated ones (retries, templated prompts) are answered from memory."""
+
+    def __init__(self, inner: Encoder, size: int = 4096):
+        from collections import OrderedDict
+
+        self.inner, self.size = inner, size
+        self.name, self.dim = inner.name, inner.dim
+        self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        missing: dict[str, list[int]] = {}
+        with self._lock:
+            for i, t in enumerate(texts):
+                v = self._lru.get(t)
+                if v is None:
+                    missing.setdefault(t, []).append(i)
+                else:
+                    self._lru.move_to_end(t)
+                    out[i] = v
+        if missing:
+            new = list(missing)
+            vecs = self.inner.encode(new)
+            with self._lock:
+                for t, v in zip(new, vecs):
+                    out[missing[t]] = v
+                    if self.size:
+                        self._lru[t] = v
+                while len(self._lru) > self.size:
+                    self._lru.popitem(last=False)
+        return out
+
+
 ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
 
 _DEFAULT: dict[tuple, CachedEncoder] = {}
 
 
-def make_encoder(backend: str = "torch", threads: int | None = None) -> Encoder:
+def make_encoder(backend: str = "torch", threads: int | None = None, single_threads: int | None = None) -> Encoder:
     """An uncached MiniLM encoder on ``backend``.
 
     ``torch``: sentence-transformers (training, benchmarks; GPU when available). ``onnx``: ONNX
     Runtime on CPU, the same embeddings (to ~1e-6, same name) and faster per query: the serving
     default. ``onnx-int8``: dynamically quantised, faster still but different embeddings (its own
-    name and cache keys); opt-in. ``threads``: intra-op threads (torch: process-wide).
+    name and cache keys). ``threads``: intra-op threads (torch: process-wide); ``single_threads``
+    (onnx): threads for a call with a single text.
     """
     if backend == "torch":
         from cmr.encoders.minilm import MiniLMEncoder
@@ -99,15 +137,16 @@ def make_encoder(backend: str = "torch", threads: int | None = None) -> Encoder:
     if backend in ("onnx", "onnx-int8"):
         from cmr.encoders.onnx import OnnxMiniLMEncoder
 
-        return OnnxMiniLMEncoder(threads=threads or 1, quantize="int8" if backend == "onnx-int8" else None)
+        return OnnxMiniLMEncoder(threads=threads or 1, quantize="int8" if backend == "onnx-int8" else None, single_threads=single_threads)
     raise ValueError(f"unknown encoder backend {backend!r}; known: {', '.join(ENCODER_BACKENDS)}")
 
 
-def default_encoder(cache_path: Path | str | None = None, backend: str = "torch", threads: int | None = None) -> CachedEncoder:
+def default_encoder(cache_path: Path | str | None = None, backend: str = "torch", threads: int | None = None,
+                    single_threads: int | None = None) -> CachedEncoder:
     """MiniLM (``make_encoder``) with the persistent cache under ``CMR_CACHE``; one instance per
     (cache path, backend, threads)."""
     path = str(cache_path or constants.cache_dir() / "embeddings.sqlite")
-    key = (path, backend, threads)
+    key = (path, backend, threads, single_threads)
     if key not in _DEFAULT:
-        _DEFAULT[key] = CachedEncoder(make_encoder(backend, threads), EmbeddingCache(path))
+        _DEFAULT[key] = CachedEncoder(make_encoder(backend, threads, single_threads), EmbeddingCache(path))
     return _DEFAULT[key]

@@ -121,12 +121,18 @@ def _pcts(ms: Sequence[float]) -> dict[str, float]:
             "mean_ms": float(a.mean()), "max_ms": float(a.max())}
 
 
+def _encoder_label(backend: str, threads: int, single: int | None) -> str:
+    return f"{backend} threads={threads}" + (f" single={single}" if single and single != threads and backend != "torch" else "")
+
+
 def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retrieve_k: int, distinct: int,
                      batch: int = 16, home: Path, encoder: str = "onnx", encoder_threads: int = 1,
-                     other_encoders: Sequence[tuple[str, int]] = ()) -> dict[str, Any]:
+                     encoder_single_threads: int | None = None,
+                     other_encoders: Sequence[tuple[str, int, int | None]] = ()) -> dict[str, Any]:
     """p50/p99 of ``RouterCore.route`` (encode + retrieve + score + select) per request and per batch,
     with the router's query encoder (``AppArgs.encoder``) after its start-up warm-up; then the same
-    for each of ``other_encoders`` (``(backend, threads)``) on the same hub, under ``variants``."""
+    for each of ``other_encoders`` (``(backend, threads, single_threads)``) on the same hub, under
+    ``variants``. The router's in-memory query LRU is off: every phase re-sends the same prompts."""
     from cmr.encoders import make_encoder
     from services.config import AppArgs
     from services.routing import RouteRequest, RouterCore
@@ -134,9 +140,9 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
     t0 = time.perf_counter()
     cards = synthetic_cards(n_models)
     bank, d = card_bank(cards, distinct)
-    enc = CardBankEncoder(make_encoder(encoder, encoder_threads), bank)  # queries: real MiniLM, no cache
-    args = AppArgs(home=str(home), policy=policy, bench=None, tiny_models=False, retrieve_k=retrieve_k,
-                   learner={"enabled": False}, encoder=encoder, encoder_threads=encoder_threads)
+    enc = CardBankEncoder(make_encoder(encoder, encoder_threads, encoder_single_threads), bank)  # queries: real MiniLM, no cache
+    args = AppArgs(home=str(home), policy=policy, bench=None, tiny_models=False, retrieve_k=retrieve_k, query_cache_size=0,
+                   learner={"enabled": False}, encoder=encoder, encoder_threads=encoder_threads, encoder_single_threads=encoder_single_threads)
     core = RouterCore(args, encoder=enc)
     core.register(cards)
     setup_s = time.perf_counter() - t0
@@ -173,11 +179,14 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
                 f"batch{batch}_per_request_p50_ms": (float(np.median(batched)) / batch) if batched else None}
 
     res = {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy,
-           "retrieve_k": retrieve_k, "encoder": encoder, "encoder_threads": encoder_threads, "setup_s": round(setup_s, 1),
+           "retrieve_k": retrieve_k, "encoder": encoder, "encoder_threads": encoder_threads,
+           "encoder_single_threads": encoder_single_threads, "setup_s": round(setup_s, 1),
            **measure(), "variants": {}}
-    for backend, threads in other_encoders:
-        enc.inner = make_encoder(backend, threads)  # the router's encoder, swapped under the same hub
-        res["variants"][f"{backend} threads={threads}"] = {"encoder": backend, "encoder_threads": threads, **measure()}
+    for backend, threads, single in other_encoders:
+        # the router's query encoder, swapped under the same hub (its query path wraps the same one)
+        enc.inner = core.query_encoder.inner = make_encoder(backend, threads, single)
+        res["variants"][_encoder_label(backend, threads, single)] = {"encoder": backend, "encoder_threads": threads,
+                                                                     "encoder_single_threads": single, **measure()}
     core.close()
     return res
 
@@ -406,7 +415,8 @@ def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests:
                                                                          "retrieve_k": args.retrieve_k, "max_batch_size": args.max_batch_size,
                                                                          "batch_wait_timeout_s": args.batch_wait_timeout_s,
                                                                          "router_replicas": args.router_replicas, "encoder": args.encoder,
-                                                                         "encoder_threads": args.encoder_threads, "proxy": proxy}, "cells": {}}
+                                                                         "encoder_threads": args.encoder_threads, "encoder_single_threads": args.encoder_single_threads,
+                                                                         "proxy": proxy}, "cells": {}}
         for c in concurrencies:
             for name, (path, mk) in kinds.items():
                 cpu0 = _cpu_by_role()
@@ -467,7 +477,7 @@ def render_md(report: dict[str, Any]) -> str:
         lines.append(f"| {d['models']:,} | {d['policy']} | {d['retrieve_k']} | {d['single']['p50_ms']:.1f} | {d['single']['p99_ms']:.1f} | "
                      f"{d['encode_only']['p50_ms']:.1f} / {d['encode_only']['p99_ms']:.1f} | {_rss(d)} | {b.get('p50_ms', float('nan')):.1f} | {b.get('p99_ms', float('nan')):.1f} | "
                      f"{(d.get('batch16_per_request_p50_ms') or float('nan')):.2f} |")
-    rows = [(d, f"{d.get('encoder', '?')} threads={d.get('encoder_threads', '?')}", d) for d in report.get("decision", [])]
+    rows = [(d, _encoder_label(d.get("encoder", "?"), d.get("encoder_threads", "?"), d.get("encoder_single_threads")), d) for d in report.get("decision", [])]
     rows += [(d, k, v) for d in report.get("decision", []) for k, v in (d.get("variants") or {}).items()]
     if any(d.get("variants") for d in report.get("decision", [])):
         lines += ["", "### Decision latency by query encoder (same hub, same queries; the first row per hub is the served default)", "",
@@ -538,13 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrieve-k", type=int, default=256, help="FAISS pre-selection above this many models (0 = never)")
     p.add_argument("--train-limit", type=int, default=40, help="end-to-end app: knn trained on this many requests per experience")
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--encoder", default="onnx", choices=("onnx", "torch", "onnx-int8"), help="the router's query encoder (AppArgs.encoder)")
-    p.add_argument("--encoder-threads", type=int, default=1, help="its intra-op threads (AppArgs.encoder_threads)")
+    p.add_argument("--encoder", default=None, choices=("onnx", "torch", "onnx-int8"), help="the router's query encoder (default: AppArgs.encoder)")
+    p.add_argument("--encoder-threads", type=int, default=None, help="its intra-op threads (default: AppArgs.encoder_threads)")
+    p.add_argument("--encoder-single-threads", type=int, default=None, help="its threads for a lone query (default: AppArgs.encoder_single_threads)")
     p.add_argument("--max-batch-size", type=int, default=None, help="end-to-end app: AppArgs.max_batch_size (default: its default)")
     p.add_argument("--batch-wait-s", type=float, default=None, help="end-to-end app: AppArgs.batch_wait_timeout_s")
     p.add_argument("--router-replicas", type=int, default=None, help="end-to-end app: AppArgs.router_replicas")
-    p.add_argument("--decision-encoders", nargs="*", default=["onnx:2", "onnx-int8:1", "onnx-int8:2", "torch:1"],
-                   help="BACKEND:THREADS query encoders also measured on each hub (beside --encoder)")
+    p.add_argument("--decision-encoders", nargs="*", default=["onnx:1:1", "onnx:1:2", "onnx-int8:1:1", "onnx-int8:1:2", "torch:1"],
+                   help="BACKEND:THREADS[:SINGLE_THREADS] query encoders also measured on each hub (beside --encoder)")
     p.add_argument("--encoder-prompts", type=int, default=160, help="prompts for the encoder-variant comparison (0 = skip it)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--int8-quality", action="store_true", help="also measure the routing quality of the onnx-int8 query encoder (CMRBench)")
@@ -553,6 +564,13 @@ def main(argv: list[str] | None = None) -> int:
                         "proxy); default haproxy when its binary exists")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    from services.config import AppArgs
+
+    served = AppArgs()  # unset encoder flags: what the app serves with by default
+    a.encoder = a.encoder or served.encoder
+    a.encoder_threads = a.encoder_threads or served.encoder_threads
+    if a.encoder_single_threads is None:
+        a.encoder_single_threads = served.encoder_single_threads
     from cmr import constants
 
     proxy = a.proxy or constants.resolve_proxy("auto")
@@ -573,11 +591,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"encoder {k:<28} single p50 {v['single']['p50_ms']:.1f} p99 {v['single']['p99_ms']:.1f} ms"
                   f"  batch16 p50 {(v['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms  max|diff| {v['max_abs_diff_vs_torch']:.1e}", flush=True)
     try:
-        others = [(b, int(t)) for b, t in (x.split(":") for x in a.decision_encoders)]
-        if any(b not in ("onnx", "torch", "onnx-int8") or t < 1 for b, t in others):
-            raise ValueError
+        others = []
+        for x in a.decision_encoders:
+            b, t, *single = x.split(":")
+            if b not in ("onnx", "torch", "onnx-int8") or int(t) < 1 or len(single) > 1 or (single and int(single[0]) < 1):
+                raise ValueError
+            others.append((b, int(t), int(single[0]) if single else None))
     except ValueError:
-        p.error("--decision-encoders: each must be BACKEND:THREADS, e.g. onnx-int8:2")
+        p.error("--decision-encoders: each must be BACKEND:THREADS[:SINGLE_THREADS], e.g. onnx-int8:1:2")
     if a.int8_quality:
         report["int8_quality"] = int8_routing_quality()
         print(json.dumps(report["int8_quality"]), flush=True)
@@ -586,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             rk = a.retrieve_k if n > a.retrieve_k * 8 else 0  # small hubs: the policy scores every model
             d = decision_latency(n, prompts[: a.decision_requests], policy=a.policy, retrieve_k=rk, distinct=a.distinct,
                                  home=Path(tmp) / f"dec{n}", encoder=a.encoder, encoder_threads=a.encoder_threads,
-                                 other_encoders=others)
+                                 encoder_single_threads=a.encoder_single_threads, other_encoders=others)
             report["decision"].append(d)
             print(f"decision {n:>7,} models  rk={rk:<4} single p50 {d['single']['p50_ms']:.1f} p99 {d['single']['p99_ms']:.1f} ms"
                   f"  (encode p50 {d['encode_only']['p50_ms']:.1f})  batch16 p50 {(d['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms"
@@ -595,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {k:<22} single p50 {v['single']['p50_ms']:.1f} p99 {v['single']['p99_ms']:.1f} ms"
                       f"  (encode CPU p99 {v['encode_only_cpu']['p99_ms']:.1f})", flush=True)
         if not a.skip_e2e:
-            app = {"encoder": a.encoder, "encoder_threads": a.encoder_threads}
+            app = {"encoder": a.encoder, "encoder_threads": a.encoder_threads, "encoder_single_threads": a.encoder_single_threads}
             app.update({k: v for k, v in (("max_batch_size", a.max_batch_size), ("batch_wait_timeout_s", a.batch_wait_s),
                                           ("router_replicas", a.router_replicas)) if v is not None})
             report["e2e"] = end_to_end(prompts, a.concurrency, a.requests, home=Path(tmp) / "e2e",

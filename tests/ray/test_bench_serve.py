@@ -22,7 +22,8 @@ def test_decision_latency_tiny_report(tmp_path):
     assert len(prompts) == 20 and all(isinstance(p, str) and p for p in prompts)
     # 200 models, retrieve_k 64 < 200: the FAISS pre-selection path runs too
     d = bench_serve.decision_latency(200, prompts[:5], policy="zeroshot", retrieve_k=64, distinct=20, batch=4,
-                                     home=tmp_path / "home")
+                                     home=tmp_path / "home", encoder_single_threads=2, other_encoders=[("onnx", 1, 1)])
+    assert set(d["variants"]) == {"onnx threads=1"} and d["variants"]["onnx threads=1"]["single"]["n"] == 5
     assert d["models"] == 200 and d["hub_models"] == 200 and d["distinct_embedded_cards"] == 20
     assert d["single"]["n"] == 5 and d["batch4"]["n"] == 1 and d["encode_only"]["n"] == 5
     assert d["retrieve_score_select_only"]["n"] == 5

@@ -26,7 +26,10 @@ def _free_port() -> int:
 
 def test_cmr_serve_starts_serves_and_stops(tmp_path):
     port = _free_port()
-    env = {**os.environ, "CMR_CACHE": str(constants.cache_dir()), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "HF_HUB_OFFLINE": "1"}
+    # HAProxy mode (the default where it can run): an ingress replica drains 30 s before it exits
+    # so that load balancers notice; a test has none
+    env = {**os.environ, "CMR_CACHE": str(constants.cache_dir()), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "HF_HUB_OFFLINE": "1",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     cmd = [sys.executable, "-m", "cmr.cli", "serve", "--http-port", str(port), "--grpc-port", "0", "--home", str(tmp_path),
            "--train-limit", "20", "--no-learner", "--num-cpus", "2"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

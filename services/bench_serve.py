@@ -362,7 +362,7 @@ async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> di
     return out
 
 
-def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests: int, *, home: Path,
+def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
                train_limit: int, max_tokens: int, app: dict[str, Any] | None = None, proxy: str | None = None) -> dict[str, Any]:
     """Start the app on loopback, measure route / auto chat / direct chat at each concurrency, stop.
 
@@ -396,11 +396,15 @@ def end_to_end(prompts: Sequence[str], concurrencies: Sequence[int], n_requests:
         startup_s = time.perf_counter() - t0
         url = f"http://127.0.0.1:{port}"
         seq = iter(range(10**9))
-        # the embedding cache persists across runs: a counter alone repeats the texts of the last run
         run = os.urandom(4).hex()
+        # every request a different real test prompt, unaltered: the router keeps routed query
+        # embeddings only in its in-memory LRU (empty at start), so none is answered from a cache.
+        # Past the data set's size a unique suffix keeps them distinct (and ~8 tokens longer).
+        pool = test_prompts(10**9, seed=1)
 
         def q(i: int) -> str:
-            return f"{prompts[i % len(prompts)]} (#{run}-{next(seq)})"  # unique: no embedding-cache hits
+            k = next(seq)
+            return pool[k] if k < len(pool) else f"{pool[k % len(pool)]} (#{run}-{k})"
 
         def route_body(i): return {"query": q(i), "record": False}
         def auto_body(i): return {"model": "auto", "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
@@ -619,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             app = {"encoder": a.encoder, "encoder_threads": a.encoder_threads, "encoder_single_threads": a.encoder_single_threads}
             app.update({k: v for k, v in (("max_batch_size", a.max_batch_size), ("batch_wait_timeout_s", a.batch_wait_s),
                                           ("router_replicas", a.router_replicas)) if v is not None})
-            report["e2e"] = end_to_end(prompts, a.concurrency, a.requests, home=Path(tmp) / "e2e",
+            report["e2e"] = end_to_end(a.concurrency, a.requests, home=Path(tmp) / "e2e",
                                        train_limit=a.train_limit, max_tokens=a.max_tokens, app=app, proxy=proxy)
     report["loadavg_end"] = list(os.getloadavg())  # the CPU is shared: how busy it was
     report["floors"] = verdicts(report)

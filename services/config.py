@@ -68,6 +68,9 @@ class PoolConfig(_Strict):
     autoscaling_config: dict[str, Any] | None = None
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     max_ongoing_requests: int = Field(default=16, ge=1)
+    #: threads of torch/BLAS/OpenMP per replica (None: the libraries' default, a thread per core).
+    #: 1 by default: with ``num_cpus`` 0 nothing else caps them, and idle pool threads spin
+    native_threads: int | None = Field(default=1, ge=1)
 
 
 class LearnerArgs(_Strict):
@@ -148,6 +151,8 @@ class AppArgs(_Strict):
     encoder_threads: int = Field(default=1, ge=1)
     #: threads for a lone query (an idle router is latency-bound; onnx encoders only; None: as batches)
     encoder_single_threads: int | None = Field(default=2, ge=1)
+    #: threads of the numeric libraries (BLAS, OpenMP, torch) in a router replica (cmr/threads.py)
+    native_threads: int = Field(default=1, ge=1)
     #: routed query embeddings kept in an in-memory LRU (repeated prompts skip the encoder); query
     #: embeddings are never written to the persistent embedding cache. 0: off
     query_cache_size: int = Field(default=4096, ge=0)

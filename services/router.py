@@ -16,6 +16,7 @@ from ray import serve
 
 from cmr.decide import Filters
 from cmr.errors import CMRError
+from cmr.threads import limit_native_threads
 from cmr.types import ModelCard
 from services.config import AppArgs
 from services.routing import RouteRequest, RouterCore
@@ -34,6 +35,9 @@ class RouterDeployment:
     def __init__(self, args: dict[str, Any] | AppArgs):
         self.args = args if isinstance(args, AppArgs) else AppArgs.from_dict(args)
         self.core = RouterCore(self.args)
+        # once numpy, FAISS and ONNX Runtime are loaded: their BLAS/OpenMP pools default to a thread
+        # per core, which spin between the router's small batches (cmr/threads.py)
+        self.native_threads = limit_native_threads(self.args.native_threads)
         self.core.store.configure(ttl_s=self.args.request_ttl_s)
         if self.args.warmup:
             self.core.warm_up()  # before the first request: lazy initialisation must not set the p99

@@ -47,6 +47,11 @@ class PoolDeployment:
                 self._warm[m.id] = self.engine_factory(m.id, m.backend())
             except CMRError:
                 pass  # reported to the first request for it, with the field named
+        cfg = next((p for p in effective_pools(self.args) if p.name == pool), None)
+        if cfg is not None and cfg.native_threads is not None:
+            from cmr.threads import limit_native_threads
+
+            limit_native_threads(cfg.native_threads)  # after the engines loaded torch (cmr/threads.py)
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def get_engine(self, model_id: str):

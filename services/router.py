@@ -2,8 +2,9 @@
 
 The ingress gathers its concurrent requests itself and sends them as one ``route_many`` call;
 single ``route`` calls (other callers) are gathered by ``@serve.batch``. Either way a batch is
-routed together: one encoder call and one ``policy.score`` per batch. The blocking work (MiniLM, FAISS, SQLite) runs in a worker thread
-so the replica keeps accepting requests while a batch is scored. Hub changes are picked up
+routed together: one encoder call and one ``policy.score`` per batch. The blocking work (MiniLM,
+FAISS, SQLite) runs in a worker thread so the replica keeps accepting requests while a batch is
+scored. Hub changes are picked up
 per batch (``RouterCore.sync``); newer checkpoints are loaded and swapped in by a watcher thread.
 """
 
@@ -65,7 +66,7 @@ class RouterDeployment:
         for i, r in enumerate(reqs):
             try:
                 parsed.append(self._parse(r))
-            except (CMRError, KeyError, TypeError, ValueError) as e:  # a caller other than the ingress (which validates) sent a bad item
+            except (CMRError, AttributeError, KeyError, TypeError, ValueError) as e:  # a caller other than the ingress (which validates) sent a bad item
                 parsed.append(None)
                 errors[i] = _error(CMRError(f"malformed routing request: {type(e).__name__}: {e}"), 400)
         todo = [i for i, p in enumerate(parsed) if p is not None]

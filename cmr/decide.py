@@ -75,12 +75,15 @@ def decide(
     filters: Filters | None = None,
     k: int = 3,
     checkpoint_version: int | None = None,
+    costs: np.ndarray | None = None,
 ) -> list[Decision]:
     """Decisions for a batch of queries: the chosen model plus the next ``k − 1`` by utility.
 
-    Raises ``ValueError`` when the filters leave no candidate.
+    ``costs``: the candidates' costs when the caller already holds them as an array (the router's
+    card table), else read from the cards. Raises ``ValueError`` when the filters leave no candidate.
     """
-    costs = np.fromiter((c.cost for c in candidates), np.float64, len(candidates))
+    if costs is None:
+        costs = np.fromiter((c.cost for c in candidates), np.float64, len(candidates))
     mask = None
     if filters is not None and not filters.is_empty():
         m = filters.mask(candidates)

@@ -449,7 +449,8 @@ class RouterCore:
                 cards = table.cards if cand.size == len(table.cards) else [table.cards[j] for j in cand]
                 scores = policy.score(q, cards)
                 lam = np.array([reqs[i].lam for i in rows], dtype=np.float64)
-                for i, d in zip(rows, decide(scores, cards, lam=lam, k=k, checkpoint_version=version)):
+                costs = table.costs if cards is table.cards else table.costs[cand]
+                for i, d in zip(rows, decide(scores, cards, lam=lam, k=k, checkpoint_version=version, costs=costs)):
                     d.alternatives = d.alternatives[: reqs[i].k - 1]
                     out[i] = d
         rec = [(i, d) for i, d in enumerate(out) if isinstance(d, Decision)]

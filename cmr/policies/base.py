@@ -137,6 +137,12 @@ class RoutingPolicy(ABC):
     # -- helpers -----------------------------------------------------------------------------
     def card_embeddings(self, cards: Sequence[ModelCard]) -> np.ndarray:
         """Unit-norm card-text embeddings ``[n, dim]``, memoised by model id."""
+        # the router scores every batch against the same card tuple (one per hub version): stack
+        # it once (tuples are immutable; a memoised vector is never replaced, only added). Checked
+        # first: even scanning the tuple for new ids is a Python loop over every model per batch
+        memo = getattr(self, "_card_stack", None)
+        if isinstance(cards, tuple) and memo is not None and memo[0] is cards and memo[1] is self._card_emb:
+            return memo[2]
         new = [c for c in cards if c.id not in self._card_emb]
         if new:
             if self.encoder is None:
@@ -146,11 +152,6 @@ class RoutingPolicy(ABC):
                 self._card_emb[c.id] = v
         if not cards:
             return np.zeros((0, self.encoder.dim if self.encoder else 0), dtype=np.float32)
-        # the router scores every batch against the same card tuple (one per hub version): stack
-        # it once (tuples are immutable; a memoised vector is never replaced, only added)
-        memo = getattr(self, "_card_stack", None)
-        if isinstance(cards, tuple) and memo is not None and memo[0] is cards and memo[1] is self._card_emb:
-            return memo[2]
         out = np.stack([self._card_emb[c.id] for c in cards])
         if isinstance(cards, tuple):
             out.flags.writeable = False  # shared between batches: a caller must not change it

@@ -139,7 +139,7 @@ class KNNPolicy(MemoryPolicy):
     def neighbour_estimate(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
         """The neighbour estimate alone (no card term) ``[n_q, n_c]``, with the back-off applied."""
         q = as_queries(q)
-        cols = self._mem.columns([c.id for c in candidates])
+        cols = self._columns(candidates)
         prior = candidate_prior(self._mem, cols)
         est = np.broadcast_to(prior, (len(q), len(cols))).copy()
         seen = np.flatnonzero(cols >= 0)
@@ -149,6 +149,20 @@ class KNNPolicy(MemoryPolicy):
         sims, idx = self._index.search(q, k)
         est[:, seen] = self._aggregate(idx, self._weights(sims.astype(np.float32)), cols[seen], prior[seen])
         return est
+
+    def _columns(self, candidates: Sequence[ModelCard]) -> np.ndarray:
+        """Memory column of each candidate (-1: never met). Memoised for the router's card tuple
+        (one per hub version) while the memory's model list is the same object and length (it
+        only ever appends; a load replaces it): not a Python loop over every model per batch."""
+        mem = self._mem
+        memo = self.__dict__.get("_cols_memo")
+        if memo is not None and memo[0] is candidates and memo[1] is mem.model_ids and memo[2] == len(mem.model_ids):
+            return memo[3]
+        cols = mem.columns([c.id for c in candidates])
+        if isinstance(candidates, tuple):
+            cols.flags.writeable = False
+            self._cols_memo = (candidates, mem.model_ids, len(mem.model_ids), cols)
+        return cols
 
     def _aggregate(self, idx: np.ndarray, w: np.ndarray, kc: np.ndarray, prior: np.ndarray) -> np.ndarray:
         """Weighted mean of the known scores of columns ``kc`` over neighbours ``idx`` (weights

@@ -145,6 +145,9 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
                    learner={"enabled": False}, encoder=encoder, encoder_threads=encoder_threads, encoder_single_threads=encoder_single_threads)
     core = RouterCore(args, encoder=enc)
     core.register(cards)
+    from cmr.threads import limit_native_threads
+
+    limit_native_threads(args.native_threads)  # as the Router replica does once its libraries are loaded
     setup_s = time.perf_counter() - t0
     reqs = [RouteRequest(query=p, k=3, record=False) for p in prompts]
 

@@ -151,6 +151,13 @@ class AppArgs(_Strict):
     encoder_threads: int = Field(default=1, ge=1)
     #: threads for a lone query (an idle router is latency-bound; onnx encoders only; None: as batches)
     encoder_single_threads: int | None = Field(default=2, ge=1)
+    #: batches a router replica encodes and scores at the same time, each on its own thread (its
+    #: encoder and BLAS calls use ``encoder_threads`` / ``native_threads`` each): 2 keeps both
+    #: cores of a small host busy; the ingress keeps up to 2 batches in flight per replica
+    router_concurrent_batches: int = Field(default=2, ge=1)
+    #: how the FAISS pre-selection index stores card vectors (``cmr.index.ModelIndex``): fp16
+    #: halves the bytes a lone query streams (100k models: 12.6 -> 7.6 ms), top-256 recall 0.9998
+    index_precision: Literal["fp16", "fp32"] = "fp16"
     #: threads of the numeric libraries (BLAS, OpenMP, torch) in a router replica (cmr/threads.py)
     native_threads: int = Field(default=1, ge=1)
     #: routed query embeddings kept in an in-memory LRU (repeated prompts skip the encoder); query

@@ -174,7 +174,9 @@ class Ingress(GrpcServicerMixin):
             "cmr_key_id": who.key_id, "cmr_tenant": who.tenant})
         return {**d, "pool": res.get("pool")}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    # two batches in flight: the router encodes and scores ``AppArgs.router_concurrent_batches``
+    # at once (one per core on a small host); one batch waiting here while another is routed
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
     async def _route_coalesced(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Concurrent ``_decide`` calls of this replica, gathered (up to ``AppArgs.max_batch_size``,
         waiting at most ``batch_wait_timeout_s``) and sent as ONE handle call: Serve's per-call cost

@@ -45,7 +45,7 @@ class RouterDeployment:
         self.core.start_watcher()
         self.route_batch.set_max_batch_size(self.args.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self._batch_lock = asyncio.Lock()
+        self._batch_slots = asyncio.Semaphore(self.args.router_concurrent_batches)
         self._learner = None
         self._reported_version: int | None = None
         if self.args.learner.enabled:
@@ -80,9 +80,10 @@ class RouterDeployment:
                                         if not isinstance(d, CMRError) and parsed[i].record])  # type: ignore[union-attr]
             return out
 
-        # one batch at a time per replica, as ``route_batch`` always ran (serve.batch's default
-        # max_concurrent_batches=1): batches queue here instead of racing for the same 2 cores
-        async with self._batch_lock:
+        # at most ``router_concurrent_batches`` batches at once, each on its own worker thread: the
+        # encoder and the BLAS calls run one thread each (cmr/threads.py), so one batch at a time
+        # would use one core; more than the cores just race for them
+        async with self._batch_slots:
             results = await asyncio.to_thread(work) if todo else []
         counts: dict[str, int] = {}
         for d in results:

@@ -248,7 +248,7 @@ class RouterCore:
         self._reload_lock = threading.Lock()
         from cmr.index import ModelIndex
 
-        self.index = ModelIndex(encoder.dim)
+        self.index = ModelIndex(encoder.dim, precision=args.index_precision)
         self.hub = ModelHub(self._hub_store)
         self._emb: dict[str, np.ndarray] = {}
         self.policy, self.version = self._load_policy(None)

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -151,6 +152,7 @@ class OnnxMiniLMEncoder:
         self.path = onnx_model_path(quantize, cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(_model_dir()))
         self.tokenizer.truncation_side = "left"  # as MiniLMEncoder: keep the question at the end
+        self._tokenizer_lock = threading.Lock()
         self.session = self._session(ort, threads)
         # a lone query (an idle router) is latency-bound: a second session whose threads split each
         # matmul; batches (a busy router) keep one thread, since throughput is then per core
@@ -186,7 +188,9 @@ class OnnxMiniLMEncoder:
         by one), while one call per text costs only a little call overhead."""
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        ids = self.tokenizer(list(texts), truncation="longest_first", max_length=self.max_seq_length)["input_ids"]
+        with self._tokenizer_lock:  # the router encodes batches from 2 threads; a fast tokenizer's
+            # per-call truncation setting mutates it ("Already borrowed" when shared unlocked)
+            ids = self.tokenizer(list(texts), truncation="longest_first", max_length=self.max_seq_length)["input_ids"]
         if len(ids) == 1:
             return self._run(ids, self._single)
         order = np.argsort([len(x) for x in ids], kind="stable")

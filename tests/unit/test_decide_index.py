@@ -51,15 +51,16 @@ def test_decision_records_the_cost_weight_it_used():
     assert type(a).from_dict(a.to_dict()) == a
 
 
-def test_index_add_remove_search_by_id():
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_index_add_remove_search_by_id(precision):
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(50, 8)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     ids = [f"m{i}" for i in range(50)]
-    index = ModelIndex(8)
+    index = ModelIndex(8, precision=precision)
     index.add(ids, vecs)
     names, sims = index.search(vecs[[3, 7]], k=1)
-    assert names == [["m3"], ["m7"]] and np.allclose(sims[:, 0], 1.0, atol=1e-5)
+    assert names == [["m3"], ["m7"]] and np.allclose(sims[:, 0], 1.0, atol=1e-5 if precision == "fp32" else 1e-3)
     index.remove(["m3"])
     assert "m3" not in index and len(index) == 49
     names, _ = index.search(vecs[[3]], k=5)
@@ -68,6 +69,8 @@ def test_index_add_remove_search_by_id():
     index.add(["m7"], -vecs[[7]])
     assert len(index) == 49
     assert index.search(vecs[[7]], k=49)[0][0][-1] == "m7"
-    np.testing.assert_allclose(index.vectors(["m7"]), -vecs[[7]], atol=1e-6)
+    np.testing.assert_allclose(index.vectors(["m7"]), -vecs[[7]], atol=1e-6 if precision == "fp32" else 1e-3)
     with pytest.raises(ValueError):
         index.add(["x"], np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match="precision"):
+        ModelIndex(8, precision="int4")

@@ -127,7 +127,7 @@ def _encoder_label(backend: str, threads: int, single: int | None) -> str:
 
 def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retrieve_k: int, distinct: int,
                      batch: int = 16, home: Path, encoder: str = "onnx", encoder_threads: int = 1,
-                     encoder_single_threads: int | None = None,
+                     encoder_single_threads: int | None = None, query_max_tokens: int | None = None,
                      other_encoders: Sequence[tuple[str, int, int | None]] = ()) -> dict[str, Any]:
     """p50/p99 of ``RouterCore.route`` (encode + retrieve + score + select) per request and per batch,
     with the router's query encoder (``AppArgs.encoder``) after its start-up warm-up; then the same
@@ -142,7 +142,8 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
     bank, d = card_bank(cards, distinct)
     enc = CardBankEncoder(make_encoder(encoder, encoder_threads, encoder_single_threads), bank)  # queries: real MiniLM, no cache
     args = AppArgs(home=str(home), policy=policy, bench=None, tiny_models=False, retrieve_k=retrieve_k, query_cache_size=0,
-                   learner={"enabled": False}, encoder=encoder, encoder_threads=encoder_threads, encoder_single_threads=encoder_single_threads)
+                   learner={"enabled": False}, encoder=encoder, encoder_threads=encoder_threads, encoder_single_threads=encoder_single_threads,
+                   query_max_tokens=query_max_tokens)
     core = RouterCore(args, encoder=enc)
     core.register(cards)
     from cmr.threads import limit_native_threads
@@ -171,7 +172,7 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
         enc_ms, enc_cpu, rest_ms = [], [], []
         for r in reqs:
             c, t = time.process_time(), time.perf_counter()
-            e = enc.encode([r.query])
+            e = core.query_encoder.encode([r.query])  # the router's query path (its LRU is off here)
             enc_ms.append((time.perf_counter() - t) * 1e3)
             enc_cpu.append((time.process_time() - c) * 1e3)
             t = time.perf_counter()
@@ -183,11 +184,13 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
 
     res = {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy,
            "retrieve_k": retrieve_k, "encoder": encoder, "encoder_threads": encoder_threads,
-           "encoder_single_threads": encoder_single_threads, "setup_s": round(setup_s, 1),
+           "encoder_single_threads": encoder_single_threads, "query_max_tokens": query_max_tokens, "setup_s": round(setup_s, 1),
            **measure(), "variants": {}}
     for backend, threads, single in other_encoders:
         # the router's query encoder, swapped under the same hub (its query path wraps the same one)
-        enc.inner = core.query_encoder.inner = make_encoder(backend, threads, single)
+        enc.inner = make_encoder(backend, threads, single)
+        q = enc.inner
+        core.query_encoder.inner = q.with_max_tokens(args.query_max_tokens) if args.query_max_tokens and hasattr(q, "with_max_tokens") else q
         res["variants"][_encoder_label(backend, threads, single)] = {"encoder": backend, "encoder_threads": threads,
                                                                      "encoder_single_threads": single, **measure()}
     core.close()
@@ -422,7 +425,7 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
                                                                          "retrieve_k": args.retrieve_k, "max_batch_size": args.max_batch_size,
                                                                          "batch_wait_timeout_s": args.batch_wait_timeout_s,
                                                                          "router_replicas": args.router_replicas, "encoder": args.encoder,
-                                                                         "encoder_threads": args.encoder_threads, "encoder_single_threads": args.encoder_single_threads,
+                                                                         "encoder_threads": args.encoder_threads, "encoder_single_threads": args.encoder_single_threads, "query_max_tokens": args.query_max_tokens,
                                                                          "proxy": proxy}, "cells": {}}
         for c in concurrencies:
             for name, (path, mk) in kinds.items():
@@ -488,7 +491,9 @@ def render_md(report: dict[str, Any]) -> str:
     rows += [(d, k, v) for d in report.get("decision", []) for k, v in (d.get("variants") or {}).items()]
     if any(d.get("variants") for d in report.get("decision", [])):
         lines += ["", "### Decision latency by query encoder (same hub, same queries; the first row per hub is the served default)", "",
-                  "encode CPU: the encoder's CPU time per query, i.e. its cost on one core whatever else loads the machine.", "",
+                  "encode CPU: the encoder's CPU time per query, i.e. its cost on one core whatever else loads the machine."
+                  + "".join(sorted({f" Routed queries truncated to {d['query_max_tokens']} tokens (AppArgs.query_max_tokens), every row."
+                                    for d in report.get("decision", []) if d.get("query_max_tokens")})), "",
                   "| models | query encoder | single p50 | single p99 | encode wall p50 / p99 | encode CPU p50 / p99 | batch16 per req |",
                   "|---|---|---|---|---|---|---|"]
         for d, name, v in rows:
@@ -558,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default=None, choices=("onnx", "torch", "onnx-int8"), help="the router's query encoder (default: AppArgs.encoder)")
     p.add_argument("--encoder-threads", type=int, default=None, help="its intra-op threads (default: AppArgs.encoder_threads)")
     p.add_argument("--encoder-single-threads", type=int, default=None, help="its threads for a lone query (default: AppArgs.encoder_single_threads)")
+    p.add_argument("--query-max-tokens", type=int, default=None, help="routed-query truncation (default: AppArgs.query_max_tokens; 256 = none)")
     p.add_argument("--max-batch-size", type=int, default=None, help="end-to-end app: AppArgs.max_batch_size (default: its default)")
     p.add_argument("--batch-wait-s", type=float, default=None, help="end-to-end app: AppArgs.batch_wait_timeout_s")
     p.add_argument("--router-replicas", type=int, default=None, help="end-to-end app: AppArgs.router_replicas")
@@ -578,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     a.encoder_threads = a.encoder_threads or served.encoder_threads
     if a.encoder_single_threads is None:
         a.encoder_single_threads = served.encoder_single_threads
+    if a.query_max_tokens is None:
+        a.query_max_tokens = served.query_max_tokens
     from cmr import constants
 
     proxy = a.proxy or constants.resolve_proxy("auto")
@@ -614,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
             rk = a.retrieve_k if n > a.retrieve_k * 8 else 0  # small hubs: the policy scores every model
             d = decision_latency(n, prompts[: a.decision_requests], policy=a.policy, retrieve_k=rk, distinct=a.distinct,
                                  home=Path(tmp) / f"dec{n}", encoder=a.encoder, encoder_threads=a.encoder_threads,
-                                 encoder_single_threads=a.encoder_single_threads, other_encoders=others)
+                                 encoder_single_threads=a.encoder_single_threads, query_max_tokens=a.query_max_tokens,
+                                 other_encoders=others)
             report["decision"].append(d)
             print(f"decision {n:>7,} models  rk={rk:<4} single p50 {d['single']['p50_ms']:.1f} p99 {d['single']['p99_ms']:.1f} ms"
                   f"  (encode p50 {d['encode_only']['p50_ms']:.1f})  batch16 p50 {(d['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms"
@@ -623,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {k:<22} single p50 {v['single']['p50_ms']:.1f} p99 {v['single']['p99_ms']:.1f} ms"
                       f"  (encode CPU p99 {v['encode_only_cpu']['p99_ms']:.1f})", flush=True)
         if not a.skip_e2e:
-            app = {"encoder": a.encoder, "encoder_threads": a.encoder_threads, "encoder_single_threads": a.encoder_single_threads}
+            app = {"encoder": a.encoder, "encoder_threads": a.encoder_threads, "encoder_single_threads": a.encoder_single_threads,
+                   "query_max_tokens": a.query_max_tokens}
             app.update({k: v for k, v in (("max_batch_size", a.max_batch_size), ("batch_wait_timeout_s", a.batch_wait_s),
                                           ("router_replicas", a.router_replicas)) if v is not None})
             report["e2e"] = end_to_end(a.concurrency, a.requests, home=Path(tmp) / "e2e",

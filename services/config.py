@@ -142,10 +142,12 @@ class AppArgs(_Strict):
     cost_weight: float = Field(default=0.0, ge=0)
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
-    #: the router's query encoder: ``onnx`` (ONNX Runtime, the same embeddings as ``torch`` and
-    #: faster per query), ``torch`` (sentence-transformers), ``onnx-int8`` (quantised: faster,
-    #: different embeddings, opt-in; see ``cmr.encoders.make_encoder``)
-    encoder: Literal["onnx", "torch", "onnx-int8"] = "onnx"
+    #: the router's encoder (queries, cards, first-start training): ``onnx-int8`` (ONNX Runtime,
+    #: per-channel int8 weights: the default, the only one that meets the 15 ms decision p99 at
+    #: 2k models on 2 cores; CMRBench test quality 0.2-0.6 points below exact), ``onnx`` (exact
+    #: fp32, the same embeddings as ``torch``), ``torch`` (sentence-transformers). Measured trade:
+    #: services/README.md, "Query encoder". A checkpoint is trained with the encoder it is served with
+    encoder: Literal["onnx", "torch", "onnx-int8"] = "onnx-int8"
     #: intra-op threads of the router's encoder for batches (1: on a busy 2-core host a second
     #: thread waits for a core)
     encoder_threads: int = Field(default=1, ge=1)
@@ -160,6 +162,11 @@ class AppArgs(_Strict):
     index_precision: Literal["fp16", "fp32"] = "fp16"
     #: threads of the numeric libraries (BLAS, OpenMP, torch) in a router replica (cmr/threads.py)
     native_threads: int = Field(default=1, ge=1)
+    #: routed queries are truncated to this many tokens, keeping their end (onnx encoders; None:
+    #: the encoder's 256). The longest prompts set the decision p99 (p99 length 126 tokens, a
+    #: 64-token query costs ~2x a median one); 3.7 % of CMRBench prompts are longer than 64, and
+    #: truncating them cost < 0.4 points of test quality. Cards and training data are not truncated
+    query_max_tokens: int | None = Field(default=64, ge=8, le=256)
     #: routed query embeddings kept in an in-memory LRU (repeated prompts skip the encoder); query
     #: embeddings are never written to the persistent embedding cache. 0: off
     query_cache_size: int = Field(default=4096, ge=0)

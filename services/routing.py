@@ -237,7 +237,10 @@ class RouterCore:
         self.args = args
         self.encoder = encoder  # cards, profile prompts, first-start training: the persistent cache
         # routed queries: an in-memory LRU over the encoder itself (no disk write per batch)
-        self.query_encoder = MemoryCachedEncoder(getattr(encoder, "inner", encoder), args.query_cache_size)
+        inner = getattr(encoder, "inner", encoder)
+        if args.query_max_tokens and hasattr(inner, "with_max_tokens"):
+            inner = inner.with_max_tokens(args.query_max_tokens)
+        self.query_encoder = MemoryCachedEncoder(inner, args.query_cache_size)
         bootstrap(args, encoder)
         state = args.state_dir()
         self.store = DecisionStore(state / "decisions.sqlite")

@@ -121,14 +121,17 @@ ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
 _DEFAULT: dict[tuple, CachedEncoder] = {}
 
 
-def make_encoder(backend: str = "torch", threads: int | None = None, single_threads: int | None = None) -> Encoder:
+def make_encoder(backend: str = "torch", threads: int | None = None, single_threads: int | None = None,
+                 max_tokens: int | None = None) -> Encoder:
     """An uncached MiniLM encoder on ``backend``.
 
     ``torch``: sentence-transformers (training, benchmarks; GPU when available). ``onnx``: ONNX
     Runtime on CPU, the same embeddings (to ~1e-6, same name) and faster per query: the serving
     default. ``onnx-int8``: dynamically quantised, faster still but different embeddings (its own
     name and cache keys). ``threads``: intra-op threads (torch: process-wide); ``single_threads``
-    (onnx): threads for a call with a single text.
+    (onnx): threads for a call with a single text. ``max_tokens`` (onnx): truncate texts to this
+    many tokens, keeping their end (default 256, as the model was trained; a different value is a
+    different encoder name).
     """
     if backend == "torch":
         from cmr.encoders.minilm import MiniLMEncoder
@@ -137,7 +140,8 @@ def make_encoder(backend: str = "torch", threads: int | None = None, single_thre
     if backend in ("onnx", "onnx-int8"):
         from cmr.encoders.onnx import OnnxMiniLMEncoder
 
-        return OnnxMiniLMEncoder(threads=threads or 1, quantize="int8" if backend == "onnx-int8" else None, single_threads=single_threads)
+        return OnnxMiniLMEncoder(threads=threads or 1, quantize="int8" if backend == "onnx-int8" else None, single_threads=single_threads,
+                                 max_seq_length=max_tokens or 256)
     raise ValueError(f"unknown encoder backend {backend!r}; known: {', '.join(ENCODER_BACKENDS)}")
 
 

@@ -132,3 +132,18 @@ def test_onnx_single_query_session_gives_the_same_embeddings():
     batch = two.encode(_VARIED)
     single = np.stack([two.encode([t])[0] for t in _VARIED])  # through the 2-thread session
     np.testing.assert_allclose(single, batch, atol=1e-5)
+
+
+def test_onnx_query_truncation_view_shares_sessions_and_has_its_own_name():
+    from cmr.encoders import make_encoder
+
+    full = make_encoder("onnx", 1)
+    short = full.with_max_tokens(16)
+    assert short.session is full.session and short.name != full.name and short.name.endswith(":max16")
+    assert full.with_max_tokens(256) is full and short.with_max_tokens(256).name == full.name
+    assert make_encoder("onnx", 1, max_tokens=16).name == short.name  # same truncation, same cache keys
+    long_text = " ".join(f"word{i}" for i in range(200)) + " translate this into French"
+    a, b = full.encode([long_text, "hi"]), short.encode([long_text, "hi"])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-5)  # short texts: untouched
+    assert a[0] @ b[0] < 0.999  # long ones: only their last 16 tokens
+    np.testing.assert_allclose(b[0], short.encode([" ".join(long_text.split()[-12:])])[0], atol=0.05)

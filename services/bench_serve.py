@@ -262,29 +262,40 @@ def encoder_variants(prompts: Sequence[str], variants: Sequence[tuple[str, int, 
     return out
 
 
-def int8_routing_quality(policies: Sequence[str] = ("knn", "zeroshot")) -> dict[str, Any]:
-    """What the opt-in ``onnx-int8`` query encoder costs in routing quality on CMRBench: each policy
-    trained on the *train* splits with the exact (fp32) embeddings, as checkpoints are, then the
-    continual protocol's final model/family/domain accuracy on the *test* splits with the test
-    queries embedded by the exact encoder vs by int8 (as a router serving int8 would see them).
-    int8 embeddings are cached under their own encoder name."""
+def encoder_routing_quality(policies: Sequence[str] = ("knn", "carve")) -> dict[str, Any]:
+    """What the router's encoder settings cost in routing quality on CMRBench (continual protocol,
+    final model/family/domain accuracy on the *test* splits). Each variant embeds the *train*
+    splits as the router's first start does (``AppArgs.encoder``, full length) and the *test*
+    queries as the router sees them (``AppArgs.encoder`` truncated to ``query_max_tokens``):
+    exact fp32, int8 alone, truncation alone, and both (the served default). Each encoder and
+    truncation caches under its own name."""
     from cmr.bench import common
     from cmr.bench.cmr_protocol import evaluate
     from cmr.data import load_cmrbench
-    from cmr.encoders import default_encoder
+    from cmr.encoders import CachedEncoder, EmbeddingCache
+    from cmr.encoders import make_encoder as mk
     from cmr.policies import make_policy
     from services.config import AppArgs
 
-    exact, int8 = default_encoder(), default_encoder(backend="onnx-int8")
-    out: dict[str, Any] = {"policies": {}}
-    for variant, enc in (("exact", exact), ("int8", int8)):
-        bench = load_cmrbench(AppArgs().bench_path())
-        common.embed(exact, [e.train for e in bench.experiences])
-        common.embed(enc, [e.test for e in bench.experiences])
+    from cmr import constants
+
+    served = AppArgs()
+    cache = EmbeddingCache(constants.cache_dir() / "embeddings.sqlite")
+    n = served.query_max_tokens or 256
+
+    def enc(backend: str, max_tokens: int | None = None) -> CachedEncoder:
+        return CachedEncoder(mk(backend, 1, None, max_tokens), cache)
+
+    variants = {"exact (onnx fp32, 256 tokens)": ("onnx", None), f"onnx fp32, queries {n} tokens": ("onnx", n),
+                "onnx-int8, 256 tokens": ("onnx-int8", None), f"onnx-int8, queries {n} tokens": ("onnx-int8", n)}
+    out: dict[str, Any] = {"served": f"{served.encoder}, queries {n} tokens", "policies": {}}
+    for label, (backend, max_tokens) in variants.items():
+        bench = load_cmrbench(served.bench_path())
+        common.embed(enc(backend), [e.train for e in bench.experiences])
+        common.embed(enc(backend, max_tokens), [e.test for e in bench.experiences])
         out["n_test"] = sum(len(e.test) for e in bench.experiences)
         for name in policies:
-            res = evaluate(bench, make_policy(name, encoder=exact))
-            out["policies"].setdefault(name, {})[variant] = res["final"]
+            out["policies"].setdefault(name, {})[label] = evaluate(bench, make_policy(name, encoder=enc(backend)))["final"]
     return out
 
 
@@ -514,10 +525,10 @@ def render_md(report: dict[str, Any]) -> str:
             lines.append(f"| {k} | {v['single']['p50_ms']:.1f} / {v['single']['p99_ms']:.1f} | {sc['p50_ms']:.1f} / {sc['p99_ms']:.1f} | "
                          f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {bc['p50_ms']:.1f} | {v['max_abs_diff_vs_torch']:.1e} | "
                          f"{v['min_cos_vs_torch']:.4f} / {v['mean_cos_vs_torch']:.4f} |")
-    iq = report.get("int8_quality")
+    iq = report.get("encoder_quality")
     if iq:
-        lines += ["", f"## Routing quality with the opt-in onnx-int8 query encoder (CMRBench test, {iq['n_test']} queries; policies trained on the exact embeddings)", "",
-                  "| policy | query encoder | final model acc | family acc | domain acc |", "|---|---|---|---|---|"]
+        lines += ["", f"## Routing quality by encoder setting (CMRBench test, {iq['n_test']} queries; train splits embedded by the same encoder, full length; served default: {iq['served']})", "",
+                  "| policy | encoder / query truncation | final model acc | family acc | domain acc |", "|---|---|---|---|---|"]
         for name, by in iq["policies"].items():
             for variant, f in by.items():
                 lines.append(f"| {name} | {variant} | {f['m_acc']:.4f} | {f['f_acc']:.4f} | {f['d_acc']:.4f} |")
@@ -554,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", type=int, nargs="+", default=[2000, 100_000], help="hub sizes for the decision latency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
     p.add_argument("--requests", type=int, default=200, help="requests per end-to-end cell")
-    p.add_argument("--decision-requests", type=int, default=200, help="single requests per hub size (batches: the same prompts)")
+    p.add_argument("--decision-requests", type=int, default=600, help="single requests per hub size (batches: the same prompts)")
     p.add_argument("--distinct", type=int, default=1000, help="card texts really embedded per hub (the rest reuse their vectors)")
     p.add_argument("--policy", default="zeroshot", help="policy for the synthetic hubs (no outcomes exist for synthetic models)")
     p.add_argument("--retrieve-k", type=int, default=256, help="FAISS pre-selection above this many models (0 = never)")
@@ -567,11 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=None, help="end-to-end app: AppArgs.max_batch_size (default: its default)")
     p.add_argument("--batch-wait-s", type=float, default=None, help="end-to-end app: AppArgs.batch_wait_timeout_s")
     p.add_argument("--router-replicas", type=int, default=None, help="end-to-end app: AppArgs.router_replicas")
-    p.add_argument("--decision-encoders", nargs="*", default=["onnx:1:1", "onnx:1:2", "onnx-int8:1:1", "onnx-int8:1:2", "torch:1"],
+    p.add_argument("--decision-encoders", nargs="*", default=["onnx:1:2", "onnx:1:1", "onnx-int8:1:1", "torch:1"],
                    help="BACKEND:THREADS[:SINGLE_THREADS] query encoders also measured on each hub (beside --encoder)")
     p.add_argument("--encoder-prompts", type=int, default=160, help="prompts for the encoder-variant comparison (0 = skip it)")
     p.add_argument("--skip-e2e", action="store_true")
-    p.add_argument("--int8-quality", action="store_true", help="also measure the routing quality of the onnx-int8 query encoder (CMRBench)")
+    p.add_argument("--quality", action="store_true", help="also measure the routing quality of the encoder settings (CMRBench; ~10 min)")
     p.add_argument("--proxy", choices=("haproxy", "serve"), default=None,
                    help="end-to-end app's front door: haproxy (Ray Serve's HAProxy, direct ingress) or serve (Serve's Python "
                         "proxy); default haproxy when its binary exists")
@@ -614,9 +625,9 @@ def main(argv: list[str] | None = None) -> int:
             others.append((b, int(t), int(single[0]) if single else None))
     except ValueError:
         p.error("--decision-encoders: each must be BACKEND:THREADS[:SINGLE_THREADS], e.g. onnx-int8:1:2")
-    if a.int8_quality:
-        report["int8_quality"] = int8_routing_quality()
-        print(json.dumps(report["int8_quality"]), flush=True)
+    if a.quality:
+        report["encoder_quality"] = encoder_routing_quality()
+        print(json.dumps(report["encoder_quality"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="cmr-bench-serve-") as tmp:
         for n in a.models:
             rk = a.retrieve_k if n > a.retrieve_k * 8 else 0  # small hubs: the policy scores every model

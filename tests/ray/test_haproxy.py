@@ -9,11 +9,6 @@ processes start, so it cannot share the session's Ray (tests/ray/conftest.py).""
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -21,17 +16,12 @@ import httpx
 import pytest
 
 from cmr import constants
+from tests.ray.serve_process import cmr_serve, free_port
 
 _PROBLEM = constants.haproxy_problem()  # None: Ray Serve can run HAProxy here
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(_PROBLEM is not None, reason=f"HAProxy front door unavailable: {_PROBLEM}")]
 
 CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listeners(port: int) -> set[str]:
@@ -69,32 +59,10 @@ def server(tmp_path_factory):
             "infer": st.create("acme", ["infer"], rate_per_s=1000, burst=1000, max_body_bytes=2048)[1],
             "slow": st.create("acme", ["infer"], rate_per_s=0.01, burst=2)[1]}
     st.close()
-    port, grpc_port = _free_port(), _free_port()
-    env = {**os.environ, "CMR_CACHE": str(constants.cache_dir()), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "HF_HUB_OFFLINE": "1",
-           # a direct-ingress replica waits this long for HAProxy to stop sending before it exits
-           # (Ray's default 30 s, for HAProxies on other nodes); one node here: keep the stop short
-           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
-    env.pop(constants.RAY_HAPROXY_ENV, None)  # the flag decides, not an inherited value
-    cmd = [sys.executable, "-m", "cmr.cli", "serve", "--proxy", "haproxy", "--http-port", str(port), "--grpc-port", str(grpc_port),
-           "--home", str(home), "--train-limit", "20", "--no-learner", "--num-cpus", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
-    try:
-        end = time.monotonic() + 300
-        for line in proc.stdout:  # "cmr: serving ..." once the app is up
-            lines.append(line)
-            if line.startswith("cmr: serving") or time.monotonic() > end:
-                break
-        assert lines and lines[-1].startswith(f"cmr: serving http://127.0.0.1:{port}/v1"), lines
+    port, grpc_port = free_port(), free_port()
+    args = ["--proxy", "haproxy", "--grpc-port", str(grpc_port), "--home", str(home), "--train-limit", "20", "--no-learner", "--num-cpus", "2"]
+    with cmr_serve(args, port) as lines:
         yield {"url": f"http://127.0.0.1:{port}", "port": port, "grpc_port": grpc_port, "keys": keys, "lines": lines}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert rc == 0
 
 
 def _h(key: str) -> dict[str, str]:

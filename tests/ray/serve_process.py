@@ -1,0 +1,51 @@
+"""``cmr serve`` in a subprocess (its own Ray instance): start it, wait for "cmr: serving", stop it
+with SIGTERM and check it exits 0. Shared by the tests that need a process-level server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from cmr import constants
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def cmr_serve(args: list[str], port: int, stop_timeout_s: float = 120) -> Iterator[list[str]]:
+    """Run ``cmr serve --http-port PORT ARGS...``; yields the lines it printed up to "cmr: serving"."""
+    # HAProxy mode (the default where it can run): a direct-ingress replica waits this long for
+    # HAProxy to stop sending before it exits (Ray's default 30 s, for HAProxies on other nodes);
+    # one node here: keep the stop short
+    env = {**os.environ, "CMR_CACHE": str(constants.cache_dir()), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "HF_HUB_OFFLINE": "1",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+    env.pop(constants.RAY_HAPROXY_ENV, None)  # `--proxy` decides, not an inherited value
+    cmd = [sys.executable, "-m", "cmr.cli", "serve", "--http-port", str(port), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    try:
+        end = time.monotonic() + 300
+        for line in proc.stdout:  # "cmr: serving ..." once the app is up
+            lines.append(line)
+            if line.startswith("cmr: serving") or time.monotonic() > end:
+                break
+        assert lines and lines[-1].startswith(f"cmr: serving http://127.0.0.1:{port}/v1"), lines
+        yield lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0

@@ -350,15 +350,17 @@ def _cpu_by_role() -> dict[str, float]:
 
 
 async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> dict[str, Any]:
-    """Send ``bodies`` with at most ``concurrency`` in flight; latency per request, overall req/s."""
+    """Send ``bodies`` with at most ``concurrency`` in flight; latency per request, overall req/s,
+    and the ``model`` each answer named (``models``, in body order; None for an error)."""
     import httpx
 
     lat: list[float] = []
     errors = 0
     samples: list[str] = []  # the first few error bodies: an error count alone says nothing
+    models: list[str | None] = [None] * len(bodies)
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
-        async def one(body: dict) -> None:
+        async def one(i: int, body: dict) -> None:
             nonlocal errors
             async with sem:
                 t = time.perf_counter()
@@ -366,16 +368,17 @@ async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> di
                 dt = (time.perf_counter() - t) * 1e3
                 if r.status_code == 200:
                     lat.append(dt)
+                    models[i] = r.json().get("model")
                 else:
                     errors += 1
                     if len(samples) < 3:
                         samples.append(f"{r.status_code}: {r.text[:300]}")
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(b) for b in bodies))
+        await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
         wall = time.perf_counter() - t0
     out = _pcts(lat) if lat else {"n": 0}
-    out.update({"errors": errors, "error_samples": samples, "wall_s": round(wall, 2), "rps": len(lat) / wall})
+    out.update({"errors": errors, "error_samples": samples, "wall_s": round(wall, 2), "rps": len(lat) / wall, "models": models})
     return out
 
 
@@ -425,7 +428,13 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
 
         def route_body(i): return {"query": q(i), "record": False}
         def auto_body(i): return {"model": "auto", "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
-        def direct_body(i): return {"model": direct_model, "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
+        # direct: each request names the model that chat_auto's request of the same index got, so
+        # both cells generate the same work and their difference is the routing step alone (a
+        # request naming a model starts generating at once; its decision is recorded beside it)
+        chosen: list[str | None] = []
+
+        def direct_body(i): return {"model": (chosen[i] if i < len(chosen) and chosen[i] else direct_model),
+                                    "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
 
         kinds = {"route": ("/v1/route", route_body), "chat_auto": ("/v1/chat/completions", auto_body),
                  "chat_direct": ("/v1/chat/completions", direct_body)}
@@ -442,6 +451,10 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
             for name, (path, mk) in kinds.items():
                 cpu0 = _cpu_by_role()
                 cell = asyncio.run(_load(url, path, [mk(i) for i in range(n_requests)], c))
+                models = cell.pop("models")
+                if name == "chat_auto":
+                    chosen[:] = models
+                    cell["models_chosen"] = {m: models.count(m) for m in sorted(set(filter(None, models)))}
                 cpu1 = _cpu_by_role()
                 if cell.get("n"):  # CPU ms per answered request, per process role, and the ceiling it sets on 2 free cores
                     per = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / cell["n"], 2) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0}

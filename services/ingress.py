@@ -8,6 +8,7 @@ chosen model. Bad input gets a 4xx whose message names the field, in OpenAI's er
 
 # no ``from __future__ import annotations`` here: FastAPI must see real types in the route
 # signatures that ``@serve.ingress`` rewrites, or bodies would be taken for query parameters
+import asyncio
 import json
 import logging
 import time
@@ -261,13 +262,33 @@ class Ingress(GrpcServicerMixin):
         ``body.stream``) reads the whole generation here, so a non-streaming request is retried
         whole; a streaming one only until its first chunk (later failures are reported in-band).
         """
-        d = await self._decide(body.query(), body.routing, servable_only=True, model=body.model)
         gen = {**gen, "max_tokens": body.token_limit(), "temperature": body.temperature,
                "top_p": body.top_p, "stop": body.stop_list(), "seed": body.seed}
         collect = not getattr(body, "stream", False) if collect is None else collect
+        first_try: tuple[AsyncIterator[dict[str, Any]], dict[str, Any]] | None = None
+        failures: list[tuple[str, str]] = []
+        if body.model not in (None, AUTO) and body.model in self.pool_of:
+            # a concrete model of a configured pool bypasses the choice: generation starts at once
+            # and the decision (recorded, so that feedback can be posted for it) is made beside it,
+            # off the request's critical path
+            decision = asyncio.ensure_future(self._decide(body.query(), body.routing, servable_only=True, model=body.model))
+            try:
+                first_try = await self._open({"model": body.model, "pool": self.pool_of[body.model]}, gen, collect)
+            except _REPLICA_FAILURES as e:
+                failures.append(self._failed(body.model, None, 0, e))
+            except BaseException:
+                decision.cancel()
+                raise
+            d = await decision  # its 4xx (e.g. a retired model) wins over whatever was generated
+        else:
+            d = await self._decide(body.query(), body.routing, servable_only=True, model=body.model)
         plan = [d["model"], d["model"]] + [m for m, _ in d["alternatives"] if m != d["model"]]
-        cur, failures = d, []
+        cur = d
         for attempt, model in enumerate(plan):
+            if attempt == 0 and (first_try is not None or failures):
+                if first_try is not None:
+                    return cur, *first_try
+                continue  # the concurrent first try failed: on to the retry
             if model != cur["model"]:
                 try:  # a decision of its own, recorded: feedback then rewards the model that answered
                     alt = await self._decide(body.query(), body.routing, servable_only=True, model=model)
@@ -278,11 +299,7 @@ class Ingress(GrpcServicerMixin):
             try:
                 it, first = await self._open(cur, gen, collect)
             except _REPLICA_FAILURES as e:
-                died = isinstance(e, RayActorError)  # ActorDiedError, ActorUnavailableError
-                if died:  # the pool counts its own generation errors; a dead replica cannot
-                    metrics.pool_error(self.pool_of.get(model) or cur.get("pool") or self.default_pool or "?")
-                logging.getLogger("cmr.serve.ingress").warning("generation of %s failed (attempt %d): %s", model, attempt + 1, e)
-                failures.append(("replica_died" if died else "pool_error", f"{model}: {type(e).__name__}"))
+                failures.append(self._failed(model, cur.get("pool"), attempt, e))
                 continue
             if failures:
                 reason = failures[-1][0]
@@ -293,6 +310,14 @@ class Ingress(GrpcServicerMixin):
                     await self.router.supersede.remote(d["request_id"], cur["request_id"])
             return cur, it, first
         raise APIError(503, "generation failed on every replica and fallback model: " + "; ".join(f for _, f in failures), "model")
+
+    def _failed(self, model: str, pool: str | None, attempt: int, e: BaseException) -> tuple[str, str]:
+        """Count and log a failed generation; ``(reason, "model: error type")`` for the fallback record."""
+        died = isinstance(e, RayActorError)  # ActorDiedError, ActorUnavailableError
+        if died:  # the pool counts its own generation errors; a dead replica cannot
+            metrics.pool_error(self.pool_of.get(model) or pool or self.default_pool or "?")
+        logging.getLogger("cmr.serve.ingress").warning("generation of %s failed (attempt %d): %s", model, attempt + 1, e)
+        return ("replica_died" if died else "pool_error", f"{model}: {type(e).__name__}")
 
     async def _open(self, d: dict[str, Any], gen: dict[str, Any], collect: bool) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
         """Open the pool stream for ``d``'s model; the first chunk read (or all of them with ``collect``)."""

@@ -167,8 +167,9 @@ def test_pool_replica_killed_mid_request(served, client):
 
     async def burst(n: int) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=served.url, timeout=180) as ac:
-            body = {"model": "auto", "messages": CHAT, "max_tokens": 256, "temperature": 1.0}
-            tasks = [asyncio.create_task(ac.post("/v1/chat/completions", json=body)) for _ in range(n)]
+            # half routed, half naming a model (generation starts beside the recorded decision)
+            bodies = [{"model": "auto" if i % 2 else "tiny-gpt2-a", "messages": CHAT, "max_tokens": 256, "temperature": 1.0} for i in range(n)]
+            tasks = [asyncio.create_task(ac.post("/v1/chat/completions", json=body)) for body in bodies]
 
             def busy() -> list:
                 counts = ray.get([r.get_num_ongoing_requests.remote() for r in reps])
@@ -186,6 +187,7 @@ def test_pool_replica_killed_mid_request(served, client):
 
     rs = asyncio.run(burst(8))
     assert [r.status_code for r in rs] == [200] * len(rs), [r.text[:200] for r in rs if r.status_code != 200]
+    assert all(r.json()["model"] == "tiny-gpt2-a" for r in rs[::2])  # a named model is what answers, fallback or not
     fell = [r for r in rs if "fallback" in r.json()["routing"]]
     assert fell, "the killed replica's requests should say they were retried or fell back"
     for r in fell:

@@ -189,8 +189,7 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
     for backend, threads, single in other_encoders:
         # the router's query encoder, swapped under the same hub (its query path wraps the same one)
         enc.inner = make_encoder(backend, threads, single)
-        q = enc.inner
-        core.query_encoder.inner = q.with_max_tokens(args.query_max_tokens) if args.query_max_tokens and hasattr(q, "with_max_tokens") else q
+        core.query_encoder.inner = core.query_view(enc.inner)
         res["variants"][_encoder_label(backend, threads, single)] = {"encoder": backend, "encoder_threads": threads,
                                                                      "encoder_single_threads": single, **measure()}
     core.close()

@@ -237,10 +237,7 @@ class RouterCore:
         self.args = args
         self.encoder = encoder  # cards, profile prompts, first-start training: the persistent cache
         # routed queries: an in-memory LRU over the encoder itself (no disk write per batch)
-        inner = getattr(encoder, "inner", encoder)
-        if args.query_max_tokens and hasattr(inner, "with_max_tokens"):
-            inner = inner.with_max_tokens(args.query_max_tokens)
-        self.query_encoder = MemoryCachedEncoder(inner, args.query_cache_size)
+        self.query_encoder = MemoryCachedEncoder(self.query_view(getattr(encoder, "inner", encoder)), args.query_cache_size)
         bootstrap(args, encoder)
         state = args.state_dir()
         self.store = DecisionStore(state / "decisions.sqlite")
@@ -264,6 +261,12 @@ class RouterCore:
         self.check_calibration()
 
     # -- state -------------------------------------------------------------------------------
+    def query_view(self, encoder):
+        """``encoder`` as routed queries see it: truncated to ``AppArgs.query_max_tokens`` where the
+        encoder supports it (onnx), else unchanged."""
+        n = self.args.query_max_tokens
+        return encoder.with_max_tokens(n) if n and hasattr(encoder, "with_max_tokens") else encoder
+
     def _load_policy(self, version: int | None):
         """The policy of checkpoint ``version`` (None: the newest that verifies)."""
         ck = checkpoint.latest(self.ckpt_root) if version is None else checkpoint.open_checkpoint(checkpoint.version_dir(self.ckpt_root, version))

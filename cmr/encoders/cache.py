@@ -126,9 +126,9 @@ def make_encoder(backend: str = "torch", threads: int | None = None, single_thre
     """An uncached MiniLM encoder on ``backend``.
 
     ``torch``: sentence-transformers (training, benchmarks; GPU when available). ``onnx``: ONNX
-    Runtime on CPU, the same embeddings (to ~1e-6, same name) and faster per query: the serving
-    default. ``onnx-int8``: dynamically quantised, faster still but different embeddings (its own
-    name and cache keys). ``threads``: intra-op threads (torch: process-wide); ``single_threads``
+    Runtime on CPU, the same embeddings (to ~1e-6, same name) and faster per query. ``onnx-int8``:
+    per-channel int8 weights, faster still but different embeddings (its own name and cache keys):
+    the router's default (``AppArgs.encoder``). ``threads``: intra-op threads (torch: process-wide); ``single_threads``
     (onnx): threads for a call with a single text. ``max_tokens`` (onnx): truncate texts to this
     many tokens, keeping their end (default 256, as the model was trained; a different value is a
     different encoder name).

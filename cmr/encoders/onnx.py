@@ -148,9 +148,8 @@ class OnnxMiniLMEncoder:
 
         # the quantised graph's embeddings differ: its own name, so its own cache keys ("int8pc":
         # per-channel; cached vectors of the earlier per-tensor int8 are not mixed in)
-        self.name = MiniLMEncoder.name if quantize is None else f"{MiniLMEncoder.name}:{quantize}pc"
-        if max_seq_length != 256:  # a shorter truncation embeds long texts differently: own cache keys
-            self.name += f":max{max_seq_length}"
+        self._base_name = MiniLMEncoder.name if quantize is None else f"{MiniLMEncoder.name}:{quantize}pc"
+        self.name = self._name_for(max_seq_length)
         self.threads, self.batch_size, self.max_seq_length, self.max_pad = threads, batch_size, max_seq_length, max_pad
         self.path = onnx_model_path(quantize, cache_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(_model_dir()))
@@ -172,10 +171,12 @@ class OnnxMiniLMEncoder:
         if max_tokens == self.max_seq_length:
             return self
         view = copy.copy(self)  # shallow: sessions, tokenizer and its lock are shared
-        view.max_seq_length = max_tokens
-        base = self.name.rsplit(":max", 1)[0]
-        view.name = base if max_tokens == 256 else f"{base}:max{max_tokens}"
+        view.max_seq_length, view.name = max_tokens, self._name_for(max_tokens)
         return view
+
+    def _name_for(self, max_tokens: int) -> str:
+        # a shorter truncation embeds long texts differently: its own name, so its own cache keys
+        return self._base_name if max_tokens == 256 else f"{self._base_name}:max{max_tokens}"
 
     def _session(self, ort, threads: int, spin: bool = False):
         so = ort.SessionOptions()

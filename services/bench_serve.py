@@ -377,7 +377,19 @@ async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> di
         await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
         wall = time.perf_counter() - t0
     out = _pcts(lat) if lat else {"n": 0}
-    out.update({"errors": errors, "error_samples": samples, "wall_s": round(wall, 2), "rps": len(lat) / wall, "models": models})
+    out.update({"errors": errors, "error_samples": samples, "wall_s": round(wall, 2), "rps": len(lat) / wall, "models": models, "lat": lat})
+    return out
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell from runs of it at different times (``_load`` results): latencies pooled, req/s
+    over their summed wall time, models in order."""
+    lat = [x for p in parts for x in p["lat"]]
+    wall = sum(p["wall_s"] for p in parts)
+    out = _pcts(lat) if lat else {"n": 0}
+    out.update({"errors": sum(p["errors"] for p in parts), "error_samples": [x for p in parts for x in p["error_samples"]][:3],
+                "wall_s": round(wall, 2), "rps": len(lat) / wall if wall else 0.0, "models": [m for p in parts for m in p["models"]],
+                "runs": len(parts)})
     return out
 
 
@@ -446,17 +458,34 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
                                                                          "router_replicas": args.router_replicas, "encoder": args.encoder,
                                                                          "encoder_threads": args.encoder_threads, "encoder_single_threads": args.encoder_single_threads, "query_max_tokens": args.query_max_tokens,
                                                                          "proxy": proxy}, "cells": {}}
+        # the two chat cells run in halves, A B B A (auto, direct, direct, auto), pooled per cell: a
+        # drift of the shared machine's speed during the pair then hits both alike, and their ratio
+        # (the router's overhead) is not the order they ran in. Direct repeats the first auto
+        # half's model mix both times.
+        half = max(1, n_requests // 2)
+        plan = [("route", range(n_requests))] + [("chat_auto", range(half)), ("chat_direct", range(half)),
+                                                 ("chat_direct", range(half)), ("chat_auto", range(half, 2 * half))]
         for c in concurrencies:
-            for name, (path, mk) in kinds.items():
+            parts: dict[str, list[dict[str, Any]]] = {}
+            cpu: dict[str, dict[str, float]] = {}
+            for name, idx in plan:
+                path, mk = kinds[name]
                 cpu0 = _cpu_by_role()
-                cell = asyncio.run(_load(url, path, [mk(i) for i in range(n_requests)], c))
+                part = asyncio.run(_load(url, path, [mk(i) for i in idx], c))
+                cpu1 = _cpu_by_role()
+                if name == "chat_auto" and not parts.get(name):
+                    chosen[:] = part["models"]
+                parts.setdefault(name, []).append(part)
+                acc = cpu.setdefault(name, {})
+                for k in cpu1:
+                    acc[k] = acc.get(k, 0.0) + cpu1[k] - cpu0.get(k, 0.0)
+            for name in kinds:
+                cell = _merge(parts[name])
                 models = cell.pop("models")
                 if name == "chat_auto":
-                    chosen[:] = models
                     cell["models_chosen"] = {m: models.count(m) for m in sorted(set(filter(None, models)))}
-                cpu1 = _cpu_by_role()
                 if cell.get("n"):  # CPU ms per answered request, per process role, and the ceiling it sets on 2 free cores
-                    per = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / cell["n"], 2) for k in cpu1 if cpu1[k] - cpu0.get(k, 0.0) > 0}
+                    per = {k: round(v * 1e3 / cell["n"], 2) for k, v in cpu[name].items() if v > 0}
                     cell["cpu_ms_per_request"] = dict(sorted(per.items(), key=lambda kv: -kv[1]))
                     cell["cpu_bound_rps_on_2_cores"] = 2e3 / max(sum(per.values()), 1e-9)
                 res["cells"][f"{name}@{c}"] = cell
@@ -590,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=None, help="end-to-end app: AppArgs.max_batch_size (default: its default)")
     p.add_argument("--batch-wait-s", type=float, default=None, help="end-to-end app: AppArgs.batch_wait_timeout_s")
     p.add_argument("--router-replicas", type=int, default=None, help="end-to-end app: AppArgs.router_replicas")
-    p.add_argument("--decision-encoders", nargs="*", default=["onnx:1:2", "onnx:1:1", "onnx-int8:1:1", "torch:1"],
+    p.add_argument("--decision-encoders", nargs="*", default=["onnx-int8:1:2", "onnx:1:1", "torch:1"],
                    help="BACKEND:THREADS[:SINGLE_THREADS] query encoders also measured on each hub (beside --encoder)")
     p.add_argument("--encoder-prompts", type=int, default=160, help="prompts for the encoder-variant comparison (0 = skip it)")
     p.add_argument("--skip-e2e", action="store_true")

@@ -151,8 +151,11 @@ class AppArgs(_Strict):
     #: intra-op threads of the router's encoder for batches (1: on a busy 2-core host a second
     #: thread waits for a core)
     encoder_threads: int = Field(default=1, ge=1)
-    #: threads for a lone query (an idle router is latency-bound; onnx encoders only; None: as batches)
-    encoder_single_threads: int | None = Field(default=2, ge=1)
+    #: threads for a lone query (onnx encoders only; None: as batches). 1 by default: a second
+    #: session of 2 threads took a lone 2k-model decision only from p99 9.0 to 7.9 ms for twice its
+    #: CPU, and with spinning threads it cost the chat path 14 ms of router CPU per request
+    #: (services/README.md, "Serving benchmark"); worth it only where cores sit idle
+    encoder_single_threads: int | None = Field(default=1, ge=1)
     #: batches a router replica encodes and scores at the same time, each on its own thread (its
     #: encoder and BLAS calls use ``encoder_threads`` / ``native_threads`` each): 2 keeps both
     #: cores of a small host busy; the ingress keeps up to 2 batches in flight per replica

@@ -321,14 +321,15 @@ class Ingress(GrpcServicerMixin):
 
     async def _open(self, d: dict[str, Any], gen: dict[str, Any], collect: bool) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
         """Open the pool stream for ``d``'s model; the first chunk read (or all of them with ``collect``)."""
-        stream = self._pool(d["model"], d.get("pool")).options(stream=True, multiplexed_model_id=d["model"]).generate.remote({**gen, "model": d["model"]})
-        it = stream.__aiter__()
-        first = await it.__anext__()
+        pool = self._pool(d["model"], d.get("pool"))
+        if collect:  # the answer is sent once complete: one reply from the pool, not a stream of chunks
+            chunks = await pool.options(multiplexed_model_id=d["model"]).generate_all.remote({**gen, "model": d["model"]})
+            first, it = (chunks[0] if chunks else {"text": "", "finish_reason": "stop"}), _replay(chunks[1:])
+        else:
+            it = pool.options(stream=True, multiplexed_model_id=d["model"]).generate.remote({**gen, "model": d["model"]}).__aiter__()
+            first = await it.__anext__()
         if "error" in first:
             raise APIError(int(first.get("status", 400)), first["error"], "model")
-        if collect:
-            rest = [ch async for ch in it]
-            return _replay(rest), first
         return it, first
 
     async def _collect(self, it, first) -> tuple[str, dict[str, Any]]:

@@ -128,9 +128,10 @@ class OnnxMiniLMEncoder:
 
     ``threads``: ONNX Runtime intra-op threads for this session (default 1: on a shared 2-core
     machine a second thread mostly waits for a core; see ``docs/results/serve/report.md, "Query encoder variants"``).
-    Spinning of idle worker threads is off for the same reason (the lone-query session spins:
-    it only runs while the router is otherwise idle). ``single_threads``: threads for a
-    call with one text (a second session; None: the same session). ``batch_size`` and ``max_pad``:
+    Spinning of idle worker threads is off in both sessions for the same reason: a spinning
+    lone-query session cost the router 14 ms of CPU per chat request on 2 cores, taken from the
+    model pools (docs/results/serve/report.md). ``single_threads``: threads for a call with one
+    text (a second session; None: the same session). ``batch_size`` and ``max_pad``:
     see ``encode``.
     """
 
@@ -159,9 +160,7 @@ class OnnxMiniLMEncoder:
         # a lone query (an idle router) is latency-bound: a second session whose threads split each
         # matmul; batches (a busy router) keep one thread, since throughput is then per core
         self.single_threads = single_threads if single_threads and single_threads != threads else None
-        # its threads may spin between the operators of a call: ~15 % off a lone 64-token query
-        # (13.8 vs 16.0 ms); it only runs while the router is idle, so the spinning costs no batch
-        self._single = self._session(ort, single_threads, spin=True) if self.single_threads else self.session
+        self._single = self._session(ort, single_threads) if self.single_threads else self.session
 
     def with_max_tokens(self, max_tokens: int) -> "OnnxMiniLMEncoder":
         """A view of this encoder that truncates texts to ``max_tokens`` (keeping their end): the
@@ -178,13 +177,14 @@ class OnnxMiniLMEncoder:
         # a shorter truncation embeds long texts differently: its own name, so its own cache keys
         return self._base_name if max_tokens == 256 else f"{self._base_name}:max{max_tokens}"
 
-    def _session(self, ort, threads: int, spin: bool = False):
+    def _session(self, ort, threads: int):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        # spinning threads burn a core between calls; the router's calls are small and the cores shared
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
 
     def _run(self, ids: list[list[int]], session=None) -> np.ndarray:

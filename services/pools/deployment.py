@@ -90,6 +90,12 @@ class PoolDeployment:
             log.warning("generation of %s failed: %s: %s", req.model, type(e).__name__, e)
             raise GenerationError(f"model {req.model!r}: {type(e).__name__}: {e}") from None
 
+    async def generate_all(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        """The whole generation as one list of ``GenChunk`` dicts (what ``generate`` streams), for
+        callers that answer only once it is done (non-streaming requests): one handle reply
+        instead of one streamed object per chunk, each of which costs both processes CPU."""
+        return [chunk async for chunk in self.generate(request)]
+
     async def check_health(self) -> None:
         # engines are checked by their own generate path; a pool with a dead hub store is unhealthy
         self.hub.version()

@@ -48,3 +48,13 @@ def test_card_bank_reuses_real_vectors_with_noise():
     # every extra card is close to one of the really embedded ones, but not identical
     sims = v[10:] @ v[:10].T
     assert (sims.max(axis=1) > 0.5).all() and (sims.max(axis=1) < 0.9999).all()
+
+
+def test_merge_pools_the_halves_of_a_cell():
+    from services.bench_serve import _merge
+
+    a = {"lat": [10.0, 20.0], "wall_s": 1.0, "errors": 0, "error_samples": [], "models": ["x", "y"]}
+    b = {"lat": [30.0], "wall_s": 2.0, "errors": 1, "error_samples": ["500: boom"], "models": ["x", None]}
+    m = _merge([a, b])
+    assert m["n"] == 3 and m["p50_ms"] == 20.0 and m["errors"] == 1 and m["runs"] == 2
+    assert m["rps"] == 1.0 and m["models"] == ["x", "y", "x", None] and m["error_samples"] == ["500: boom"]

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE.json", help="policy config as a JSON object, e.g. `cmr tune cmr`'s chosen_config.json (--set wins)")
     p.add_argument("--experiences", type=int, default=None, help="train only the first N experiences")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training requests of each experience (smoke runs)")
+    p.add_argument("--encoder", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                   help="MiniLM backend that embeds prompts and cards (default torch, exact); a checkpoint a router will serve "
+                        "should use the router's (AppArgs.encoder, onnx-int8 by default), whose query vectors it is compared with")
 
 
 def _train_loop(opts: dict[str, Any], report: Callable[[dict[str, Any], Path], None] | None = None) -> list[dict[str, Any]]:
@@ -70,7 +73,7 @@ def _train_loop(opts: dict[str, Any], report: Callable[[dict[str, Any], Path], N
     data = Path(opts["data"])
     bench = load_cmrbench(data)
     exps = bench.experiences[: opts["experiences"]] if opts.get("experiences") else bench.experiences
-    encoder = default_encoder()
+    encoder = default_encoder(backend=opts.get("encoder") or "torch")
     policy = make_policy(opts["policy"], encoder=encoder, config=opts["config"])
 
     class Progress(BaseHooks):
@@ -84,7 +87,7 @@ def _train_loop(opts: dict[str, Any], report: Callable[[dict[str, Any], Path], N
             exp = type(exp)(exp.k, exp.train.subset(list(range(min(opts["limit"], len(exp.train))))), exp.test)
         exp.train.emb = encoder.encode(exp.train.texts)
         files = [data / "hub.jsonl"] + [data / f"e{e.k}" / "train.jsonl" for e in exps if e.k <= exp.k]
-        learner.fingerprint = {**fingerprint_files(files), "limit": opts.get("limit"), "policy": opts["policy"]}
+        learner.fingerprint = {**fingerprint_files(files), "limit": opts.get("limit"), "policy": opts["policy"], "encoder": encoder.name}
         policy.add_models(bench.cards_of(exp.k))
         t0 = time.perf_counter()
         ck = learner.train_experience(exp, bench.cards_upto(exp.k))
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         "config": config,
         "experiences": args.experiences,
         "limit": args.limit,
+        "encoder": getattr(args, "encoder", "torch"),
     }
     summaries = run_ray(opts) if args.ray else _train_loop(opts)
     for s in summaries:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -97,16 +98,25 @@ def _routing_field(d: dict[str, Any]) -> dict[str, Any]:
         "alternatives": [{"model": m, "score": s} for m, s in d["alternatives"]], "checkpoint_version": d["checkpoint_version"],
         "cost_weight": d.get("cost_weight"),
         **({"fallback": d["fallback"]} if d.get("fallback") else {}),
+        **({"recorded": False} if d.get("recorded") is False else {}),
     }
 
 
 def _headers(d: dict[str, Any]) -> dict[str, str]:
     return {
-        "x-cmr-request-id": d["request_id"], "x-cmr-model": d["model"], "x-cmr-score": f"{d['score']:.6g}",
-        "x-cmr-checkpoint-version": str(d["checkpoint_version"]),
+        "x-cmr-request-id": d["request_id"], "x-cmr-model": d["model"],
+        **({"x-cmr-score": f"{d['score']:.6g}"} if d["score"] is not None else {}),
+        **({"x-cmr-checkpoint-version": str(d["checkpoint_version"])} if d["checkpoint_version"] is not None else {}),
         "x-cmr-alternatives": json.dumps([m for m, _ in d["alternatives"]]),
         **({"x-cmr-fallback": json.dumps(d["fallback"])} if d.get("fallback") else {}),
     }
+
+
+def _unrouted(model: str, pool: str | None) -> dict[str, Any]:
+    """The "decision" of a request that named a served model and asked for no record: the router
+    was not asked, so there is no score, no runner-up and nothing to post feedback for."""
+    return {"request_id": f"cmr-{uuid.uuid4().hex}", "model": model, "score": None, "utility": None, "alternatives": [],
+            "checkpoint_version": None, "pool": pool, "recorded": False}
 
 
 async def _prepend(first: dict[str, Any], it: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
@@ -173,7 +183,7 @@ class Ingress(GrpcServicerMixin):
         _decision_log.info("cmr decision %s -> %s", d["request_id"], d["model"], extra={
             "cmr_request_id": d["request_id"], "cmr_model": d["model"], "cmr_checkpoint_version": d["checkpoint_version"],
             "cmr_key_id": who.key_id, "cmr_tenant": who.tenant})
-        return {**d, "pool": res.get("pool")}
+        return {**d, "pool": res.get("pool"), **({} if record else {"recorded": False})}
 
     # two batches in flight: the router encodes and scores ``AppArgs.router_concurrent_batches``
     # at once (one per core on a small host); one batch waiting here while another is routed
@@ -188,7 +198,7 @@ class Ingress(GrpcServicerMixin):
     @app.post("/v1/route")
     async def route(self, body: RouteRequestBody) -> JSONResponse:
         self._check_prompt([("query", body.query)])
-        d = await self._decide(body.query, body.routing, servable_only=False, record=body.record)
+        d = await self._decide(body.query, body.routing, servable_only=False, record=body.record and body.routing.record)
         return JSONResponse(_routing_field(d), headers=_headers(d))
 
     @app.post("/v1/feedback")
@@ -267,7 +277,10 @@ class Ingress(GrpcServicerMixin):
         collect = not getattr(body, "stream", False) if collect is None else collect
         first_try: tuple[AsyncIterator[dict[str, Any]], dict[str, Any]] | None = None
         failures: list[tuple[str, str]] = []
-        if body.model not in (None, AUTO) and body.model in self.pool_of:
+        if body.model not in (None, AUTO) and body.model in self.pool_of and not body.routing.record:
+            # named, served here, no record wanted: straight to the pool, the router is not asked
+            d = _unrouted(body.model, self.pool_of[body.model])
+        elif body.model not in (None, AUTO) and body.model in self.pool_of:
             # a concrete model of a configured pool bypasses the choice: generation starts at once
             # and the decision (recorded, so that feedback can be posted for it) is made beside it,
             # off the request's critical path
@@ -281,7 +294,7 @@ class Ingress(GrpcServicerMixin):
                 raise
             d = await decision  # its 4xx (e.g. a retired model) wins over whatever was generated
         else:
-            d = await self._decide(body.query(), body.routing, servable_only=True, model=body.model)
+            d = await self._decide(body.query(), body.routing, servable_only=True, model=body.model, record=body.routing.record)
         plan = [d["model"], d["model"]] + [m for m, _ in d["alternatives"] if m != d["model"]]
         cur = d
         for attempt, model in enumerate(plan):
@@ -291,7 +304,7 @@ class Ingress(GrpcServicerMixin):
                 continue  # the concurrent first try failed: on to the retry
             if model != cur["model"]:
                 try:  # a decision of its own, recorded: feedback then rewards the model that answered
-                    alt = await self._decide(body.query(), body.routing, servable_only=True, model=model)
+                    alt = await self._decide(body.query(), body.routing, servable_only=True, model=model, record=body.routing.record)
                 except APIError:
                     continue
                 rest = [a for a in d["alternatives"] if a[0] != model]
@@ -306,7 +319,7 @@ class Ingress(GrpcServicerMixin):
                 cur = {**cur, "fallback": {"from": d["model"], "to": cur["model"], "reason": reason, "attempts": attempt + 1,
                                            "errors": [f for _, f in failures], "from_request_id": d["request_id"]}}
                 metrics.fallback(reason if cur["model"] == d["model"] else f"{reason}_next_model")
-                if cur["request_id"] != d["request_id"]:  # feedback for the failed decision must not credit its model
+                if cur["request_id"] != d["request_id"] and body.routing.record:  # feedback for the failed decision must not credit its model
                     await self.router.supersede.remote(d["request_id"], cur["request_id"])
             return cur, it, first
         raise APIError(503, "generation failed on every replica and fallback model: " + "; ".join(f for _, f in failures), "model")

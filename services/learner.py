@@ -51,7 +51,9 @@ class LearnerActor:
         if encoder is None:
             from cmr.encoders import default_encoder
 
-            encoder = default_encoder()
+            # the router's encoder: the card and profile vectors this learner writes into a
+            # checkpoint are compared with the router's query vectors, so both come from one model
+            encoder = default_encoder(backend=self.args.encoder, threads=self.args.encoder_threads)
         self.encoder = encoder
         state = self.args.state_dir()
         self.store = DecisionStore(state / "decisions.sqlite")
@@ -132,7 +134,7 @@ class LearnerActor:
             upto = int(events[-1].offset)
             if start < upto:
                 ck = self.learner.checkpoint({"offset": upto, "applied": [start, upto], "base": self.base,
-                                              "events": n, "created": time.time(), "learner": self.instance})
+                                              "events": n, "created": time.time(), "learner": self.instance, "encoder": self.encoder.name})
                 self.version = self.base = ck.version
             self.offset = upto  # after the checkpoint: status() never shows the offset ahead of the version
             self.store.set_cursor("learner", self.offset)

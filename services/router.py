@@ -56,7 +56,7 @@ class RouterDeployment:
     def _parse(self, r: dict[str, Any]) -> RouteRequest:
         return RouteRequest(query=r["query"], lam=None if r.get("lam") is None else float(r["lam"]), filters=Filters(**(r.get("filters") or {})),
                             k=int(r.get("k", self.args.top_k)), servable_only=bool(r.get("servable_only", False)),
-                            record=bool(r.get("record", True)))
+                            record=bool(r.get("record", True)), key_id=r.get("key_id"), tenant=r.get("tenant"))
 
     async def _route_list(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Route ``reqs`` as one batch (one encode, one score per filter group); results in order.
@@ -73,12 +73,8 @@ class RouterDeployment:
 
         def work() -> list[Any]:
             self.core.sync()
-            out = self.core.route([parsed[i] for i in todo])  # type: ignore[misc]
-            # who asked (API key, tenant): written before the ids reach anyone, so feedback can be checked
-            # (one write for the whole batch)
-            self.core.store.set_owners([(d.request_id, reqs[i].get("key_id"), reqs[i].get("tenant")) for d, i in zip(out, todo)
-                                        if not isinstance(d, CMRError) and parsed[i].record])  # type: ignore[union-attr]
-            return out
+            # recorded with who asked (API key, tenant) in one insert per batch, before the ids reach anyone
+            return self.core.route([parsed[i] for i in todo])  # type: ignore[misc]
 
         # at most ``router_concurrent_batches`` batches at once, each on its own worker thread: the
         # encoder and the BLAS calls run one thread each (cmr/threads.py), so one batch at a time

@@ -51,6 +51,9 @@ class RouteRequest:
     k: int = 3
     servable_only: bool = False
     record: bool = True
+    #: who asked (API key id, tenant): recorded with the decision, so feedback can be checked
+    key_id: str | None = None
+    tenant: str | None = None
 
     def group_key(self) -> tuple:
         f = self.filters
@@ -219,7 +222,8 @@ def bootstrap(args: AppArgs, encoder) -> None:
                     learner.train_experience(Experience(exp.k, tr, exp.test), bench_data.cards_upto(exp.k))
                     log.info("trained %s on experience %d (%d requests)", args.policy, exp.k, len(tr))
             policy.add_models(hub.list())
-            checkpoint.save(root, policy, {"offset": 0, "trained_on": str(args.bench_path()), "train_limit": args.train_limit})
+            checkpoint.save(root, policy, {"offset": 0, "trained_on": str(args.bench_path()), "train_limit": args.train_limit,
+                                           "encoder": encoder.name})
         hub.store.close()
 
 
@@ -272,6 +276,10 @@ class RouterCore:
         ck = checkpoint.latest(self.ckpt_root) if version is None else checkpoint.open_checkpoint(checkpoint.version_dir(self.ckpt_root, version))
         if ck is None:
             raise checkpoint.CheckpointError(f"{self.ckpt_root}: no valid checkpoint")
+        made_with = ck.fingerprint.get("encoder")
+        if made_with and made_with != self.encoder.name:  # served, but its vectors and the queries' differ a little
+            log.warning("checkpoint v%d was trained with encoder %s, the router encodes with %s (cmr train --encoder)",
+                        ck.version, made_with, self.encoder.name)
         return checkpoint.load_policy(ck.path, encoder=self.encoder), ck.version
 
     def _embed_cards(self, cards: Sequence[ModelCard]) -> None:
@@ -465,7 +473,7 @@ class RouterCore:
         keep = [(i, d) for i, d in rec if reqs[i].record]
         if keep:
             self.store.record([d for _, d in keep], [reqs[i].query for i, _ in keep], emb[[i for i, _ in keep]],
-                              [table.costs[table.pos[d.model]] for _, d in keep])
+                              [table.costs[table.pos[d.model]] for _, d in keep], [(reqs[i].key_id, reqs[i].tenant) for i, _ in keep])
         return out  # type: ignore[return-value]
 
     def status(self) -> dict[str, Any]:

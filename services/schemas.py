@@ -27,6 +27,9 @@ class RoutingOptions(BaseModel):
     allow: list[str] | None = None
     deny: list[str] = Field(default_factory=list)
     k: int = Field(default=3, ge=1, le=100)
+    #: record the decision so that feedback can be posted for it. false: nothing is recorded, and
+    #: a request naming a model served here goes straight to its pool without the router
+    record: bool = True
 
     def filters(self) -> dict[str, Any]:
         return {"domains": self.domains, "families": self.families, "max_cost": self.max_cost, "allow": self.allow, "deny": self.deny}
@@ -92,7 +95,8 @@ class RouteRequestBody(BaseModel):
 
     query: str = Field(min_length=1)
     routing: RoutingOptions = Field(default_factory=RoutingOptions)
-    #: record the decision so that feedback can be posted for it
+    #: record the decision so that feedback can be posted for it (``routing.record`` false also
+    #: turns it off)
     record: bool = True
 
 

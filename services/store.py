@@ -8,7 +8,7 @@ restarts. Plain sqlite3: usable without Ray (tests, tools).
 Durability: the feedback insert commits with ``synchronous=FULL`` (the WAL is fsynced before the
 call returns, so a 2xx means the event survives a power loss); decisions use ``NORMAL`` (safe
 against a process crash; a decision lost to a power cut only means its feedback is refused).
-Each decision records the API key and tenant that asked for it (``set_owners``); feedback is
+Each decision records the API key and tenant that asked for it (in the same insert); feedback is
 accepted from the same tenant only, and for ``ttl_s`` seconds (then 410). Decisions past their
 time that never got feedback are purged; decisions with feedback stay, since the learner's
 events are joined with them.
@@ -100,23 +100,27 @@ class DecisionStore:
         if purge_every_s is not None:
             self.purge_every_s = purge_every_s
 
-    def record(self, decisions: list[Decision], queries: list[str], emb: np.ndarray, costs: list[float]) -> None:
-        """Record a batch of decisions in one transaction (their ``request_id`` must be set)."""
+    def record(self, decisions: list[Decision], queries: list[str], emb: np.ndarray, costs: list[float],
+               owners: list[tuple[str | None, str | None]] | None = None) -> None:
+        """Record a batch of decisions in one transaction (their ``request_id`` must be set), with
+        the ``(key_id, tenant)`` that asked for each when given (see ``set_owners``)."""
         now = time.time()
+        owners = owners or [(None, None)] * len(decisions)
         rows = [
-            (d.request_id, now, q, np.ascontiguousarray(e, dtype=np.float32).tobytes(), d.model, float(c), json.dumps(d.to_dict()))
-            for d, q, e, c in zip(decisions, queries, emb, costs)
+            (d.request_id, now, q, np.ascontiguousarray(e, dtype=np.float32).tobytes(), d.model, float(c), json.dumps(d.to_dict()), k, t)
+            for d, q, e, c, (k, t) in zip(decisions, queries, emb, costs, owners)
         ]
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO decisions (request_id, created, query, embedding, model, cost, decision) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.executemany("INSERT INTO decisions (request_id, created, query, embedding, model, cost, decision, key_id, tenant) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._db.execute("COMMIT")
         if self.ttl_s is not None and now - self._last_purge >= self.purge_every_s:
             self.purge_expired(now)
 
     def set_owners(self, owners: list[tuple[str, str | None, str | None]]) -> None:
-        """Record ``(request_id, key_id, tenant)`` of decisions just made, in one transaction
-        (before their ids reach the client, so no feedback can arrive in between)."""
+        """Record ``(request_id, key_id, tenant)`` of decisions already recorded without them, in one
+        transaction (before their ids reach the client, so no feedback can arrive in between)."""
         rows = [(k, t, rid) for rid, k, t in owners if k is not None or t is not None]
         if not rows:
             return

@@ -140,6 +140,29 @@ def test_openai_completions_concrete_model(oai):
     assert all(c.model == "tiny-gpt2-a" for c in s) and s[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_unrecorded_requests_skip_the_record_and_named_ones_the_router(client, oai):
+    before = client.get("/healthz").json()["feedback_offset"]
+    # a served model named with routing.record false: straight to its pool, no decision made
+    r = oai.chat.completions.create(model="tiny-gpt2-b", messages=CHAT, max_tokens=4, extra_body={"routing": {"record": False}})
+    rt = r.model_extra["routing"]
+    assert r.model == "tiny-gpt2-b" and r.usage.completion_tokens > 0
+    assert rt["recorded"] is False and rt["score"] is None and rt["alternatives"] == [] and rt["checkpoint_version"] is None
+    fb = client.post("/v1/feedback", json={"request_id": r.id, "reward": 1.0})
+    assert fb.status_code == 404 and "request_id" in fb.json()["error"]["message"]  # nothing to reward
+    raw = client.post("/v1/chat/completions", json={"model": "tiny-gpt2-a", "messages": CHAT, "max_tokens": 2, "routing": {"record": False}})
+    assert raw.status_code == 200 and "x-cmr-score" not in raw.headers and raw.headers["x-cmr-model"] == "tiny-gpt2-a"
+    # auto without a record: routed (a score, a checkpoint) but not recorded
+    a = oai.chat.completions.create(model="auto", messages=CHAT, max_tokens=2, extra_body={"routing": {"record": False}})
+    assert a.model_extra["routing"]["score"] is not None and a.model_extra["routing"]["recorded"] is False
+    assert client.post("/v1/feedback", json={"request_id": a.id, "reward": 0.0}).status_code == 404
+    q = client.post("/v1/route", json={"query": "Translate to German.", "routing": {"record": False}}).json()
+    assert q["recorded"] is False and client.post("/v1/feedback", json={"request_id": q["request_id"], "reward": 0.5}).status_code == 404
+    # a named model of no pool, unrecorded: still refused with the field named
+    bad = client.post("/v1/chat/completions", json={"model": "no-such-model", "messages": CHAT, "routing": {"record": False}})
+    assert bad.status_code == 404 and "model" in bad.json()["error"]["message"]
+    assert client.get("/healthz").json()["feedback_offset"] == before
+
+
 def test_runtime_registration_receives_traffic(client, oai, served):
     assert "tiny-gpt2-new" not in {m["id"] for m in client.get("/v1/models").json()["data"]}
     folder = served.args.home_path() / "models" / "tiny-gpt2-a"  # a real local model folder

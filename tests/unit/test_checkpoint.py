@@ -116,6 +116,12 @@ def test_cmr_train_in_process_writes_a_version_per_experience(tmp_path, data_roo
     assert fp1["experience"] == 1 and fp2["experience"] == 2 and fp1["sha256"] != fp2["sha256"]
     p = ckpt.load_policy(out, encoder)
     assert p.config.replay == 0.1 and p.experiences_seen == 2
+    assert fp1["encoder"] == encoder.name  # which MiniLM embedded it: torch by default (exact)
+    # a checkpoint for the router: trained with the router's encoder, and it says so
+    out8 = tmp_path / "ck8"
+    assert main(["train", "--policy", "knn", "--data", str(data_root / "cmrbench"), "--out", str(out8), "--experiences", "1",
+                 "--limit", "20", "--encoder", "onnx-int8"]) == 0
+    assert "int8" in ckpt.open_checkpoint(out8 / "v000001").fingerprint["encoder"]
     capsys.readouterr()
     # a bad option is one clear line and exit 2, not a traceback
     assert main(["train", "--data", str(data_root / "cmrbench"), "--out", str(out), "--set", "nope=1"]) == 2

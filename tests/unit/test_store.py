@@ -44,6 +44,17 @@ def test_owner_checks_and_rejections_store_nothing(tmp_path):
     assert [(e.request_id, e.reward) for e in st.events()] == [("r1", 0.75), ("r3", 0.0)]
 
 
+def test_owners_recorded_with_their_decisions(tmp_path):
+    # the router's path: who asked goes into the decision's own insert (one transaction per batch)
+    st = DecisionStore(tmp_path / "d.sqlite")
+    ds = [Decision(model="m1", score=0.5, utility=0.5, alternatives=[], checkpoint_version=1, request_id=r) for r in ("a", "b")]
+    st.record(ds, ["qa", "qb"], np.zeros((2, 4), np.float32), [0.1, 0.2], [("k1", "acme"), (None, None)])
+    assert st.owner("a") == ("k1", "acme") and st.owner("b") == (None, None)
+    with pytest.raises(ForbiddenFeedbackError):
+        st.add_feedback("a", 1.0, tenant="other", check_owner=True)
+    assert st.add_feedback("a", 1.0, tenant="acme", check_owner=True) == 1
+
+
 def test_expired_ids_are_refused_and_purged(tmp_path):
     st = DecisionStore(tmp_path / "d.sqlite", ttl_s=0.3, purge_every_s=3600)
     _record(st, "old-with-feedback", "old", "young")

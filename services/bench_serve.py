@@ -351,6 +351,17 @@ def _cpu_by_role() -> dict[str, float]:
     return out
 
 
+def _steal_s() -> float:
+    """CPU seconds the hypervisor has taken from this VM so far (``steal`` in ``/proc/stat``, all
+    CPUs): a cell that ran while neighbours took the host's cores shows it (0 where not a VM)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else 0.0
+    except OSError:
+        return 0.0
+
+
 async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> dict[str, Any]:
     """Send ``bodies`` with at most ``concurrency`` in flight; latency per request, overall req/s,
     and the ``model`` each answer named (``models``, in body order; None for an error)."""
@@ -392,7 +403,9 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out = _pcts(lat) if lat else {"n": 0}
     out.update({"errors": sum(p["errors"] for p in parts), "error_samples": [x for p in parts for x in p["error_samples"]][:3],
                 "wall_s": round(wall, 2), "rps": len(lat) / wall if wall else 0.0, "models": [m for p in parts for m in p["models"]],
-                "runs": len(parts)})
+                "runs": len(parts), "steal_s": round(sum(p.get("steal_s", 0.0) for p in parts), 2)})
+    if wall:  # share of the machine's CPU time (all cores) the hypervisor took while the cell ran
+        out["steal_pct"] = round(100 * out["steal_s"] / (wall * (os.cpu_count() or 1)), 1)
     return out
 
 
@@ -477,9 +490,9 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
             cpu: dict[str, dict[str, float]] = {}
             for name, idx in plan:
                 path, mk = kinds[name]
-                cpu0 = _cpu_by_role()
+                cpu0, st0 = _cpu_by_role(), _steal_s()
                 part = asyncio.run(_load(url, path, [mk(i) for i in idx], c))
-                cpu1 = _cpu_by_role()
+                cpu1, part["steal_s"] = _cpu_by_role(), _steal_s() - st0
                 if name == "chat_auto" and not parts.get(name):
                     chosen[:] = part["models"]
                 parts.setdefault(name, []).append(part)
@@ -587,10 +600,12 @@ def render_md(report: dict[str, Any]) -> str:
     e2e = report.get("e2e")
     if e2e:
         lines += ["", "## End to end through Ray Serve on 127.0.0.1", "", f"app: {json.dumps(e2e.get('app', {}))}", "",
-                  "| cell | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
+                  "steal: share of the 2 CPUs' time the hypervisor gave to other guests while the cell ran.", "",
+                  "| cell | req/s | p50 ms | p99 ms | errors | steal |", "|---|---|---|---|---|---|"]
         for k, v in e2e["cells"].items():
             if "rps" in v:
-                lines.append(f"| {k} | {v['rps']:.1f} | {v.get('p50_ms', float('nan')):.1f} | {v.get('p99_ms', float('nan')):.1f} | {v['errors']} |")
+                lines.append(f"| {k} | {v['rps']:.1f} | {v.get('p50_ms', float('nan')):.1f} | {v.get('p99_ms', float('nan')):.1f} | {v['errors']} | "
+                             f"{v.get('steal_pct', float('nan')):.1f}% |")
         lines += ["", "CPU ms per answered request by process (from /proc; robust to other load), and the req/s that "
                   "this CPU cost allows on 2 otherwise idle cores:", ""]
         for k, v in e2e["cells"].items():

@@ -39,6 +39,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cmr.errors import CMRError
+
 # the issue's floors on the 2-core machine
 FLOORS = {"decision_p99_ms_2k": 15.0, "decision_p99_ms_100k": 30.0, "router_overhead_frac": 0.20, "routed_rps": 100.0}
 
@@ -633,8 +635,12 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     _write_atomic(out / "report.md", render_md(report))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.bench_serve", description=__doc__.split("\n\n")[0])
+class BenchServeError(CMRError):
+    """A bad option: one line, exit 2 (``cmr``'s CLI prints CMRError subclasses that way)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m services.bench_serve`` and ``cmr bench serve``."""
     p.add_argument("--models", type=int, nargs="+", default=[2000, 100_000], help="hub sizes for the decision latency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
     p.add_argument("--requests", type=int, default=200, help="requests per end-to-end cell")
@@ -660,7 +666,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="end-to-end app's front door: haproxy (Ray Serve's HAProxy, direct ingress) or serve (Serve's Python "
                         "proxy); default haproxy when its binary exists")
     p.add_argument("--out", type=Path, default=None)
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Run the benchmark ``a`` asks for; print and write the report."""
+    import sys
     from services.config import AppArgs
 
     served = AppArgs()  # unset encoder flags: what the app serves with by default
@@ -674,21 +684,15 @@ def main(argv: list[str] | None = None) -> int:
 
     proxy = a.proxy or constants.resolve_proxy("auto")
     if proxy == "haproxy" and constants.haproxy_problem():
-        p.error(f"--proxy haproxy: {constants.haproxy_problem()} (or --proxy serve)")
+        raise BenchServeError(f"--proxy haproxy: {constants.haproxy_problem()} (or --proxy serve)")
     started = datetime.now(timezone.utc)
     out = a.out or Path("runs") / f"serve-{started.strftime('%Y%m%dT%H%M%SZ')}"
     import platform
 
     report: dict[str, Any] = {"started_utc": started.isoformat(timespec="seconds"),
-                              "command": "python -m services.bench_serve " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+                              "command": getattr(a, "command_line", None) or "cmr " + " ".join(sys.argv[1:]),
                               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
                               "loadavg_start": list(os.getloadavg()), "decision": []}
-    prompts = test_prompts(max(a.decision_requests, 256))
-    if a.encoder_prompts:
-        report["encoders"] = encoder_variants(prompts[: a.encoder_prompts])
-        for k, v in report["encoders"]["variants"].items():
-            print(f"encoder {k:<28} single p50 {v['single']['p50_ms']:.1f} p99 {v['single']['p99_ms']:.1f} ms"
-                  f"  batch16 p50 {(v['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms  max|diff| {v['max_abs_diff_vs_torch']:.1e}", flush=True)
     try:
         others = []
         for x in a.decision_encoders:
@@ -697,7 +701,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError
             others.append((b, int(t), int(single[0]) if single else None))
     except ValueError:
-        p.error("--decision-encoders: each must be BACKEND:THREADS[:SINGLE_THREADS], e.g. onnx-int8:1:2")
+        raise BenchServeError("--decision-encoders: each must be BACKEND:THREADS[:SINGLE_THREADS], e.g. onnx-int8:1:2") from None
+    prompts = test_prompts(max(a.decision_requests, 256))
+    if a.encoder_prompts:
+        report["encoders"] = encoder_variants(prompts[: a.encoder_prompts])
+        for k, v in report["encoders"]["variants"].items():
+            print(f"encoder {k:<28} single p50 {v['single']['p50_ms']:.1f} p99 {v['single']['p99_ms']:.1f} ms"
+                  f"  batch16 p50 {(v['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms  max|diff| {v['max_abs_diff_vs_torch']:.1e}", flush=True)
     if a.quality:
         report["encoder_quality"] = encoder_routing_quality()
         print(json.dumps(report["encoder_quality"]), flush=True)
@@ -729,6 +739,20 @@ def main(argv: list[str] | None = None) -> int:
     print(render_md(report))
     print(f"wrote {out}/report.json, report.md")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m services.bench_serve", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    a = p.parse_args(argv)
+    a.command_line = "python -m services.bench_serve " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        return run(a)
+    except BenchServeError as e:
+        print(f"bench_serve: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -36,13 +36,15 @@ def _routing(r: "pb.Routing") -> dict[str, Any]:
         d["max_cost"] = r.max_cost
     if r.k:
         d["k"] = r.k
+    if r.no_record:
+        d["record"] = False
     return d
 
 
 def _reply(d: dict[str, Any]) -> "pb.RouteReply":
-    return pb.RouteReply(request_id=d["request_id"], model=d["model"], score=d["score"], utility=d["utility"],
+    return pb.RouteReply(request_id=d["request_id"], model=d["model"], score=d["score"] or 0.0, utility=d["utility"] or 0.0,
                          alternatives=[pb.Candidate(model=m, score=s) for m, s in d["alternatives"]],
-                         checkpoint_version=d["checkpoint_version"] or 0)
+                         checkpoint_version=d["checkpoint_version"] or 0, recorded=d.get("recorded") is not False)
 
 
 def _fail(ctx, status: int, message: str) -> None:
@@ -93,7 +95,7 @@ class GrpcServicerMixin:
             body = RouteRequestBody(query=request.query, routing=RoutingOptions(**_routing(request.routing)), record=not request.no_record)
             if (msg := _prompt_error(self, [("query", body.query)])) is not None:
                 raise APIError(400, msg, "query")
-            return _reply(await self._decide(body.query, body.routing, servable_only=False, record=body.record))
+            return _reply(await self._decide(body.query, body.routing, servable_only=False, record=body.record and body.routing.record))
         except ValidationError as e:
             _fail(grpc_context, 400, _validation_message(e))
         except APIError as e:

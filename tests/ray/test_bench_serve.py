@@ -58,3 +58,12 @@ def test_merge_pools_the_halves_of_a_cell():
     m = _merge([a, b])
     assert m["n"] == 3 and m["p50_ms"] == 20.0 and m["errors"] == 1 and m["runs"] == 2
     assert m["rps"] == 1.0 and m["models"] == ["x", "y", "x", None] and m["error_samples"] == ["500: boom"]
+
+
+def test_cmr_bench_serve_refuses_a_bad_option_in_one_line(capsys, tmp_path):
+    from cmr.cli import main
+
+    assert main(["bench", "serve", "--decision-encoders", "onnx:0", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--decision-encoders" in err[0]
+    assert not (tmp_path / "r").exists()  # refused before any work or output

@@ -63,6 +63,23 @@ def test_chat_streams(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages" in e.value.details()
 
 
+def test_unrecorded_route_and_chat(stub):
+    from services.grpc import cmr_pb2 as pb
+
+    r = stub.Route(pb.RouteRequest(query="Translate this sentence into French.", routing=pb.Routing(no_record=True)))
+    assert r.model and not r.recorded and r.checkpoint_version >= 1  # decided, not recorded
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Feedback(pb.FeedbackRequest(request_id=r.request_id, reward=1.0))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stub.Route(pb.RouteRequest(query="Translate this sentence into French.")).recorded
+    # a named served model, no record: straight to its pool (no decision, so no score)
+    chunks = list(stub.Chat(pb.ChatRequest(model="tiny-gpt2-b", max_tokens=4, routing=pb.Routing(no_record=True),
+                                           messages=[pb.Message(role="user", content="Tell me a story.")])))
+    first = chunks[0]
+    assert first.model == "tiny-gpt2-b" and not first.routing.recorded and first.routing.checkpoint_version == 0
+    assert chunks[-1].completion_tokens > 0
+
+
 def test_register_and_list(stub, served):
     from services.grpc import cmr_pb2 as pb
 

@@ -271,8 +271,10 @@ def encoder_routing_quality(policies: Sequence[str] = ("knn", "carve")) -> dict[
     final model/family/domain accuracy on the *test* splits). Each variant embeds the *train*
     splits as the router's first start does (``AppArgs.encoder``, full length) and the *test*
     queries as the router sees them (``AppArgs.encoder`` truncated to ``query_max_tokens``):
-    exact fp32, int8 alone, truncation alone, and both (the served default). Each encoder and
-    truncation caches under its own name."""
+    exact fp32, int8 alone, truncation alone, and both (the served default); and a checkpoint
+    trained with the exact encoder (``cmr train``'s default) served by the int8 router: train
+    splits and cards exact, test queries int8. Each encoder and truncation caches under its own
+    name."""
     from cmr.bench import common
     from cmr.bench.cmr_protocol import evaluate
     from cmr.data import load_cmrbench
@@ -290,16 +292,18 @@ def encoder_routing_quality(policies: Sequence[str] = ("knn", "carve")) -> dict[
     def enc(backend: str, max_tokens: int | None = None) -> CachedEncoder:
         return CachedEncoder(mk(backend, 1, None, max_tokens), cache)
 
-    variants = {"exact (onnx fp32, 256 tokens)": ("onnx", None), f"onnx fp32, queries {n} tokens": ("onnx", n),
-                "onnx-int8, 256 tokens": ("onnx-int8", None), f"onnx-int8, queries {n} tokens": ("onnx-int8", n)}
+    # label -> (encoder of the train splits and cards, encoder of the test queries, query truncation)
+    variants = {"exact (onnx fp32, 256 tokens)": ("onnx", "onnx", None), f"onnx fp32, queries {n} tokens": ("onnx", "onnx", n),
+                "onnx-int8, 256 tokens": ("onnx-int8", "onnx-int8", None), f"onnx-int8, queries {n} tokens": ("onnx-int8", "onnx-int8", n),
+                f"trained exact, served onnx-int8 (queries {n} tokens)": ("onnx", "onnx-int8", n)}
     out: dict[str, Any] = {"served": f"{served.encoder}, queries {n} tokens", "policies": {}}
-    for label, (backend, max_tokens) in variants.items():
+    for label, (trained, queried, max_tokens) in variants.items():
         bench = load_cmrbench(served.bench_path())
-        common.embed(enc(backend), [e.train for e in bench.experiences])
-        common.embed(enc(backend, max_tokens), [e.test for e in bench.experiences])
+        common.embed(enc(trained), [e.train for e in bench.experiences])
+        common.embed(enc(queried, max_tokens), [e.test for e in bench.experiences])
         out["n_test"] = sum(len(e.test) for e in bench.experiences)
         for name in policies:
-            out["policies"].setdefault(name, {})[label] = evaluate(bench, make_policy(name, encoder=enc(backend)))["final"]
+            out["policies"].setdefault(name, {})[label] = evaluate(bench, make_policy(name, encoder=enc(trained)))["final"]
     return out
 
 

@@ -279,7 +279,7 @@ class RouterCore:
         made_with = ck.fingerprint.get("encoder")
         if made_with and made_with != self.encoder.name:  # served: measured harmless exact -> int8 (services/README.md)
             log.info("checkpoint v%d was trained with encoder %s, the router encodes with %s (cmr train --encoder)",
-                        ck.version, made_with, self.encoder.name)
+                     ck.version, made_with, self.encoder.name)
         return checkpoint.load_policy(ck.path, encoder=self.encoder), ck.version
 
     def _embed_cards(self, cards: Sequence[ModelCard]) -> None:

@@ -153,7 +153,7 @@ class AppArgs(_Strict):
     encoder_threads: int = Field(default=1, ge=1)
     #: threads for a lone query (onnx encoders only; None: as batches). 1 by default: a second
     #: session of 2 threads took a lone 2k-model decision only from p99 9.0 to 7.9 ms for twice its
-    #: CPU, and with spinning threads it cost the chat path 14 ms of router CPU per request
+    #: CPU, and with spinning threads it cost the chat path 21-25 instead of 7-9 ms of router CPU per request
     #: (services/README.md, "Serving benchmark"); worth it only where cores sit idle
     encoder_single_threads: int | None = Field(default=1, ge=1)
     #: batches a router replica encodes and scores at the same time, each on its own thread (its

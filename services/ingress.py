@@ -198,7 +198,7 @@ class Ingress(GrpcServicerMixin):
     @app.post("/v1/route")
     async def route(self, body: RouteRequestBody) -> JSONResponse:
         self._check_prompt([("query", body.query)])
-        d = await self._decide(body.query, body.routing, servable_only=False, record=body.record and body.routing.record)
+        d = await self._decide(body.query, body.routing, servable_only=False, record=body.records())
         return JSONResponse(_routing_field(d), headers=_headers(d))
 
     @app.post("/v1/feedback")
@@ -277,10 +277,11 @@ class Ingress(GrpcServicerMixin):
         collect = not getattr(body, "stream", False) if collect is None else collect
         first_try: tuple[AsyncIterator[dict[str, Any]], dict[str, Any]] | None = None
         failures: list[tuple[str, str]] = []
-        if body.model not in (None, AUTO) and body.model in self.pool_of and not body.routing.record:
+        named = body.model not in (None, AUTO) and body.model in self.pool_of
+        if named and not body.routing.record:
             # named, served here, no record wanted: straight to the pool, the router is not asked
             d = _unrouted(body.model, self.pool_of[body.model])
-        elif body.model not in (None, AUTO) and body.model in self.pool_of:
+        elif named:
             # a concrete model of a configured pool bypasses the choice: generation starts at once
             # and the decision (recorded, so that feedback can be posted for it) is made beside it,
             # off the request's critical path

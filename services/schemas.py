@@ -96,8 +96,12 @@ class RouteRequestBody(BaseModel):
     query: str = Field(min_length=1)
     routing: RoutingOptions = Field(default_factory=RoutingOptions)
     #: record the decision so that feedback can be posted for it (``routing.record`` false also
-    #: turns it off)
+    #: turns it off: see ``records``)
     record: bool = True
+
+    def records(self) -> bool:
+        """Whether the decision is recorded: neither ``record`` nor ``routing.record`` is false."""
+        return self.record and self.routing.record
 
 
 class FeedbackBody(BaseModel):

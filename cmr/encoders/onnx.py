@@ -129,8 +129,8 @@ class OnnxMiniLMEncoder:
     ``threads``: ONNX Runtime intra-op threads for this session (default 1: on a shared 2-core
     machine a second thread mostly waits for a core; see ``docs/results/serve/report.md, "Query encoder variants"``).
     Spinning of idle worker threads is off in both sessions for the same reason: a spinning
-    lone-query session cost the router 14 ms of CPU per chat request on 2 cores, taken from the
-    model pools (docs/results/serve/report.md). ``single_threads``: threads for a call with one
+    lone-query session cost the router 21-25 instead of 7-9 ms of CPU per chat request on 2 cores,
+    taken from the model pools (docs/results/serve/report.md). ``single_threads``: threads for a call with one
     text (a second session; None: the same session). ``batch_size`` and ``max_pad``:
     see ``encode``.
     """

@@ -95,7 +95,7 @@ class GrpcServicerMixin:
             body = RouteRequestBody(query=request.query, routing=RoutingOptions(**_routing(request.routing)), record=not request.no_record)
             if (msg := _prompt_error(self, [("query", body.query)])) is not None:
                 raise APIError(400, msg, "query")
-            return _reply(await self._decide(body.query, body.routing, servable_only=False, record=body.record and body.routing.record))
+            return _reply(await self._decide(body.query, body.routing, servable_only=False, record=body.records()))
         except ValidationError as e:
             _fail(grpc_context, 400, _validation_message(e))
         except APIError as e:

@@ -168,10 +168,7 @@ class ClusterPolicy(MemoryPolicy):
         seen = np.flatnonzero(cols >= 0)
         if len(self._centroids) and len(seen) and len(q):
             est[:, seen] = self.cluster_weights(q) @ self._per_cluster(cols[seen], prior[seen])
-        w = self.prior_weight
-        if w > 0 and len(candidates):
-            est += w * (q @ self.card_embeddings(candidates).T)
-        return est
+        return self.with_card_term(est, q, candidates)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

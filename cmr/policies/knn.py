@@ -9,13 +9,16 @@ import numpy as np
 
 from cmr.data.examples import Examples
 from cmr.policies.base import PolicyConfig
-from cmr.policies.memory import PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, tune_prior_weight, tuning_sample
+from cmr.policies.memory import PRIOR_GRID, PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, shrink, tune_grid, tuning_sample
 from cmr.types import ModelCard
 
 _WEIGHTINGS = ("uniform", "similarity", "softmax")
 # elements gathered per chunk of queries ([b, k, n_c] floats): bounds the scoring memory
 _CHUNK_ELEMENTS = 1 << 22
-# card-term weight before any tuning (too few rows yet): enough to rank models nothing is known of
+#: shrinkage tried when it is tuned, largest first (ties keep the more cautious one);
+#: SHRINK_START before the first tuning
+SHRINK_GRID = (1.0, 0.3, 0.1, 0.03)
+SHRINK_START = 1.0
 
 
 @dataclass
@@ -31,8 +34,12 @@ class KNNConfig(PolicyConfig):
             on every fit of at least ``tune_min_rows`` rows, by leave-one-out routing quality over
             a sample of the stored prompts (informative cards, as on CMRBench, earn a large weight;
             bare model names, as in outcome matrices, earn ~0).
-        shrinkage: pseudo-count pulling each neighbour estimate towards the model's global mean
-            (0 = plain weighted mean).
+        shrinkage: pseudo-weight of each model's prior (its empirical-Bayes global mean), as a
+            fraction of the query's whole neighbourhood weight: every model's estimate is
+            ``(its known weighted outcomes + s·W·prior) / (their weight + s·W)``, so a model
+            known on few rows is measured on the same scale as one known on all of them, and its
+            evidence counts where it was gathered. None: tuned with ``prior_weight`` by the same
+            leave-one-out.
         tune_min_rows: smallest ``fit`` batch that re-tunes ``prior_weight`` (feedback batches are
             usually smaller and leave it alone).
         tune_max_rows: stored prompts sampled for that tuning.
@@ -42,7 +49,7 @@ class KNNConfig(PolicyConfig):
     weighting: str = "softmax"
     temperature: float = 0.05
     prior_weight: float | None = None
-    shrinkage: float = 0.0
+    shrinkage: float | None = None
     tune_min_rows: int = 50
     tune_max_rows: int = 1000
 
@@ -55,8 +62,8 @@ class KNNConfig(PolicyConfig):
             raise ValueError(f"field 'temperature': must be > 0, got {self.temperature!r}")
         if self.prior_weight is not None and not self.prior_weight >= 0:
             raise ValueError(f"field 'prior_weight': must be >= 0 or null (tuned), got {self.prior_weight!r}")
-        if not self.shrinkage >= 0:
-            raise ValueError(f"field 'shrinkage': must be >= 0, got {self.shrinkage!r}")
+        if self.shrinkage is not None and not 0 < self.shrinkage:
+            raise ValueError(f"field 'shrinkage': must be > 0 or null (tuned), got {self.shrinkage!r}")
         for name in ("tune_min_rows", "tune_max_rows"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -69,11 +76,14 @@ class KNNPolicy(MemoryPolicy):
     Every labelled prompt from every ``fit`` (one per experience), feedback batch and model
     profile is kept in a FAISS inner-product index. For a query, a model's estimate is the
     weighted mean of its *known* scores over the neighbours (NaN outcomes are ignored; on
-    one-hot CMRBench data this is the weighted label vote). A model with no known outcome among
-    the neighbours backs off to its global mean known score, or the average model's when it was
-    never seen. A weight × cosine(query, card text) is added to every score, so models never
-    seen in training still rank by how well their card matches the query; the weight is
-    ``prior_weight``, or tuned by leave-one-out on the stored prompts when that is None.
+    one-hot CMRBench data this is the weighted label vote), shrunk towards the model's prior by
+    ``shrinkage`` pseudo-weight: the prior is its global mean shrunk by empirical Bayes towards
+    the average model (:meth:`OutcomeMemory.model_prior`), so a model's few rewards count near
+    where they were gathered and barely elsewhere. The card similarity is mixed in with weight
+    ``prior_weight`` (:func:`~cmr.policies.memory.with_card_term`), so models never seen in
+    training still rank by how well their card matches the query and scores stay in the range
+    of the outcomes. Weight and shrinkage are tuned by leave-one-out on the stored prompts when
+    not configured.
     """
 
     name = "knn"
@@ -82,6 +92,12 @@ class KNNPolicy(MemoryPolicy):
     def __init__(self, encoder=None, config=None):
         super().__init__(encoder, config)
         self._index = None  # faiss.IndexFlatIP over self._mem.emb, rebuilt whenever rows change
+        self._tuned_shrinkage = SHRINK_START
+
+    @property
+    def shrinkage(self) -> float:
+        """The shrinkage pseudo-count in use: the configured one, else the last tuned one."""
+        return float(self.config.shrinkage) if self.config.shrinkage is not None else self._tuned_shrinkage
 
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
@@ -90,12 +106,14 @@ class KNNPolicy(MemoryPolicy):
         self.add_models(cards)
         if self._mem.add(data.emb, data.model_ids, data.scores):
             self._rebuild_index()
-        if self.config.prior_weight is None and len(data) >= self.config.tune_min_rows:
-            self._tune_prior_weight()
+        tuned = self.config.prior_weight is None or self.config.shrinkage is None
+        if tuned and len(data) >= self.config.tune_min_rows:
+            self._tune()
 
-    def _tune_prior_weight(self) -> None:
+    def _tune(self) -> None:
         """Leave-one-out: score a sample of stored prompts from their other neighbours and keep
-        the card weight under which routing them picks the best known outcomes."""
+        the card weight and shrinkage (those not configured) under which routing them picks the
+        best known outcomes."""
         rows, cols, cmat = tuning_sample(self._mem, self._card_emb, self.config.seed, self.config.tune_max_rows)
         if len(rows) < 2 or not len(cols):
             return
@@ -111,8 +129,14 @@ class KNNPolicy(MemoryPolicy):
         idx = idx[keep].reshape(len(rows), k - 1)
         sims = sims[keep].reshape(len(rows), k - 1)
         prior = candidate_prior(self._mem, cols)
-        est = self._aggregate(idx, self._weights(sims.astype(np.float32)), cols, prior)
-        self._tuned_weight = tune_prior_weight(est, x @ cmat.T, self._mem.scores[np.ix_(rows, cols)])
+        w = self._weights(sims.astype(np.float32))
+        num, den = self._sums(idx, w, cols)
+        shrinks = SHRINK_GRID if self.config.shrinkage is None else (self.shrinkage,)
+        grid = PRIOR_GRID if self.config.prior_weight is None else (self.prior_weight,)
+        total = w.sum(axis=1, keepdims=True)
+        ests = [shrink(num, den, prior, a * total) for a in shrinks]
+        i, w = tune_grid(ests, x @ cmat.T, self._mem.scores[np.ix_(rows, cols)], grid)
+        self._tuned_shrinkage, self._tuned_weight = float(shrinks[i]), w
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Embed the new cards (for the card prior) and add their profile answers as neighbours."""
@@ -147,7 +171,9 @@ class KNNPolicy(MemoryPolicy):
             return est
         k = min(self.config.k, len(self._mem))
         sims, idx = self._index.search(q, k)
-        est[:, seen] = self._aggregate(idx, self._weights(sims.astype(np.float32)), cols[seen], prior[seen])
+        w = self._weights(sims.astype(np.float32))
+        num, den = self._sums(idx, w, cols[seen])
+        est[:, seen] = shrink(num, den, prior[seen], self.shrinkage * w.sum(axis=1, keepdims=True))
         return est
 
     def _columns(self, candidates: Sequence[ModelCard]) -> np.ndarray:
@@ -164,9 +190,9 @@ class KNNPolicy(MemoryPolicy):
             self._cols_memo = (candidates, mem.model_ids, len(mem.model_ids), cols)
         return cols
 
-    def _aggregate(self, idx: np.ndarray, w: np.ndarray, kc: np.ndarray, prior: np.ndarray) -> np.ndarray:
-        """Weighted mean of the known scores of columns ``kc`` over neighbours ``idx`` (weights
-        ``w``, both ``[n_q, k]``), shrunk towards / backed off to ``prior`` ``[len(kc)]``."""
+    def _sums(self, idx: np.ndarray, w: np.ndarray, kc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Weighted sums of the known scores of columns ``kc`` over neighbours ``idx`` (weights
+        ``w``, both ``[n_q, k]``) and of the weights where they are known, ``[n_q, len(kc)]`` each."""
         table = self._mem.scores
         # known-mask and NaN-free copy of the table, once per table (the memory replaces its array
         # whenever rows or columns change, never writes into it): not once per request batch
@@ -190,20 +216,13 @@ class KNNPolicy(MemoryPolicy):
             sel = rows if full else np.ix_(rows, kc)
             num[s : s + step] = wm @ vals[sel]
             den[s : s + step] = wm @ known[sel]
-        a = self.config.shrinkage
-        p = prior[None, :]
-        tot = den + a
-        ok = tot > 0
-        return np.where(ok, (num + a * p) / np.where(ok, tot, 1.0), p)
+        return num, den
 
     def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
-        """Neighbour estimate + card weight × cosine(query, card) ``[n_q, n_c]``."""
+        """Neighbour estimate mixed with the card similarity ``[n_q, n_c]`` (in [0, 1] where the
+        outcomes are)."""
         q = as_queries(q)
-        est = self.neighbour_estimate(q, candidates)
-        w = self.prior_weight
-        if w > 0 and len(candidates):
-            est += w * (q @ self.card_embeddings(candidates).T)
-        return est
+        return self.with_card_term(self.neighbour_estimate(q, candidates), q, candidates)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -211,6 +230,7 @@ class KNNPolicy(MemoryPolicy):
         state["memory"] = self._mem.state_dict()
         state["profiled"] = sorted(self._profiled)
         state["tuned_prior_weight"] = self._tuned_weight
+        state["tuned_shrinkage"] = self._tuned_shrinkage
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -219,6 +239,7 @@ class KNNPolicy(MemoryPolicy):
         self._mem.load_state_dict(state["memory"])
         self._profiled = set(state.get("profiled", []))
         self._tuned_weight = float(state.get("tuned_prior_weight", PRIOR_START))
+        self._tuned_shrinkage = float(state.get("tuned_shrinkage", SHRINK_START))
         self._index = None
         if len(self._mem):
             self._rebuild_index()

@@ -92,9 +92,13 @@ class OutcomeMemory:
         return np.fromiter((col.get(m, -1) for m in model_ids), dtype=np.int64, count=len(model_ids))
 
     def model_prior(self) -> tuple[np.ndarray, float]:
-        """Per-column mean known score (NaN where a model has none), and the mean over models
-        that have one (the prior of a model never seen: an average model; 0 when nothing is known).
+        """Per-column prior score (NaN where a model has no known outcome) and the population
+        mean (the prior of a model never seen: an average model; 0 when nothing is known).
 
+        A model's prior is its mean known score shrunk towards the population mean by empirical
+        Bayes, ``(n·mean + b·pop) / (n + b)``: ``b`` is the within-model variance over the
+        between-model variance, both estimated from the table, so a model known from a handful of
+        rewards stays near an average model until its evidence outweighs the spread between models.
         Memoised: scoring calls it once per request batch."""
         if self._prior is None:
             self._prior = self._compute_prior()
@@ -104,13 +108,16 @@ class OutcomeMemory:
         if not self.scores.size:
             return np.zeros(0, dtype=np.float64), 0.0
         known = ~np.isnan(self.scores)
-        n = known.sum(axis=0)
-        s = np.where(known, self.scores, 0.0).sum(axis=0, dtype=np.float64)
+        n = known.sum(axis=0).astype(np.float64)
+        vals = np.where(known, self.scores, 0.0).astype(np.float64)
+        s = vals.sum(axis=0)
         mean = np.full(len(n), np.nan)
         np.divide(s, n, out=mean, where=n > 0)
-        avg = float(np.nanmean(mean)) if (n > 0).any() else 0.0
-        return mean, avg
-
+        has = n > 0
+        if not has.any():
+            return mean, 0.0
+        shrunk, pop = eb_shrink(mean, n, (vals * vals).sum(axis=0))
+        return np.where(has, shrunk, np.nan), pop
     def state_dict(self) -> dict[str, Any]:
         return {"emb": self.emb.copy(), "scores": self.scores.copy(), "model_ids": list(self.model_ids)}
 
@@ -122,6 +129,40 @@ class OutcomeMemory:
         self._prior = None
         if self.scores.shape != (len(self.emb), len(self.model_ids)) and len(self.emb):
             raise ValueError(f"field 'scores': shape {self.scores.shape} does not match {len(self.emb)} rows x {len(self.model_ids)} models")
+
+
+def eb_shrink(mean: np.ndarray, n: np.ndarray, sumsq: np.ndarray) -> tuple[np.ndarray, float]:
+    """Empirical-Bayes shrinkage of per-model means ``mean`` over ``n`` outcomes (sum of squares
+    ``sumsq``; models with ``n`` = 0 are ignored): one-way random-effects ANOVA estimates of the
+    within-model variance σ² and the between-model variance τ² (unbalanced, so a model known from
+    one outcome hardly moves them), the population mean weighted by precision, and each mean
+    pulled towards it with pseudo-count σ²/τ². Returns (shrunk means, population mean); no
+    spread between models beyond what sampling explains gives every model the population mean."""
+    has = n > 0
+    nm, xm = n[has], mean[has]
+    big_n, m = float(nm.sum()), int(has.sum())
+    sigma2 = float((sumsq[has] - nm * xm**2).sum() / (big_n - m)) if big_n > m else 0.0
+    grand = float((nm * xm).sum() / big_n)
+    tau2 = 0.0
+    if m > 1 and big_n > 0:
+        ssb = float((nm * (xm - grand) ** 2).sum())
+        tau2 = max(0.0, (ssb - (m - 1) * sigma2) / (big_n - float((nm**2).sum()) / big_n))
+    if tau2 <= 0.0:
+        return np.full(len(mean), grand), grand
+    wts = 1.0 / (tau2 + sigma2 / nm)
+    pop = float((wts * xm).sum() / wts.sum())
+    b = sigma2 / tau2
+    return (np.where(has, mean, pop) * n + b * pop) / (n + b), pop
+
+
+def shrink(num: np.ndarray, den: np.ndarray, prior: np.ndarray, a: float | np.ndarray) -> np.ndarray:
+    """``(num + a·prior) / (den + a)``: weighted sums of known outcomes (``num``) and of their
+    weights (``den``) pulled towards ``prior`` ``[n_c]`` by pseudo-weight ``a`` (a scalar or one
+    per query, ``[n_q, 1]``); no evidence (``den`` = 0) gives the prior."""
+    p = prior[None, :]
+    tot = den + a
+    ok = tot > 0
+    return np.where(ok, (num + a * p) / np.where(ok, tot, 1.0), p)
 
 
 def candidate_prior(memory: OutcomeMemory, cols: np.ndarray) -> np.ndarray:
@@ -151,22 +192,38 @@ def tuning_sample(memory: OutcomeMemory, card_emb: dict[str, np.ndarray], seed: 
     return rows, cols, cmat
 
 
+def with_card_term(est: np.ndarray, card_sim: np.ndarray, w: float) -> np.ndarray:
+    """``(est + w·card_sim⁺) / (1 + w)``: the card similarity (clipped to [0, 1]) mixed into the
+    outcome estimate, so a score stays in the range of the outcomes (a calibrated [0, 1] where
+    rewards are) whatever the weight."""
+    if w <= 0:
+        return est
+    return (est + w * np.clip(card_sim, 0.0, 1.0)) / (1.0 + w)
+
+
 def tune_prior_weight(est: np.ndarray, card_sim: np.ndarray, truth: np.ndarray, grid: Sequence[float] = PRIOR_GRID) -> float:
-    """The weight ``w`` of ``grid`` whose routing, argmax of ``est + w·card_sim`` (the one decision
-    rule, no cost), has the highest mean known true score on held-out rows (``truth``, NaN =
-    unknown, such rows do not count). Ties go to the smaller weight."""
+    """The weight ``w`` of ``grid`` whose routing, argmax of ``with_card_term(est, card_sim, w)``
+    (the one decision rule, no cost), has the highest mean known true score on held-out rows
+    (``truth``, NaN = unknown, such rows do not count). Ties go to the smaller weight."""
+    return tune_grid([est], card_sim, truth, grid)[1]
+
+
+def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarray, grid: Sequence[float] = PRIOR_GRID) -> tuple[int, float]:
+    """Best (index into ``ests``, card weight of ``grid``) by the routing quality of
+    ``tune_prior_weight``; ties go to the earlier estimate and the smaller weight."""
     from cmr.decide import choose
 
-    best_w, best_v = float(grid[0]), -np.inf
-    rows = np.arange(len(est))
-    zero = np.zeros(est.shape[1])
-    for w in grid:
-        got = truth[rows, choose(est + w * card_sim, zero, 0.0)]
-        ok = ~np.isnan(got)
-        v = float(got[ok].mean()) if ok.any() else -np.inf
-        if v > best_v + 1e-12:
-            best_w, best_v = float(w), v
-    return best_w
+    best, best_v = (0, float(grid[0])), -np.inf
+    rows = np.arange(len(card_sim))
+    zero = np.zeros(card_sim.shape[1])
+    for i, est in enumerate(ests):
+        for w in grid:
+            got = truth[rows, choose(with_card_term(est, card_sim, w), zero, 0.0)]
+            ok = ~np.isnan(got)
+            v = float(got[ok].mean()) if ok.any() else -np.inf
+            if v > best_v + 1e-12:
+                best, best_v = (i, float(w)), v
+    return best
 
 
 class MemoryPolicy(RoutingPolicy):
@@ -185,6 +242,13 @@ class MemoryPolicy(RoutingPolicy):
         if self.config.prior_weight is not None:
             return float(self.config.prior_weight)
         return self._tuned_weight if self.encoder is not None or self._card_emb else 0.0
+
+    def with_card_term(self, est: np.ndarray, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+        """``est`` mixed with the card similarity of each candidate (:func:`with_card_term`)."""
+        w = self.prior_weight
+        if w > 0 and len(candidates):
+            return with_card_term(est, q @ self.card_embeddings(candidates).T, w)
+        return est
 
     def _add_cards(self, cards: Sequence[ModelCard]) -> bool:
         """Embed new cards (for the card prior) and store their profile answers not stored yet;

@@ -37,6 +37,11 @@ from cmr.errors import CMRError
 
 #: file name of the calibration in the serving state folder (``$CMR_HOME/serve``)
 CALIBRATION_FILE = "calibration.json"
+#: fewest prompts `cmr calibrate` trusts without --force: below it the held-out interval of a
+#: share target is wider than most targets themselves
+MIN_PROMPTS = 100
+#: folds of the held-out check (each prompt is held out once)
+HELD_OUT_FOLDS = 5
 
 
 class CalibrationError(CMRError):
@@ -91,6 +96,8 @@ class Calibration:
     achieved: dict[str, float] = field(default_factory=dict)
     source: str = "manual"
     n_prompts: int = 0
+    #: the target checked on prompts the λ was not fitted on (k-fold): measure, 95 % interval, n
+    held_out: dict[str, Any] = field(default_factory=dict)
     checkpoint_version: int | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -241,15 +248,61 @@ def calibrate(scores, costs, target: CalibrationTarget, mask=None, source: str =
         raise CalibrationError(f"scores: expected [prompts, {len(c)} models], got shape {np.asarray(scores).shape}")
     if not np.isfinite(c).all() or (c < 0).any():
         raise CalibrationError("costs: every model cost must be a finite number >= 0")
-    if target.kind == "share":
-        lam, _ = lambda_for_share(scores, c, target.max_share, target.price, mask)
-    else:
-        lam, _ = lambda_for_budget(scores, c, target.budget_per_1k, mask)
+    lam = _fit_lambda(scores, c, target, mask)
     achieved = {"cost_per_1k": cost_per_1k(scores, c, lam, mask)}
     if target.price is not None:
         achieved["share_above_price"] = share_above(scores, c, lam, target.price, mask)
     return Calibration(cost_weight=float(lam), target=target.to_dict(), achieved=achieved, source=source,
-                       n_prompts=int(len(scores)), checkpoint_version=checkpoint_version)
+                       n_prompts=int(len(scores)), checkpoint_version=checkpoint_version,
+                       held_out=held_out_check(scores, c, target, mask))
+
+
+def _fit_lambda(scores, costs: np.ndarray, target: CalibrationTarget, mask=None) -> float:
+    if target.kind == "share":
+        return lambda_for_share(scores, costs, target.max_share, target.price, mask)[0]
+    return lambda_for_budget(scores, costs, target.budget_per_1k, mask)[0]
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``k / n`` (sound at 0 and with few prompts)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def held_out_check(scores, costs: np.ndarray, target: CalibrationTarget, mask=None, folds: int = HELD_OUT_FOLDS, seed: int = 0) -> dict[str, Any]:
+    """The target measured on prompts λ was not fitted on: k-fold, each prompt held out once and
+    routed with the λ fitted on the other folds. Share targets: the held-out share with its 95 %
+    Wilson interval; budget targets: the held-out cost per 1,000 with a normal 95 % interval.
+    ``met`` says whether the interval's upper end is within the target (empty dict: too few
+    prompts to fold)."""
+    n = len(scores)
+    folds = min(folds, n)
+    if folds < 2:
+        return {}
+    s, m = _clean(scores), None if mask is None else np.asarray(mask)
+    fold = np.random.default_rng(seed).permutation(n) % folds
+    cost = np.full(n, np.nan)
+    for f in range(folds):
+        fit, out = fold != f, fold == f
+        try:
+            lam = _fit_lambda(s[fit], costs, target, None if m is None else m[fit])
+        except CalibrationError:
+            continue  # this fold's part cannot meet the target at all: its prompts stay unmeasured
+        cost[out] = costs[chosen(s[out], costs, lam, None if m is None else m[out])]
+    done = ~np.isnan(cost)
+    k = int(done.sum())
+    if target.kind == "share":
+        above = int((cost[done] > target.price).sum())
+        lo, hi = wilson_interval(above, k)
+        return {"n": k, "share_above_price": above / k if k else None, "interval": [lo, hi], "met": bool(k) and hi <= target.max_share}
+    per_1k = 1000.0 * cost[done]
+    mean = float(per_1k.mean()) if k else None
+    half = 1.96 * float(per_1k.std(ddof=1)) / math.sqrt(k) if k > 1 else math.inf
+    return {"n": k, "cost_per_1k": mean, "interval": [mean - half, mean + half] if k else None, "met": bool(k) and mean + half <= target.budget_per_1k}
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +385,8 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="use at most this many prompts (the latest, with --logged)")
     p.add_argument("--home", help="state folder of the served app (default CMR_HOME)")
     p.add_argument("--apply", action="store_true", help="write the λ to $CMR_HOME/serve/calibration.json: the running router re-reads it")
+    p.add_argument("--min-prompts", type=int, default=MIN_PROMPTS, metavar="N", help=f"refuse a target computed from fewer prompts, unless --force (default {MIN_PROMPTS})")
+    p.add_argument("--force", action="store_true", help="apply even below --min-prompts or when the held-out check misses the target")
     p.add_argument("--out", help="also write the calibration file here")
 
 
@@ -421,12 +476,31 @@ def _prompt_set(args, serve_dir: Path):
     return score_prompts(policy, train.emb, cards), np.array([c.cost for c in cards]), f"data:{args.data} (train)", version
 
 
+def _describe_held_out(h: dict[str, Any]) -> str:
+    lo, hi = h["interval"] if h.get("interval") else (math.nan, math.nan)
+    if "share_above_price" in h:
+        return f"share above price {h['share_above_price']:.3g} (95% interval {lo:.3g}–{hi:.3g}) on {h['n']} prompts"
+    return f"cost per 1,000 {h['cost_per_1k']:.4g} (95% interval {lo:.4g}–{hi:.4g}) on {h['n']} prompts"
+
+
+def _doubts(calib: Calibration, target: CalibrationTarget, min_prompts: int) -> str | None:
+    """Why the calibration should not be trusted as it is (None: no doubt)."""
+    if calib.n_prompts < min_prompts:
+        held = f", held out: {_describe_held_out(calib.held_out)}" if calib.held_out else ""
+        return f"only {calib.n_prompts} prompts (minimum {min_prompts}{held})"
+    if calib.held_out and not calib.held_out.get("met"):
+        return f"the target is not met on held-out prompts: {_describe_held_out(calib.held_out)}, target {target.describe()}"
+    return None
+
+
 def run(args) -> int:
     """``cmr calibrate``: compute (or set) λ and write the calibration file."""
     from cmr import constants
 
     if args.limit is not None and args.limit < 1:
         raise CalibrationError("--limit: must be >= 1")
+    if args.min_prompts < 1:
+        raise CalibrationError("--min-prompts: must be >= 1")
     target = _target(args)
     home = Path(args.home) if args.home else constants.cmr_home()
     serve_dir = home / "serve"
@@ -447,6 +521,9 @@ def run(args) -> int:
             raise CalibrationError("give one prompt set: --logged or --data")
         scores, costs, source, version = _prompt_set(args, serve_dir)
         calib = calibrate(scores, costs, target, source=source, checkpoint_version=version)
+        doubt = _doubts(calib, target, args.min_prompts)
+        if doubt and not args.force:
+            raise CalibrationError(f"calibration: {doubt}; nothing written (calibrate on more traffic, or pass --force)")
     written = []
     if args.out:
         written.append(write_calibration(Path(args.out), calib))
@@ -455,6 +532,10 @@ def run(args) -> int:
     ach = ", ".join(f"{k} {v:.4g}" for k, v in calib.achieved.items())
     what = CalibrationTarget.from_dict(calib.target).describe() if calib.target else calib.source
     print(f"λ = {calib.cost_weight:.6g} ({what}; {calib.n_prompts} prompts{'; ' + ach if ach else ''})")
+    if calib.held_out:
+        print("held out: " + _describe_held_out(calib.held_out))
+    if target is not None and (doubt := _doubts(calib, target, args.min_prompts)):
+        print(f"warning: {doubt} (applied anyway: --force)")
     for w in written:
         print(f"written: {w}")
     if not written:

@@ -482,7 +482,7 @@ class RouterCore:
                 "servable": int(self._table.servable.sum()), "policy": self.args.policy, "feedback_offset": self.store.last_offset(),
                 # the λ used for requests that give no cost_weight, and where it came from
                 "cost_weight": self.default_lam,
-                "calibration": None if calib is None else {k: calib.to_dict()[k] for k in ("target", "achieved", "source", "n_prompts", "checkpoint_version", "created")}}
+                "calibration": None if calib is None else {k: calib.to_dict()[k] for k in ("target", "achieved", "held_out", "source", "n_prompts", "checkpoint_version", "created")}}
 
     def check_calibration(self) -> float:
         """Re-read ``calibration.json`` in the state folder when it changed (``cmr calibrate

@@ -174,13 +174,21 @@ def test_router_uses_the_calibrated_lambda_from_logged_traffic(tmp_path, mini_be
     assert core.status()["cost_weight"] == 0.0 and core.status()["calibration"] is None
     core.route([RouteRequest(query=q) for q in logged])  # recorded: the traffic to calibrate on
     price = 0.5
-    assert main(["calibrate", "--logged", "--home", str(tmp_path), "--max-share", "0.1", "--price", str(price), "--apply"]) == 0
+    cmd = ["calibrate", "--logged", "--home", str(tmp_path), "--max-share", "0.1", "--price", str(price), "--apply"]
+    # 50 logged prompts are too few to trust: refused in one line, nothing written
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert "only 50 prompts (minimum 100" in err and "--force" in err and "95% interval" in err
+    assert not (tmp_path / "serve" / cal.CALIBRATION_FILE).exists()
+    assert main(cmd + ["--force"]) == 0
     out = capsys.readouterr().out
-    assert "λ = " in out and "written:" in out
+    assert "λ = " in out and "written:" in out and "held out: share above price" in out and "warning: only 50 prompts" in out
     lam = core.check_calibration()
     st = core.status()
     assert st["cost_weight"] == lam and st["calibration"]["source"].startswith("logged:") and st["calibration"]["n_prompts"] == 50
     assert st["calibration"]["achieved"]["share_above_price"] <= 0.1
+    held_out = st["calibration"]["held_out"]
+    assert held_out["n"] == 50 and 0 <= held_out["interval"][0] <= held_out["share_above_price"] <= held_out["interval"][1] <= 1
     costs = {c.id: c.cost for c in core.models()}
     dec = core.route([RouteRequest(query=q, record=False) for q in held])
     assert np.mean([costs[d.model] > price for d in dec]) <= 0.1 + 0.15
@@ -193,6 +201,24 @@ def test_router_uses_the_calibrated_lambda_from_logged_traffic(tmp_path, mini_be
     (tmp_path / "serve" / cal.CALIBRATION_FILE).write_text("{broken")
     assert core.check_calibration() == 7.5
     core.close()
+
+
+def test_wilson_interval_and_held_out_check():
+    """The interval covers what few prompts cannot rule out; the held-out check routes each
+    prompt with a λ fitted without it, so a target met exactly in-sample can miss held out."""
+    assert cal.wilson_interval(0, 14)[0] == 0.0 and 0.2 < cal.wilson_interval(0, 14)[1] < 0.25
+    lo, hi = cal.wilson_interval(500, 1000)
+    assert 0.46 < lo < 0.5 < hi < 0.54
+    rng = np.random.default_rng(0)
+    s, c = rng.random((400, 6)), np.array([0.1, 0.2, 0.5, 1.0, 2.0, 3.0])
+    target = CalibrationTarget("share", max_share=0.2, price=0.6)
+    out = cal.calibrate(s, c, target)
+    h = out.held_out
+    assert h["n"] == 400 and h["interval"][0] <= h["share_above_price"] <= h["interval"][1]
+    assert abs(h["share_above_price"] - 0.2) < 0.08  # held out it lands near the target, not exactly on it
+    b = cal.calibrate(s, c, CalibrationTarget("budget", budget_per_1k=800.0)).held_out
+    assert b["n"] == 400 and b["interval"][0] <= b["cost_per_1k"] <= b["interval"][1]
+    assert cal.held_out_check(s[:1], c, target) == {}
 
 
 def test_share_with_prompts_that_have_no_cheap_candidate():

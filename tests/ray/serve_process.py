@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -31,7 +32,16 @@ def cmr_serve(args: list[str], port: int, stop_timeout_s: float = 120) -> Iterat
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     env.pop(constants.RAY_HAPROXY_ENV, None)  # `--proxy` decides, not an inherited value
     cmd = [sys.executable, "-m", "cmr.cli", "serve", "--http-port", str(port), *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # stderr goes to a file (a pipe nobody reads could fill and block the server): its tail is
+    # shown when the server fails to start or to stop, so a failing start in CI names its cause
+    err = tempfile.TemporaryFile(mode="w+", prefix="cmr-serve-stderr")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def why() -> str:
+        err.flush()
+        err.seek(0)
+        return "".join(lines) + "\n--- stderr (tail) ---\n" + err.read()[-4000:]
+
     lines: list[str] = []
     try:
         end = time.monotonic() + 300
@@ -39,7 +49,7 @@ def cmr_serve(args: list[str], port: int, stop_timeout_s: float = 120) -> Iterat
             lines.append(line)
             if line.startswith("cmr: serving") or time.monotonic() > end:
                 break
-        assert lines and lines[-1].startswith(f"cmr: serving http://127.0.0.1:{port}/v1"), lines
+        assert lines and lines[-1].startswith(f"cmr: serving http://127.0.0.1:{port}/v1"), why()
         yield lines
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -48,4 +58,5 @@ def cmr_serve(args: list[str], port: int, stop_timeout_s: float = 120) -> Iterat
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-    assert rc == 0
+    assert rc == 0, why()
+    err.close()

@@ -108,3 +108,14 @@ def test_vllm_model_through_the_fake_engine(stub):
     stub.RegisterModel(pb.RegisterModelRequest(cards=[pb.ModelCard(id="vllm-model", backend_json=json.dumps({"engine": "vllm", "path": "org/model"}))]))
     chunks = list(stub.Chat(pb.ChatRequest(model="vllm-model", max_tokens=3, messages=[pb.Message(role="user", content="one two three four")])))
     assert "".join(c.text for c in chunks) == "one two three" and chunks[-1].completion_tokens == 3
+
+
+def test_client_example_runs(served):
+    """The documented client (services/grpc/client_example.py) works as shown."""
+    from services.grpc.client_example import demo
+
+    out = demo(f"127.0.0.1:{served.grpc_port}")
+    assert set(out["served"]) >= {"tiny-gpt2-a", "tiny-gpt2-b"}
+    assert out["route"]["model"] and len(out["route"]["alternatives"]) == 2
+    assert out["chat"]["model"] in out["served"] and out["chat"]["completion_tokens"] > 0
+    assert out["feedback"]["accepted"] and out["feedback"]["offset"] >= 1

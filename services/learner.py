@@ -95,6 +95,9 @@ class LearnerActor:
             self._wake.clear()
             try:
                 self.step()
+                # every poll, not only after learning: Ray stops exporting a process's series
+                # when it reports nothing for a while, and an idle learner's lag is still news
+                self._metrics()
             except Exception:  # keep the loop alive; the error is logged with its traceback
                 log.exception("learner step failed; reloading the last checkpoint")
                 self.failures += 1

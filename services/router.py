@@ -42,12 +42,13 @@ class RouterDeployment:
         self.core.store.configure(ttl_s=self.args.request_ttl_s)
         if self.args.warmup:
             self.core.warm_up()  # before the first request: lazy initialisation must not set the p99
-        self.core.start_watcher()
+        # the gauge is re-set on every watcher tick: Ray stops exporting a series that a process
+        # has not reported for a while, and the version must be in every scrape
+        self.core.start_watcher(tick=lambda: metrics.checkpoint_version(self.core.version, role="router"))
         self.route_batch.set_max_batch_size(self.args.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self._batch_slots = asyncio.Semaphore(self.args.router_concurrent_batches)
         self._learner = None
-        self._reported_version: int | None = None
         if self.args.learner.enabled:
             from services.learner import get_or_create_learner
 
@@ -87,9 +88,6 @@ class RouterDeployment:
                 counts[d.model] = counts.get(d.model, 0) + 1
         for m, n in counts.items():
             metrics.decision(m, n)
-        if self.core.version != self._reported_version:  # a gauge: set it when it changes, not per batch
-            self._reported_version = self.core.version
-            metrics.checkpoint_version(self.core.version, role="router")
         answers = iter(_error(d, 400) if isinstance(d, CMRError) else {"decision": d.to_dict(), "pool": self.core.pool_of(d.model)} for d in results)
         return [errors[i] if i in errors else next(answers) for i in range(len(reqs))]
 

@@ -19,7 +19,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -328,15 +328,18 @@ class RouterCore:
                 log.exception("checkpoint v%d does not verify; still serving v%d", newest, self.version)
         return self.version
 
-    def start_watcher(self) -> None:
+    def start_watcher(self, tick: Callable[[], None] | None = None) -> None:
         """Watch for new checkpoints (and hub changes) in a daemon thread, every ``reload_check_s``:
-        loading happens beside the serving path, which only ever sees the finished swap."""
+        loading happens beside the serving path, which only ever sees the finished swap. ``tick``
+        runs after each check (the deployment reports its gauges there)."""
         def loop() -> None:
             while not self._closed.wait(self.args.reload_check_s or 0.5):
                 try:
                     self.sync()
                     self.check_checkpoint()
                     self.check_calibration()
+                    if tick is not None:
+                        tick()
                 except Exception:  # a bad checkpoint must not kill the watcher: keep serving the old one
                     log.exception("checkpoint watcher")
 

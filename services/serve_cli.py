@@ -103,9 +103,13 @@ def run(ns: argparse.Namespace) -> int:
         ray.init(num_cpus=ns.num_cpus, include_dashboard=False)
     grpc = {"port": ns.grpc_port, "grpc_servicer_functions": servicer_functions()} if ns.grpc_port else None
     serve.start(http_options={"host": ns.host, "port": ns.http_port}, grpc_options=grpc)
-    print(f"cmr: starting (state under {args.home_path()}); first start trains the router and creates the tiny models", flush=True)
+    first = not _has_checkpoint(args)
+    print(f"cmr: starting (state under {args.home_path()})" + ("; first start: training the router" + (" and creating the tiny models" if args.tiny_models and not args.pools else "") + " (minutes)" if first else ""), flush=True)
     serve.run(build_app(args), name="cmr", route_prefix="/", blocking=False, logging_config={"encoding": ns.log_format.upper()})
     print(f"cmr: serving http://{ns.host}:{ns.http_port}/v1 (OpenAI-compatible)" + (f", gRPC on :{ns.grpc_port}" if grpc else "") + "; Ctrl-C stops", flush=True)
+    port = _metrics_port(ray)
+    if port:
+        print(f"cmr: metrics (Prometheus): http://127.0.0.1:{port}/metrics on this node, series prefixed ray_cmr_ (Ray's metrics export port)", flush=True)
     import signal
     import threading
 
@@ -115,7 +119,10 @@ def run(ns: argparse.Namespace) -> int:
     try:
         stop.wait()
         return 0
+    except KeyboardInterrupt:
+        return 0
     finally:
+        print("cmr: stopping…", flush=True)
         serve.shutdown()
         from services.learner import learner_handle
 
@@ -123,6 +130,21 @@ def run(ns: argparse.Namespace) -> int:
         if h is not None:
             ray.kill(h)
         ray.shutdown()
+
+
+def _has_checkpoint(args) -> bool:
+    """Whether the served policy already has a checkpoint (else this start trains one)."""
+    from cmr import checkpoint
+    from services.routing import checkpoint_root
+
+    return bool(checkpoint.versions(checkpoint_root(args)))
+
+
+def _metrics_port(ray) -> int | None:
+    """This node's Prometheus export port (Ray's metrics agent serves every process's series there)."""
+    here = ray.util.get_node_ip_address()
+    ports = [n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerAddress") == here]
+    return next((int(p) for p in ports if p), None)
 
 
 def _announce_keys(args, host: str) -> None:

@@ -1,6 +1,6 @@
 """Load and fault test: N requests at fixed concurrency with feedback, while a pool replica and the learner are killed.
 
-``python -m services.loadtest [--requests 400] [--concurrency 16] [--out DIR]`` (or ``cmr bench load``).
+``python -m bench.load [--requests 400] [--concurrency 16] [--out DIR]`` (or ``cmr bench load``).
 
 Starts the served app in-process on 127.0.0.1 (Ray + Serve, a temporary ``home``; loopback only,
 bounded in count and time, stops by itself): the CMRBench hub and a ``knn`` router trained at first
@@ -190,7 +190,7 @@ def run_load(a: argparse.Namespace, home: Path) -> dict[str, Any]:
     from ray import serve
 
     from services.app import build_app
-    from services.bench_serve import test_prompts
+    from bench.serve import test_prompts
     from services.config import AppArgs
     from services.learner import audit, learner_handle
     from services.routing import effective_pools, prepare_models
@@ -355,7 +355,7 @@ def run(a: argparse.Namespace) -> int:
         if not a.keep_home:
             shutil.rmtree(home, ignore_errors=True)
     via_cli = getattr(a, "protocol", None) == "load"
-    report["command"] = ("cmr " if via_cli else "python -m services.loadtest ") + " ".join(sys.argv[1:])
+    report["command"] = ("cmr " if via_cli else "python -m bench.load ") + " ".join(sys.argv[1:])
     if a.keep_home:
         report["home"] = str(home)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,7 +368,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.loadtest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     a = p.parse_args(argv)
     from cmr.errors import CMRError

@@ -1,7 +1,7 @@
 """Serving benchmark (issue 4): router decision latency in-process, and end-to-end throughput and
 latency through Ray Serve on loopback.
 
-``python -m services.bench_serve [--models 2000 100000] [--concurrency 16 32] [--requests 200] [--out DIR]``
+``python -m bench.serve [--models 2000 100000] [--concurrency 16 32] [--requests 200] [--out DIR]``
 
 1. *Decision latency* (no HTTP, no Ray): a ``RouterCore`` over a hub of N synthetic model cards,
    driven exactly as the Router deployment drives it (``RouterCore.route``: encode → optional
@@ -644,7 +644,7 @@ class BenchServeError(CMRError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``python -m services.bench_serve`` and ``cmr bench serve``."""
+    """The options of ``python -m bench.serve`` and ``cmr bench serve``."""
     p.add_argument("--models", type=int, nargs="+", default=[2000, 100_000], help="hub sizes for the decision latency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
     p.add_argument("--requests", type=int, default=200, help="requests per end-to-end cell")
@@ -748,10 +748,10 @@ def run(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m services.bench_serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     a = p.parse_args(argv)
-    a.command_line = "python -m services.bench_serve " + " ".join(argv if argv is not None else sys.argv[1:])
+    a.command_line = "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         return run(a)
     except BenchServeError as e:

@@ -122,16 +122,9 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     payload = {"bench": val, "table": rec.table, "encoder_name": encoder.name, "dim": encoder.dim, "base": base}
     storage = tc.storage_path(storage)
     name = name or f"cmr-carve-{common.utc_stamp()}"
-    started = tc.init_ray(address, num_cpus)
-    try:
-        grid = tc.run_tuner(tune.with_parameters(cmr_trial, payload=payload), search_space(quick), objectives=OBJECTIVES, modes=MODES,
-                            asha_metric="val_d_acc", asha_mode="max", max_t=len(val.experiences), trials=trials, concurrent=concurrent,
-                            storage=storage, name=name, seed=seed, points=[default_point()])
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    grid = tc.run_tuner(tune.with_parameters(cmr_trial, payload=payload), search_space(quick), objectives=OBJECTIVES, modes=MODES,
+                        asha_metric="val_d_acc", asha_mode="max", max_t=len(val.experiences), trials=trials, concurrent=concurrent,
+                        storage=storage, name=name, seed=seed, points=[default_point()], address=address, num_cpus=num_cpus)
     t_sweep = time.perf_counter() - t_start
     keys = ["val_m_acc", "val_f_acc", "val_d_acc", "val_forgetting_d", "train_s", *OBJECTIVES]
     rows = tc.trial_rows(grid, keys)

@@ -5,7 +5,10 @@ train split of k — ``policy.fit`` (``--feedback full``) or, with ``--feedback 
 routing the train requests in batches and telling the policy only whether its choice was right
 (``policy.update``) — then route the test requests of experiences 1..k among the cards with
 ``experience <= k`` (``cmr.decide.choose`` at λ = 0) and score M-Acc (chosen model is the
-target), F-Acc (same family) and D-Acc (same domain).
+target), F-Acc (same family) and D-Acc (same domain), as ``metrics.routing_hits`` defines them.
+``--validation`` scores held-out parts of the train splits instead (``validation_split``), for
+choices that must not see test; ``evaluate``'s ``on_experience`` callback is how ``cmr tune``
+reports each experience.
 """
 
 from __future__ import annotations
@@ -210,10 +213,10 @@ def run(args: argparse.Namespace) -> int:
     root = common.resolve_cmrbench_dir(args.data)
     bench = load_cmrbench(root)
     cls, config = common.policy_spec(args)  # fail fast on a bad policy name or option
-    encoder = default_encoder()
-    common.embed(encoder, [p for e in bench.experiences for p in (e.train, e.test)])
     if args.validation is not None:
         bench = validation_split(bench, args.validation, args.seed, args.per_model)
+    encoder = default_encoder()
+    common.embed(encoder, [p for e in bench.experiences for p in (e.train, e.test)])
     policy = cls(encoder=encoder, config=config)
     tag = "-".join(t for t in ("" if args.feedback == "full" else "partial", "" if args.validation is None else "validation") if t)
     out = common.out_dir(args.out, "cmr", root.name, args.policy, tag)

@@ -34,7 +34,7 @@ ENV PYTHONUNBUFFERED=1 \
     CMR_DATA=/data
 WORKDIR /opt/cmr
 # the build context is the repository less .dockerignore: pyproject.toml, README.md and the
-# packages (cmr/, services/, tune/), plus cluster/ for the job entrypoint
+# packages (cmr/, services/, tune/, bench/: `cmr bench serve/load`), plus cluster/ for the job entrypoint
 COPY . /opt/cmr
 
 # GPU variant: CUDA torch from PyPI, then the project with its GPU extras. faiss-gpu-cu12 and

@@ -10,7 +10,7 @@ The KubeRay RayJobs (``k8s/base/rayjob-*.yaml``) run the same, from ``/opt/cmr``
 Why a wrapper and not ``cmr`` itself: ``cmr train --ray`` starts a local Ray when none is
 initialised (right on a laptop, wrong on a cluster: a second Ray beside the cluster's, or an error
 when the job's ``RAY_ADDRESS`` is set). Here the driver connects to the cluster first —
-``ray.init(address="auto")`` takes ``RAY_ADDRESS``, which ``ray job submit`` sets, else the Ray
+``cmr.raycluster.start("auto")`` takes ``RAY_ADDRESS``, which ``ray job submit`` sets, else the Ray
 started on this node — so the trainer's workers and the Tune trials are scheduled across its
 nodes. The arguments after the script name are ``cmr``'s, unchanged; so is the exit status
 (2 with one line for bad input).
@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     import ray
 
+    from cmr import raycluster
     from cmr.cli import main as cmr_main
 
     try:
-        ray.init(address="auto", log_to_driver=True)
+        raycluster.start("auto", log_to_driver=True)
     except ConnectionError as e:  # no cluster: say so in one line, as cmr does for bad input
         print(f"ray_job: error: no running Ray cluster to connect to ({e}); start one with `ray start --head`", file=sys.stderr)
         return 2

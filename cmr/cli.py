@@ -18,8 +18,8 @@ BENCH: dict[str, str] = {
     "cmr": "cmr.bench.cmr_protocol",
     "llm": "cmr.bench.llm_protocol",
     "online": "cmr.bench.online",
-    "load": "services.loadtest",  # the served app under load while a replica and the learner are killed
-    "serve": "services.bench_serve",  # issue 4: decision latency, end-to-end req/s and router overhead
+    "load": "bench.load",  # the served app under load while a replica and the learner are killed
+    "serve": "bench.serve",  # issue 4: decision latency, end-to-end req/s and router overhead
 }
 
 # other sub-commands -> module with add_arguments/run

@@ -110,14 +110,12 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
 def run_ray(opts: dict[str, Any]) -> list[dict[str, Any]]:
     """Run :func:`_train_loop` in a ``TorchTrainer`` with one CPU worker on a local Ray."""
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    try:
+    from cmr import raycluster
+
+    with raycluster.running(log_to_driver=True):
         storage = Path(opts["out"]).resolve() / "_ray"
         trainer = TorchTrainer(
             _ray_worker,
@@ -129,9 +127,6 @@ def run_ray(opts: dict[str, Any]) -> list[dict[str, Any]]:
         if result.error:
             raise result.error
         return [dict(result.metrics or {}, ray_checkpoint=str(result.checkpoint.path) if result.checkpoint else None)]
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,3 +41,27 @@ def build_app(args: dict[str, Any] | AppArgs | None = None, engine_factory: Engi
         pools[p.name] = serve.deployment(PoolDeployment, name=f"Pool-{p.name}").options(**opts).bind(a, p.name, engine_factory)
     ingress = serve.deployment(Ingress, name="Ingress").options(ray_actor_options=args.ingress_actor_options, max_ongoing_requests=512)
     return ingress.bind(a, router, pools)
+
+
+def deploy(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None,
+           engine_factory: EngineFactory | None = None, logging_config: dict[str, Any] | None = None) -> None:
+    """Start Serve on ``host:port`` (and gRPC on ``grpc_port``) and run the app as ``cmr`` at ``/``:
+    the one deployment of ``cmr serve``, the serving benchmark, the load test and the Ray tests.
+    Ray must be up (``cmr.raycluster.start``)."""
+    from services.grpc import servicer_functions
+
+    grpc = {"port": grpc_port, "grpc_servicer_functions": servicer_functions()} if grpc_port else None
+    serve.start(http_options={"host": host, "port": port}, grpc_options=grpc)
+    serve.run(build_app(args, engine_factory), name="cmr", route_prefix="/", logging_config=logging_config)
+
+
+def undeploy(args: AppArgs) -> None:
+    """Shut Serve down and kill the app's detached learner actor (it outlives Serve otherwise)."""
+    import ray
+
+    from services.learner import learner_handle
+
+    serve.shutdown()
+    h = learner_handle(args)
+    if h is not None:
+        ray.kill(h)

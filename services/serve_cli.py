@@ -12,8 +12,8 @@ API keys are required unless ``--open``. At the first start without keys a boots
 ``--proxy`` chooses the front door on the HTTP and gRPC ports of the local Ray it starts:
 ``haproxy`` (Ray Serve runs HAProxy there and the ingress replica serves HTTP and gRPC itself, no
 Python proxy hop), ``serve`` (Serve's Python ProxyActor), or ``auto`` (default: haproxy when a
-binary is found, see ``cmr.constants.haproxy_binary``). It sets Ray's environment before
-``ray.init``; with ``--address`` the running cluster's environment decides.
+binary is found, see ``services.proxy.haproxy_binary``). It goes into Ray's environment before
+a local Ray starts; with ``--address`` the running cluster's environment decides.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def build_args(ns: argparse.Namespace):
 
 
 def choose_proxy(ns: argparse.Namespace) -> str | None:
-    """The front door for a local cluster (``haproxy`` or ``serve``), exported into this process's
-    environment for ``ray.init``; None with ``--address`` (the cluster's environment decides).
-    Raises SystemExit(2) when ``--proxy haproxy`` is asked for and Ray Serve cannot run HAProxy here."""
+    """The front door for a local cluster (``haproxy`` or ``serve``); None with ``--address`` (the
+    cluster's environment decides). Raises SystemExit(2) when ``--proxy haproxy`` is asked for and
+    Ray Serve cannot run HAProxy here."""
     from cmr import constants
+    from services import proxy as px
 
     choice = getattr(ns, "proxy", "auto")
     if ns.address:
@@ -76,60 +77,46 @@ def choose_proxy(ns: argparse.Namespace) -> str | None:
             print(f"cmr: --proxy {choice} has no effect with --address: the cluster's own environment decides "
                   f"({constants.RAY_HAPROXY_ENV} in its head and worker containers)", flush=True)
         return None
-    proxy = constants.resolve_proxy(choice)
-    problem = constants.haproxy_problem()
+    proxy = px.resolve_proxy(choice)
+    problem = px.haproxy_problem()
     if proxy == "haproxy" and problem is not None:
         print(f"cmr: --proxy haproxy: {problem}; install haproxy 2.8+ or use --proxy serve", file=sys.stderr, flush=True)
         raise SystemExit(2)
-    constants.export_proxy_for_ray(proxy)
-    why = f"HAProxy {constants.haproxy_binary()}" if proxy == "haproxy" else (problem if choice == "auto" else "asked for")
+    why = f"HAProxy {px.haproxy_binary()}" if proxy == "haproxy" else (problem if choice == "auto" else "asked for")
     print(f"cmr: front door: {proxy} ({why}" + ("; --proxy serve for Serve's Python proxy)" if proxy == "haproxy" else ")"), flush=True)
     return proxy
 
 
 def run(ns: argparse.Namespace) -> int:
     args = build_args(ns)  # validate before starting anything
-    choose_proxy(ns)  # before ray.init: Ray's processes inherit the environment
+    proxy = choose_proxy(ns)
     _announce_keys(args, ns.host)
-    import ray
-    from ray import serve
+    from cmr import raycluster
+    from services.app import deploy, undeploy
+    from services.proxy import ray_proxy_env
 
-    from services.app import build_app
-    from services.grpc import servicer_functions
+    with raycluster.running(ns.address, ns.num_cpus, env=ray_proxy_env(proxy) if proxy else None, log_to_driver=True):
+        first = not _has_checkpoint(args)
+        print(f"cmr: starting (state under {args.home_path()})" + ("; first start: training the router" + (" and creating the tiny models" if args.tiny_models and not args.pools else "") + " (minutes)" if first else ""), flush=True)
+        deploy(args, host=ns.host, port=ns.http_port, grpc_port=ns.grpc_port, logging_config={"encoding": ns.log_format.upper()})
+        print(f"cmr: serving http://{ns.host}:{ns.http_port}/v1 (OpenAI-compatible)" + (f", gRPC on :{ns.grpc_port}" if ns.grpc_port else "") + "; Ctrl-C stops", flush=True)
+        port = _metrics_port()
+        if port:
+            print(f"cmr: metrics (Prometheus): http://127.0.0.1:{port}/metrics on this node, series prefixed ray_cmr_ (Ray's metrics export port)", flush=True)
+        import signal
+        import threading
 
-    if ns.address:
-        ray.init(address=ns.address)
-    else:
-        ray.init(num_cpus=ns.num_cpus, include_dashboard=False)
-    grpc = {"port": ns.grpc_port, "grpc_servicer_functions": servicer_functions()} if ns.grpc_port else None
-    serve.start(http_options={"host": ns.host, "port": ns.http_port}, grpc_options=grpc)
-    first = not _has_checkpoint(args)
-    print(f"cmr: starting (state under {args.home_path()})" + ("; first start: training the router" + (" and creating the tiny models" if args.tiny_models and not args.pools else "") + " (minutes)" if first else ""), flush=True)
-    serve.run(build_app(args), name="cmr", route_prefix="/", blocking=False, logging_config={"encoding": ns.log_format.upper()})
-    print(f"cmr: serving http://{ns.host}:{ns.http_port}/v1 (OpenAI-compatible)" + (f", gRPC on :{ns.grpc_port}" if grpc else "") + "; Ctrl-C stops", flush=True)
-    port = _metrics_port(ray)
-    if port:
-        print(f"cmr: metrics (Prometheus): http://127.0.0.1:{port}/metrics on this node, series prefixed ray_cmr_ (Ray's metrics export port)", flush=True)
-    import signal
-    import threading
-
-    stop = threading.Event()
-    # SIGTERM (docker stop, kill) shuts down as cleanly as Ctrl-C
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        print("cmr: stopping…", flush=True)
-        serve.shutdown()
-        from services.learner import learner_handle
-
-        h = learner_handle(args)
-        if h is not None:
-            ray.kill(h)
-        ray.shutdown()
+        stop = threading.Event()
+        # SIGTERM (docker stop, kill) shuts down as cleanly as Ctrl-C
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+            return 0
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            print("cmr: stopping…", flush=True)
+            undeploy(args)
 
 
 def _has_checkpoint(args) -> bool:
@@ -140,8 +127,10 @@ def _has_checkpoint(args) -> bool:
     return bool(checkpoint.versions(checkpoint_root(args)))
 
 
-def _metrics_port(ray) -> int | None:
+def _metrics_port() -> int | None:
     """This node's Prometheus export port (Ray's metrics agent serves every process's series there)."""
+    import ray
+
     here = ray.util.get_node_ip_address()
     ports = [n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerAddress") == here]
     return next((int(p) for p in ports if p), None)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,59 +66,15 @@ def default_point() -> dict[str, Any]:
     return p
 
 
-def validation_split(bench, fraction: float, seed: int):
-    """A copy of ``bench`` whose experiences are (train minus validation, validation): the
-    validation rows are a seeded ``fraction`` of each train split. Test splits are dropped."""
-    from cmr.data.cmrbench import Experience
-
-    rng = np.random.default_rng(seed)
-    exps = []
-    for e in bench.experiences:
-        n = len(e.train)
-        n_val = max(1, int(round(fraction * n)))
-        if n_val >= n:
-            raise tc.TuneError(f"--val-fraction {fraction}: leaves no training rows in experience {e.k} ({n} rows)")
-        perm = rng.permutation(n)
-        exps.append(Experience(e.k, e.train.subset(np.sort(perm[n_val:])), e.train.subset(np.sort(perm[:n_val]))))
-    return replace(bench, experiences=exps)
-
-
-def run_protocol(bench, policy, report=None) -> dict[str, Any]:
-    """The continual protocol on ``bench`` (its ``test`` parts are what is scored), calling
-    ``report(metrics)`` after each experience. Same routing and scoring as ``cmr bench cmr``."""
-    from cmr.bench import metrics
-    from cmr.bench.cmr_protocol import _accuracies, _route  # the protocol's own scoring
-
-    exps = bench.experiences
-    K = len(exps)
-    mats = {m: np.full((K, K), np.nan) for m in "mfd"}
-    train_s = 0.0
-    out: dict[str, Any] = {}
-    for ki, exp in enumerate(exps):
-        live = bench.cards_upto(exp.k)
-        costs = np.array([c.cost for c in live], dtype=np.float64)
-        t0 = time.perf_counter()
-        policy.add_models(bench.cards_of(exp.k))
-        policy.fit(exp.train, live)
-        train_s += time.perf_counter() - t0
-        for ji in range(ki + 1):
-            ch = _route(policy, exps[ji].test.emb, live, costs, 1024)
-            for m, v in _accuracies(ch, live, exps[ji].test).items():
-                mats[m][ki, ji] = v
-        sub = {m: mats[m][: ki + 1, : ki + 1] for m in "mfd"}
-        out = {
-            **{f"val_{m}_acc": metrics.final_average(sub[m]) for m in "mfd"},
-            **{f"val_forgetting_{m}": metrics.forgetting(sub[m]) for m in "mfd"},
-            "train_s": train_s,
-            "experience": exp.k,
-        }
-        # Tune wants every metric in every result: the objectives are NaN until the last experience
-        out.update({k: float("nan") for k in OBJECTIVES})
-        if ki == K - 1:
-            out.update(obj_d_acc=out["val_d_acc"], obj_m_acc=out["val_m_acc"], obj_forgetting_d=out["val_forgetting_d"], obj_train_s=train_s)
-            out["matrix_d"] = metrics.matrix_to_json(mats["d"])
-        if report is not None:
-            report(out)
+def trial_metrics(summary: dict[str, Any], last: bool) -> dict[str, Any]:
+    """What a trial reports to Tune after an experience (``cmr_protocol.evaluate``'s summary): the
+    validation metrics so far and the objectives, NaN before the last experience (Tune wants every
+    metric in every result)."""
+    f, g = summary["final"], summary["forgetting"]
+    out = {**{f"val_{m}_acc": f[f"{m}_acc"] for m in "mfd"}, **{f"val_forgetting_{m}": g[m] for m in "mfd"},
+           "train_s": summary["train_s"], "experience": summary["experience"], **{k: float("nan") for k in OBJECTIVES}}
+    if last:
+        out.update(obj_d_acc=out["val_d_acc"], obj_m_acc=out["val_m_acc"], obj_forgetting_d=out["val_forgetting_d"], obj_train_s=out["train_s"])
     return out
 
 
@@ -127,11 +82,14 @@ def cmr_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
     """One Tune trial: a carve router with ``config`` through the validation protocol."""
     import ray.tune
 
+    from cmr.bench import cmr_protocol
     from cmr.policies.carve import CarveConfig, CarvePolicy
 
     enc = tc.PrecomputedEncoder(payload["table"], payload["encoder_name"], payload["dim"])
     cfg = CarveConfig.from_dict({**payload["base"], **config})
-    run_protocol(payload["bench"], CarvePolicy(encoder=enc, config=cfg), report=lambda m: ray.tune.report({k: v for k, v in m.items() if k != "matrix_d"}))
+    bench = payload["bench"]
+    last = bench.experiences[-1].k
+    cmr_protocol.evaluate(bench, CarvePolicy(encoder=enc, config=cfg), on_experience=lambda s: ray.tune.report(trial_metrics(s, s["experience"] == last)))
 
 
 def choose(rows: list[dict[str, Any]], max_forgetting: float) -> dict[str, Any] | None:
@@ -147,6 +105,7 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     from ray import tune
 
     from cmr.bench import common
+    from cmr.bench.cmr_protocol import validation_split
     from cmr.policies.carve import CarveConfig, CarvePolicy
     from tune import pareto
 
@@ -163,16 +122,9 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     payload = {"bench": val, "table": rec.table, "encoder_name": encoder.name, "dim": encoder.dim, "base": base}
     storage = tc.storage_path(storage)
     name = name or f"cmr-carve-{common.utc_stamp()}"
-    started = tc.init_ray(address, num_cpus)
-    try:
-        grid = tc.run_tuner(tune.with_parameters(cmr_trial, payload=payload), search_space(quick), objectives=OBJECTIVES, modes=MODES,
-                            asha_metric="val_d_acc", asha_mode="max", max_t=len(val.experiences), trials=trials, concurrent=concurrent,
-                            storage=storage, name=name, seed=seed, points=[default_point()])
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    grid = tc.run_tuner(tune.with_parameters(cmr_trial, payload=payload), search_space(quick), objectives=OBJECTIVES, modes=MODES,
+                        asha_metric="val_d_acc", asha_mode="max", max_t=len(val.experiences), trials=trials, concurrent=concurrent,
+                        storage=storage, name=name, seed=seed, points=[default_point()], address=address, num_cpus=num_cpus)
     t_sweep = time.perf_counter() - t_start
     keys = ["val_m_acc", "val_f_acc", "val_d_acc", "val_forgetting_d", "train_s", *OBJECTIVES]
     rows = tc.trial_rows(grid, keys)

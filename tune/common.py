@@ -1,4 +1,4 @@
-"""What both sweeps share: storage path, local Ray, precomputed embeddings, the Tuner run."""
+"""What both sweeps share: storage path, precomputed embeddings, the Tuner run (on cmr.raycluster)."""
 
 from __future__ import annotations
 
@@ -63,20 +63,6 @@ class PrecomputedEncoder:
         return np.stack([self.table[t] for t in texts]).astype(np.float32, copy=False)
 
 
-def init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Start (or join, with ``--address``) Ray; returns whether this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    constants.export_for_ray_workers()  # workers inherit the driver's cache and offline settings
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return True
-
-
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
@@ -100,22 +86,25 @@ def final_only_optuna(metrics: list[str], modes: list[str], seed: int, points: l
 
 def run_tuner(trainable: Callable, space: dict[str, Any], *, objectives: list[str], modes: list[str], asha_metric: str | None,
               asha_mode: str, max_t: int, trials: int, concurrent: int, storage: str, name: str, seed: int,
-              points: list[dict[str, Any]] | None, cpus_per_trial: float = 1.0):
-    """Run the sweep; returns the ``ResultGrid``. ASHA stops trials by ``asha_metric`` at each
-    iteration (grace period 1); Optuna proposes configs for all objectives."""
+              points: list[dict[str, Any]] | None, cpus_per_trial: float = 1.0, address: str | None = None, num_cpus: int | None = None):
+    """Run the sweep on Ray (joined at ``address`` or started with ``num_cpus``: ``cmr.raycluster``);
+    returns the ``ResultGrid``. ASHA stops trials by ``asha_metric`` at each iteration (grace
+    period 1); Optuna proposes configs for all objectives."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from cmr import raycluster
+
     sched = ASHAScheduler(metric=asha_metric, mode=asha_mode, time_attr="training_iteration", max_t=max_t, grace_period=1, reduction_factor=2) \
         if asha_metric and max_t > 1 else FIFOScheduler()
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": cpus_per_trial}),
-        param_space=space,
-        tune_config=tune.TuneConfig(search_alg=final_only_optuna(objectives, modes, seed, points), scheduler=sched,
-                                    num_samples=trials, max_concurrent_trials=concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
-    )
-    return tuner.fit()
+    with raycluster.running(address, num_cpus):  # before the Tuner: it would start a Ray of its own
+        return tune.Tuner(
+            tune.with_resources(trainable, {"cpu": cpus_per_trial}),
+            param_space=space,
+            tune_config=tune.TuneConfig(search_alg=final_only_optuna(objectives, modes, seed, points), scheduler=sched,
+                                        num_samples=trials, max_concurrent_trials=concurrent, reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+        ).fit()
 
 
 def trial_rows(grid, keys: Sequence[str]) -> list[dict[str, Any]]:

@@ -130,16 +130,9 @@ def sweep(data, encoder, *, policy: str = "knn", policy_config: dict[str, Any] |
     points = [{"mode": "lambda", "log_lam": math.log10(lo), "max_share": 0.5}, {"mode": "share", "log_lam": math.log10(lo), "max_share": 0.2}]
     storage = tc.storage_path(storage)
     name = name or f"llm-{data.name}-{common.utc_stamp()}"
-    started = tc.init_ray(address, num_cpus)
-    try:
-        res = tc.run_tuner(tune.with_parameters(llm_trial, payload=payload), space, objectives=OBJECTIVES, modes=MODES, asha_metric=None,
-                           asha_mode="max", max_t=1, trials=trials, concurrent=concurrent, storage=storage, name=name, seed=seed,
-                           points=points[: max(1, min(2, trials))], cpus_per_trial=0.5)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    res = tc.run_tuner(tune.with_parameters(llm_trial, payload=payload), space, objectives=OBJECTIVES, modes=MODES, asha_metric=None,
+                       asha_mode="max", max_t=1, trials=trials, concurrent=concurrent, storage=storage, name=name, seed=seed,
+                       points=points[: max(1, min(2, trials))], cpus_per_trial=0.5, address=address, num_cpus=num_cpus)
     t_sweep = time.perf_counter() - t_start
     rows = tc.trial_rows(res, ["val_quality", "val_cost", "lam", "val_share_above_price", "target_share"])
     done = [r for r in rows if r["val_quality"] is not None]

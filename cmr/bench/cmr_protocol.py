@@ -5,7 +5,10 @@ train split of k — ``policy.fit`` (``--feedback full``) or, with ``--feedback 
 routing the train requests in batches and telling the policy only whether its choice was right
 (``policy.update``) — then route the test requests of experiences 1..k among the cards with
 ``experience <= k`` (``cmr.decide.choose`` at λ = 0) and score M-Acc (chosen model is the
-target), F-Acc (same family) and D-Acc (same domain).
+target), F-Acc (same family) and D-Acc (same domain), as ``metrics.routing_hits`` defines them.
+``--validation`` scores held-out parts of the train splits instead (``validation_split``), for
+choices that must not see test; ``evaluate``'s ``on_experience`` callback is how ``cmr tune``
+reports each experience.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import replace
+from typing import Any, Callable
 
 from cmr.bench import common
 
@@ -32,25 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="requests per feedback batch (--feedback partial)")
     parser.add_argument("--eval-batch", type=int, default=1024, help="test requests scored per policy call")
-
-
-def _accuracies(ch, cards, test) -> dict[str, float]:
-    """M/F/D accuracy of choices ``ch`` (indices into ``cards``) on labelled ``test``."""
-    import numpy as np
-
-    ids = np.array([c.id for c in cards], dtype=object)
-    fam = np.array([c.family for c in cards], dtype=object)
-    dom = np.array([c.domain for c in cards], dtype=object)
-    target = np.array(test.model_ids, dtype=object)[test.labels]
-    pred = ids[ch]
-    hit_m = pred == target
-    t_fam = np.array(test.meta.get("family", [None] * len(test)), dtype=object)
-    t_dom = np.array(test.meta.get("domain", [None] * len(test)), dtype=object)
-    # the right model is always the right family and domain, even where a card lacks the field;
-    # otherwise a missing family never matches
-    hit_f = hit_m | ((fam[ch] != None) & (fam[ch] == t_fam))  # noqa: E711 (elementwise on object arrays)
-    hit_d = hit_m | ((dom[ch] != None) & (dom[ch] == t_dom))  # noqa: E711
-    return {"m": float(hit_m.mean()), "f": float(hit_f.mean()), "d": float(hit_d.mean())}
+    parser.add_argument("--validation", type=float, default=None, metavar="FRACTION",
+                        help="score a seeded FRACTION of each train split held out (training on the rest) instead of the test splits: for choices")
+    parser.add_argument("--per-model", action="store_true", help="--validation holds out one row per model with >= 2 rows (up to FRACTION)")
 
 
 def _route(policy, q, cards, costs, eval_batch: int):
@@ -99,8 +87,47 @@ def _stream_partial(policy, train, cards, costs, k: int, batch: int, seed: int) 
     return {"online_reward": hits / max(1, len(order))}
 
 
-def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_batch: int = 1024, seed: int = 0) -> dict[str, Any]:
-    """Run the continual protocol on an embedded ``CMRBench``; returns the report's metrics part."""
+def validation_split(bench, fraction: float, seed: int = 0, per_model: bool = False):
+    """A copy of ``bench`` whose experiences are (train minus validation, validation), so choices
+    are made without the test splits. One seeded permutation per train split (in order) picks the
+    validation rows: its first ``fraction`` (``per_model=False``) or, along it, one row of each model
+    with at least two rows, up to ``fraction`` of the split (every held-out target then keeps a
+    training row, as on test)."""
+    import numpy as np
+
+    from cmr.data.cmrbench import Experience
+
+    if not 0.0 < fraction < 1.0:
+        raise common.BenchConfigError(f"validation fraction {fraction}: must be in (0, 1)")
+    rng = np.random.default_rng(seed)
+    exps = []
+    for e in bench.experiences:
+        n, perm = len(e.train), rng.permutation(len(e.train))
+        if per_model:
+            counts, seen, val = np.bincount(e.train.labels, minlength=len(e.train.model_ids)), set(), []
+            for i in perm:
+                lab = e.train.labels[i]
+                if counts[lab] >= 2 and lab not in seen and len(val) < int(fraction * n):
+                    seen.add(lab)
+                    val.append(i)
+        else:
+            val = perm[: max(1, int(round(fraction * n)))]
+        mask = np.zeros(n, dtype=bool)
+        mask[val] = True
+        if mask.all():
+            raise common.BenchConfigError(f"validation fraction {fraction}: leaves no training rows in experience {e.k} ({n} rows)")
+        exps.append(Experience(e.k, e.train.subset(~mask), e.train.subset(mask)))
+    return replace(bench, experiences=exps)
+
+
+def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_batch: int = 1024, seed: int = 0,
+             on_experience: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the continual protocol on an embedded ``CMRBench`` (its ``test`` parts are scored: pass
+    :func:`validation_split`'s copy to score validation parts); returns the report's metrics part.
+
+    ``on_experience(summary)`` is called after each experience with ``experience``, ``final`` and
+    ``forgetting`` over the test sets seen so far, and cumulative ``train_s`` (Tune reports it;
+    an exception it raises stops the run)."""
     import numpy as np
 
     from cmr.bench import metrics
@@ -126,13 +153,14 @@ def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_b
         for ji in range(ki + 1):
             test = exps[ji].test
             common.reveal_if_needed(policy, test)
-            ch = _route(policy, test.emb, live, costs, eval_batch)
-            for m, v in _accuracies(ch, live, test).items():
+            for m, v in metrics.accuracies(_route(policy, test.emb, live, costs, eval_batch), live, test).items():
                 mats[m][ki, ji] = v
         timings.append({"experience": exp.k, "train_s": t_train, "eval_s": time.perf_counter() - t0})
+        if on_experience is not None:
+            on_experience({"experience": exp.k, **metrics.continual_summary({m: a[: ki + 1, : ki + 1] for m, a in mats.items()}),
+                           "train_s": sum(t["train_s"] for t in timings)})
     out: dict[str, Any] = {
-        "final": {f"{m}_acc": metrics.final_average(mats[m]) for m, _ in METRICS},
-        "forgetting": {m: metrics.forgetting(mats[m]) for m, _ in METRICS},
+        **metrics.continual_summary(mats),
         "matrix": {m: metrics.matrix_to_json(mats[m]) for m, _ in METRICS},
         "experiences": [e.k for e in exps],
         "n_models": n_models,
@@ -150,7 +178,7 @@ def _markdown(rep: dict[str, Any]) -> str:
     lines = [
         f"# cmr bench cmr — {rep['policy']} on {rep['dataset']}",
         "",
-        f"feedback: {rep['feedback']}, seed {rep['seed']}, {rep['date']}, {rep['machine']['cpus']} CPU(s), commit {rep['git_commit'] or '—'}",
+        f"feedback: {rep['feedback']}, scored on {'test' if rep['split'] == 'test' else 'validation'}, seed {rep['seed']}, {rep['date']}, {rep['machine']['cpus']} CPU(s), commit {rep['git_commit'] or '—'}",
         "",
         "| policy | M-Acc | F-Acc | D-Acc | forgetting M | forgetting F | forgetting D | train s |",
         "|---|---|---|---|---|---|---|---|",
@@ -185,10 +213,13 @@ def run(args: argparse.Namespace) -> int:
     root = common.resolve_cmrbench_dir(args.data)
     bench = load_cmrbench(root)
     cls, config = common.policy_spec(args)  # fail fast on a bad policy name or option
+    if args.validation is not None:
+        bench = validation_split(bench, args.validation, args.seed, args.per_model)
     encoder = default_encoder()
     common.embed(encoder, [p for e in bench.experiences for p in (e.train, e.test)])
     policy = cls(encoder=encoder, config=config)
-    out = common.out_dir(args.out, "cmr", root.name, args.policy, "" if args.feedback == "full" else "partial")
+    tag = "-".join(t for t in ("" if args.feedback == "full" else "partial", "" if args.validation is None else "validation") if t)
+    out = common.out_dir(args.out, "cmr", root.name, args.policy, tag)
 
     t0 = time.perf_counter()
     res = evaluate(bench, policy, args.feedback, args.batch_size, args.eval_batch, args.seed)
@@ -198,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         "data": str(root),
         "dataset": root.name,
         "feedback": args.feedback,
+        "split": "test" if args.validation is None else {"validation": args.validation, "per_model": args.per_model},
         "seed": args.seed,
         "config": policy.config.to_dict(),
         **res,

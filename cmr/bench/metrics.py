@@ -59,6 +59,35 @@ def final_average(matrix: np.ndarray) -> float:
     return float(np.nanmean(a[-1]))
 
 
+def routing_hits(chosen, cards, data) -> dict[str, np.ndarray]:
+    """Per request of labelled ``data``: did the chosen card (``chosen`` indexes ``cards``) hit
+    the target model (``m``), its family (``f``), its domain (``d``)?
+
+    The one definition every CMRBench figure uses: the target model itself is always a family
+    and domain hit; otherwise the chosen card's label must equal the request's label, and a
+    missing label (on either side) is never a hit — two models without a family are not one family.
+    """
+    ch = np.asarray(chosen, dtype=np.int64)
+    pred = np.array([c.id for c in cards], dtype=object)[ch]
+    hit_m = pred == np.array(data.model_ids, dtype=object)[data.labels]
+    out = {"m": hit_m}
+    for m, field in (("f", "family"), ("d", "domain")):
+        mine = np.array([getattr(c, field) for c in cards], dtype=object)[ch]
+        truth = np.array(data.meta.get(field, [None] * len(data)), dtype=object)
+        out[m] = hit_m | ((mine != None) & (mine == truth))  # noqa: E711 (elementwise on object arrays)
+    return out
+
+
+def accuracies(chosen, cards, data) -> dict[str, float]:
+    """M/F/D accuracy (``m``, ``f``, ``d``) of :func:`routing_hits`."""
+    return {m: float(h.mean()) if h.size else float("nan") for m, h in routing_hits(chosen, cards, data).items()}
+
+
+def continual_summary(mats: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """``final`` (``m_acc``...) and ``forgetting`` (``m``...) of accuracy matrices keyed by metric."""
+    return {"final": {f"{m}_acc": final_average(a) for m, a in mats.items()}, "forgetting": {m: forgetting(a) for m, a in mats.items()}}
+
+
 def matrix_to_json(matrix: np.ndarray) -> list[list[float | None]]:
     """Nested lists with NaN (not yet evaluated) as ``None`` so the report is strict JSON."""
     return [[None if not np.isfinite(x) else float(x) for x in row] for row in np.asarray(matrix, dtype=np.float64)]

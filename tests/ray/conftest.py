@@ -8,13 +8,10 @@ CMRBench card and prompt texts are not re-encoded.
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 
 import pytest
-
-from cmr import constants
 
 pytestmark = pytest.mark.ray
 
@@ -34,32 +31,21 @@ class ServedApp:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    # set before ray.init: workers inherit the driver's environment
-    os.environ["CMR_CACHE"] = str(constants.cache_dir())
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    from cmr import raycluster
+
+    with raycluster.running():
+        yield ray
 
 
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory, request):
-    from ray import serve
-
-    from services.app import build_app
+    from services.app import deploy, undeploy
     from services.config import AppArgs
-    port = _free_port()
-    grpc_port = grpc_options = None
-    if getattr(request.module, "GRPC", False):
-        from services.grpc import servicer_functions
 
-        grpc_port = _free_port()
-        grpc_options = {"port": grpc_port, "grpc_servicer_functions": servicer_functions()}
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options)
+    port = _free_port()
+    grpc_port = _free_port() if getattr(request.module, "GRPC", False) else None
     home = tmp_path_factory.mktemp("cmr_home")
     # API keys are on by default in the server; these tests run in explicit open mode unless the
     # module's APP_ARGS says otherwise (tests/ray/test_security.py)
@@ -68,13 +54,8 @@ def served(ray_session, tmp_path_factory, request):
     factory = None
     if getattr(request.module, "ENGINE_FACTORY", None) == "fake-vllm":
         from services.pools.vllm import fake_vllm_factory as factory
-    serve.run(build_app(args, engine_factory=factory), name="cmr", route_prefix="/")
+    deploy(args, port=port, grpc_port=grpc_port, engine_factory=factory)
     try:
         yield ServedApp(url=f"http://127.0.0.1:{port}", grpc_port=grpc_port, args=args)
     finally:
-        serve.shutdown()
-        from services.learner import learner_handle
-
-        h = learner_handle(args)
-        if h is not None:
-            ray_session.kill(h)
+        undeploy(args)

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from services import bench_serve
+from bench import serve as bench_serve
 
 
 def test_synthetic_cards_are_distinct_and_valid():
@@ -51,7 +51,7 @@ def test_card_bank_reuses_real_vectors_with_noise():
 
 
 def test_merge_pools_the_halves_of_a_cell():
-    from services.bench_serve import _merge
+    from bench.serve import _merge
 
     a = {"lat": [10.0, 20.0], "wall_s": 1.0, "errors": 0, "error_samples": [], "models": ["x", "y"]}
     b = {"lat": [30.0], "wall_s": 2.0, "errors": 1, "error_samples": ["500: boom"], "models": ["x", None]}

@@ -15,10 +15,10 @@ import grpc
 import httpx
 import pytest
 
-from cmr import constants
+from services.proxy import haproxy_problem
 from tests.ray.serve_process import cmr_serve, free_port
 
-_PROBLEM = constants.haproxy_problem()  # None: Ray Serve can run HAProxy here
+_PROBLEM = haproxy_problem()  # None: Ray Serve can run HAProxy here
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(_PROBLEM is not None, reason=f"HAProxy front door unavailable: {_PROBLEM}")]
 
 CHAT = [{"role": "user", "content": "Tell me a short story about a lighthouse."}]

@@ -138,3 +138,30 @@ def test_tables_group_reports_and_put_oracle_last(tmp_path, capsys):
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| policy")]
     assert [r.split("|")[1].strip() for r in rows] == ["random", "knn", "oracle"]
     assert "| knn | 0.850 |" in text
+
+
+def test_cmr_validation_split_scores_held_out_train_rows(tmp_path, capsys, cmr_dir):
+    from cmr.bench.cmr_protocol import evaluate, validation_split
+    from cmr.data.cmrbench import load_cmrbench
+    from cmr.policies import make_policy
+
+    rep, out, _ = _bench(tmp_path, capsys, "cmr", "--policy", "oracle", "--data", str(cmr_dir), "--validation", "0.5")
+    assert rep["split"] == {"validation": 0.5, "per_model": False} and rep["final"]["m_acc"] == 1.0
+    bench = load_cmrbench(cmr_dir)
+    for per_model in (False, True):
+        val = validation_split(bench, 0.5, seed=1, per_model=per_model)
+        for e, v in zip(bench.experiences, val.experiences):
+            # held-out rows come from train, disjointly; the test split is gone
+            assert sorted(v.train.texts + v.test.texts) == sorted(e.train.texts) and (per_model or len(v.test)) and not set(v.test.texts) & set(v.train.texts)
+            if per_model:  # every held-out target keeps a training row
+                assert {v.test.model_ids[i] for i in v.test.labels} <= {v.train.model_ids[i] for i in v.train.labels}
+    with pytest.raises(Exception, match="validation fraction 1.0"):
+        validation_split(bench, 1.0)
+    from cmr.bench import common
+    from cmr.encoders import default_encoder
+
+    val, enc, seen = validation_split(bench, 0.5, seed=1), default_encoder(), []
+    common.embed(enc, [p for e in val.experiences for p in (e.train, e.test)])
+    res = evaluate(val, make_policy("oracle", encoder=enc), on_experience=seen.append)
+    assert [s["experience"] for s in seen] == res["experiences"] and seen[-1]["final"] == res["final"]
+    assert seen[0]["forgetting"] == {"m": 0.0, "f": 0.0, "d": 0.0} and seen[-1]["train_s"] == pytest.approx(res["timings"]["train_total_s"])

@@ -192,7 +192,7 @@ def test_dockerfile_paths_exist_and_match_the_manifests():
     # what the image needs is not ignored by .dockerignore; the venv and run outputs are
     ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    needed = {"pyproject.toml", "README.md", "cmr", "services", "cluster", "tune"}
+    needed = {"pyproject.toml", "README.md", "cmr", "services", "cluster", "tune", "bench"}
     assert not needed & ignored
     assert {".venv", "runs", ".git"} <= ignored
     for pkg in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]:

@@ -82,7 +82,7 @@ def test_onnx_export_happens_once_and_int8_is_a_different_encoder(encoder):
 
 def test_bench_encoder_variants_tiny_report():
     """The serving benchmark's encoder comparison at tiny scale: structure and equivalence, not timings."""
-    from services import bench_serve
+    from bench import serve as bench_serve
 
     prompts = bench_serve.test_prompts(4)
     ev = bench_serve.encoder_variants(prompts, variants=(("torch", 1, 64), ("onnx", 1, 2)), batch=2)

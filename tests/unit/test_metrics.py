@@ -39,6 +39,24 @@ def test_matrix_to_json_turns_nan_into_null():
     assert M.matrix_to_json(np.array([[0.5, NAN], [0.25, 1.0]])) == [[0.5, None], [0.25, 1.0]]
 
 
+def test_routing_hits_target_always_counts_a_missing_label_never():
+    from cmr.data import Examples
+    from cmr.types import ModelCard
+
+    cards = [ModelCard(id="a", family="x", domain="code"), ModelCard(id="b", family=None, domain="code"),
+             ModelCard(id="c", family=None, domain=None), ModelCard(id="d", family="x", domain="math")]
+    # targets a, c, c, c, a, with the requests' own labels (the requests for c lack a family)
+    data = Examples(texts=["q"] * 5, model_ids=["a", "c"], scores=np.zeros((5, 2), np.float32), labels=np.array([0, 1, 1, 1, 0]),
+                    meta={"family": ["x", None, None, None, "y"], "domain": ["code", "math", "math", "math", "code"]})
+    hits = M.routing_hits([3, 1, 2, 3, 0], cards, data)
+    assert hits["m"].tolist() == [False, False, True, False, True]
+    # d shares a's family; b and the request both lack one: no hit; the target itself is always a
+    # hit, even where its card lacks the label or disagrees with the request's (last row)
+    assert hits["f"].tolist() == [True, False, True, False, True]
+    assert hits["d"].tolist() == [False, False, True, True, True]
+    assert M.accuracies([3, 1, 2, 3, 0], cards, data) == pytest.approx({"m": 0.4, "f": 0.6, "d": 0.6})
+
+
 # -- hull, AIQ, QNC ----------------------------------------------------------------------------
 
 

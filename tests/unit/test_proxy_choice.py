@@ -10,6 +10,7 @@ import stat
 import pytest
 
 from cmr import constants
+from services import proxy as px
 from services import serve_cli
 
 
@@ -21,7 +22,7 @@ def _ns(**kw) -> argparse.Namespace:
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    """Both variables absent, and restored afterwards even though choose_proxy writes os.environ
+    """Both variables absent, and restored afterwards even though a test writes os.environ
     (setenv records the original; delenv of an absent variable alone would not): the Ray tests
     later in the same session must not inherit a front door from here."""
     for name in (constants.RAY_HAPROXY_ENV, constants.RAY_HAPROXY_BINARY_ENV):
@@ -31,12 +32,12 @@ def clean_env(monkeypatch):
 
 
 def test_env_for_each_proxy():
-    assert constants.ray_proxy_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
-    assert constants.ray_proxy_env("serve") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # explicit: beats an inherited 1
+    assert px.ray_proxy_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    assert px.ray_proxy_env("serve") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # explicit: beats an inherited 1
     with pytest.raises(ValueError, match="proxy"):
-        constants.ray_proxy_env("nginx")
+        px.ray_proxy_env("nginx")
     with pytest.raises(ValueError, match="proxy"):
-        constants.resolve_proxy("nginx")
+        px.resolve_proxy("nginx")
 
 
 def _fake_haproxy(tmp_path, version: str):
@@ -48,12 +49,12 @@ def _fake_haproxy(tmp_path, version: str):
 def test_binary_override_decides(clean_env, tmp_path):
     fake = _fake_haproxy(tmp_path, "2.8.25")
     clean_env.setenv(constants.RAY_HAPROXY_BINARY_ENV, str(fake))
-    assert constants.haproxy_binary() is None and constants.resolve_proxy("auto") == "serve"  # not executable
-    assert "is not an executable file" in constants.haproxy_problem()
+    assert px.haproxy_binary() is None and px.resolve_proxy("auto") == "serve"  # not executable
+    assert "is not an executable file" in px.haproxy_problem()
     fake.chmod(0o755)
-    assert constants.haproxy_binary() == str(fake) and constants.haproxy_version(str(fake)) == (2, 8)
-    assert constants.haproxy_problem() is None and constants.resolve_proxy("auto") == "haproxy"
-    assert constants.resolve_proxy("serve") == "serve"
+    assert px.haproxy_binary() == str(fake) and px.haproxy_version(str(fake)) == (2, 8)
+    assert px.haproxy_problem() is None and px.resolve_proxy("auto") == "haproxy"
+    assert px.resolve_proxy("serve") == "serve"
 
 
 def test_too_old_haproxy_is_not_used(clean_env, tmp_path):
@@ -61,8 +62,8 @@ def test_too_old_haproxy_is_not_used(clean_env, tmp_path):
     old = _fake_haproxy(tmp_path, "2.6.12")
     old.chmod(0o755)
     clean_env.setenv(constants.RAY_HAPROXY_BINARY_ENV, str(old))
-    assert constants.haproxy_version(str(old)) == (2, 6) and "version 2.6; " in constants.haproxy_problem()
-    assert constants.resolve_proxy("auto") == "serve"
+    assert px.haproxy_version(str(old)) == (2, 6) and "version 2.6; " in px.haproxy_problem()
+    assert px.resolve_proxy("auto") == "serve"
 
 
 def test_auto_exports_haproxy_when_usable(clean_env, tmp_path, capsys):
@@ -70,14 +71,16 @@ def test_auto_exports_haproxy_when_usable(clean_env, tmp_path, capsys):
     fake.chmod(0o755)
     clean_env.setenv(constants.RAY_HAPROXY_BINARY_ENV, str(fake))
     assert serve_cli.choose_proxy(_ns()) == "haproxy"
-    assert os.environ[constants.RAY_HAPROXY_ENV] == "1" and constants.proxy_in_env() == "haproxy"
     assert f"front door: haproxy (HAProxy {fake}" in capsys.readouterr().out
-    assert serve_cli.choose_proxy(_ns(proxy="serve")) == "serve" and os.environ[constants.RAY_HAPROXY_ENV] == "0"
+    assert serve_cli.choose_proxy(_ns(proxy="serve")) == "serve"
+    # what cmr.raycluster.start puts into the environment Ray's processes inherit
+    constants.export_for_ray_workers(px.ray_proxy_env("haproxy"))
+    assert os.environ[constants.RAY_HAPROXY_ENV] == "1" and constants.proxy_in_env() == "haproxy"
 
 
 def test_auto_falls_back_and_explicit_haproxy_exits_2(clean_env, capsys):
     clean_env.setenv(constants.RAY_HAPROXY_BINARY_ENV, "/nonexistent/haproxy")
-    assert serve_cli.choose_proxy(_ns()) == "serve" and os.environ[constants.RAY_HAPROXY_ENV] == "0"
+    assert serve_cli.choose_proxy(_ns()) == "serve"
     assert "front door: serve (RAY_SERVE_HAPROXY_BINARY_PATH=/nonexistent/haproxy is not an executable file)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         serve_cli.choose_proxy(_ns(proxy="haproxy"))
@@ -98,7 +101,7 @@ def test_k8s_ray_pods_get_haproxy():
 
     base = constants.REPO_ROOT / "k8s" / "base"
     env = yaml.safe_load((base / "configmap.yaml").read_text())["data"]
-    assert env[constants.RAY_HAPROXY_ENV] == constants.ray_proxy_env("haproxy")[constants.RAY_HAPROXY_ENV]
+    assert env[constants.RAY_HAPROXY_ENV] == px.ray_proxy_env("haproxy")[constants.RAY_HAPROXY_ENV]
     svc = yaml.safe_load((base / "rayservice.yaml").read_text())
     rc = svc["spec"]["rayClusterConfig"]
     pods = [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]

@@ -1,6 +1,6 @@
 """What limits CMRBench routing quality: label consistency, data, encoder (issue 3's floors).
 
-    python scripts/cmrbench_limits.py [--data DIR] [--out docs/results/limits] [--parts a,b,c,d]
+    python -m bench.cmrbench_limits [--data DIR] [--out docs/results/limits] [--parts a,b,c,d]
 
 Four experiments, written to ``OUT/report.json`` and ``OUT/report.md`` (temp file + rename):
 
@@ -374,9 +374,11 @@ def part_d(bench: CMRBench, enc) -> dict:
     cdom = np.array([c.domain for c in live], dtype=object)
     test = Examples.concat([e.test for e in bench.experiences])
     pick = choose(pol.score(test.emb, live), np.zeros(len(live)), 0.0)
+    from cmr.bench.metrics import routing_hits
+
     _, tdom, _ = _labels(test)
     pd = cdom[pick]
-    wrong = pd != tdom
+    wrong = ~routing_hits(pick, live, test)["d"]
     modality = lambda d: str(d).split(" ")[0] if d else ""  # noqa: E731
     same_mod = np.array([modality(a) == modality(b) for a, b in zip(pd, tdom)])
     conf = Counter(zip(tdom[wrong].tolist(), pd[wrong].tolist())).most_common(12)
@@ -385,7 +387,7 @@ def part_d(bench: CMRBench, enc) -> dict:
     worst = sorted(((d, err_dom[d] / n, n) for d, n in per_dom.items() if n >= 30), key=lambda x: -x[1])[:8]
     alias = {d: a[0] for a in DOMAIN_ALIASES for d in a}
     canon = lambda x: np.array([alias.get(d, d) for d in x], dtype=object)  # noqa: E731
-    wrong_alias = canon(pd) != canon(tdom)
+    wrong_alias = wrong & (canon(pd) != canon(tdom))
     return {
         "pooled_test_rows": int(len(test)), "d_acc_pooled": float(1 - wrong.mean()),
         "d_acc_pooled_aliases_merged": float(1 - wrong_alias.mean()),

@@ -1,6 +1,6 @@
 """Load and fault test: N requests at fixed concurrency with feedback, while a pool replica and the learner are killed.
 
-``python -m services.loadtest [--requests 400] [--concurrency 16] [--out DIR]`` (or ``cmr bench load``).
+``python -m bench.load [--requests 400] [--concurrency 16] [--out DIR]`` (or ``cmr bench load``).
 
 Starts the served app in-process on 127.0.0.1 (Ray + Serve, a temporary ``home``; loopback only,
 bounded in count and time, stops by itself): the CMRBench hub and a ``knn`` router trained at first
@@ -182,15 +182,12 @@ def _wait_learner(url: str, before: str | None, deadline: float) -> dict[str, An
 
 def run_load(a: argparse.Namespace, home: Path) -> dict[str, Any]:
     """Start the app under ``home``, run the load with the kills, audit; the report dict."""
-    from cmr import constants
-
-    constants.export_for_ray_workers()  # workers inherit the driver's cache and offline settings
     import httpx
     import ray
-    from ray import serve
 
-    from services.app import build_app
-    from services.bench_serve import test_prompts
+    from cmr import raycluster
+    from services.app import deploy, undeploy
+    from bench.serve import test_prompts
     from services.config import AppArgs
     from services.learner import audit, learner_handle
     from services.routing import effective_pools, prepare_models
@@ -211,10 +208,9 @@ def run_load(a: argparse.Namespace, home: Path) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     report: dict[str, Any] = {"config": {k: v for k, v in vars(a).items() if k not in ("func", "command", "protocol")}, **run_info(),
                               "loadavg_start": list(os.getloadavg()), "events": []}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    raycluster.start()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="cmr", route_prefix="/")
+        deploy(args, port=port)
         report["startup_s"] = round(time.monotonic() - t_start, 1)
         learner0 = _wait_learner(url, None, min(deadline, time.monotonic() + 180))
         print(f"app up in {report['startup_s']} s on {url}; learner {learner0.get('instance')}", flush=True)
@@ -260,10 +256,7 @@ def run_load(a: argparse.Namespace, home: Path) -> dict[str, Any]:
     finally:
         report["loadavg_end"] = list(os.getloadavg())
         try:
-            serve.shutdown()
-            h = learner_handle(args)
-            if h is not None:
-                ray.kill(h)
+            undeploy(args)
         finally:
             ray.shutdown()
     report["wall_s"] = round(time.monotonic() - t_start, 1)
@@ -355,7 +348,7 @@ def run(a: argparse.Namespace) -> int:
         if not a.keep_home:
             shutil.rmtree(home, ignore_errors=True)
     via_cli = getattr(a, "protocol", None) == "load"
-    report["command"] = ("cmr " if via_cli else "python -m services.loadtest ") + " ".join(sys.argv[1:])
+    report["command"] = ("cmr " if via_cli else "python -m bench.load ") + " ".join(sys.argv[1:])
     if a.keep_home:
         report["home"] = str(home)
     out.mkdir(parents=True, exist_ok=True)
@@ -368,7 +361,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.loadtest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     a = p.parse_args(argv)
     from cmr.errors import CMRError

@@ -1,6 +1,6 @@
 """Issue 3's online comparison with warm-started bandits.
 
-    python scripts/online_warmstart.py [--data routerbench] [--policy linucb --policy thompson] [--lam 0|sweep] [--out DIR]
+    python -m bench.online_warmstart [--data routerbench] [--policy linucb --policy thompson] [--lam 0|sweep] [--out DIR]
 
 ``cmr bench online`` starts every bandit cold, while the fixed offline router it must beat is fit
 with full outcomes on the first 10% of the stream. Here each bandit is also given that 10% with

@@ -6,7 +6,7 @@ joint train set; the chosen configuration is then refitted on the whole train se
 on the four test sets (average of the per-experience accuracies). The test sets are never used
 for a choice. Not the official benchmark (that is ``cmr bench cmr``); a quick cross-check.
 
-    python scripts/cmrbench_baselines.py [--data DIR] [--out FILE.json]
+    python -m bench.cmrbench_baselines [--data DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cmr import constants
+from cmr.bench import metrics
 from cmr.data import Examples, load_cmrbench
 from cmr.decide import choose
 from cmr.encoders import default_encoder
@@ -32,15 +33,7 @@ from cmr.policies import make_policy
 def accuracies(scores: np.ndarray, data: Examples, cards) -> dict[str, float]:
     """M-Acc / F-Acc / D-Acc of routing each row to the argmax (the one decision rule, λ = 0)."""
     pick = choose(scores, np.array([c.cost for c in cards]), 0.0)
-    ids = [c.id for c in cards]
-    target = [data.model_ids[i] for i in data.labels]
-    fam = np.array([cards[j].family for j in pick], dtype=object)
-    dom = np.array([cards[j].domain for j in pick], dtype=object)
-    return {
-        "m_acc": float(np.mean([ids[j] == t for j, t in zip(pick, target)])),
-        "f_acc": float(np.mean(fam == np.array(data.meta["family"], dtype=object))),
-        "d_acc": float(np.mean(dom == np.array(data.meta["domain"], dtype=object))),
-    }
+    return {f"{m}_acc": v for m, v in metrics.accuracies(pick, cards, data).items()}
 
 
 PRIOR_WEIGHTS = [0.0, 0.3, 1.0, 2.0, 4.0]

@@ -1,7 +1,7 @@
 """Serving benchmark (issue 4): router decision latency in-process, and end-to-end throughput and
 latency through Ray Serve on loopback.
 
-``python -m services.bench_serve [--models 2000 100000] [--concurrency 16 32] [--requests 200] [--out DIR]``
+``python -m bench.serve [--models 2000 100000] [--concurrency 16 32] [--requests 200] [--out DIR]``
 
 1. *Decision latency* (no HTTP, no Ray): a ``RouterCore`` over a hub of N synthetic model cards,
    driven exactly as the Router deployment drives it (``RouterCore.route``: encode → optional
@@ -427,17 +427,9 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
     ``proxy``: the front door (``haproxy``, ``serve``, or ``auto`` = haproxy when its binary exists;
     None: what this process's environment already asks Ray for), set in Ray's environment before
     ``ray.init``; the report's ``app.proxy`` says which one ran."""
-    from cmr import constants
-
-    constants.export_for_ray_workers()  # workers inherit the driver's cache and offline settings
-    proxy = constants.resolve_proxy(proxy) if proxy else constants.proxy_in_env()
-    if proxy == "haproxy" and constants.haproxy_problem():
-        raise RuntimeError(f"proxy 'haproxy': {constants.haproxy_problem()} (or use proxy 'serve')")
-    constants.export_proxy_for_ray(proxy)
-    import ray
-    from ray import serve
-
-    from services.app import build_app
+    from cmr import constants, raycluster
+    from services import proxy as px
+    from services.app import deploy, undeploy
     from services.config import AppArgs
     from services.pools.tiny import TINY_SPECS
 
@@ -446,92 +438,93 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
     args = AppArgs(home=str(home), policy="knn", train_limit=train_limit, learner={"enabled": False}, auth={"open": True},
                    **(app or {}))
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        t0 = time.perf_counter()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="cmr", route_prefix="/")
-        startup_s = time.perf_counter() - t0
-        url = f"http://127.0.0.1:{port}"
-        seq = iter(range(10**9))
-        run = os.urandom(4).hex()
-        # every request a different real test prompt, unaltered: the router keeps routed query
-        # embeddings only in its in-memory LRU (empty at start), so none is answered from a cache.
-        # Past the data set's size a unique suffix keeps them distinct (and ~8 tokens longer).
-        pool = test_prompts(10**9, seed=1)
+    proxy = px.resolve_proxy(proxy) if proxy else constants.proxy_in_env()
+    if proxy == "haproxy" and px.haproxy_problem():
+        raise RuntimeError(f"proxy 'haproxy': {px.haproxy_problem()} (or use proxy 'serve')")
+    with raycluster.running(env=px.ray_proxy_env(proxy)):
+        try:
+            t0 = time.perf_counter()
+            deploy(args, port=port)
+            startup_s = time.perf_counter() - t0
+            url = f"http://127.0.0.1:{port}"
+            seq = iter(range(10**9))
+            run = os.urandom(4).hex()
+            # every request a different real test prompt, unaltered: the router keeps routed query
+            # embeddings only in its in-memory LRU (empty at start), so none is answered from a cache.
+            # Past the data set's size a unique suffix keeps them distinct (and ~8 tokens longer).
+            pool = test_prompts(10**9, seed=1)
 
-        def q(i: int) -> str:
-            k = next(seq)
-            return pool[k] if k < len(pool) else f"{pool[k % len(pool)]} (#{run}-{k})"
+            def q(i: int) -> str:
+                k = next(seq)
+                return pool[k] if k < len(pool) else f"{pool[k % len(pool)]} (#{run}-{k})"
 
-        def route_body(i): return {"query": q(i), "record": False}
-        def auto_body(i): return {"model": "auto", "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
-        # direct: each request names the model that chat_auto's request of the same index got, so
-        # both cells generate the same work and their difference is the routing step alone (a
-        # request naming a model starts generating at once; its decision is recorded beside it)
-        chosen: list[str | None] = []
+            def route_body(i): return {"query": q(i), "record": False}
+            def auto_body(i): return {"model": "auto", "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
+            # direct: each request names the model that chat_auto's request of the same index got, so
+            # both cells generate the same work and their difference is the routing step alone (a
+            # request naming a model starts generating at once; its decision is recorded beside it)
+            chosen: list[str | None] = []
 
-        def direct_body(i): return {"model": (chosen[i] if i < len(chosen) and chosen[i] else direct_model),
-                                    "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
+            def direct_body(i): return {"model": (chosen[i] if i < len(chosen) and chosen[i] else direct_model),
+                                        "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
 
-        # pool: the same named models with ``routing.record`` false, which the ingress sends straight
-        # to their pool without asking the router: the path with no router at all
-        def pool_body(i): return {**direct_body(i), "routing": {"record": False}}
+            # pool: the same named models with ``routing.record`` false, which the ingress sends straight
+            # to their pool without asking the router: the path with no router at all
+            def pool_body(i): return {**direct_body(i), "routing": {"record": False}}
 
-        kinds = {"route": ("/v1/route", route_body), "chat_auto": ("/v1/chat/completions", auto_body),
-                 "chat_direct": ("/v1/chat/completions", direct_body), "chat_pool": ("/v1/chat/completions", pool_body)}
-        for path, mk in kinds.values():  # warm-up: replicas, tokenizers, batch loop
-            asyncio.run(_load(url, path, [mk(i) for i in range(8)], 8))
-        res: dict[str, Any] = {"startup_s": round(startup_s, 1), "direct_model": direct_model, "max_tokens": max_tokens,
-                               "requests_per_cell": n_requests, "app": {"policy": args.policy, "train_limit": train_limit,
-                                                                         "retrieve_k": args.retrieve_k, "max_batch_size": args.max_batch_size,
-                                                                         "batch_wait_timeout_s": args.batch_wait_timeout_s,
-                                                                         "router_replicas": args.router_replicas, "encoder": args.encoder,
-                                                                         "encoder_threads": args.encoder_threads, "encoder_single_threads": args.encoder_single_threads, "query_max_tokens": args.query_max_tokens,
-                                                                         "proxy": proxy}, "cells": {}}
-        # the chat cells run in halves, A B C C B A (auto, direct, pool, pool, direct, auto), pooled
-        # per cell: a drift of the shared machine's speed during the run then hits all alike, and
-        # their ratios (the router's overhead) do not depend on the order they ran in. Direct and
-        # pool repeat the first auto half's model mix.
-        half = max(1, n_requests // 2)
-        plan = [("route", range(n_requests)), ("chat_auto", range(half)), ("chat_direct", range(half)), ("chat_pool", range(half)),
-                ("chat_pool", range(half)), ("chat_direct", range(half)), ("chat_auto", range(half, 2 * half))]
-        for c in concurrencies:
-            parts: dict[str, list[dict[str, Any]]] = {}
-            cpu: dict[str, dict[str, float]] = {}
-            for name, idx in plan:
-                path, mk = kinds[name]
-                cpu0, st0 = _cpu_by_role(), _steal_s()
-                part = asyncio.run(_load(url, path, [mk(i) for i in idx], c))
-                cpu1, part["steal_s"] = _cpu_by_role(), _steal_s() - st0
-                if name == "chat_auto" and not parts.get(name):
-                    chosen[:] = part["models"]
-                parts.setdefault(name, []).append(part)
-                acc = cpu.setdefault(name, {})
-                for k in cpu1:
-                    acc[k] = acc.get(k, 0.0) + cpu1[k] - cpu0.get(k, 0.0)
-            for name in kinds:
-                cell = _merge(parts[name])
-                models = cell.pop("models")
-                if name == "chat_auto":
-                    cell["models_chosen"] = {m: models.count(m) for m in sorted(set(filter(None, models)))}
-                if cell.get("n"):  # CPU ms per answered request, per process role, and the ceiling it sets on 2 free cores
-                    per = {k: round(v * 1e3 / cell["n"], 2) for k, v in cpu[name].items() if v > 0}
-                    cell["cpu_ms_per_request"] = dict(sorted(per.items(), key=lambda kv: -kv[1]))
-                    cell["cpu_bound_rps_on_2_cores"] = 2e3 / max(sum(per.values()), 1e-9)
-                res["cells"][f"{name}@{c}"] = cell
-            # the floor's measure: auto against the pool straight (no router); also against a named
-            # model whose decision is recorded beside its generation (what feedback needs)
-            a = res["cells"][f"chat_auto@{c}"]
-            for key, other in ((f"router_overhead@{c}", "chat_pool"), (f"router_overhead_vs_named@{c}", "chat_direct")):
-                d = res["cells"][f"{other}@{c}"]
-                if a.get("n") and d.get("n"):
-                    res["cells"][key] = {"p50_ms": a["p50_ms"] - d["p50_ms"], "frac_of_direct_p50": (a["p50_ms"] - d["p50_ms"]) / d["p50_ms"],
-                                         "direct": other}
-        return res
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+            kinds = {"route": ("/v1/route", route_body), "chat_auto": ("/v1/chat/completions", auto_body),
+                     "chat_direct": ("/v1/chat/completions", direct_body), "chat_pool": ("/v1/chat/completions", pool_body)}
+            for path, mk in kinds.values():  # warm-up: replicas, tokenizers, batch loop
+                asyncio.run(_load(url, path, [mk(i) for i in range(8)], 8))
+            res: dict[str, Any] = {"startup_s": round(startup_s, 1), "direct_model": direct_model, "max_tokens": max_tokens,
+                                   "requests_per_cell": n_requests, "app": {"policy": args.policy, "train_limit": train_limit,
+                                                                             "retrieve_k": args.retrieve_k, "max_batch_size": args.max_batch_size,
+                                                                             "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                                                                             "router_replicas": args.router_replicas, "encoder": args.encoder,
+                                                                             "encoder_threads": args.encoder_threads, "encoder_single_threads": args.encoder_single_threads, "query_max_tokens": args.query_max_tokens,
+                                                                             "proxy": proxy}, "cells": {}}
+            # the chat cells run in halves, A B C C B A (auto, direct, pool, pool, direct, auto), pooled
+            # per cell: a drift of the shared machine's speed during the run then hits all alike, and
+            # their ratios (the router's overhead) do not depend on the order they ran in. Direct and
+            # pool repeat the first auto half's model mix.
+            half = max(1, n_requests // 2)
+            plan = [("route", range(n_requests)), ("chat_auto", range(half)), ("chat_direct", range(half)), ("chat_pool", range(half)),
+                    ("chat_pool", range(half)), ("chat_direct", range(half)), ("chat_auto", range(half, 2 * half))]
+            for c in concurrencies:
+                parts: dict[str, list[dict[str, Any]]] = {}
+                cpu: dict[str, dict[str, float]] = {}
+                for name, idx in plan:
+                    path, mk = kinds[name]
+                    cpu0, st0 = _cpu_by_role(), _steal_s()
+                    part = asyncio.run(_load(url, path, [mk(i) for i in idx], c))
+                    cpu1, part["steal_s"] = _cpu_by_role(), _steal_s() - st0
+                    if name == "chat_auto" and not parts.get(name):
+                        chosen[:] = part["models"]
+                    parts.setdefault(name, []).append(part)
+                    acc = cpu.setdefault(name, {})
+                    for k in cpu1:
+                        acc[k] = acc.get(k, 0.0) + cpu1[k] - cpu0.get(k, 0.0)
+                for name in kinds:
+                    cell = _merge(parts[name])
+                    models = cell.pop("models")
+                    if name == "chat_auto":
+                        cell["models_chosen"] = {m: models.count(m) for m in sorted(set(filter(None, models)))}
+                    if cell.get("n"):  # CPU ms per answered request, per process role, and the ceiling it sets on 2 free cores
+                        per = {k: round(v * 1e3 / cell["n"], 2) for k, v in cpu[name].items() if v > 0}
+                        cell["cpu_ms_per_request"] = dict(sorted(per.items(), key=lambda kv: -kv[1]))
+                        cell["cpu_bound_rps_on_2_cores"] = 2e3 / max(sum(per.values()), 1e-9)
+                    res["cells"][f"{name}@{c}"] = cell
+                # the floor's measure: auto against the pool straight (no router); also against a named
+                # model whose decision is recorded beside its generation (what feedback needs)
+                a = res["cells"][f"chat_auto@{c}"]
+                for key, other in ((f"router_overhead@{c}", "chat_pool"), (f"router_overhead_vs_named@{c}", "chat_direct")):
+                    d = res["cells"][f"{other}@{c}"]
+                    if a.get("n") and d.get("n"):
+                        res["cells"][key] = {"p50_ms": a["p50_ms"] - d["p50_ms"], "frac_of_direct_p50": (a["p50_ms"] - d["p50_ms"]) / d["p50_ms"],
+                                             "direct": other}
+            return res
+        finally:
+            undeploy(args)
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -644,7 +637,7 @@ class BenchServeError(CMRError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``python -m services.bench_serve`` and ``cmr bench serve``."""
+    """The options of ``python -m bench.serve`` and ``cmr bench serve``."""
     p.add_argument("--models", type=int, nargs="+", default=[2000, 100_000], help="hub sizes for the decision latency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
     p.add_argument("--requests", type=int, default=200, help="requests per end-to-end cell")
@@ -684,11 +677,11 @@ def run(a: argparse.Namespace) -> int:
         a.encoder_single_threads = served.encoder_single_threads
     if a.query_max_tokens is None:
         a.query_max_tokens = served.query_max_tokens
-    from cmr import constants
+    from services import proxy as px
 
-    proxy = a.proxy or constants.resolve_proxy("auto")
-    if proxy == "haproxy" and constants.haproxy_problem():
-        raise BenchServeError(f"--proxy haproxy: {constants.haproxy_problem()} (or --proxy serve)")
+    proxy = a.proxy or px.resolve_proxy("auto")
+    if proxy == "haproxy" and px.haproxy_problem():
+        raise BenchServeError(f"--proxy haproxy: {px.haproxy_problem()} (or --proxy serve)")
     started = datetime.now(timezone.utc)
     out = a.out or Path("runs") / f"serve-{started.strftime('%Y%m%dT%H%M%SZ')}"
     import platform
@@ -748,10 +741,10 @@ def run(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m services.bench_serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     a = p.parse_args(argv)
-    a.command_line = "python -m services.bench_serve " + " ".join(argv if argv is not None else sys.argv[1:])
+    a.command_line = "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         return run(a)
     except BenchServeError as e:

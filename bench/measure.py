@@ -1,7 +1,7 @@
 """Measure a running server: routing accuracy on CMRBench test splits through ``POST /v1/route``,
 and routing latency/throughput under concurrency.
 
-    python -m services.measure --url http://127.0.0.1:8000 --per-experience 200 --concurrency 1 32
+    python -m bench.measure --url http://127.0.0.1:8000 --per-experience 200 --concurrency 1 32
 
 Accuracy is over the test splits only (the served router was trained on the train splits), with
 the decision restricted (``routing.allow``) to the models routable after that experience, as
@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--api-key-file: {e.strerror}: {ns.api_key_file}")
 
     from cmr import constants
+    from cmr.bench import metrics
     from cmr.data import load_cmrbench
 
     bench = load_cmrbench(ns.data or constants.data_root() / "cmrbench")
-    card = {c.id: c for c in bench.cards}
+    index = {c.id: i for i, c in enumerate(bench.cards)}
     rng = np.random.default_rng(0)
     report: dict = {"url": ns.url, "per_experience": ns.per_experience, "accuracy": {}, "latency": {}}
     all_bodies = []
@@ -74,11 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         allow = [c.id for c in bench.cards_upto(exp.k)]
         bodies = [{"query": te.texts[i], "record": False, "routing": {"allow": allow, "k": 1}} for i in idx]
         res, _, _ = asyncio.run(_route_all(ns.url, bodies, 16, api_key))
-        truth = [te.model_ids[te.labels[i]] for i in idx]
-        pred = [r["model"] for r in res]
-        m = np.mean([a == b for a, b in zip(pred, truth)])
-        f = np.mean([card[a].family == card[b].family for a, b in zip(pred, truth)])
-        d = np.mean([card[a].domain == card[b].domain for a, b in zip(pred, truth)])
+        m, f, d = metrics.accuracies([index[r["model"]] for r in res], bench.cards, te.subset(idx)).values()
         report["accuracy"][f"e{exp.k}"] = {"n": len(idx), "M-Acc": round(float(m), 4), "F-Acc": round(float(f), 4), "D-Acc": round(float(d), 4)}
         all_bodies += [{"query": b["query"], "record": False} for b in bodies]
     acc = report["accuracy"].values()

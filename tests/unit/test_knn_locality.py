@@ -41,11 +41,11 @@ def bench2(data_root, encoder):
     return bench
 
 
-@pytest.fixture(scope="module", params=[None, 0.3, 0.0], ids=["tuned", "card0.3", "card0"])
+@pytest.fixture(scope="module", params=[None, 0.3, 0.0, "s0.03"], ids=["tuned", "card0.3", "card0", "s0.03"])
 def served_knn(bench2, encoder, request):
     """knn as first start trains it; the card weight tuned (the default) or fixed: the tuned one
     depends on the data, and the guarantee must not."""
-    policy = make_policy("knn", encoder, {"prior_weight": request.param})
+    policy = make_policy("knn", encoder, {"shrinkage": 0.03} if request.param == "s0.03" else {"prior_weight": request.param})
     for exp in bench2.experiences:
         policy.fit(exp.train, list(bench2.cards) + SERVED)
     return policy

@@ -9,6 +9,7 @@ import numpy as np
 from cmr.data import load_cmrbench
 from cmr.encoders import default_encoder
 from cmr.policies.registry import make_policy
+from cmr.continual.learner import Learner
 from cmr import constants
 from cmr.decide import choose
 
@@ -65,11 +66,12 @@ def main():
     K = len(exps)
     acc = {m: np.full((K, K), np.nan) for m in "MFD"}
     t_train = 0.0
+    learner = Learner(pol)
     for i, (k, tr, _) in enumerate(exps):
         live = bench.cards_upto(k)
         t0 = time.perf_counter()
         pol.add_models(bench.cards_of(k))
-        pol.fit(tr, live)
+        learner.fit(tr, live)
         t_train += time.perf_counter() - t0
         costs = np.zeros(len(live))
         for j in range(i + 1):

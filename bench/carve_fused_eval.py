@@ -31,6 +31,7 @@ from cmr.data import load_cmrbench  # noqa: E402
 from cmr.decide import choose  # noqa: E402
 from cmr.encoders import default_encoder  # noqa: E402
 from cmr.policies.registry import make_policy  # noqa: E402
+from cmr.continual.learner import Learner  # noqa: E402
 from carve_eval import validation_mask  # noqa: E402
 
 
@@ -82,13 +83,14 @@ def main() -> int:
         for _, tr, va in exps:
             tr.emb, va.emb = fenc.encode(tr.texts), fenc.encode(va.texts)
         pol = make_policy("carve", encoder=fenc, config={})
+        learner = Learner(pol)
         K = len(exps)
         acc = {m: np.full((K, K), np.nan) for m in "MFD"}
         t0 = time.perf_counter()
         for i, (k, tr, _) in enumerate(exps):
             live = bench.cards_upto(k)
             pol.add_models(bench.cards_of(k))
-            pol.fit(tr, live)
+            learner.fit(tr, live)
             for j in range(i + 1):
                 va = exps[j][2]
                 pick = [live[c].id for c in choose(pol.score(va.emb, live), np.zeros(len(live)))]

@@ -89,10 +89,12 @@ def run_protocol(bench, policy, report=None) -> dict[str, Any]:
     ``report(metrics)`` after each experience. Same routing and scoring as ``cmr bench cmr``."""
     from cmr.bench import metrics
     from cmr.bench.cmr_protocol import _accuracies, _route  # the protocol's own scoring
+    from cmr.continual.learner import Learner
 
     exps = bench.experiences
     K = len(exps)
     mats = {m: np.full((K, K), np.nan) for m in "mfd"}
+    learner = Learner(policy)
     train_s = 0.0
     out: dict[str, Any] = {}
     for ki, exp in enumerate(exps):
@@ -100,7 +102,7 @@ def run_protocol(bench, policy, report=None) -> dict[str, Any]:
         costs = np.array([c.cost for c in live], dtype=np.float64)
         t0 = time.perf_counter()
         policy.add_models(bench.cards_of(exp.k))
-        policy.fit(exp.train, live)
+        learner.fit(exp.train, live)
         train_s += time.perf_counter() - t0
         for ji in range(ki + 1):
             ch = _route(policy, exps[ji].test.emb, live, costs, 1024)

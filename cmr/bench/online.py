@@ -302,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
     """``cmr bench online``: replay, compare with fixed baselines, evaluate, write the report."""
     import numpy as np
 
+    from cmr.continual.learner import Learner
     from cmr.encoders import default_encoder
     from cmr.policies import policy_class
 

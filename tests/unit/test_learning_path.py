@@ -8,14 +8,14 @@ import numpy as np
 
 from cmr import checkpoint
 from cmr.bench.cmr_protocol import _stream_partial
-from cmr.continual import BaseHooks
+from cmr.continual import LearnerHooks
 from cmr.continual.learner import CONSOLIDATE_EVERY, EVENTS_PER_STEP, Learner
 from cmr.hub import HubStore, ModelHub
 from cmr.policies.registry import make_policy
 from cmr.types import Decision
 
 
-class _Events(BaseHooks):
+class _Events(LearnerHooks):
     """Keeps the feedback events the learner was given, in order."""
 
     def __init__(self) -> None:

@@ -43,6 +43,7 @@ import numpy as np
 
 from cmr import constants
 from cmr.bench import common
+from cmr.continual.learner import Learner
 from cmr.data import Examples, load_cmrbench
 from cmr.data.cmrbench import CMRBench, Experience
 from cmr.encoders import default_encoder
@@ -367,9 +368,10 @@ def part_d(bench: CMRBench, enc) -> dict:
     from cmr.policies import make_policy
 
     pol = make_policy("carve", encoder=enc, config={"joint": True})
+    learner = Learner(pol)
     for e in bench.experiences:
         pol.add_models(bench.cards_of(e.k))
-        pol.fit(e.train, bench.cards_upto(e.k))
+        learner.fit(e.train, bench.cards_upto(e.k))
     live = bench.cards_upto(bench.experiences[-1].k)
     cdom = np.array([c.domain for c in live], dtype=object)
     test = Examples.concat([e.test for e in bench.experiences])

@@ -22,6 +22,7 @@ import numpy as np
 
 from cmr.bench import common
 from cmr.bench.online import load_stream, replay
+from cmr.continual.learner import Learner
 from cmr.encoders import default_encoder
 from cmr.policies import make_policy
 
@@ -59,7 +60,7 @@ def main() -> int:
         pol = make_policy(name, encoder=enc, config={"seed": args.seed})
         t0 = time.perf_counter()
         if fit:
-            pol.fit(first, warm_cards)
+            Learner(pol).fit(first, warm_cards)
         r = replay(pol, stream, d["segments"], lam, args.batch_size, start=start, learn=learn)
         reg = r["regret"][warm - start :]  # rows after the warm-up, for every router
         row = {"router": label, "mean_regret_after_warm": float(reg.mean()), "mean_regret_last_quarter": float(reg[-last:].mean()),

@@ -468,8 +468,10 @@ def _prompt_set(args, serve_dir: Path):
             policy = make_policy(args.policy, encoder=encoder, config=common.parse_sets(args.sets) or None)
         except (TypeError, ValueError) as e:
             raise CalibrationError(f"--set for policy {args.policy!r}: {e}") from None
+        from cmr.continual.learner import Learner
+
         policy.add_models(cards)
-        policy.fit(train, cards)
+        Learner(policy).fit(train, cards)
     else:
         raise CalibrationError("--data needs --checkpoint (a trained policy) or --policy (fit on the train split)")
     policy.add_models(cards)

@@ -132,11 +132,12 @@ def version_dir(root: Path | str, version: int) -> Path:
     return Path(root) / f"v{version:06d}"
 
 
-def save(root: Path | str, policy, fingerprint: dict[str, Any] | None = None) -> Checkpoint:
-    """Write ``policy``'s state as the next version under ``root``; returns the checkpoint."""
+def save(root: Path | str, policy, fingerprint: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Checkpoint:
+    """Write ``policy``'s state (plus ``extra`` entries: the learner's) as the next version under
+    ``root``; returns the checkpoint."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    state = policy.state_dict()
+    state = {**policy.state_dict(), **(extra or {})}
     arrays: dict[str, np.ndarray] = {}
     skeleton = _split_arrays(state, arrays)
     models = list(getattr(policy, "_models", None) or state.get("card_ids") or [])

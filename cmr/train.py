@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _train_loop(opts: dict[str, Any], report: Callable[[dict[str, Any], Path], None] | None = None) -> list[dict[str, Any]]:
     """Run the experiences in order through a :class:`Learner`; returns one summary per experience."""
     from cmr.checkpoint import fingerprint_files
-    from cmr.continual.hooks import BaseHooks
+    from cmr.continual.hooks import LearnerHooks
     from cmr.continual.learner import Learner
     from cmr.data import load_cmrbench
     from cmr.encoders import default_encoder
@@ -76,7 +76,7 @@ def _train_loop(opts: dict[str, Any], report: Callable[[dict[str, Any], Path], N
     encoder = default_encoder(backend=opts.get("encoder") or "torch")
     policy = make_policy(opts["policy"], encoder=encoder, config=opts["config"])
 
-    class Progress(BaseHooks):
+    class Progress(LearnerHooks):
         def after_experience(self, exp, metrics):
             print(f"e{exp.k}: trained on {len(exp.train)} requests in {metrics.get('train_seconds', 0):.1f}s", file=sys.stderr, flush=True)
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cmr import constants
+from cmr.continual.learner import CONSOLIDATE_EVERY, EVENTS_PER_STEP
 from cmr.errors import CMRError
 
 
@@ -84,8 +85,9 @@ class LearnerArgs(_Strict):
     #: also poll the feedback store every this many seconds (0 = only when nudged)
     poll_s: float = Field(default=5.0, ge=0)
     #: ``Learner.consume``: events per bounded online step, events between consolidations
-    events_per_step: int = Field(default=32, ge=1)
-    consolidate_every: int = Field(default=1000, ge=1)
+    #: (defaults: the learner's own, which the benchmarks use)
+    events_per_step: int = Field(default=EVENTS_PER_STEP, ge=1)
+    consolidate_every: int = Field(default=CONSOLIDATE_EVERY, ge=1)
     #: checkpoint versions kept after each learner step: the newest this many that verify
     #: (``cmr.checkpoint.prune``); 0 keeps every version
     keep_checkpoints: int = Field(default=20, ge=0)

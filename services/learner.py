@@ -73,18 +73,18 @@ class LearnerActor:
         self._thread.start()
 
     def _load(self) -> None:
-        """(Re)load the newest valid checkpoint: policy, version, offset; a fresh ``Learner``."""
+        """(Re)load the newest valid checkpoint: policy, learner state, version, offset."""
         ck = checkpoint.latest(self.root)
         if ck is None:
             raise checkpoint.CheckpointError(f"{self.root}: no valid checkpoint to learn from")
-        self.policy = checkpoint.load_policy(ck.path, encoder=self.encoder)
+        self.hooks = RecordingHooks()
+        la = self.args.learner
+        self.learner = Learner.resume(ck, encoder=self.encoder, hooks=[self.hooks], store=self.root,
+                                      consolidate_every=la.consolidate_every, events_per_step=la.events_per_step)
+        self.policy = self.learner.policy
         self.version = self.base = ck.version
         # an old consolidation checkpoint may lack the offset: the store's cursor is written after each save
         self.offset = int(ck.fingerprint.get("offset", self.store.cursor("learner")))
-        self.hooks = RecordingHooks()
-        la = self.args.learner
-        self.learner = Learner(self.policy, hooks=[self.hooks], store=self.root, consolidate_every=la.consolidate_every,
-                               events_per_step=la.events_per_step)
         self._hub_version = -1
         log.info("learner %s on checkpoint v%d, offset %d", self.instance, self.version, self.offset)
 

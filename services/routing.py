@@ -223,7 +223,7 @@ def bootstrap(args: AppArgs, encoder) -> None:
                     log.info("trained %s on experience %d (%d requests)", args.policy, exp.k, len(tr))
             policy.add_models(hub.list())
             checkpoint.save(root, policy, {"offset": 0, "trained_on": str(args.bench_path()), "train_limit": args.train_limit,
-                                           "encoder": encoder.name})
+                                           "encoder": encoder.name}, {"learner": learner.state_dict()})
         hub.store.close()
 
 

@@ -102,7 +102,9 @@ def sweep(data, encoder, *, policy: str = "knn", policy_config: dict[str, Any] |
     cards = data.cards
     pol.add_models(cards)
     t0 = time.perf_counter()
-    pol.fit(fit, cards)
+    from cmr.continual.learner import Learner
+
+    Learner(pol).fit(fit, cards)
     fit_s = time.perf_counter() - t0
     card_costs = np.array([c.cost for c in cards], dtype=np.float64)
     if np.ptp(card_costs) == 0:

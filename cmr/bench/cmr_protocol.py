@@ -1,9 +1,10 @@
 """Continual routing over an evolving hub (CMRBench protocol): accuracy matrices and forgetting.
 
 For each experience k in order: ``policy.add_models(cards entering at k)``, then learn from the
-train split of k — ``policy.fit`` (``--feedback full``) or, with ``--feedback partial``, by
-routing the train requests in batches and telling the policy only whether its choice was right
-(``policy.update``) — then route the test requests of experiences 1..k among the cards with
+train split of k through the served learner's code (:class:`cmr.continual.learner.Learner`) —
+``Learner.fit`` (``--feedback full``) or, with ``--feedback partial``, by routing the train
+requests in batches and telling the learner only whether each choice was right
+(``Learner.consume``) — then route the test requests of experiences 1..k among the cards with
 ``experience <= k`` (``cmr.decide.choose`` at λ = 0) and score M-Acc (chosen model is the
 target), F-Acc (same family) and D-Acc (same domain), as ``metrics.routing_hits`` defines them.
 ``--validation`` scores held-out parts of the train splits instead (``validation_split``), for
@@ -54,13 +55,14 @@ def _route(policy, q, cards, costs, eval_batch: int):
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _stream_partial(policy, train, cards, costs, k: int, batch: int, seed: int) -> dict[str, float]:
+def _stream_partial(learner, train, cards, costs, k: int, batch: int, seed: int) -> dict[str, float]:
     """Route the train requests in seeded random order, ``batch`` at a time; after each batch the
-    policy hears only the chosen model's reward (1 if it was the target, else 0)."""
+    learner hears only the chosen model's reward (1 if it was the target, else 0)."""
     import numpy as np
 
     from cmr.types import FeedbackEvent
 
+    policy = learner.policy
     order = np.random.default_rng(seed + 1000 * k).permutation(len(train))
     ids = [c.id for c in cards]
     hits = 0
@@ -83,7 +85,7 @@ def _stream_partial(policy, train, cards, costs, k: int, batch: int, seed: int) 
                     cost=float(costs[j]),
                 )
             )
-        policy.update(events)
+        learner.consume(events)
     return {"online_reward": hits / max(1, len(order))}
 
 
@@ -131,7 +133,9 @@ def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_b
     import numpy as np
 
     from cmr.bench import metrics
+    from cmr.continual.learner import Learner
 
+    learner = Learner(policy)
     exps = bench.experiences
     K = len(exps)
     mats = {m: np.full((K, K), np.nan) for m, _ in METRICS}
@@ -145,9 +149,9 @@ def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_b
         t0 = time.perf_counter()
         policy.add_models(bench.cards_of(exp.k))
         if feedback == "full":
-            policy.fit(exp.train, live)
+            learner.fit(exp.train, live)
         else:
-            online.append({"experience": exp.k, **_stream_partial(policy, exp.train, live, costs, exp.k, batch_size, seed)})
+            online.append({"experience": exp.k, **_stream_partial(learner, exp.train, live, costs, exp.k, batch_size, seed)})
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
         for ji in range(ki + 1):

@@ -43,10 +43,12 @@ def train_policy(policy, data, unseen: float, profile_size: int | None, seed: in
     policy was given (with profiles under ``--unseen``)."""
     import numpy as np
 
+    from cmr.continual.learner import Learner
+
     cards = data.cards
     if unseen <= 0:
         policy.add_models(cards)
-        policy.fit(data.train, cards)
+        Learner(policy).fit(data.train, cards)
         return {}
     m = len(cards)
     n_hide = int(round(unseen * m))
@@ -68,7 +70,7 @@ def train_policy(policy, data, unseen: float, profile_size: int | None, seed: in
     seen_cards = [cards[j] for j in seen]
     policy.set_profile_prompts(prof.meta["id"], prof.emb)
     policy.add_models(seen_cards)
-    policy.fit(rest.select_models([c.id for c in seen_cards]), seen_cards)
+    Learner(policy).fit(rest.select_models([c.id for c in seen_cards]), seen_cards)
     policy.add_models([cards[j] for j in hidden])
     data.cards = cards
     return {

@@ -126,9 +126,11 @@ def replay(policy, stream, segments, lam, batch_size: int, start: int = 0, learn
     Returns per-row regret and reward arrays."""
     import numpy as np
 
+    from cmr.continual.learner import Learner
     from cmr.decide import choose
     from cmr.types import FeedbackEvent
 
+    learner = Learner(policy)  # the served learner's code: bounded steps, replay, consolidation
     util = _utilities(stream, lam)
     best = util.max(axis=1)
     lam_rows = np.broadcast_to(np.asarray(lam, dtype=np.float64), (len(stream),))
@@ -171,7 +173,7 @@ def replay(policy, stream, segments, lam, batch_size: int, start: int = 0, learn
                 )
                 for i, j in zip(r, ch)
             ]
-            policy.update(events)
+            learner.consume(events)
             t_update += time.perf_counter() - t0
     return {"regret": regret, "reward": reward, "route_s": t_route, "update_s": t_update}
 
@@ -300,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
     """``cmr bench online``: replay, compare with fixed baselines, evaluate, write the report."""
     import numpy as np
 
+    from cmr.continual.learner import Learner
     from cmr.encoders import default_encoder
     from cmr.policies import policy_class
 
@@ -363,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
         policy = common.build_policy(argparse.Namespace(**{**vars(args), "policy": name, "sets": [], "config": None}), encoder)
         t0 = time.perf_counter()
         first = stream.subset(np.arange(warm_rows))
-        policy.fit(first, warm_cards)
+        Learner(policy).fit(first, warm_cards)
         r = replay(policy, stream, d["segments"], lam, args.batch_size, start=warm_rows, learn=False)
         s = _summary(r["regret"], r["reward"], 0, last_rows)
         s["cum_regret"] = s["mean_regret"] = s["mean_regret_first_half"] = s["mean_regret_second_half"] = None

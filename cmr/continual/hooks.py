@@ -1,12 +1,12 @@
-"""Typed learner hooks: one Protocol, one method per moment of the loop (no string dispatch).
+"""Typed learner hooks: one method per moment of the loop (no string dispatch).
 
-Subclass :class:`BaseHooks` and override only what you need; a :class:`Learner` calls every
+Subclass :class:`LearnerHooks` and override only what you need; a :class:`Learner` calls every
 hook object it holds, in order.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Sequence
 
 from cmr.types import FeedbackEvent
 
@@ -15,15 +15,14 @@ if TYPE_CHECKING:  # only for annotations: keep import of this module cheap
     from cmr.data.cmrbench import Experience
 
 
-@runtime_checkable
-class LearnerHooks(Protocol):
-    """Callbacks around the learner's loop."""
+class LearnerHooks:
+    """Callbacks around the learner's loop (each a no-op here)."""
 
     def before_experience(self, exp: "Experience") -> None:
         """An experience is about to be trained."""
 
     def after_epoch(self, exp_k: int, epoch: int, metrics: dict[str, float]) -> None:
-        """One pass of training over an experience's data (plus replay) finished."""
+        """One pass of training over an experience's data (plus replay) finished (``exp_k`` -1: not an experience)."""
 
     def after_experience(self, exp: "Experience", metrics: dict[str, Any]) -> None:
         """An experience finished training (before its checkpoint is written)."""
@@ -35,26 +34,7 @@ class LearnerHooks(Protocol):
         """A batch of feedback events was learnt from online."""
 
 
-class BaseHooks:
-    """No-op implementation of every hook, to subclass."""
-
-    def before_experience(self, exp: "Experience") -> None:
-        return None
-
-    def after_epoch(self, exp_k: int, epoch: int, metrics: dict[str, float]) -> None:
-        return None
-
-    def after_experience(self, exp: "Experience", metrics: dict[str, Any]) -> None:
-        return None
-
-    def after_checkpoint(self, ckpt: "Checkpoint") -> None:
-        return None
-
-    def on_events(self, events: Sequence[FeedbackEvent], metrics: dict[str, float]) -> None:
-        return None
-
-
-class RecordingHooks(BaseHooks):
+class RecordingHooks(LearnerHooks):
     """Keeps a log of what happened (for tests, reports and the serving learner's status)."""
 
     def __init__(self) -> None:

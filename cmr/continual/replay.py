@@ -371,3 +371,27 @@ def buffer_from_state(d: dict[str, Any]) -> ReplayBuffer:
         raise ValueError(f"field 'kind': unknown replay buffer kind {kind!r}")
     b.load_state_dict(d)
     return b
+
+
+class Replay:
+    """The learner's replay: what it keeps of labelled experiences (``experiences``, e.g. a
+    coreset) and of feedback events (``events``, e.g. a reservoir). An experience trains on its
+    new data plus ``experiences``; an online step on its events plus ``online`` rows drawn half
+    from each buffer; a consolidation on both buffers whole."""
+
+    def __init__(self, experiences: ReplayBuffer, events: ReplayBuffer, online: int = 32):
+        self.experiences, self.events, self.online = experiences, events, online
+
+    def sample(self, rng: np.random.Generator) -> Interactions:
+        n = self.online
+        return Interactions.concat([self.events.sample(n // 2, rng), self.experiences.sample(n - n // 2, rng)])
+
+    def items(self) -> Interactions:
+        return Interactions.concat([self.experiences.items(), self.events.items()])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"experiences": self.experiences.state_dict(), "events": self.events.state_dict(), "online": self.online}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.experiences, self.events = buffer_from_state(d["experiences"]), buffer_from_state(d["events"])
+        self.online = int(d["online"])

@@ -28,16 +28,17 @@ epochs), same-domain negatives and random far negatives. Optionally (``card_exam
 card text of every live model (id words, domain, description, api_call) is also a training
 example for its own model; off by default (it lowered validation D-Acc by 3 points).
 
-Continual learning happens inside ``fit`` through :class:`cmr.continual.learner.Learner`:
-a domain-stratified coreset replay buffer (``replay`` = fraction of the data seen) and
-anchoring to the parameters after the previous experience (``anchor`` = strength).
-``joint=True`` is the upper reference: keep everything seen and retrain from the cards.
+Carve is trained by :class:`cmr.continual.learner.Learner` (it implements ``Trainable``); its
+config names the learner's parts: a domain-stratified coreset replay buffer (``replay`` =
+fraction of the data seen) and anchoring to the parameters after the previous experience
+(``anchor`` = strength). ``joint=True`` is the upper reference: keep everything seen and
+retrain from the cards.
 
 On outcome matrices (``Examples.labels is None``: several models can be right) the head
 becomes per-model sigmoids ``σ(s·cos + b_m)`` trained by binary cross-entropy on the known
 scores, so ``score`` is a predicted quality that ``decide`` can trade against cost.
 
-``update(events)`` is the online path: a fixed number of gradient steps on the events plus a
+``online_step`` is the online path: a fixed number of gradient steps on the events plus a
 fixed-size replay sample, with anchoring — bounded cost per event. A reward-1 event pulls the
 query towards the chosen model (InfoNCE); a reward-0 event pushes it away (−log(1 − p)).
 """
@@ -52,13 +53,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from cmr.continual.anchoring import Anchor, AnchorConfig
-from cmr.continual.replay import CoresetBuffer, Interactions, ReservoirBuffer, buffer_from_state
+from cmr.continual.replay import CoresetBuffer, Interactions, Replay, ReservoirBuffer
 from cmr.data.examples import Examples
 from cmr.policies.base import PolicyConfig, RoutingPolicy
 from cmr.types import FeedbackEvent, ModelCard
 
 _ID_SPLIT = re.compile(r"[/_\-.:]+")
 _NO_DOMAIN = ""
+_LEARNER_ONLY = "policy 'carve' is trained through cmr.continual.learner.Learner(policy): .fit(data, cards) / .consume(events)"
 
 
 @dataclass
@@ -155,20 +157,20 @@ class CarvePolicy(RoutingPolicy):
         self._bias_done: set[str] = set()  # sigmoid head: models whose bias was initialised
         self._params: dict[str, Any] | None = None  # torch tensors, built lazily
         self._live: list[str] = []
-        self.anchor = Anchor(AnchorConfig(c.anchor, c.anchor_dense))
-        self.buffer = self._new_buffer()
-        self.events = ReservoirBuffer(capacity=c.online_capacity, seed=c.seed)
-        self.experiences_seen = 0
-        self._rng = np.random.default_rng(c.seed)
         self._hard: np.ndarray | None = None
         self._epoch_items: Interactions | None = None
 
     # ---------------------------------------------------------------- structure
-    def _new_buffer(self):
+    def continual_parts(self) -> tuple[Replay, Anchor | None]:
+        """The learner's replay (coreset of the experiences, reservoir of the events) and anchor."""
         c: CarveConfig = self.config
-        if c.joint:
-            return ReservoirBuffer(capacity=10_000_000, seed=c.seed)  # keeps everything
-        return CoresetBuffer(fraction=c.replay, per_model_cap=c.replay_cap, seed=c.seed)
+        if c.joint:  # keeps everything, nothing anchored
+            kept = ReservoirBuffer(capacity=10_000_000, seed=c.seed)
+        else:
+            kept = CoresetBuffer(fraction=c.replay, per_model_cap=c.replay_cap, seed=c.seed)
+        replay = Replay(kept, ReservoirBuffer(capacity=c.online_capacity, seed=c.seed), c.online_replay)
+        anchored = not c.joint and (c.anchor > 0 or c.anchor_dense > 0)
+        return replay, Anchor(AnchorConfig(c.anchor, c.anchor_dense)) if anchored else None
 
     def _card_doc(self, card: ModelCard) -> str:
         if self.config.card_text == "plain":
@@ -388,20 +390,20 @@ class CarvePolicy(RoutingPolicy):
         """Sigmoid head logits: ``sig_a · cos + bias`` (rows ``[C]`` or ``[B, K]``)."""
         return p["sig_a"] * self._sig_cos(z, rows, p) + p["bias"][rows]
 
-    # ---------------------------------------------------------------- training (Learner protocol)
+    # ---------------------------------------------------------------- training (Learner's Trainable)
     def interactions(self, data: Examples) -> Interactions:
         """The training triples of a batch of labelled data."""
         if self._mode is None:
             self._mode = "softmax" if data.labels is not None else "sigmoid"
         return Interactions.from_examples(data)
 
-    def replay_items(self) -> Interactions:
-        """What the policy replays alongside new data (its coreset, or everything for ``joint``)."""
-        return self.buffer.items()
+    def anchored(self) -> tuple[dict[str, Any], set[str]]:
+        """The parameters the anchor holds (the per-model tables row-wise)."""
+        return ({} if self._params is None else self._trainable(online=True)), {"E", "D", "bias"}
 
-    def begin_experience(self, cards: Sequence[ModelCard], new: Interactions | None = None) -> None:
-        """Add the live models, fold ``new`` into the prototypes, anchor the current parameters
-        (or reset them for ``joint``)."""
+    def begin_experience(self, cards: Sequence[ModelCard] | None, new: Interactions | None = None) -> None:
+        """Add the live models (None: keep them), fold ``new`` into the prototypes (or, for
+        ``joint``, reset the parameters)."""
         c: CarveConfig = self.config
         if c.joint and self._params is not None:
             # upper reference: forget the parameters, keep the data, restart from the cards
@@ -415,16 +417,13 @@ class CarvePolicy(RoutingPolicy):
             self._mdom_cache = None
             self.add_models(known)
             self._proto = proto
-        self.add_models(cards)
-        self._live = [card.id for card in cards]
+        if cards is not None:
+            self.add_models(cards)
+            self._live = [card.id for card in cards]
         if new is not None and len(new):
             self.absorb(new)
             if self._mode == "sigmoid":
                 self._init_bias(new)
-        if self._params is not None and not c.joint and (c.anchor > 0 or c.anchor_dense > 0) and self.experiences_seen > 0:
-            self.anchor.capture(self._trainable(online=True), rows={"E", "D", "bias"})
-        else:
-            self.anchor.clear()
         self._hard = None
         self._opt = None
 
@@ -468,12 +467,13 @@ class CarvePolicy(RoutingPolicy):
         return Interactions(emb, list(self._live), np.ones(len(self._live), np.float32), dom,
                             weight=np.full(len(self._live), self.config.card_weight, np.float32))
 
-    def train_epoch(self, items: Interactions, epoch: int) -> dict[str, float]:
-        """One pass over ``items`` (new data + replay) plus the card examples."""
+    def train_epoch(self, items: Interactions, epoch: int, rng: np.random.Generator, penalty=None) -> dict[str, float]:
+        """One pass over ``items`` (new data + replay) plus the card examples, in ``rng``'s order;
+        ``penalty(params)`` (the anchor) joins every batch's loss."""
         with _torch_threads(self.config.torch_threads):
-            return self._train_epoch(items, epoch)
+            return self._train_epoch(items, epoch, rng, penalty)
 
-    def _train_epoch(self, items: Interactions, epoch: int) -> dict[str, float]:
+    def _train_epoch(self, items: Interactions, epoch: int, rng: np.random.Generator, penalty) -> dict[str, float]:
         import torch
 
         c: CarveConfig = self.config
@@ -495,7 +495,7 @@ class CarvePolicy(RoutingPolicy):
         sampled = self._use_sampled()
         if sampled and (self._hard is None or epoch % max(1, c.remine_every) == 0):
             self._hard = self._mine_hard(data)
-        order = self._rng.permutation(len(data))
+        order = rng.permutation(len(data))
         tot, nb = 0.0, 0
         x_all = torch.from_numpy(data.emb)
         pos_all = torch.as_tensor([self._row[m] for m in data.model], dtype=torch.long)
@@ -503,8 +503,9 @@ class CarvePolicy(RoutingPolicy):
             idx = order[s : s + c.batch_size]
             loss = self._loss(x_all[idx], pos_all[idx], torch.from_numpy(data.reward[idx]),
                               torch.from_numpy(data.weight[idx]), None if not sampled else idx,
-                              torch.from_numpy(self._epoch_loo[idx]) if c.leave_one_out else None)
-            loss = loss + self.anchor.penalty(self._params)
+                              torch.from_numpy(self._epoch_loo[idx]) if c.leave_one_out else None, rng)
+            if penalty is not None:
+                loss = loss + penalty(self._params)
             if c.offsets and c.offset_decay > 0:
                 loss = loss + c.offset_decay * (self._params["E"][torch.from_numpy(np.unique(pos_all[idx].numpy()))] ** 2).sum(-1).mean()
             self._opt.zero_grad()
@@ -514,10 +515,8 @@ class CarvePolicy(RoutingPolicy):
             nb += 1
         return {"loss": tot / max(nb, 1), "n": len(data)}
 
-    def end_experience(self, new: Interactions) -> None:
-        """Store the new data in the replay buffer; count the experience."""
-        self.buffer.add(new)
-        self.experiences_seen += 1
+    def end_experience(self) -> None:
+        """Drop the experience's optimiser and epoch cache."""
         self._opt = None
         self._epoch_items = None
 
@@ -553,7 +552,7 @@ class CarvePolicy(RoutingPolicy):
                 out[s : s + 2048, : top.shape[1]] = live[top].numpy()
         return out
 
-    def _sample_candidates(self, pos, idx):
+    def _sample_candidates(self, pos, idx, rng):
         """Sampled negatives per row: mined hard + same-domain + random (positive in column 0)."""
         import torch
 
@@ -561,12 +560,12 @@ class CarvePolicy(RoutingPolicy):
         live = self._live_rows().numpy()
         B = len(pos)
         hard = self._hard[idx]
-        rand = live[self._rng.integers(0, len(live), size=(B, c.n_random))]
+        rand = live[rng.integers(0, len(live), size=(B, c.n_random))]
         dom_rows = self._domain_members()
         same = np.empty((B, c.n_domain), dtype=np.int64)
         for i, r in enumerate(pos.tolist()):  # one vectorised draw per row of a batch
             members = dom_rows[self._model_domain[r]]
-            same[i] = members[self._rng.integers(0, len(members), size=c.n_domain)]
+            same[i] = members[rng.integers(0, len(members), size=c.n_domain)]
         cand = np.concatenate([pos.numpy()[:, None], hard, same, rand], axis=1)
         cand_t = torch.from_numpy(cand)
         # a sampled negative equal to the positive is masked out of the softmax
@@ -597,10 +596,11 @@ class CarvePolicy(RoutingPolicy):
         e = torch.nn.functional.normalize(e, dim=-1)
         return p["scale"] * (z * e).sum(-1)
 
-    def _loss(self, x, pos, reward, weight, idx, loo=None):
+    def _loss(self, x, pos, reward, weight, idx, loo=None, rng=None):
         """Reward-weighted contrastive loss: r·(−log p) + (1 − r)·(−log(1 − p)).
 
-        ``loo`` [B]: how much of each row's query its model's prototype holds (left out)."""
+        ``loo`` [B]: how much of each row's query its model's prototype holds (left out);
+        ``rng`` draws the sampled negatives (``idx`` given)."""
         import torch
 
         p = self._params
@@ -620,7 +620,7 @@ class CarvePolicy(RoutingPolicy):
                 logits = logits.scatter(1, pc, self._loo_logit(z, x, pos, loo, p).unsqueeze(1))
             logp = self._log_scores(z, live, p, logits).gather(1, pc)[:, 0]
         else:
-            cand, mask = self._sample_candidates(pos, idx)
+            cand, mask = self._sample_candidates(pos, idx, rng)
             lg = self._logits(z, cand, p)
             if has_loo:
                 lg = torch.cat([self._loo_logit(z, x, pos, loo, p).unsqueeze(1), lg[:, 1:]], dim=1)
@@ -634,19 +634,25 @@ class CarvePolicy(RoutingPolicy):
         l = reward * pull + (1 - reward) * push
         return (weight * l).sum() / weight.sum()
 
-    # ---------------------------------------------------------------- Learner-free entry points
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
-        """Train on one experience (continual: replay + anchoring per the config)."""
-        from cmr.continual.learner import Learner
+        """Carve learns only through :class:`cmr.continual.learner.Learner`, which holds its
+        replay and anchor: ``Learner(policy).fit(data, cards)`` / ``.consume(events)``."""
+        raise TypeError(_LEARNER_ONLY)
 
-        Learner(self).train_examples(data, cards)
+    def update(self, events: Sequence[FeedbackEvent]) -> None:
+        """See :meth:`fit`."""
+        raise TypeError(_LEARNER_ONLY)
 
-    def online_step(self, items: Interactions, replay: Interactions) -> dict[str, float]:
-        """``online_steps`` gradient steps on ``items`` + ``replay``, with anchoring: bounded cost."""
+    def online_step(self, items: Interactions, replay: Interactions, penalty=None) -> dict[str, float]:
+        """``online_steps`` gradient steps on ``items`` + ``replay`` (plus ``penalty``, the anchor),
+        then the positive ``items`` join their models' prototypes: bounded cost per event.
+        A reward-1 event pulls the query towards the chosen model, a reward-0 one pushes it away."""
         with _torch_threads(self.config.torch_threads):
-            return self._online_step(items, replay)
+            out = self._online_step(items, replay, penalty)
+        self.absorb(items)
+        return out
 
-    def _online_step(self, items: Interactions, replay: Interactions) -> dict[str, float]:
+    def _online_step(self, items: Interactions, replay: Interactions, penalty) -> dict[str, float]:
         import torch
 
         c: CarveConfig = self.config
@@ -670,25 +676,13 @@ class CarvePolicy(RoutingPolicy):
         for _ in range(c.online_steps):
             loo = torch.from_numpy(np.concatenate([np.zeros(len(items), np.float32), (batch.reward * batch.weight)[len(items):]])) if c.leave_one_out else None
             loss = self._loss(x, pos, torch.from_numpy(batch.reward), torch.from_numpy(batch.weight), None, loo)
-            loss = loss + self.anchor.penalty(self._params)
+            if penalty is not None:
+                loss = loss + penalty(self._params)
             opt.zero_grad()
             loss.backward()
             opt.step()
             tot += float(loss.detach())
         return {"loss": tot / c.online_steps, "n": len(batch)}
-
-    def update(self, events: Sequence[FeedbackEvent]) -> None:
-        """Online contrastive update from partial feedback, with replay of past events and of
-        the training coreset, anchored to the last checkpoint. Cost per call: O(events +
-        online_replay) rows × live models."""
-        items = Interactions.from_events(events)
-        if len(items) == 0:
-            return
-        n = self.config.online_replay
-        replay = Interactions.concat([self.events.sample(n // 2, self._rng), self.buffer.sample(n - n // 2, self._rng)])
-        self.online_step(items, replay)
-        self.absorb(items)
-        self.events.add(items)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -705,11 +699,6 @@ class CarvePolicy(RoutingPolicy):
             proto=self._proto,
             bias_done=sorted(self._bias_done),
             params={} if self._params is None else {k: v.detach().numpy().copy() for k, v in self._params.items()},
-            anchor=self.anchor.state_dict(),
-            buffer=self.buffer.state_dict(),
-            events=self.events.state_dict(),
-            experiences_seen=self.experiences_seen,
-            rng=self._rng.bit_generator.state,
         )
         return d
 
@@ -717,7 +706,6 @@ class CarvePolicy(RoutingPolicy):
         import torch
 
         super().load_state_dict(state)
-        c: CarveConfig = self.config
         self._mode = state["mode"]
         self._models = list(state["models"])
         self._row = {m: i for i, m in enumerate(self._models)}
@@ -731,10 +719,3 @@ class CarvePolicy(RoutingPolicy):
         self._bias_done = set(state.get("bias_done", []))
         params = state["params"]
         self._params = {k: torch.from_numpy(np.array(v, dtype=np.float32)).requires_grad_(True) for k, v in params.items()} or None
-        self.anchor = Anchor(AnchorConfig(c.anchor, c.anchor_dense))
-        self.anchor.load_state_dict(state["anchor"])
-        self.buffer = buffer_from_state(state["buffer"])
-        self.events = buffer_from_state(state["events"])
-        self.experiences_seen = int(state["experiences_seen"])
-        self._rng = np.random.default_rng()
-        self._rng.bit_generator.state = state["rng"]

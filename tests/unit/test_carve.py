@@ -5,17 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cmr.continual.learner import Learner
 from cmr.policies.registry import make_policy
 from cmr.types import FeedbackEvent, ModelCard
 
 
 def _fit_e1(cmr_small, encoder, **cfg):
+    """A learner whose carve policy has learnt experience 1."""
     exp = cmr_small.experiences[0]
-    p = make_policy("carve", encoder=encoder, config={"epochs": 8, **cfg})
+    learner = Learner(make_policy("carve", encoder=encoder, config={"epochs": 8, **cfg}))
     live = cmr_small.cards_upto(1)
-    p.add_models(cmr_small.cards_of(1))
-    p.fit(exp.train, live)
-    return p, exp, live
+    learner.policy.add_models(cmr_small.cards_of(1))
+    learner.fit(exp.train, live)
+    return learner, exp, live
 
 
 def _m_acc(p, data, cards):
@@ -67,7 +69,8 @@ def test_training_lowers_the_loss_and_scores_are_distributions(cmr_small, encode
 def test_domain_bonus_shifts_mass_towards_the_query_domain(cmr_small, encoder):
     import dataclasses
 
-    p, exp, live = _fit_e1(cmr_small, encoder, epochs=0)
+    lr, exp, live = _fit_e1(cmr_small, encoder, epochs=0)
+    p = lr.policy
     q = exp.test.emb
     base = p.score(q, live)
     p.config = dataclasses.replace(p.config, domain_bonus=1.0)
@@ -92,7 +95,8 @@ def test_domain_bonus_shifts_mass_towards_the_query_domain(cmr_small, encoder):
 
 
 def test_new_model_is_routable_before_any_feedback(cmr_small, encoder):
-    p, exp, live = _fit_e1(cmr_small, encoder, epochs=4)
+    lr, exp, live = _fit_e1(cmr_small, encoder, epochs=4)
+    p = lr.policy
     card = ModelCard(id="acme/whale-song-transcriber", domain="Audio Automatic Speech Recognition",
                      description="Transcribes recordings of humpback whale songs into symbolic sequences of whale song units.",
                      metadata={"api_call": "pipeline('automatic-speech-recognition', model='acme/whale-song-transcriber')"})
@@ -110,28 +114,33 @@ def test_new_model_is_routable_before_any_feedback(cmr_small, encoder):
 
 def test_online_update_pulls_and_pushes(cmr_small, encoder):
     cfg = dict(epochs=4, online_lr=0.05, online_steps=3)
-    p, exp, live = _fit_e1(cmr_small, encoder, **cfg)
+    lr, exp, live = _fit_e1(cmr_small, encoder, **cfg)
+    p = lr.policy
     q = exp.test.emb[:4]
     target = live[5]
     before = p.score(q, live)[:, 5]
-    p.update([FeedbackEvent(request_id=str(i), model=target.id, reward=1.0, embedding=q[i].tolist()) for i in range(4)])
+    lr.consume([FeedbackEvent(request_id=str(i), model=target.id, reward=1.0, embedding=q[i].tolist()) for i in range(4)])
     assert np.all(p.score(q, live)[:, 5] > before)
-    assert len(p.events) == 4
+    assert len(lr.replay.events) == 4
     # reward 0: a fresh router trained the same way moves the queries away from the model it chose
-    p2, _, _ = _fit_e1(cmr_small, encoder, **cfg)
+    lr2, _, _ = _fit_e1(cmr_small, encoder, **cfg)
+    p2 = lr2.policy
     chosen = p2.score(q, live).argmax(1)
     before = p2.score(q, live)[np.arange(4), chosen]
-    p2.update([FeedbackEvent(request_id=str(i), model=live[chosen[i]].id, reward=0.0, embedding=q[i].tolist()) for i in range(4)])
+    lr2.consume([FeedbackEvent(request_id=str(i), model=live[chosen[i]].id, reward=0.0, embedding=q[i].tolist()) for i in range(4)])
     assert np.all(p2.score(q, live)[np.arange(4), chosen] < before)
     # events without an embedding cannot be learnt from and change nothing
     st = p2.score(q, live)
-    p2.update([FeedbackEvent(request_id="x", model=target.id, reward=1.0)])
+    lr2.consume([FeedbackEvent(request_id="x", model=target.id, reward=1.0)])
     np.testing.assert_array_equal(st, p2.score(q, live))
 
 
 def test_online_update_adds_unknown_models(cmr_small, encoder):
-    p, exp, live = _fit_e1(cmr_small, encoder, epochs=2)
-    p.update([FeedbackEvent(request_id="1", model="brand/new-model", reward=1.0, embedding=exp.test.emb[0].tolist())])
+    lr, exp, live = _fit_e1(cmr_small, encoder, epochs=2)
+    p = lr.policy
+    lr.consume([FeedbackEvent(request_id="1", model="brand/new-model", reward=1.0, embedding=exp.test.emb[0].tolist())])
+    with pytest.raises(TypeError, match="Learner"):  # only the learner trains carve: one path
+        p.update([])
     s = p.score(exp.test.emb[:2], live + [ModelCard(id="brand/new-model")])
     assert np.isfinite(s).all()
 
@@ -146,7 +155,7 @@ def test_sampled_negatives_train(cmr_small, encoder):
 def test_outcome_matrices_use_a_sigmoid_quality_head(outcomes_small, encoder):
     data = outcomes_small
     p = make_policy("carve", encoder=encoder, config={"epochs": 20})
-    p.fit(data.train, data.cards)
+    Learner(p).fit(data.train, data.cards)
     s = p.score(data.train.emb, data.cards)
     assert p._mode == "sigmoid" and s.shape == (len(data.train), len(data.cards))
     assert np.all((s >= 0) & (s <= 1))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cmr import checkpoint as ckpt
+from cmr.continual.learner import Learner
 from cmr.policies.registry import make_policy
 
 
@@ -16,8 +17,9 @@ def _trained_carve(cmr_small, encoder):
     p = make_policy("carve", encoder=encoder, config={"epochs": 2, "replay": 0.2, "anchor": 1.0})
     live = cmr_small.cards_upto(exp.k)
     p.add_models(live)
-    p.fit(exp.train, live)
-    return p, live, exp
+    learner = Learner(p)
+    learner.fit(exp.train, live)
+    return learner, live, exp
 
 
 def _assert_state_equal(a, b):
@@ -37,21 +39,24 @@ def _assert_state_equal(a, b):
 
 
 def test_round_trip_is_exact(tmp_path, cmr_small, encoder):
-    p, live, exp = _trained_carve(cmr_small, encoder)
-    ck = ckpt.save(tmp_path, p, {"sha256": "abc"})
+    learner, live, exp = _trained_carve(cmr_small, encoder)
+    p = learner.policy
+    ck = ckpt.save(tmp_path, p, {"sha256": "abc"}, {"learner": learner.state_dict()})
     assert ck.version == 1 and ck.path == tmp_path / "v000001"
     for name in ("weights.npz", "state.json", "models.json", "config.json", "fingerprint.json", "manifest.json"):
         assert (ck.path / name).is_file()
     assert json.loads((ck.path / "models.json").read_text())[: len(live)] == [c.id for c in live]
-    loaded = ckpt.load_policy(tmp_path, encoder)
+    resumed = Learner.resume(ckpt.latest(tmp_path), encoder)
+    loaded = resumed.policy
     _assert_state_equal(p.state_dict(), loaded.state_dict())
+    _assert_state_equal(learner.state_dict(), resumed.state_dict())
     np.testing.assert_array_equal(p.score(exp.test.emb, live), loaded.score(exp.test.emb, live))
-    # training continues identically from the checkpoint (rng, buffer, anchor all restored)
+    # training continues identically from the checkpoint (rng, replay, anchor all restored)
     exp2 = cmr_small.experiences[1]
     live2 = cmr_small.cards_upto(exp2.k)
-    for pol in (p, loaded):
-        pol.add_models(cmr_small.cards_of(exp2.k))
-        pol.fit(exp2.train, live2)
+    for lr in (learner, resumed):
+        lr.policy.add_models(cmr_small.cards_of(exp2.k))
+        lr.fit(exp2.train, live2)
     np.testing.assert_allclose(p.score(exp2.test.emb, live2), loaded.score(exp2.test.emb, live2), rtol=1e-5, atol=1e-7)
 
 
@@ -114,8 +119,8 @@ def test_cmr_train_in_process_writes_a_version_per_experience(tmp_path, data_roo
     fp2 = ckpt.open_checkpoint(out / "v000002").fingerprint
     # the fingerprint covers the data seen so far: it changes when e2's split joins
     assert fp1["experience"] == 1 and fp2["experience"] == 2 and fp1["sha256"] != fp2["sha256"]
-    p = ckpt.load_policy(out, encoder)
-    assert p.config.replay == 0.1 and p.experiences_seen == 2
+    learner = Learner.resume(ckpt.latest(out), encoder)
+    assert learner.policy.config.replay == 0.1 and learner.experiences == 2
     assert fp1["encoder"] == encoder.name  # which MiniLM embedded it: torch by default (exact)
     # a checkpoint for the router: trained with the router's encoder, and it says so
     out8 = tmp_path / "ck8"

@@ -63,10 +63,11 @@ def _run(config, encoder, seed=0):
     # a fast learner with per-model offsets, so that interference shows within a few steps
     p = make_policy("carve", encoder=encoder, config={"epochs": 15, "lr": 5e-3, "offsets": True, "seed": seed, **config})
     snaps = []
+    learner = Learner(p)
     for exp in exps:
         live = [c for c in cards if c.experience <= exp.k]
         p.add_models([c for c in cards if c.experience == exp.k])
-        p.fit(exp.train, live)
+        learner.fit(exp.train, live)
         snaps.append(p.model_embeddings([c.id for c in cards if c.experience == 1]))
     return p, cards, exps, snaps
 
@@ -174,7 +175,7 @@ def test_learner_trains_writes_checkpoints_and_calls_hooks(tmp_path, encoder):
         live = [c for c in cards if c.experience <= exp.k]
         ck = learner.train_experience(exp, live)
         assert ck.version == exp.k and ck.path.is_dir()
-        kept.append(len(p.buffer))
+        kept.append(len(learner.replay.experiences))
     kinds = [k for k, _ in hooks.log]
     assert kinds == (["before_experience"] + ["after_epoch"] * 3 + ["after_experience", "after_checkpoint"]) * 2
     assert ckpt.open_checkpoint(tmp_path / "v000002").fingerprint == {"experience": 2, "sha256": "x"}
@@ -196,7 +197,7 @@ def test_learner_consume_bounded_steps_and_consolidation(tmp_path, encoder):
     steps = [m for k, (n, m) in [(k, v) for k, v in hooks.log if k == "on_events"]]
     # 45 events in steps of 10: 5 steps; each step trains on its events plus at most 8 replayed rows
     assert len(steps) == 5 and all(s["n"] <= 10 + 8 for s in steps)
-    assert len(learner.buffer) == 45
+    assert len(learner.replay.events) == 45
 
 
 def test_learner_drives_policies_without_a_training_loop(cmr_small, encoder):

@@ -13,6 +13,7 @@ import pickle
 import numpy as np
 import pytest
 
+from cmr.continual.learner import Learner
 from cmr.decide import choose
 from cmr.policies import make_policy, policy_names
 from cmr.types import FeedbackEvent, ModelCard
@@ -34,8 +35,9 @@ def _plain(obj) -> bool:
 
 def _fit_cmr(policy, bench):
     """The continual protocol on the small slice: one fit per experience, hub growing."""
+    learner = Learner(policy)
     for exp in bench.experiences:
-        policy.fit(exp.train, bench.cards_upto(exp.k))
+        learner.fit(exp.train, bench.cards_upto(exp.k))
     test = bench.experiences[-1].test
     if policy.needs_truth:
         policy.reveal(test)
@@ -43,7 +45,7 @@ def _fit_cmr(policy, bench):
 
 
 def _fit_outcomes(policy, data):
-    policy.fit(data.train, data.cards)
+    Learner(policy).fit(data.train, data.cards)
     if policy.needs_truth:
         policy.reveal(data.test)
     return data.test, data.cards
@@ -172,24 +174,30 @@ def test_update_with_partial_feedback_keeps_working(name, fitted):
     ]
     # feedback about a model that is not a candidate yet must not break anything either
     events.append(FeedbackEvent(request_id="r-new", model=NEW_CARD.id, reward=1.0, query=test.texts[0], embedding=test.emb[0].tolist()))
-    policy.update(events)
-    policy.update([])
+    learner = Learner(policy)
+    learner.consume(events)
+    learner.consume([])
     after = policy.score(test.emb, [*cards, NEW_CARD])
     assert after.shape == (len(test), len(cards) + 1) and np.isfinite(after).all()
 
 
 @pytest.mark.parametrize("name", policy_names())
 def test_fit_continues_after_restore(name, encoder, cmr_small):
-    """A restored policy can keep learning (the continual loop checkpoints between experiences)."""
+    """A restored policy (and its learner) can keep learning: the continual loop checkpoints
+    between experiences."""
     first, second = cmr_small.experiences[0], cmr_small.experiences[1]
     policy = make_policy(name, encoder=encoder)
-    policy.fit(first.train, cmr_small.cards_upto(first.k))
+    learner = Learner(policy)
+    learner.fit(first.train, cmr_small.cards_upto(first.k))
+    state = pickle.loads(pickle.dumps(learner.checkpoint({}).state))
     fresh = make_policy(name, encoder=encoder)
-    fresh.load_state_dict(pickle.loads(pickle.dumps(policy.state_dict())))
-    for p in (policy, fresh):
-        p.fit(second.train, cmr_small.cards_upto(second.k))
-        if p.needs_truth:
-            p.reveal(second.test)
+    fresh.load_state_dict(state)
+    again = Learner(fresh)
+    again.load_state_dict(state["learner"])
+    for lr in (learner, again):
+        lr.fit(second.train, cmr_small.cards_upto(second.k))
+        if lr.policy.needs_truth:
+            lr.policy.reveal(second.test)
     cards = cmr_small.cards_upto(second.k)
     a, b = policy.score(second.test.emb, cards), fresh.score(second.test.emb, cards)
     assert np.isfinite(a).all()

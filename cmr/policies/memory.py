@@ -211,13 +211,16 @@ def tune_prior_weight(est: np.ndarray, card_sim: np.ndarray, truth: np.ndarray, 
 def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarray, grid: Sequence[float] = PRIOR_GRID) -> tuple[int, float]:
     """Best (index into ``ests``, card weight of ``grid``) by the routing quality of
     ``tune_prior_weight``; ties go to the earlier estimate and the smaller weight."""
+    from cmr.decide import choose
+
     best, best_v = (0, float(grid[0])), -np.inf
     rows = np.arange(len(card_sim))
     sim = np.clip(card_sim, 0.0, 1.0)
+    zero = np.zeros(card_sim.shape[1])
     for i, est in enumerate(ests):
         for w in grid:
-            # argmax of with_card_term(est, card_sim, w): the positive 1/(1 + w) changes no choice
-            got = truth[rows, np.argmax(est + w * sim if w > 0 else est, axis=1)]
+            # the choice under with_card_term(est, card_sim, w): its positive 1/(1 + w) changes none
+            got = truth[rows, choose(est + w * sim if w > 0 else est, zero, 0.0)]
             ok = ~np.isnan(got)
             v = float(got[ok].mean()) if ok.any() else -np.inf
             if v > best_v + 1e-12:

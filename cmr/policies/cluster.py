@@ -27,9 +27,10 @@ class ClusterConfig(PolicyConfig):
         smoothing: pseudo-count pulling each cluster's mean towards the model's global mean
             (a cluster with no known outcome of a model falls back to the global mean).
         prior_weight: weight of the cosine(query, card text) term added to every score; None:
-            tuned on every fit of at least ``tune_min_rows`` rows by leave-one-out routing quality
+            tuned as the memory grows (``tune_min_rows``) by leave-one-out routing quality
             over a sample of the stored prompts (as in kNN).
-        tune_min_rows: smallest ``fit`` batch that re-tunes ``prior_weight``.
+        tune_min_rows: fewest rows stored since the last tuning that re-tune ``prior_weight`` (and a
+            quarter of the memory, ``RETUNE_GROWTH``).
         tune_max_rows: stored prompts sampled for that tuning.
     """
 
@@ -86,7 +87,7 @@ class ClusterPolicy(MemoryPolicy):
         if len(self._mem):
             self._recluster()
             self._recount()
-            if self.config.prior_weight is None and len(data) >= self.config.tune_min_rows:
+            if self.config.prior_weight is None and self._tune_due():
                 self._tune_prior_weight()
 
     def _per_cluster(self, kc: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -117,6 +118,7 @@ class ClusterPolicy(MemoryPolicy):
         wo = w[np.arange(len(rows)), own][:, None]
         est = w @ full + wo * (loo - full[own])  # swap the own cluster's estimate for its LOO one
         self._tuned_weight = tune_prior_weight(est, x @ cmat.T, s)
+        self._tuned_at = len(self._mem)
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Embed the new cards (for the card prior) and count their profile answers in the clusters."""
@@ -181,6 +183,7 @@ class ClusterPolicy(MemoryPolicy):
             cluster_sum=self._sum.copy(),
             cluster_count=self._cnt.copy(),
             tuned_prior_weight=self._tuned_weight,
+            tuned_at=self._tuned_at,
         )
         return state
 
@@ -194,3 +197,4 @@ class ClusterPolicy(MemoryPolicy):
         self._sum = np.asarray(state["cluster_sum"], dtype=np.float64).copy()
         self._cnt = np.asarray(state["cluster_count"], dtype=np.float64).copy()
         self._tuned_weight = float(state.get("tuned_prior_weight", PRIOR_START))
+        self._tuned_at = int(state.get("tuned_at", len(self._mem)))

@@ -31,7 +31,7 @@ class KNNConfig(PolicyConfig):
         temperature: softmax temperature (``weighting="softmax"`` only).
         prior_weight: weight of the cosine(query, card text) term added to every score; ranks models
             with no neighbour evidence (new hub entries) and breaks ties among the rest. None: tuned
-            on every fit of at least ``tune_min_rows`` rows, by leave-one-out routing quality over
+            as the memory grows (``tune_min_rows``), by leave-one-out routing quality over
             a sample of the stored prompts (informative cards, as on CMRBench, earn a large weight;
             bare model names, as in outcome matrices, earn ~0).
         shrinkage: pseudo-weight of each model's prior (its empirical-Bayes global mean), as a
@@ -40,8 +40,8 @@ class KNNConfig(PolicyConfig):
             known on few rows is measured on the same scale as one known on all of them, and its
             evidence counts where it was gathered. None: tuned with ``prior_weight`` by the same
             leave-one-out.
-        tune_min_rows: smallest ``fit`` batch that re-tunes ``prior_weight`` (feedback batches are
-            usually smaller and leave it alone).
+        tune_min_rows: fewest rows stored since the last tuning that re-tune (and a quarter of the
+            memory, ``RETUNE_GROWTH``: a few tunings over a feedback stream, whatever its step size).
         tune_max_rows: stored prompts sampled for that tuning.
     """
 
@@ -106,8 +106,7 @@ class KNNPolicy(MemoryPolicy):
         self.add_models(cards)
         if self._mem.add(data.emb, data.model_ids, data.scores):
             self._rebuild_index()
-        tuned = self.config.prior_weight is None or self.config.shrinkage is None
-        if tuned and len(data) >= self.config.tune_min_rows:
+        if (self.config.prior_weight is None or self.config.shrinkage is None) and self._tune_due():
             self._tune()
 
     def _tune(self) -> None:
@@ -137,6 +136,7 @@ class KNNPolicy(MemoryPolicy):
         ests = [shrink(num, den, prior, a * total) for a in shrinks]
         i, w = tune_grid(ests, x @ cmat.T, self._mem.scores[np.ix_(rows, cols)], grid)
         self._tuned_shrinkage, self._tuned_weight = float(shrinks[i]), w
+        self._tuned_at = len(self._mem)
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Embed the new cards (for the card prior) and add their profile answers as neighbours."""
@@ -231,6 +231,7 @@ class KNNPolicy(MemoryPolicy):
         state["profiled"] = sorted(self._profiled)
         state["tuned_prior_weight"] = self._tuned_weight
         state["tuned_shrinkage"] = self._tuned_shrinkage
+        state["tuned_at"] = self._tuned_at
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -240,6 +241,7 @@ class KNNPolicy(MemoryPolicy):
         self._profiled = set(state.get("profiled", []))
         self._tuned_weight = float(state.get("tuned_prior_weight", PRIOR_START))
         self._tuned_shrinkage = float(state.get("tuned_shrinkage", SHRINK_START))
+        self._tuned_at = int(state.get("tuned_at", len(self._mem)))
         self._index = None
         if len(self._mem):
             self._rebuild_index()

@@ -18,6 +18,9 @@ from cmr.types import ModelCard
 
 #: card-term weight before the first tuning
 PRIOR_START = 0.1
+#: a tuned policy re-tunes once its memory has grown by this fraction (and by ``tune_min_rows``)
+#: since the last tuning: a few times over a stream, whatever its batch size
+RETUNE_GROWTH = 0.25
 
 
 def check_examples(data: Examples, who: str) -> None:
@@ -237,6 +240,7 @@ class MemoryPolicy(RoutingPolicy):
         self._mem = OutcomeMemory()
         self._profiled: set[str] = set()
         self._tuned_weight = PRIOR_START
+        self._tuned_at = 0  # memory rows at the last tuning
 
     @property
     def prior_weight(self) -> float:
@@ -244,6 +248,11 @@ class MemoryPolicy(RoutingPolicy):
         if self.config.prior_weight is not None:
             return float(self.config.prior_weight)
         return self._tuned_weight if self.encoder is not None or self._card_emb else 0.0
+
+    def _tune_due(self) -> bool:
+        """Whether the memory grew enough since the last tuning to tune again (``RETUNE_GROWTH``)."""
+        grown = len(self._mem) - self._tuned_at
+        return grown >= self.config.tune_min_rows and grown >= RETUNE_GROWTH * self._tuned_at
 
     def with_card_term(self, est: np.ndarray, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
         """``est`` mixed with the card similarity of each candidate (:func:`with_card_term`)."""

@@ -323,3 +323,22 @@ def test_fit_without_embeddings_is_a_clear_error(cmr_small):
     for name in ("knn", "cluster"):
         with pytest.raises(ValueError, match="'emb'"):
             make_policy(name, config={"prior_weight": 0.0}).fit(data, [])
+
+
+@pytest.mark.parametrize("step", [8, 64])
+def test_knn_tunes_as_feedback_accumulates_whatever_the_step(step, encoder, outcomes_small):
+    """Tuning follows how much the memory grew, not the size of one update: small learner steps
+    (the served learner's) tune as often as large ones."""
+    from cmr.types import FeedbackEvent
+
+    data = outcomes_small.train
+    pol = make_policy("knn", encoder=encoder, config={"tune_min_rows": 20})
+    pol.add_models(outcomes_small.cards)
+    rng = np.random.default_rng(0)
+    events = [FeedbackEvent(request_id=f"r{i}", model=data.model_ids[j], reward=float(data.scores[i, j]), query=data.texts[i],
+                            embedding=data.emb[i].tolist()) for i in range(len(data)) for j in [rng.integers(len(data.model_ids))]]
+    tunings = []
+    for s in range(0, len(events), step):
+        pol.update(events[s : s + step])
+        tunings.append(pol._tuned_at)
+    assert pol._tuned_at >= 100 and len(set(tunings) - {0}) >= 2, tunings

@@ -196,7 +196,9 @@ def test_router_core_routes_registers_and_swaps(tmp_path, mini_bench, encoder):
     from services.routing import RouteRequest, RouterCore, checkpoint_root
 
     bench, n_cards = mini_bench
-    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, profile_size=5, learner={"enabled": False, "poll_s": 0})
+    # no card term: the two new cards' texts differ only by their ids, and the check is about the answers
+    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, profile_size=5, learner={"enabled": False, "poll_s": 0},
+                   policy_config={"prior_weight": 0.0})
     core = RouterCore(args, encoder)
     assert core.version == 1 and len(core.models()) == n_cards
     # a model that answered the profile prompts well is routed to for them, at once
@@ -206,8 +208,9 @@ def test_router_core_routes_registers_and_swaps(tmp_path, mini_bench, encoder):
         core.register([ModelCard(id="profiled", profile={"nope": 1.0})])
     core.register([ModelCard(id="profiled", description="a card", profile={p["id"]: 1.0 for p in prompts}),
                    ModelCard(id="plain", description="a card")])  # same card text, no answers
-    d = core.route([RouteRequest(query=prompts[0]["prompt"], filters=Filters(allow=["plain", "profiled"]), k=2)])[0]
-    assert d.model == "profiled" and d.score - d.alternatives[0][1] > 0.5
+    for p in prompts:
+        d = core.route([RouteRequest(query=p["prompt"], filters=Filters(allow=["plain", "profiled"]), k=2)])[0]
+        assert d.model == "profiled" and d.score - d.alternatives[0][1] > 0.3, (p, d)
     core.retire(["profiled", "plain"])
     q = "Translate this English text to French."
     d = core.route([RouteRequest(query=q, k=3)])[0]
@@ -256,3 +259,42 @@ def test_retrieve_k_preselects_by_card_similarity(tmp_path, mini_bench, encoder)
     d = core.route([RouteRequest(query=queries[0], filters=Filters(domains=[dom]), k=3)])[0]
     near = {cards[j].id for j in sorted(in_dom, key=lambda j: -sims[0, j])[:5]}
     assert d.model in near
+
+
+def test_served_router_one_reward_moves_only_nearby_queries(tmp_path, mini_bench, encoder):
+    """Issue 18: through the served path (router, feedback log, learner step, checkpoint swap), a
+    reward of 1.0 for a served model's answer does not make it win unrelated queries, and every
+    score stays in [0, 1]."""
+    from services.config import AppArgs
+    from services.learner import LearnerActor
+    from services.routing import RouteRequest, RouterCore
+
+    bench, _ = mini_bench
+    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, profile_size=0, learner={"enabled": False, "poll_s": 0})
+    core = RouterCore(args, encoder)
+    core.register([ModelCard(id="chatty", family="tiny-gpt2", domain="text-generation", description="A small chat model.")])
+    chat = "Write a short friendly reply to my message: hello, how are you today?"
+    d = core.route([RouteRequest(query=chat, filters=Filters(allow=["chatty"]))])[0]
+    unrelated = ["Detect the objects in this street photo and draw boxes around them.", "Transcribe this audio clip of a meeting.",
+                 "Classify the sentiment of this product review as positive or negative.", "Generate an image of a red bicycle.",
+                 "Summarise this article about the election in two lines.", "Segment the tumour in this MRI scan.",
+                 "Translate this English text to German.", "Estimate the depth of each pixel in this photo."]
+    before = core.route([RouteRequest(query=q, record=False) for q in unrelated])
+    chatty_before = {q: core.route([RouteRequest(query=q, record=False, filters=Filters(allow=["chatty"]))])[0].score for q in unrelated}
+    core.store.add_feedback(d.request_id, 1.0)
+    learner = LearnerActor(args.to_dict(), encoder=encoder)
+    try:
+        assert learner.step() is not None
+    finally:
+        learner.stop()
+    assert core.check_checkpoint() == learner.status()["checkpoint_version"]
+    after = core.route([RouteRequest(query=q, record=False) for q in unrelated])
+    # no unrelated query changes hands (a hub this small may give chatty one by its card alone)
+    assert [x.model for x in after] == [x.model for x in before], [(x.model, x.score) for x in after]
+    assert all(0.0 <= x.score <= 1.0 for x in after), [(x.model, x.score) for x in after]
+    # where it was rewarded, its score rises more than anywhere unrelated
+    def chatty(q):
+        return core.route([RouteRequest(query=q, record=False, filters=Filters(allow=["chatty"]))])[0].score
+    rise = chatty(chat) - d.score
+    assert rise > 0.01 and all(chatty(q) - b < rise / 2 for q, b in zip(unrelated, [chatty_before[q] for q in unrelated]))
+    core.close()

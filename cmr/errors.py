@@ -23,3 +23,26 @@ class UnknownPolicyError(CMRError):
 
 class HubError(CMRError):
     """Invalid hub operation (duplicate id, unknown id, malformed card)."""
+
+
+class ConfigError(CMRError, ValueError):
+    """An invalid configuration value (policy, engine or app config): names the field."""
+
+
+def validation_line(e, source: str = "") -> str:
+    """A pydantic ``ValidationError`` as one line naming the first bad field (and how many more)."""
+    first = e.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    if first["type"] == "unexpected_keyword_argument" or first["type"] == "extra_forbidden":
+        msg = f"unknown option '{loc}'"
+    else:
+        x = first.get("input")
+        got = f" (got {_short(x)})" if x is not None and not isinstance(x, (dict, list)) else ""
+        msg = f"field '{loc}': {first['msg']}{got}" if loc else f"{first['msg']}{got}"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{source}: {msg}{more}" if source else f"{msg}{more}"
+
+
+def _short(x, n: int = 60) -> str:
+    r = repr(x)
+    return r if len(r) <= n else r[: n - 3] + "..."

@@ -33,12 +33,14 @@ def validation_line(e, source: str = "") -> str:
     """A pydantic ``ValidationError`` as one line naming the first bad field (and how many more)."""
     first = e.errors()[0]
     loc = ".".join(str(x) for x in first["loc"])
-    if first["type"] == "unexpected_keyword_argument" or first["type"] == "extra_forbidden":
-        msg = f"unknown option '{loc}'"
+    if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        msg = f"field '{loc}': unknown option"
     else:
         x = first.get("input")
-        got = f" (got {_short(x)})" if x is not None and not isinstance(x, (dict, list)) else ""
-        msg = f"field '{loc}': {first['msg']}{got}" if loc else f"{first['msg']}{got}"
+        got = f" (got {_short(x)})" if x is not None and not isinstance(x, (dict, list)) and first["type"] != "value_error" else ""
+        # a validator's own ValueError already says what was wrong
+        text = first["msg"].removeprefix("Value error, ") + got
+        msg = f"field '{loc}': {text}" if loc else text
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
     return f"{source}: {msg}{more}" if source else f"{msg}{more}"
 

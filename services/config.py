@@ -11,15 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cmr import constants
 from cmr.continual.learner import CONSOLIDATE_EVERY, EVENTS_PER_STEP
-from cmr.errors import CMRError
+from cmr.errors import ConfigError, validation_line
 
-
-class ConfigError(CMRError):
-    """An invalid app configuration: names the field."""
+__all__ = ["AppArgs", "ConfigError", "load_args", "read_config"]
 
 ENGINES = ("transformers", "vllm", "openai")
 
@@ -200,6 +198,17 @@ class AppArgs(_Strict):
             raise ValueError(f"unknown policy {v!r}; known: {', '.join(policy_names())}")
         return v
 
+    @field_validator("policy_config")
+    @classmethod
+    def _typed_policy_config(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked against the chosen policy's typed config (kept as given: the keys set here are
+        the ones compared with a checkpoint's, ``services.routing.check_checkpoint_config``)."""
+        from cmr.policies import policy_class
+
+        if "policy" in info.data:  # else the policy name itself was refused
+            policy_class(info.data["policy"]).Config.from_dict(v)
+        return v
+
     @model_validator(mode="after")
     def _unique(self) -> "AppArgs":
         names = [p.name for p in self.pools]
@@ -236,10 +245,7 @@ def load_args(data: dict[str, Any] | None, source: str = "config") -> AppArgs:
     try:
         return AppArgs.model_validate(data or {})
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ConfigError(f"{source}: field '{loc}': {first['msg']}{more}") from None
+        raise ConfigError(validation_line(e, source)) from None
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

@@ -29,10 +29,11 @@ class ConfigError(CMRError, ValueError):
     """An invalid configuration value (policy, engine or app config): names the field."""
 
 
-def validation_line(e, source: str = "") -> str:
-    """A pydantic ``ValidationError`` as one line naming the first bad field (and how many more)."""
+def validation_line(e, source: str = "", prefix: str = "") -> str:
+    """A pydantic ``ValidationError`` as one line naming the first bad field (and how many more);
+    ``prefix`` goes before the field's path (``cards.3.``)."""
     first = e.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"])
+    loc = prefix + ".".join(str(x) for x in first["loc"])
     if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         msg = f"field '{loc}': unknown option"
     else:

@@ -19,8 +19,6 @@ from cmr.errors import ConfigError, validation_line
 
 __all__ = ["AppArgs", "ConfigError", "load_args", "read_config"]
 
-ENGINES = ("transformers", "vllm", "openai")
-
 
 class _Strict(BaseModel):
     # unknown keys are a typo in a config file: refuse them with the key's name
@@ -31,7 +29,9 @@ class ServedModel(_Strict):
     """One model a pool serves: its hub card fields and its engine settings (the card's ``backend``)."""
 
     id: str = Field(min_length=1)
-    engine: Literal["transformers", "vllm", "openai"] = "transformers"
+    #: a registered engine (``services.pools.base.ENGINES``); the fields below that it takes form
+    #: the card's ``backend``, checked by that engine's typed config
+    engine: str = "transformers"
     #: transformers/vllm: a local model directory (or hub id for vllm); openai: the remote model name
     path: str | None = None
     #: openai engine: base URL of the remote OpenAI-compatible endpoint (else ``CMR_OPENAI_BASE_URL``)
@@ -45,10 +45,22 @@ class ServedModel(_Strict):
     device: str | None = None
     max_new_tokens: int = Field(default=64, ge=1)
 
+    @model_validator(mode="after")
+    def _engine_config(self) -> "ServedModel":
+        from services.pools.base import engine_config
+
+        engine_config(self.backend(), where="backend")  # an EngineError (a ValueError) names the field
+        return self
+
     def backend(self) -> dict[str, Any]:
-        """The card's ``backend`` dict (what an engine is built from)."""
+        """The card's ``backend`` dict (what an engine is built from): the fields its engine takes."""
+        from services.pools.base import ENGINES
+
+        if self.engine not in ENGINES:
+            return {"engine": self.engine}
+        takes = ENGINES[self.engine][1].model_fields
         b = {"engine": self.engine, "path": self.path, "base_url": self.base_url, "api_key_env": self.api_key_env, "device": self.device, "max_new_tokens": self.max_new_tokens}
-        return {k: v for k, v in b.items() if v is not None}
+        return {k: v for k, v in b.items() if v is not None and k in takes}
 
     def card_dict(self) -> dict[str, Any]:
         return {"id": self.id, "family": self.family, "domain": self.domain, "description": self.description, "cost": self.cost, "backend": self.backend()}

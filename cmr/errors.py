@@ -41,7 +41,11 @@ def validation_line(e, source: str = "", prefix: str = "") -> str:
         got = f" (got {_short(x)})" if x is not None and not isinstance(x, (dict, list)) and first["type"] != "value_error" else ""
         # a validator's own ValueError already says what was wrong
         text = first["msg"].removeprefix("Value error, ") + got
-        msg = f"field '{loc}': {text}" if loc else text
+        if loc and text.startswith("field '"):  # a nested validator named its own field: one path
+            text = text.removeprefix("field '")
+            msg = f"field '{loc}.{text}"
+        else:
+            msg = f"field '{loc}': {text}" if loc else text
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
     return f"{source}: {msg}{more}" if source else f"{msg}{more}"
 

@@ -49,7 +49,7 @@ class ServedModel(_Strict):
     def _engine_config(self) -> "ServedModel":
         from services.pools.base import engine_config
 
-        engine_config(self.backend(), where="backend")  # an EngineError (a ValueError) names the field
+        engine_config(self.backend(), where="")  # an EngineError (a ValueError) names the field
         return self
 
     def backend(self) -> dict[str, Any]:

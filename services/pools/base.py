@@ -136,12 +136,13 @@ ENGINES: dict[str, tuple[str, type[EngineConfig]]] = {
 def engine_config(backend: dict[str, Any], where: str = "backend") -> EngineConfig:
     """A card's ``backend`` as its engine's typed config; ``EngineError`` naming the field if not."""
     name = backend.get("engine") if isinstance(backend, dict) else None
+    pre = f"{where}." if where else ""
     if name not in ENGINES:
-        raise EngineError(f"field '{where}.engine': must be one of {', '.join(ENGINES)}, got {name!r}")
+        raise EngineError(f"field '{pre}engine': must be one of {', '.join(ENGINES)}, got {name!r}")
     try:
         return ENGINES[name][1].model_validate(backend)
     except ValidationError as e:
-        raise EngineError(validation_line(e, prefix=f"{where}.")) from None
+        raise EngineError(validation_line(e, prefix=pre)) from None
 
 
 def make_engine(model_id: str, backend: dict[str, Any]) -> Engine:

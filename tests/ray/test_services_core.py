@@ -101,13 +101,12 @@ def test_grpc_code_is_reproducible(tmp_path):
 
 
 def test_transformers_engine_generates_from_a_local_folder(tmp_path):
-    from services.pools.base import GenRequest
+    from services.pools.base import GenRequest, make_engine
     from services.pools.tiny import ensure_tiny_models
-    from services.pools.transformers import TransformersEngine
 
     folders = ensure_tiny_models(tmp_path / "models")
     assert set(folders) == {"tiny-gpt2-a", "tiny-gpt2-b"} and ensure_tiny_models(tmp_path / "models") == folders  # idempotent
-    eng = TransformersEngine("tiny-gpt2-a", {"path": str(folders["tiny-gpt2-a"])})
+    eng = make_engine("tiny-gpt2-a", {"engine": "transformers", "path": str(folders["tiny-gpt2-a"])})
 
     async def go(req):
         return [c async for c in eng.generate(req)]

@@ -324,16 +324,21 @@ def resolve(path: Path | str) -> Path:
     return ck.path
 
 
+def stored_config(path: Path | str) -> dict[str, Any]:
+    """``{"policy": name, "config": {...}}`` of the checkpoint folder ``path``."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable config.json ({e})") from None
+
+
 def load_policy(path: Path | str, encoder=None):
     """Rebuild the registered policy stored at ``path`` (a version folder or a root: latest)."""
     from cmr.policies.registry import make_policy
 
     path = resolve(path)
     with reading(path):
-        try:
-            cfg = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable config.json ({e})") from None
+        cfg = stored_config(path)
         state = read_state(path)
     policy = make_policy(cfg["policy"], encoder=encoder, config=cfg["config"])
     policy.load_state_dict(state)

@@ -6,49 +6,78 @@ unchanged through SQLite, JSON, HTTP and checkpoints.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any
 
-from cmr.errors import HubError
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
+
+from cmr.errors import HubError, validation_line
 
 _ID_SPLIT = re.compile(r"[/_\-.:]+")
 
+#: limits of a model card (the one card validator, used by HTTP, gRPC and the hub alike)
+MAX_ID_CHARS = 256
+MAX_TEXT_CHARS = 65_536
+MAX_COST = 1e6
+MAX_JSON_BYTES = 65_536
+MAX_JSON_DEPTH = 8
 
-@dataclass
+
+def _printable(v: str) -> str:
+    if not v.strip() or not v.isprintable():
+        raise ValueError("must be non-empty printable text (no control or other non-printable characters)")
+    return v
+
+
+def _bounded(v: dict[str, Any]) -> dict[str, Any]:
+    """Free-form card objects (``backend``, ``metadata``) stay small, shallow JSON."""
+
+    def depth(x: Any) -> int:
+        children = x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()
+        return 1 + max(map(depth, children), default=0)
+
+    if depth(v) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        size = len(json.dumps(v, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"must be plain JSON ({e})") from None
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"larger than {MAX_JSON_BYTES} bytes as JSON")
+    return v
+
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_printable)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+Json = Annotated[dict[str, Any], AfterValidator(_bounded)]
+
+
+@_pydantic_dataclass(config=ConfigDict(strict=True, allow_inf_nan=False, extra="forbid"))
 class ModelCard:
     """Everything the router knows about one model of the hub.
 
     ``profile`` maps a profile-prompt id to the model's score on it (UniRoute: a new model joins
     by answering a small set of representative prompts). ``backend`` holds serving settings
-    (engine name, path or URL, resources); the router never reads it.
+    (engine name, path or URL, resources); the router never reads it. Every field is checked
+    when a card is built (a pydantic dataclass): this is the one card validator, so HTTP, gRPC
+    and the hub refuse the same cards with the same message.
     """
 
-    id: str
-    family: str | None = None
-    domain: str | None = None
-    description: str = ""
-    cost: float = 0.0
-    backend: dict[str, Any] = field(default_factory=dict)
-    profile: dict[str, float] = field(default_factory=dict)
+    id: Id
+    family: Id | None = None
+    domain: Text | None = None
+    description: Text = ""
+    cost: Annotated[float, Field(ge=0, le=MAX_COST)] = 0.0
+    backend: Json = field(default_factory=dict)
+    profile: dict[Id, Annotated[float, Field(ge=0, le=1)]] = field(default_factory=dict)
     experience: int | None = None
     added_at: float = field(default_factory=time.time)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not self.id.strip():
-            raise HubError("field 'id': a model card needs a non-empty string id")
-        if not isinstance(self.cost, (int, float)) or isinstance(self.cost, bool) or not math.isfinite(self.cost) or self.cost < 0:
-            raise HubError(f"field 'cost': must be a finite number >= 0, got {self.cost!r}")
-        self.cost = float(self.cost)
-        for name in ("backend", "profile", "metadata"):
-            if not isinstance(getattr(self, name), dict):
-                raise HubError(f"field '{name}': must be an object")
-        for k, v in self.profile.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise HubError(f"field 'profile.{k}': must be a finite number")
+    metadata: Json = field(default_factory=dict)
 
     def text(self) -> str:
         """Card text for the encoder: id words + domain + description."""
@@ -60,10 +89,11 @@ class ModelCard:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
-        """Build a card from a dict; unknown keys go to ``metadata`` rather than being lost."""
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> "ModelCard":
+        """Build a card from a dict; unknown keys go to ``metadata`` rather than being lost.
+        A bad field is one ``HubError`` line naming it (prefixed by ``where``, e.g. ``cards.3``)."""
         if not isinstance(d, dict):
-            raise HubError("a model card must be a JSON object")
+            raise HubError(f"field '{where or 'card'}': a model card must be a JSON object")
         names = {f.name for f in fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
@@ -73,8 +103,8 @@ class ModelCard:
             known["metadata"] = {**extra, **(known.get("metadata") or {})}
         try:
             return cls(**known)
-        except TypeError as e:  # wrong types for dataclass fields
-            raise HubError(str(e)) from None
+        except ValidationError as e:
+            raise HubError(validation_line(e, prefix=f"{where}." if where else "")) from None
 
 
 @dataclass

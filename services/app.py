@@ -12,12 +12,12 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from services.config import AppArgs
+from services.config import AppArgs, load_args
 from services.ingress import Ingress
 from services.pools.base import EngineFactory
 from services.pools.deployment import PoolDeployment
 from services.router import RouterDeployment
-from services.routing import effective_pools
+from services.routing import check_checkpoint_config, effective_pools
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None, engine_factory: EngineFactory | None = None) -> Application:
@@ -26,7 +26,9 @@ def build_app(args: dict[str, Any] | AppArgs | None = None, engine_factory: Engi
     ``engine_factory`` (Python callers only; YAML cannot name one) replaces ``make_engine`` in
     every pool, e.g. ``services.pools.vllm.fake_vllm_factory`` where vLLM cannot run.
     """
-    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    # one ConfigError line naming the field (serve deploy, KubeRay, cmr serve) before anything is deployed
+    args = args if isinstance(args, AppArgs) else load_args(args, source="build_app args")
+    check_checkpoint_config(args)
     a = args.to_dict()
     router = serve.deployment(RouterDeployment, name="Router").options(
         num_replicas=args.router_replicas, ray_actor_options=args.router_actor_options, max_ongoing_requests=256,

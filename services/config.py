@@ -11,17 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from cmr import constants
 from cmr.continual.learner import CONSOLIDATE_EVERY, EVENTS_PER_STEP
-from cmr.errors import CMRError
+from cmr.errors import ConfigError, validation_line
 
-
-class ConfigError(CMRError):
-    """An invalid app configuration: names the field."""
-
-ENGINES = ("transformers", "vllm", "openai")
+__all__ = ["AppArgs", "ConfigError", "load_args", "read_config"]
 
 
 class _Strict(BaseModel):
@@ -33,7 +29,9 @@ class ServedModel(_Strict):
     """One model a pool serves: its hub card fields and its engine settings (the card's ``backend``)."""
 
     id: str = Field(min_length=1)
-    engine: Literal["transformers", "vllm", "openai"] = "transformers"
+    #: a registered engine (``services.pools.base.ENGINES``); the fields below that it takes form
+    #: the card's ``backend``, checked by that engine's typed config
+    engine: str = "transformers"
     #: transformers/vllm: a local model directory (or hub id for vllm); openai: the remote model name
     path: str | None = None
     #: openai engine: base URL of the remote OpenAI-compatible endpoint (else ``CMR_OPENAI_BASE_URL``)
@@ -47,10 +45,22 @@ class ServedModel(_Strict):
     device: str | None = None
     max_new_tokens: int = Field(default=64, ge=1)
 
+    @model_validator(mode="after")
+    def _engine_config(self) -> "ServedModel":
+        from services.pools.base import engine_config
+
+        engine_config(self.backend(), where="")  # an EngineError (a ValueError) names the field
+        return self
+
     def backend(self) -> dict[str, Any]:
-        """The card's ``backend`` dict (what an engine is built from)."""
+        """The card's ``backend`` dict (what an engine is built from): the fields its engine takes."""
+        from services.pools.base import ENGINES
+
+        if self.engine not in ENGINES:
+            return {"engine": self.engine}
+        takes = ENGINES[self.engine][1].model_fields
         b = {"engine": self.engine, "path": self.path, "base_url": self.base_url, "api_key_env": self.api_key_env, "device": self.device, "max_new_tokens": self.max_new_tokens}
-        return {k: v for k, v in b.items() if v is not None}
+        return {k: v for k, v in b.items() if v is not None and k in takes}
 
     def card_dict(self) -> dict[str, Any]:
         return {"id": self.id, "family": self.family, "domain": self.domain, "description": self.description, "cost": self.cost, "backend": self.backend()}
@@ -200,6 +210,17 @@ class AppArgs(_Strict):
             raise ValueError(f"unknown policy {v!r}; known: {', '.join(policy_names())}")
         return v
 
+    @field_validator("policy_config")
+    @classmethod
+    def _typed_policy_config(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked against the chosen policy's typed config (kept as given: the keys set here are
+        the ones compared with a checkpoint's, ``services.routing.check_checkpoint_config``)."""
+        from cmr.policies import policy_class
+
+        if "policy" in info.data:  # else the policy name itself was refused
+            policy_class(info.data["policy"]).Config.from_dict(v)
+        return v
+
     @model_validator(mode="after")
     def _unique(self) -> "AppArgs":
         names = [p.name for p in self.pools]
@@ -236,10 +257,7 @@ def load_args(data: dict[str, Any] | None, source: str = "config") -> AppArgs:
     try:
         return AppArgs.model_validate(data or {})
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ConfigError(f"{source}: field '{loc}': {first['msg']}{more}") from None
+        raise ConfigError(validation_line(e, source)) from None
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

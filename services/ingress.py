@@ -234,7 +234,7 @@ class Ingress(GrpcServicerMixin):
             first = e.errors()[0]
             loc = ".".join(str(x) for x in first["loc"])
             raise APIError(400, f"field '{loc}': {first['msg']} (a card is a JSON object; several go in 'cards')", loc) from None
-        res = _check(await self.router.register.remote([c.card_dict() for c in body.cards]), "id")
+        res = _check(await self.router.register.remote(body.cards), "id")
         return JSONResponse(res, status_code=201)
 
     @app.get("/v1/admin/profile")

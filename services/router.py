@@ -109,13 +109,18 @@ class RouterDeployment:
         return await self._route_list(list(reqs))
 
     async def register(self, cards: list[dict[str, Any]]) -> dict[str, Any]:
+        """Add cards (dicts, as HTTP and gRPC send them): each is checked by ``ModelCard`` (the one
+        card validator) and its ``backend`` by its engine's typed config, before anything is stored."""
+        from services.pools.base import engine_config
+
         try:
-            parsed = [ModelCard.from_dict(c) for c in cards]
+            parsed = [ModelCard.from_dict(c, where=f"cards.{i}") for i, c in enumerate(cards)]
+            for i, c in enumerate(parsed):
+                if c.backend:
+                    engine_config(c.backend, where=f"cards.{i}.backend")
             v = await asyncio.to_thread(self.core.register, parsed)
         except CMRError as e:
             return _error(e, 409 if "already registered" in str(e) else 400)
-        except (TypeError, ValueError, AttributeError) as e:  # a card field of the wrong type that got past the schema
-            return _error(CMRError(f"malformed card: {type(e).__name__}: {e}"), 400)
         return {"hub_version": v, "registered": [c.id for c in parsed]}
 
     async def retire(self, model_ids: list[str]) -> dict[str, Any]:

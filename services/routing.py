@@ -26,9 +26,9 @@ import numpy as np
 from cmr import checkpoint
 from cmr.data.cmrbench import Experience
 from cmr.decide import Filters, decide
-from cmr.errors import CMRError, HubError
+from cmr.errors import CMRError, ConfigError, HubError
 from cmr.hub import HubStore, ModelHub
-from cmr.policies import make_policy
+from cmr.policies import make_policy, policy_class
 from cmr.types import Decision, ModelCard
 from services.config import AppArgs
 from services.store import DecisionStore
@@ -121,6 +121,30 @@ def checkpoint_root(args: AppArgs) -> Path:
     return args.state_dir() / "checkpoints" / args.policy
 
 
+def check_checkpoint_config(args: AppArgs) -> None:
+    """Refuse a ``policy_config`` that the served router would ignore.
+
+    Once a checkpoint exists the router is restored from it, config included; an option set in
+    ``policy_config`` (a tuned ``chosen_serve.yaml``) that differs from the checkpoint's would
+    silently not apply. Raises ``ConfigError`` naming the options and what to do instead.
+    """
+    root = checkpoint_root(args)
+    ck = checkpoint.latest(root) if args.policy_config else None
+    if ck is None:
+        return
+    cls = policy_class(args.policy).Config
+    want = cls.from_dict(args.policy_config).to_dict()
+    have = cls.from_dict(checkpoint.stored_config(ck.path)["config"]).to_dict()
+    diff = sorted(k for k in args.policy_config if want[k] != have[k])
+    if diff:
+        what = ", ".join(f"{k}={want[k]!r} (checkpoint: {have[k]!r})" for k in diff)
+        raise ConfigError(
+            f"field 'policy_config': {what} differs from checkpoint v{ck.version} under {root}, which the router is restored "
+            f"from; to serve this config retrain: move {root} away (the next start trains with policy_config) or write a "
+            f"checkpoint there with `cmr train --policy {args.policy} --config FILE --out {root}`; to serve the checkpoint, "
+            f"drop {', '.join(diff)} from policy_config")
+
+
 def effective_pools(args: AppArgs) -> list:
     """The pools to deploy: the configured ones, or the embedded ``local`` pool of tiny models."""
     from services.config import PoolConfig, ServedModel
@@ -183,6 +207,7 @@ def bootstrap(args: AppArgs, encoder) -> None:
     first checkpoint of ``args.policy`` trained on the bench's train splits in experience order."""
     state = args.state_dir()
     with _file_lock(state / ".bootstrap.lock"):
+        check_checkpoint_config(args)  # before anything is written
         prepare_models(args)
         hub = ModelHub(HubStore(state / "hub.sqlite"))
         bench_data = None

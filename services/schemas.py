@@ -112,52 +112,14 @@ class FeedbackBody(BaseModel):
     reward: float = Field(ge=0, le=1, strict=True, allow_inf_nan=False)
 
 
-class CardBody(BaseModel):
-    """A model card as posted: the typed fields are checked here (a 400 naming the field), other
-    keys are kept and go to the card's ``metadata`` (``ModelCard.from_dict``)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$")
-    family: str | None = None
-    domain: str | None = None
-    description: str = ""
-    cost: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    backend: dict[str, Any] = Field(default_factory=dict)
-    profile: dict[str, float] = Field(default_factory=dict)
-    experience: int | None = None
-    added_at: float | None = Field(default=None, allow_inf_nan=False)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("profile")
-    @classmethod
-    def _finite_profile(cls, v: dict[str, float]) -> dict[str, float]:
-        import math
-
-        bad = next((k for k, x in v.items() if not math.isfinite(x) or not 0 <= x <= 1), None)
-        if bad is not None:
-            raise ValueError(f"profile score of {bad!r} must be a finite number in [0, 1]")
-        return v
-
-    @field_validator("backend")
-    @classmethod
-    def _engine(cls, v: dict[str, Any]) -> dict[str, Any]:
-        engine = v.get("engine")
-        if engine is not None and engine not in ("transformers", "vllm", "openai"):
-            raise ValueError(f"backend.engine must be transformers, vllm or openai, got {engine!r}")
-        return v
-
-    def card_dict(self) -> dict[str, Any]:
-        """What ``ModelCard.from_dict`` takes: the fields sent (defaults left to the card)."""
-        return self.model_dump(exclude_unset=True, exclude_none=True)
-
-
 class RegisterBody(BaseModel):
-    """``POST /v1/admin/models``: one card (``id``, ``cost``, ``backend``, ``profile``, …) or ``cards``."""
+    """``POST /v1/admin/models``: one card (``id``, ``cost``, ``backend``, ``profile``, …) or ``cards``.
+    Each card's fields are checked by ``cmr.types.ModelCard`` (the one card validator, shared with
+    gRPC and the hub) when the router registers them."""
 
     model_config = ConfigDict(extra="forbid")
 
-    cards: list[CardBody] = Field(min_length=1, max_length=10_000)
+    cards: list[dict[str, Any]] = Field(min_length=1, max_length=10_000)
 
 
 class RetireBody(BaseModel):

@@ -45,8 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_args(ns: argparse.Namespace):
-    """AppArgs from ``--config`` plus flag overrides (flags win)."""
+    """AppArgs from ``--config`` plus flag overrides (flags win), checked against the served
+    checkpoint (``check_checkpoint_config``)."""
     from services.config import load_args, read_config
+    from services.routing import check_checkpoint_config
 
     data = read_config(ns.config) if ns.config else {}
     if ns.policy:
@@ -61,7 +63,9 @@ def build_args(ns: argparse.Namespace):
         data["tiny_models"] = False
     if getattr(ns, "open", False):
         data["auth"] = {**(data.get("auth") or {}), "open": True}
-    return load_args(data, source=ns.config or "arguments")
+    args = load_args(data, source=ns.config or "arguments")
+    check_checkpoint_config(args)
+    return args
 
 
 def choose_proxy(ns: argparse.Namespace) -> str | None:

@@ -22,13 +22,13 @@ estimate and λ is not counted twice.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig, RoutingPolicy
+from cmr.policies.base import Count, Integer, NonNegative, PolicyConfig, Positive, RoutingPolicy, config_dataclass
 from cmr.policies.memory import as_queries, check_examples
 from cmr.types import FeedbackEvent, ModelCard
 
@@ -36,7 +36,7 @@ from cmr.types import FeedbackEvent, ModelCard
 _BLOCK_ELEMS = 4_000_000
 
 
-@dataclass
+@config_dataclass
 class BanditConfig(PolicyConfig):
     """Options shared by the linear bandits.
 
@@ -48,22 +48,13 @@ class BanditConfig(PolicyConfig):
     card_weight: weight of the card-similarity prior mean.
     """
 
-    dim: int = 16
-    projection: str = "pca"
-    pca_rows: int = 64
-    reg: float = 1.0
-    lam: float = 0.0
-    card_weight: float = 1.0
+    dim: Count = 16
+    projection: Literal["pca", "random"] = "pca"
+    pca_rows: Annotated[Integer, Field(ge=2)] = 64
+    reg: Positive = 1.0
+    lam: NonNegative = 0.0
+    card_weight: NonNegative = 1.0
 
-    def __post_init__(self) -> None:
-        if self.dim < 1:
-            raise ValueError("field 'dim': must be >= 1")
-        if self.projection not in ("pca", "random"):
-            raise ValueError("field 'projection': must be 'pca' or 'random'")
-        if self.reg <= 0:
-            raise ValueError("field 'reg': must be > 0")
-        if self.pca_rows < 2:
-            raise ValueError("field 'pca_rows': must be >= 2")
 
 
 class LinearBanditPolicy(RoutingPolicy):

@@ -7,33 +7,57 @@ must still get a finite score (from their card, their profile, or a prior).
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Sequence
+from dataclasses import asdict
+from typing import Annotated, Any, ClassVar, Sequence
 
 import numpy as np
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 from cmr.data.examples import Examples
 from cmr.encoders.base import Encoder
+from cmr.errors import ConfigError, validation_line
 from cmr.types import FeedbackEvent, ModelCard
 
+# Field types of policy configs: ints, bools and strings are strict (``k=true`` or ``epochs=2.5``
+# is an error, not a silent cast; numpy integers, as Tune samples them, are ints); floats also
+# take ints and numeric strings (YAML reads ``1e-3`` as a string), never NaN or infinity.
+Real = Annotated[float, Field(strict=False)]
+Positive = Annotated[float, Field(gt=0, strict=False)]
+NonNegative = Annotated[float, Field(ge=0, strict=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, strict=False)]
+Integer = Annotated[int, BeforeValidator(lambda x: int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else x)]
+Count = Annotated[Integer, Field(ge=1)]
+Size = Annotated[Integer, Field(ge=0)]
 
-@dataclass
+
+def config_dataclass(cls):
+    """Decorator of every policy config: a pydantic dataclass, so that each field is checked
+    against its type hint and ``Field`` bounds when the config is built (no hand-written checks);
+    unknown keys are refused. Subclasses are decorated again."""
+    return _pydantic_dataclass(cls, config=ConfigDict(strict=True, extra="forbid", allow_inf_nan=False))
+
+
+@config_dataclass
 class PolicyConfig:
-    """Base for per-policy configs: dataclasses with a dict/JSON round-trip."""
+    """Base for per-policy configs: typed, range-checked dataclasses with a dict/JSON round-trip."""
 
-    seed: int = 0
+    seed: Size = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PolicyConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown option(s) for {cls.__name__}: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        """Build and check a config; a bad value is one ``ConfigError`` line naming the field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__}: a policy config must be an object, got {type(d).__name__}")
+        try:
+            return cls(**d)
+        except ValidationError as e:
+            raise ConfigError(validation_line(e, cls.__name__)) from None
 
 
 class RoutingPolicy(ABC):
@@ -50,11 +74,8 @@ class RoutingPolicy(ABC):
 
     def __init__(self, encoder: Encoder | None = None, config: PolicyConfig | dict | None = None):
         self.encoder = encoder
-        if config is None:
-            config = self.Config()
-        elif isinstance(config, dict):
-            config = self.Config.from_dict(config)
-        self.config = config
+        # a config object of another class (or built unchecked) is re-read through the checks
+        self.config = self.Config.from_dict(config if isinstance(config, dict) else asdict(config) if config is not None else {})
         self._card_emb: dict[str, np.ndarray] = {}
         self._profile_ids: list[str] = []
         self._profile_emb = np.zeros((0, 0), dtype=np.float32)

@@ -47,15 +47,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from cmr.continual.anchoring import Anchor, AnchorConfig
 from cmr.continual.replay import CoresetBuffer, Interactions, Replay, ReservoirBuffer
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig, RoutingPolicy
+from cmr.policies.base import Count, Fraction, NonNegative, PolicyConfig, Positive, RoutingPolicy, Size, config_dataclass
 from cmr.types import FeedbackEvent, ModelCard
 
 _ID_SPLIT = re.compile(r"[/_\-.:]+")
@@ -63,56 +62,56 @@ _NO_DOMAIN = ""
 _LEARNER_ONLY = "policy 'carve' is trained through cmr.continual.learner.Learner(policy): .fit(data, cards) / .consume(events)"
 
 
-@dataclass
+@config_dataclass
 class CarveConfig(PolicyConfig):
     """Options of the contrastive continual router (``--set key=value``)."""
 
     # model
-    adapter_hidden: int = 0  # 0 = linear projection only; >0 = residual MLP adapter width
-    temperature: float = 0.05
+    adapter_hidden: Size = 0  # 0 = linear projection only; >0 = residual MLP adapter width
+    temperature: Positive = 0.05
     hierarchical: bool = False  # domain head + model-within-domain head (worse on validation)
-    domain_weight: float = 1.0  # weight of the domain loss (training) and of log p(domain) (scoring)
+    domain_weight: NonNegative = 1.0  # weight of the domain loss (training) and of log p(domain) (scoring)
     # soft domain smoothing (flat head): each model's logit gains domain_bonus × the query's cosine
     # to its domain's centroid (mean of the candidates' embeddings in that domain), in training
     # and scoring alike; 0 = off
-    domain_bonus: float = 0.0
-    sigmoid_lr: float = 3e-3  # learning rate of the sigmoid (outcome-matrix) head
-    head: str = "auto"  # "softmax" (one right model), "sigmoid" (outcome matrices), "auto": from the data
+    domain_bonus: NonNegative = 0.0
+    sigmoid_lr: Positive = 3e-3  # learning rate of the sigmoid (outcome-matrix) head
+    head: Literal["auto", "softmax", "sigmoid"] = "auto"  # "softmax" (one right model), "sigmoid" (outcome matrices), "auto": from the data
     # training
-    epochs: int = 5
-    batch_size: int = 256
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    full_softmax_max: int = 20_000  # more live models than this -> sampled negatives
-    negatives: str = "auto"  # "full", "sampled", "auto" (full up to full_softmax_max)
-    n_hard: int = 16
-    n_domain: int = 8
-    n_random: int = 16
-    remine_every: int = 5  # epochs between hard-negative re-mining
+    epochs: Size = 5
+    batch_size: Count = 256
+    lr: Positive = 3e-4
+    weight_decay: NonNegative = 0.0
+    full_softmax_max: Count = 20_000  # more live models than this -> sampled negatives
+    negatives: Literal["auto", "full", "sampled"] = "auto"  # "full", "sampled", "auto" (full up to full_softmax_max)
+    n_hard: Size = 16
+    n_domain: Size = 8
+    n_random: Size = 16
+    remine_every: Count = 5  # epochs between hard-negative re-mining
     offsets: bool = False  # learn a per-model offset on top of the projected prototype (worse on validation)
-    offset_decay: float = 0.0  # L2 pull of the offsets towards 0 (the prototype)
+    offset_decay: NonNegative = 0.0  # L2 pull of the offsets towards 0 (the prototype)
     leave_one_out: bool = True  # a training row is left out of its model's prototype
-    proto_card_weight: float = 1.0  # weight of the card in a model's prototype (queries weigh 1)
+    proto_card_weight: NonNegative = 1.0  # weight of the card in a model's prototype (queries weigh 1)
     card_examples: bool = False  # card text of every live model is a training example for it
-    card_weight: float = 0.5
-    card_text: str = "rich"  # "rich": + api_call; "plain": ModelCard.text()
+    card_weight: NonNegative = 0.5
+    card_text: Literal["rich", "plain"] = "rich"  # "rich": + api_call; "plain": ModelCard.text()
     # continual
-    replay: float = 0.2  # coreset budget as a fraction of the data seen (0 = no replay)
-    replay_cap: int = 4  # coreset rows per model at most
-    anchor: float = 1.0  # anchoring strength on model/domain embeddings (0 = none)
-    anchor_dense: float = 0.1  # anchoring strength on the projection (validated: 1 and 10 cost plasticity)
+    replay: Fraction = 0.2  # coreset budget as a fraction of the data seen (0 = no replay)
+    replay_cap: Count = 4  # coreset rows per model at most
+    anchor: NonNegative = 1.0  # anchoring strength on model/domain embeddings (0 = none)
+    anchor_dense: NonNegative = 0.1  # anchoring strength on the projection (validated: 1 and 10 cost plasticity)
     joint: bool = False  # upper reference: keep all data, retrain from the cards each experience
     # online
-    online_steps: int = 1
-    online_replay: int = 32  # replay rows mixed into each online step
-    online_lr: float = 5e-4
+    online_steps: Size = 1
+    online_replay: Size = 32  # replay rows mixed into each online step
+    online_lr: Positive = 5e-4
     # the online path also moves per-model offsets: a reward-0 event must be able to push one
     # model away from a query without moving the shared projection for every other model
     online_offsets: bool = True
-    online_capacity: int = 5_000  # reservoir of past events
+    online_capacity: Count = 5_000  # reservoir of past events
     # small matrices: one intra-op thread is many times faster than several on a shared CPU
     # (thread spinning); 0 = leave torch's setting alone
-    torch_threads: int = 1
+    torch_threads: Size = 1
 
 
 @contextlib.contextmanager
@@ -140,12 +139,6 @@ class CarvePolicy(RoutingPolicy):
     def __init__(self, encoder=None, config=None):
         super().__init__(encoder, config)
         c: CarveConfig = self.config
-        if c.head not in ("auto", "softmax", "sigmoid"):
-            raise ValueError(f"field 'head': must be auto, softmax or sigmoid, got {c.head!r}")
-        if c.negatives not in ("auto", "full", "sampled"):
-            raise ValueError(f"field 'negatives': must be auto, full or sampled, got {c.negatives!r}")
-        if c.card_text not in ("rich", "plain"):
-            raise ValueError(f"field 'card_text': must be rich or plain, got {c.card_text!r}")
         self._mode: str | None = None if c.head == "auto" else c.head
         self._models: list[str] = []
         self._row: dict[str, int] = {}

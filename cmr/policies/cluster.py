@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig
+from cmr.policies.base import Count, NonNegative, PolicyConfig, Positive, config_dataclass
 from cmr.policies.memory import PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, tune_prior_weight, tuning_sample
 from cmr.types import ModelCard
 
 # card-term weight before any tuning (too few rows yet): enough to rank models nothing is known of
 
 
-@dataclass
+@config_dataclass
 class ClusterConfig(PolicyConfig):
     """Options of :class:`ClusterPolicy`.
 
@@ -34,26 +33,14 @@ class ClusterConfig(PolicyConfig):
         tune_max_rows: stored prompts sampled for that tuning.
     """
 
-    n_clusters: int = 64
-    niter: int = 25
+    n_clusters: Count = 64
+    niter: Count = 25
     soft: bool = False
-    temperature: float = 0.05
-    smoothing: float = 1.0
-    prior_weight: float | None = None
-    tune_min_rows: int = 50
-    tune_max_rows: int = 1000
-
-    def __post_init__(self) -> None:
-        for name in ("n_clusters", "niter", "tune_min_rows", "tune_max_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"field '{name}': must be an integer >= 1, got {v!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"field 'temperature': must be > 0, got {self.temperature!r}")
-        if not self.smoothing >= 0:
-            raise ValueError(f"field 'smoothing': must be >= 0, got {self.smoothing!r}")
-        if self.prior_weight is not None and not self.prior_weight >= 0:
-            raise ValueError(f"field 'prior_weight': must be >= 0 or null (tuned), got {self.prior_weight!r}")
+    temperature: Positive = 0.05
+    smoothing: NonNegative = 1.0
+    prior_weight: NonNegative | None = None
+    tune_min_rows: Count = 50
+    tune_max_rows: Count = 1000
 
 
 class ClusterPolicy(MemoryPolicy):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig
+from cmr.policies.base import Count, NonNegative, PolicyConfig, Positive, config_dataclass
 from cmr.policies.memory import PRIOR_GRID, PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, shrink, tune_grid, tuning_sample
 from cmr.types import ModelCard
 
-_WEIGHTINGS = ("uniform", "similarity", "softmax")
 # elements gathered per chunk of queries ([b, k, n_c] floats): bounds the scoring memory
 _CHUNK_ELEMENTS = 1 << 22
 #: shrinkage tried when it is tuned, largest first (ties keep the more cautious one);
@@ -21,7 +19,7 @@ SHRINK_GRID = (1.0, 0.3, 0.1, 0.03)
 SHRINK_START = 1.0
 
 
-@dataclass
+@config_dataclass
 class KNNConfig(PolicyConfig):
     """Options of :class:`KNNPolicy`.
 
@@ -45,29 +43,13 @@ class KNNConfig(PolicyConfig):
         tune_max_rows: stored prompts sampled for that tuning.
     """
 
-    k: int = 100
-    weighting: str = "softmax"
-    temperature: float = 0.05
-    prior_weight: float | None = None
-    shrinkage: float | None = None
-    tune_min_rows: int = 50
-    tune_max_rows: int = 1000
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"field 'k': must be an integer >= 1, got {self.k!r}")
-        if self.weighting not in _WEIGHTINGS:
-            raise ValueError(f"field 'weighting': must be one of {', '.join(_WEIGHTINGS)}, got {self.weighting!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"field 'temperature': must be > 0, got {self.temperature!r}")
-        if self.prior_weight is not None and not self.prior_weight >= 0:
-            raise ValueError(f"field 'prior_weight': must be >= 0 or null (tuned), got {self.prior_weight!r}")
-        if self.shrinkage is not None and not 0 < self.shrinkage:
-            raise ValueError(f"field 'shrinkage': must be > 0 or null (tuned), got {self.shrinkage!r}")
-        for name in ("tune_min_rows", "tune_max_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"field '{name}': must be an integer >= 1, got {v!r}")
+    k: Count = 100
+    weighting: Literal["uniform", "similarity", "softmax"] = "softmax"
+    temperature: Positive = 0.05
+    prior_weight: NonNegative | None = None
+    shrinkage: Positive | None = None
+    tune_min_rows: Count = 50
+    tune_max_rows: Count = 1000
 
 
 class KNNPolicy(MemoryPolicy):

@@ -7,23 +7,18 @@ rarely chosen (or just joined the hub) gets tried where its prior looks competit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
 from cmr.policies.bandit_base import BanditConfig, LinearBanditPolicy
+from cmr.policies.base import NonNegative, config_dataclass
 
 
-@dataclass
+@config_dataclass
 class LinUCBConfig(BanditConfig):
     """``alpha``: width of the confidence bonus (0 = greedy ridge regression)."""
 
-    alpha: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.alpha < 0:
-            raise ValueError("field 'alpha': must be >= 0")
+    alpha: NonNegative = 0.1
 
 
 class LinUCBPolicy(LinearBanditPolicy):

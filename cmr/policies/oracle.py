@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig, RoutingPolicy
+from cmr.policies.base import PolicyConfig, RoutingPolicy, config_dataclass
 from cmr.policies.memory import as_queries
 from cmr.types import FeedbackEvent, ModelCard
 
 
-@dataclass
+@config_dataclass
 class OracleConfig(PolicyConfig):
     """Options of :class:`OraclePolicy`.
 
@@ -22,11 +22,7 @@ class OracleConfig(PolicyConfig):
             columns, or NaN); must lie below every real score so the oracle never prefers it.
     """
 
-    unknown_score: float = -1.0
-
-    def __post_init__(self) -> None:
-        if not (np.isfinite(self.unknown_score) and self.unknown_score < 0):
-            raise ValueError(f"field 'unknown_score': must be a finite number < 0 (scores lie in [0, 1]), got {self.unknown_score!r}")
+    unknown_score: Annotated[float, Field(lt=0, strict=False)] = -1.0
 
 
 class OraclePolicy(RoutingPolicy):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig, RoutingPolicy
+from cmr.policies.base import PolicyConfig, RoutingPolicy, config_dataclass
 from cmr.policies.memory import as_queries
 from cmr.types import FeedbackEvent, ModelCard
 
@@ -34,7 +33,7 @@ def _id_hash(model_ids: Sequence[str]) -> np.ndarray:
     )
 
 
-@dataclass
+@config_dataclass
 class RandomConfig(PolicyConfig):
     """Options of :class:`RandomPolicy` (only the seed)."""
 

@@ -9,24 +9,19 @@ of ``state_dict``: a restored policy draws exactly the samples the original woul
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from cmr.policies.bandit_base import BanditConfig, LinearBanditPolicy, stable_hash
+from cmr.policies.base import NonNegative, config_dataclass
 
 
-@dataclass
+@config_dataclass
 class ThompsonConfig(BanditConfig):
     """``noise``: reward noise scale; posterior samples have covariance noise²·P⁻¹."""
 
-    noise: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.noise < 0:
-            raise ValueError("field 'noise': must be >= 0")
+    noise: NonNegative = 0.1
 
 
 class ThompsonPolicy(LinearBanditPolicy):

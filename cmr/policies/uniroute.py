@@ -19,18 +19,17 @@ mean (pseudo-count ``smoothing``); a model with no data at all gets the average 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig, RoutingPolicy
+from cmr.policies.base import Count, NonNegative, PolicyConfig, Positive, RoutingPolicy, config_dataclass
 from cmr.policies.memory import as_queries, check_examples
 from cmr.types import ModelCard
 
 
-@dataclass
+@config_dataclass
 class UniRouteConfig(PolicyConfig):
     """Options of :class:`UniRoutePolicy`.
 
@@ -44,28 +43,14 @@ class UniRouteConfig(PolicyConfig):
     card_weight: weight of cosine(query, card text) added to the score (0 = the paper's rule).
     """
 
-    n_clusters: int = 20
-    min_cluster_size: int = 8
-    niter: int = 25
-    assign: str = "hard"
-    temperature: float = 0.05
-    smoothing: float = 1.0
+    n_clusters: Count = 20
+    min_cluster_size: Count = 8
+    niter: Count = 25
+    assign: Literal["hard", "soft"] = "hard"
+    temperature: Positive = 0.05
+    smoothing: NonNegative = 1.0
     profile_only: bool = False
-    card_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("n_clusters", "min_cluster_size", "niter"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"field '{name}': must be an integer >= 1, got {v!r}")
-        if self.assign not in ("hard", "soft"):
-            raise ValueError(f"field 'assign': must be 'hard' or 'soft', got {self.assign!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"field 'temperature': must be > 0, got {self.temperature!r}")
-        if not self.smoothing >= 0:
-            raise ValueError(f"field 'smoothing': must be >= 0, got {self.smoothing!r}")
-        if not self.card_weight >= 0:
-            raise ValueError(f"field 'card_weight': must be >= 0, got {self.card_weight!r}")
+    card_weight: NonNegative = 0.0
 
 
 class UniRoutePolicy(RoutingPolicy):

@@ -14,18 +14,18 @@ vector Ψ_h: no gradient step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
 from cmr.data.examples import Examples
+from cmr.policies.base import Count, NonNegative, Positive, config_dataclass
 from cmr.policies.memory import as_queries, check_examples
 from cmr.policies.uniroute import UniRouteConfig, UniRoutePolicy
 from cmr.types import ModelCard
 
 
-@dataclass
+@config_dataclass
 class UniRouteMapConfig(UniRouteConfig):
     """Options of :class:`UniRouteMapPolicy` (on top of UniRoute's).
 
@@ -33,22 +33,11 @@ class UniRouteMapConfig(UniRouteConfig):
     max_rows: training prompts used (a seeded subsample above it).
     """
 
-    assign: str = "soft"
-    epochs: int = 200
-    lr: float = 0.01
-    weight_decay: float = 1e-4
-    max_rows: int = 20000
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.assign != "soft":
-            raise ValueError("field 'assign': the learned map is soft by construction; use 'soft'")
-        for name in ("epochs", "max_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"field '{name}': must be an integer >= 1, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"field 'lr': must be > 0, got {self.lr!r}")
+    assign: Literal["soft"] = "soft"  # the learned map is soft by construction
+    epochs: Count = 200
+    lr: Positive = 0.01
+    weight_decay: NonNegative = 1e-4
+    max_rows: Count = 20000
 
 
 class UniRouteMapPolicy(UniRoutePolicy):

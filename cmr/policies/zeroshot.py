@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from cmr.data.examples import Examples
-from cmr.policies.base import PolicyConfig, RoutingPolicy
+from cmr.policies.base import PolicyConfig, RoutingPolicy, config_dataclass
 from cmr.policies.memory import as_queries
 from cmr.types import FeedbackEvent, ModelCard
 
 
-@dataclass
+@config_dataclass
 class ZeroShotConfig(PolicyConfig):
     """Options of :class:`ZeroShotPolicy` (none beyond the seed)."""
 

@@ -1,20 +1,23 @@
 """The engine protocol of model pools, the request/chunk types engines speak, and the factory.
 
 An engine turns one generation request into a stream of text chunks. A pool deployment holds
-engines by model id; which engine a model gets comes from its card's ``backend`` (``engine``:
-``transformers``, ``vllm`` or ``openai``). Engines are injected through the pool's constructor
+engines by model id; which engine a model gets comes from its card's ``backend``: ``engine`` names
+one of ``ENGINES`` (the registry), and the rest is that engine's typed config. Engines are injected through the pool's constructor
 (an ``engine_factory``), so tests can give a pool a fake where the real engine cannot run here.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Callable, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Callable, Literal, Protocol, runtime_checkable
 
-from cmr.errors import CMRError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cmr.errors import CMRError, validation_line
 
 
-class EngineError(CMRError):
+class EngineError(CMRError, ValueError):
     """An engine cannot be built or used (missing optional extra, bad backend settings)."""
 
 
@@ -71,19 +74,79 @@ class Engine(Protocol):
 EngineFactory = Callable[[str, dict[str, Any]], Engine]
 
 
+class EngineConfig(BaseModel):
+    """What every engine takes from a card's ``backend``; each engine extends it (one typed config
+    per engine, unknown keys refused)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    engine: str
+    #: a request's ``max_tokens`` is capped at this
+    max_new_tokens: int = Field(default=256, ge=1)
+    #: runtime registrations: the pool that serves the model (``PoolConfig.name``)
+    pool: str | None = None
+
+
+class TransformersConfig(EngineConfig):
+    """``transformers``: a local model folder, CPU or GPU."""
+
+    engine: Literal["transformers"] = "transformers"
+    path: str = Field(min_length=1)
+    device: str | None = None
+    max_new_tokens: int = Field(default=64, ge=1)
+
+
+class VLLMConfig(EngineConfig):
+    """``vllm``: a local folder or hub id; ``engine_args`` go to vLLM's ``AsyncEngineArgs``."""
+
+    engine: Literal["vllm"] = "vllm"
+    path: str = Field(min_length=1)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class FakeConfig(VLLMConfig):
+    """``fake``: the fake vLLM engine (named as a fake), for machines without a GPU. Takes what
+    ``vllm`` takes, plus the local tokenizer folder it counts tokens with (None: MiniLM's)."""
+
+    engine: Literal["fake", "vllm"] = "fake"
+    path: str = "fake/model"
+    tokenizer: str | None = None
+
+
+class OpenAIConfig(EngineConfig):
+    """``openai``: a remote OpenAI-compatible endpoint; ``path`` is the remote model name (default
+    the model id), the key is read from the env var ``api_key_env`` (keys never live in cards)."""
+
+    engine: Literal["openai"] = "openai"
+    path: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_new_tokens: int = Field(default=1024, ge=1)
+
+
+#: engine name -> ("module:Class", typed config): the one engine registry (classes imported on use)
+ENGINES: dict[str, tuple[str, type[EngineConfig]]] = {
+    "transformers": ("services.pools.transformers:TransformersEngine", TransformersConfig),
+    "vllm": ("services.pools.vllm:VLLMEngine", VLLMConfig),
+    "openai": ("services.pools.openai_remote:OpenAIEngine", OpenAIConfig),
+    "fake": ("services.pools.vllm:FakeVLLMEngine", FakeConfig),
+}
+
+
+def engine_config(backend: dict[str, Any], where: str = "backend") -> EngineConfig:
+    """A card's ``backend`` as its engine's typed config; ``EngineError`` naming the field if not."""
+    name = backend.get("engine") if isinstance(backend, dict) else None
+    pre = f"{where}." if where else ""
+    if name not in ENGINES:
+        raise EngineError(f"field '{pre}engine': must be one of {', '.join(ENGINES)}, got {name!r}")
+    try:
+        return ENGINES[name][1].model_validate(backend)
+    except ValidationError as e:
+        raise EngineError(validation_line(e, prefix=pre)) from None
+
+
 def make_engine(model_id: str, backend: dict[str, Any]) -> Engine:
     """Build the engine a card's ``backend`` names (imports the engine's module only then)."""
-    name = backend.get("engine")
-    if name == "transformers":
-        from services.pools.transformers import TransformersEngine
-
-        return TransformersEngine(model_id, backend)
-    if name == "vllm":
-        from services.pools.vllm import VLLMEngine
-
-        return VLLMEngine(model_id, backend)
-    if name == "openai":
-        from services.pools.openai_remote import OpenAIEngine
-
-        return OpenAIEngine(model_id, backend)
-    raise EngineError(f"field 'backend.engine': model {model_id!r} has engine {name!r}; expected transformers, vllm or openai")
+    cfg = engine_config(backend)
+    module, cls = ENGINES[cfg.engine][0].split(":")
+    return getattr(importlib.import_module(module), cls)(model_id, cfg)

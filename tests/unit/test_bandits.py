@@ -136,10 +136,3 @@ def test_fit_warm_start_beats_cold_start(outcomes_small):
     q_warm = truth[np.arange(len(truth)), choose(warm.score(data.test.emb, data.cards), costs, 0.0)].mean()
     q_cold = truth[np.arange(len(truth)), choose(cold.score(data.test.emb, data.cards), costs, 0.0)].mean()
     assert q_warm > q_cold
-
-
-def test_bad_config_names_the_field():
-    with pytest.raises(ValueError, match="alpha"):
-        make_policy("linucb", config={"alpha": -1})
-    with pytest.raises(ValueError, match="projection"):
-        make_policy("thompson", config={"projection": "svd"})

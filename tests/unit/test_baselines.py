@@ -306,17 +306,6 @@ def test_random_restored_stream_continues():
         np.testing.assert_array_equal(r.score(q, cards), e)
 
 
-# -- configs -------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "name, bad, field",
-    [("knn", {"k": 0}, "k"), ("knn", {"weighting": "cosine"}, "weighting"), ("cluster", {"n_clusters": 0}, "n_clusters"),
-     ("cluster", {"smoothing": -1.0}, "smoothing"), ("oracle", {"unknown_score": 0.5}, "unknown_score")],
-)
-def test_bad_config_names_the_field(name, bad, field):
-    with pytest.raises(ValueError, match=f"'{field}'"):
-        make_policy(name, config=bad)
-
-
 def test_fit_without_embeddings_is_a_clear_error(cmr_small):
     data = cmr_small.experiences[0].train.subset(np.arange(3))
     data.emb = None

@@ -26,17 +26,6 @@ def _m_acc(p, data, cards):
     return float(np.mean(ids[s.argmax(1)] == np.array([data.model_ids[l] for l in data.labels])))
 
 
-def test_config_round_trip_and_validation():
-    from cmr.policies.carve import CarveConfig
-
-    c = CarveConfig(replay=0.1, anchor=0.0, hierarchical=False)
-    assert CarveConfig.from_dict(c.to_dict()) == c
-    with pytest.raises(ValueError, match="head"):
-        make_policy("carve", config={"head": "bogus"})
-    with pytest.raises(ValueError, match="unknown option"):
-        make_policy("carve", config={"nope": 1})
-
-
 def _epoch_losses(cmr_small, encoder, **cfg):
     from cmr.continual import RecordingHooks
     from cmr.continual.learner import Learner

@@ -97,10 +97,3 @@ def test_feedback_moves_the_chosen_models_cluster_estimate(outcomes_small):
     others = np.arange(len(before)) != k
     # other clusters move only through the model's overall mean (smoothing), far less
     assert np.abs(after[others] - before[others]).max() < after[k] - before[k]
-
-
-def test_bad_config_names_the_field():
-    with pytest.raises(ValueError, match="assign"):
-        make_policy("uniroute", config={"assign": "fuzzy"})
-    with pytest.raises(ValueError, match="n_clusters"):
-        make_policy("uniroute-map", config={"n_clusters": 0})

@@ -29,7 +29,7 @@ class ClusterConfig(PolicyConfig):
             tuned as the memory grows (``tune_min_rows``) by leave-one-out routing quality
             over a sample of the stored prompts (as in kNN).
         tune_min_rows: fewest rows stored since the last tuning that re-tune ``prior_weight`` (and a
-            quarter of the memory, ``RETUNE_GROWTH``).
+            ``RETUNE_GROWTH`` fraction of the memory).
         tune_max_rows: stored prompts sampled for that tuning.
     """
 

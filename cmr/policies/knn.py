@@ -38,8 +38,8 @@ class KNNConfig(PolicyConfig):
             known on few rows is measured on the same scale as one known on all of them, and its
             evidence counts where it was gathered. None: tuned with ``prior_weight`` by the same
             leave-one-out.
-        tune_min_rows: fewest rows stored since the last tuning that re-tune (and a quarter of the
-            memory, ``RETUNE_GROWTH``: a few tunings over a feedback stream, whatever its step size).
+        tune_min_rows: fewest rows stored since the last tuning that re-tune (and a ``RETUNE_GROWTH``
+            fraction of the memory: tunings follow the memory's growth, whatever the step size).
         tune_max_rows: stored prompts sampled for that tuning.
     """
 

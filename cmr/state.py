@@ -39,7 +39,7 @@ def check_store(value: str | None) -> str | None:
     if value is None or value in ("", "sqlite"):
         return None
     if not isinstance(value, str) or urlsplit(value).scheme not in SCHEMES:
-        raise ValueError(f"field 'store': expected 'sqlite' or a postgresql://… DSN, got {redact(str(value))!r}")
+        raise ValueError(f"expected 'sqlite' or a postgresql://… DSN, got {redact(str(value))!r}")
     return value
 
 

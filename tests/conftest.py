@@ -92,9 +92,15 @@ _pg_databases = iter(range(1, 1 << 30))
 @pytest.fixture
 def pg_dsn(pg_server):
     """A fresh, empty database on the session's PostgreSQL server."""
+    from cmr.state import PgDatabase
     from tests import pg
 
-    return pg.new_database(pg_server, f"t{next(_pg_databases)}")
+    dsn = pg.new_database(pg_server, f"t{next(_pg_databases)}")
+    yield dsn
+    db = PgDatabase._shared.get(dsn)  # stores a test left open: stop their listener and pool
+    if db is not None:
+        db._refs = 1
+        db.release()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -23,8 +23,9 @@ from cmr.errors import CMRError
 log = logging.getLogger("cmr.state")
 
 SCHEMES = ("postgresql", "postgres")
-#: the channels a replica listens on (a writer NOTIFYs its table's channel in the same transaction)
-CHANNELS = ("cmr_hub", "cmr_keys")
+#: the shared versions replicas watch; each is NOTIFYed on channel ``cmr_<name>`` by its writers
+WATCHED = ("hub", "keys")
+CHANNELS = tuple(f"cmr_{n}" for n in WATCHED)
 #: pg_advisory_xact_lock key serialising schema migrations of replicas that start together
 _MIGRATE_LOCK = 0x636D72  # "cmr"
 
@@ -195,3 +196,43 @@ class PgDatabase:
                 log.warning("state store listener lost its connection to %s; reconnecting", redact(self.dsn), exc_info=True)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+class SharedVersion:
+    """A version number in PostgreSQL (table ``versions``) that every replica keeps a local view
+    of without querying: a writer bumps it with ``bump`` inside its own transaction (which also
+    NOTIFYs ``cmr_<name>``), the listener thread raises each replica's view when the commit is
+    delivered, and the periodic re-sync reads it in case a notification was missed."""
+
+    def __init__(self, db: PgDatabase, name: str):
+        if name not in WATCHED:
+            raise ValueError(f"unknown shared version {name!r}")
+        self.db, self.name = db, name
+        db.migrate("versions", ("CREATE TABLE versions (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",))
+        with db.connection() as conn:
+            conn.execute("INSERT INTO versions (name, value) VALUES (%s, 0) ON CONFLICT (name) DO NOTHING", (name,))
+        self._lock = threading.Lock()
+        self._value = 0
+        self.resync()
+        self._unsubscribe = db.subscribe(f"cmr_{name}", lambda payload: self.seen(int(payload)), self.resync)
+
+    def get(self) -> int:
+        return self._value
+
+    def seen(self, v: int) -> None:
+        with self._lock:
+            self._value = max(self._value, v)  # versions only grow: a late message never lowers the view
+
+    def resync(self) -> None:
+        with self.db.connection() as conn:
+            self.seen(int(conn.execute("SELECT value FROM versions WHERE name = %s", (self.name,)).fetchone()[0]))
+
+    def bump(self, conn) -> int:
+        """Increment the version in ``conn``'s transaction and notify at its commit; the row lock
+        orders concurrent writers. Call ``seen`` with the result once committed."""
+        v = int(conn.execute("UPDATE versions SET value = value + 1 WHERE name = %s RETURNING value", (self.name,)).fetchone()[0])
+        conn.execute("SELECT pg_notify(%s, %s)", (f"cmr_{self.name}", str(v)))
+        return v
+
+    def close(self) -> None:
+        self._unsubscribe()

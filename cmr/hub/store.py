@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from cmr.state import PgDatabase, is_postgres
+from cmr.state import PgDatabase, SharedVersion, is_postgres
 from cmr.types import ModelCard
 
 
@@ -108,38 +108,20 @@ class HubStore:
             self._db.close()
 
 
-_PG_SCHEMA = (
-    """
-    CREATE TABLE hub_cards (id TEXT PRIMARY KEY, card TEXT NOT NULL, retired BOOLEAN NOT NULL DEFAULT FALSE, version BIGINT NOT NULL);
-    CREATE TABLE hub_version (one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), value BIGINT NOT NULL);
-    INSERT INTO hub_version (value) VALUES (0);
-    """,
-)
+_PG_SCHEMA = ("CREATE TABLE hub_cards (id TEXT PRIMARY KEY, card TEXT NOT NULL, retired BOOLEAN NOT NULL DEFAULT FALSE, version BIGINT NOT NULL)",)
 
 
 class PgHubStore:
-    """Cards in PostgreSQL. ``version()`` is this replica's view, kept fresh without a query: a
-    write NOTIFYs ``cmr_hub`` with the new version in its transaction, the listener thread raises
-    the view, and a periodic re-sync reads the version in case a notification was missed."""
+    """Cards in PostgreSQL. ``version()`` is this replica's view of the hub version, kept fresh
+    without a query (``cmr.state.SharedVersion``: NOTIFY at each write's commit, periodic re-sync)."""
 
     def __init__(self, db: PgDatabase | str):
         self.db = PgDatabase.shared(db) if isinstance(db, str) else db
         self.db.migrate("hub", _PG_SCHEMA)
-        self._lock = threading.Lock()
-        self._version = 0
-        self._resync()
-        self._unsubscribe = self.db.subscribe("cmr_hub", lambda payload: self._seen(int(payload)), self._resync)
-
-    def _seen(self, v: int) -> None:
-        with self._lock:
-            self._version = max(self._version, v)  # versions only grow: a late message never lowers the view
-
-    def _resync(self) -> None:
-        with self.db.connection() as conn:
-            self._seen(int(conn.execute("SELECT value FROM hub_version").fetchone()[0]))
+        self._version = SharedVersion(self.db, "hub")
 
     def version(self) -> int:
-        return self._version
+        return self._version.get()
 
     def write(self, cards: Iterable[ModelCard], retired: bool = False) -> int:
         """Insert or replace cards in one transaction; returns the new hub version."""
@@ -155,14 +137,12 @@ class PgHubStore:
             "UPDATE hub_cards SET retired = %s, version = %s WHERE id = %s", [(bool(retired), v, i) for i in ids]))
 
     def _bump(self, change) -> int:
-        """Run ``change(cursor, new_version)``, bump the version and notify, all or nothing (the
-        version row's lock orders concurrent writers)."""
+        """Run ``change(cursor, new_version)`` and bump the version, all or nothing."""
         with self.db.connection() as conn:
-            v = int(conn.execute("UPDATE hub_version SET value = value + 1 RETURNING value").fetchone()[0])
+            v = self._version.bump(conn)
             with conn.cursor() as cur:
                 change(cur, v)
-            conn.execute("SELECT pg_notify('cmr_hub', %s)", (str(v),))
-        self._seen(v)
+        self._version.seen(v)
         return v
 
     def get(self, model_id: str) -> tuple[ModelCard, bool] | None:
@@ -180,5 +160,5 @@ class PgHubStore:
         return [(ModelCard.from_dict(json.loads(c)), bool(r), int(v)) for c, r, v in rows]
 
     def close(self) -> None:
-        self._unsubscribe()
+        self._version.close()
         self.db.release()

@@ -120,7 +120,7 @@ def test_a_missed_notification_is_caught_by_the_resync(pg_dsn):
     a = _replica_hub(pg_dsn, None, resync_s=0.3)
     try:
         with psycopg.connect(pg_dsn) as conn:  # a writer that does not NOTIFY
-            conn.execute("UPDATE hub_version SET value = value + 1")
+            conn.execute("UPDATE versions SET value = value + 1 WHERE name = 'hub'")
         _wait(lambda: a.version() == 1, timeout=2.0)
     finally:
         a.close()

@@ -31,6 +31,12 @@ def cache_dir() -> Path:
     return Path(env) if env else cmr_home() / "cache"
 
 
+def store_dsn() -> str | None:
+    """Where durable state lives when ``AppArgs.store`` is unset: ``CMR_STORE`` (a
+    ``postgresql://…`` DSN, or ``sqlite``); default None: SQLite files under the state folder."""
+    return os.environ.get("CMR_STORE") or None
+
+
 def device() -> str:
     """Torch device for encoders: ``CMR_DEVICE`` (``cpu``, ``cuda``), default: cuda when available."""
     env = os.environ.get("CMR_DEVICE")

@@ -37,9 +37,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from cmr.errors import CMRError
+from cmr.state import PgDatabase, SharedVersion, is_postgres
 
 SCOPES = ("infer", "feedback", "admin")
 KEYS_FILE = "keys.sqlite"
@@ -144,7 +145,69 @@ def _check_positive(name: str, v: float | None, integer: bool = False) -> float 
     return int(v) if integer else float(v)
 
 
-class KeyStore:
+class KeyStoreProtocol(Protocol):
+    """Key storage as ``cmr keys`` and the ``Authenticator`` use it. ``data_version`` is cheap and
+    changes whenever a key is created or revoked (by any process or replica)."""
+
+    def create(self, tenant: str, scopes, rate_per_s: float | None = None, burst: float | None = None,
+               max_body_bytes: int | None = None, note: str = "") -> tuple[KeyRecord, str]: ...
+    def list(self, include_revoked: bool = True) -> list[KeyRecord]: ...
+    def revoke(self, key_id: str) -> KeyRecord: ...
+    def secrets_table(self) -> dict[str, tuple[KeyRecord, bytes, bytes]]: ...
+    def data_version(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def open_key_store(dsn: str | None, path: Path | str) -> KeyStoreProtocol:
+    """PostgreSQL when ``dsn`` is a postgresql:// DSN, else the SQLite file ``path``."""
+    return PgKeyStore(dsn) if is_postgres(dsn) else KeyStore(path)
+
+
+class _Keys:
+    """What both backends do with keys, over ``_read(fn)`` / ``_change(fn)``: ``fn(ex)`` runs SQL
+    through ``ex(query, params) -> rows`` (``?`` placeholders), a change in one transaction."""
+
+    _COLS = "id, tenant, scopes, rate_per_s, burst, max_body_bytes, note, created, revoked"
+
+    @staticmethod
+    def _row(r) -> KeyRecord:
+        return KeyRecord(id=r[0], tenant=r[1], scopes=tuple(json.loads(r[2])), rate_per_s=r[3], burst=r[4], max_body_bytes=r[5],
+                         note=r[6], created=r[7], revoked=r[8])
+
+    def create(self, tenant: str, scopes, rate_per_s: float | None = None, burst: float | None = None,
+               max_body_bytes: int | None = None, note: str = "") -> tuple[KeyRecord, str]:
+        """Create a key; returns its record and the token ``cmr-<id>.<secret>`` (shown only now)."""
+        tenant = _check_tenant(tenant)
+        scopes = _check_scopes(scopes)
+        rate = _check_positive("rate_per_s", rate_per_s)
+        burst_ = _check_positive("burst", burst)
+        cap = _check_positive("max_body_bytes", max_body_bytes, integer=True)
+        kid, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_bytes(16)
+        rec = KeyRecord(id=kid, tenant=tenant, scopes=scopes, rate_per_s=rate, burst=burst_, max_body_bytes=cap, note=str(note), created=time.time())
+        self._change(lambda ex: ex(f"INSERT INTO keys ({self._COLS}, salt, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   (kid, tenant, json.dumps(list(scopes)), rate, burst_, cap, rec.note, rec.created, None, salt, _hash(salt, secret))))
+        return rec, f"cmr-{kid}.{secret}"
+
+    def list(self, include_revoked: bool = True) -> list[KeyRecord]:
+        q = f"SELECT {self._COLS} FROM keys" + ("" if include_revoked else " WHERE revoked IS NULL") + " ORDER BY created"
+        return [self._row(r) for r in self._read(lambda ex: ex(q, ()))]
+
+    def revoke(self, key_id: str) -> KeyRecord:
+        """Revoke a key (kept for the record; it stops working within ``AuthArgs.reload_s``)."""
+        def change(ex):
+            if not ex("SELECT 1 FROM keys WHERE id=?", (key_id,)):
+                raise KeyAdminError(f"field 'id': no key with id {key_id!r} (cmr keys list shows them)")
+            ex("UPDATE keys SET revoked=? WHERE id=? AND revoked IS NULL", (time.time(), key_id))
+            return ex(f"SELECT {self._COLS} FROM keys WHERE id=?", (key_id,))[0]
+        return self._row(self._change(change))
+
+    def secrets_table(self) -> dict[str, tuple[KeyRecord, bytes, bytes]]:
+        """Every key (revoked ones too) with its salt and hash: what an ``Authenticator`` caches."""
+        rows = self._read(lambda ex: ex(f"SELECT {self._COLS}, salt, hash FROM keys", ()))
+        return {r[0]: (self._row(r[:9]), bytes(r[9]), bytes(r[10])) for r in rows}
+
+
+class KeyStore(_Keys):
     """API keys in SQLite (WAL), file mode 0600. Safe to open from several processes."""
 
     def __init__(self, path: Path | str):
@@ -159,49 +222,20 @@ class KeyStore:
         self._db.execute("PRAGMA synchronous=FULL")  # a created or revoked key survives a crash
         self._db.executescript(_SCHEMA)
 
-    @staticmethod
-    def _row(r) -> KeyRecord:
-        return KeyRecord(id=r[0], tenant=r[1], scopes=tuple(json.loads(r[2])), rate_per_s=r[3], burst=r[4], max_body_bytes=r[5],
-                         note=r[6], created=r[7], revoked=r[8])
-
-    _COLS = "id, tenant, scopes, rate_per_s, burst, max_body_bytes, note, created, revoked"
-
-    def create(self, tenant: str, scopes, rate_per_s: float | None = None, burst: float | None = None,
-               max_body_bytes: int | None = None, note: str = "") -> tuple[KeyRecord, str]:
-        """Create a key; returns its record and the token ``cmr-<id>.<secret>`` (shown only now)."""
-        tenant = _check_tenant(tenant)
-        scopes = _check_scopes(scopes)
-        rate = _check_positive("rate_per_s", rate_per_s)
-        burst_ = _check_positive("burst", burst)
-        cap = _check_positive("max_body_bytes", max_body_bytes, integer=True)
-        kid, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_bytes(16)
-        rec = KeyRecord(id=kid, tenant=tenant, scopes=scopes, rate_per_s=rate, burst=burst_, max_body_bytes=cap, note=str(note), created=time.time())
+    def _read(self, fn):
         with self._lock:
-            self._db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             (kid, tenant, json.dumps(list(scopes)), salt, _hash(salt, secret), rate, burst_, cap, rec.note, rec.created, None))
-        return rec, f"cmr-{kid}.{secret}"
+            return fn(lambda q, p: self._db.execute(q, p).fetchall())
 
-    def list(self, include_revoked: bool = True) -> list[KeyRecord]:
-        q = f"SELECT {self._COLS} FROM keys" + ("" if include_revoked else " WHERE revoked IS NULL") + " ORDER BY created"
+    def _change(self, fn):
         with self._lock:
-            return [self._row(r) for r in self._db.execute(q).fetchall()]
-
-    def revoke(self, key_id: str) -> KeyRecord:
-        """Revoke a key (kept for the record; it stops working within ``AuthArgs.reload_s``)."""
-        with self._lock:
-            row = self._db.execute(f"SELECT {self._COLS} FROM keys WHERE id=?", (key_id,)).fetchone()
-            if row is None:
-                raise KeyAdminError(f"field 'id': no key with id {key_id!r} (cmr keys list shows them)")
-            if row[8] is None:
-                self._db.execute("UPDATE keys SET revoked=? WHERE id=?", (time.time(), key_id))
-            row = self._db.execute(f"SELECT {self._COLS} FROM keys WHERE id=?", (key_id,)).fetchone()
-        return self._row(row)
-
-    def secrets_table(self) -> dict[str, tuple[KeyRecord, bytes, bytes]]:
-        """Every key (revoked ones too) with its salt and hash: what an ``Authenticator`` caches."""
-        with self._lock:
-            rows = self._db.execute(f"SELECT {self._COLS}, salt, hash FROM keys").fetchall()
-        return {r[0]: (self._row(r[:9]), r[9], r[10]) for r in rows}
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(lambda q, p: self._db.execute(q, p).fetchall())
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return out
 
     def data_version(self) -> int:
         """Changes whenever another connection commits: cheap check for a reload."""
@@ -213,17 +247,61 @@ class KeyStore:
             self._db.close()
 
 
+_PG_SCHEMA = ("""
+CREATE TABLE keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, scopes TEXT NOT NULL, salt BYTEA NOT NULL, hash BYTEA NOT NULL,
+                   rate_per_s DOUBLE PRECISION, burst DOUBLE PRECISION, max_body_bytes BIGINT, note TEXT NOT NULL DEFAULT '',
+                   created DOUBLE PRECISION NOT NULL, revoked DOUBLE PRECISION)
+""",)
+
+
+class PgKeyStore(_Keys):
+    """API keys in PostgreSQL, shared by every ingress replica. ``data_version`` is this replica's
+    view of the keys version (``cmr.state.SharedVersion``): a revocation reaches every replica
+    when its commit is notified, with a periodic re-sync as the safety net."""
+
+    def __init__(self, db: PgDatabase | str):
+        self.db = PgDatabase.shared(db) if isinstance(db, str) else db
+        self.db.migrate("keys", _PG_SCHEMA)
+        self._version = SharedVersion(self.db, "keys")
+
+    @staticmethod
+    def _ex(conn):
+        def ex(q, p):
+            cur = conn.execute(q.replace("?", "%s"), p)
+            return cur.fetchall() if cur.description else []
+        return ex
+
+    def _read(self, fn):
+        with self.db.connection() as conn:
+            return fn(self._ex(conn))
+
+    def _change(self, fn):
+        with self.db.connection() as conn:
+            out = fn(self._ex(conn))
+            v = self._version.bump(conn)
+        self._version.seen(v)
+        return out
+
+    def data_version(self) -> int:
+        return self._version.get()
+
+    def close(self) -> None:
+        self._version.close()
+        self.db.release()
+
+
 def keys_path(state_dir: Path, configured: str | None = None) -> Path:
     return Path(configured) if configured else Path(state_dir) / KEYS_FILE
 
 
-def ensure_bootstrap_key(state_dir: Path, configured: str | None = None) -> tuple[Path, str | None]:
+def ensure_bootstrap_key(state_dir: Path, configured: str | None = None, dsn: str | None = None) -> tuple[Path, str | None]:
     """First start without keys: create a ``default`` tenant key with every scope and write it to
     ``<state>/bootstrap.key`` (mode 0600). Returns the file and the token when created now, else
-    ``(file, None)`` (keys exist already; the token is never printed twice)."""
+    ``(file, None)`` (keys exist already; the token is never printed twice). ``dsn``: the store
+    (``AppArgs.store_dsn()``; None: the SQLite file)."""
     state_dir = Path(state_dir)
     path = state_dir / BOOTSTRAP_FILE
-    store = KeyStore(keys_path(state_dir, configured))
+    store = open_key_store(dsn, keys_path(state_dir, configured))
     try:
         if store.list(include_revoked=False):
             return path, None
@@ -278,16 +356,18 @@ class Authenticator:
     """Verifies ``Authorization: Bearer`` tokens against the key store (cached, reloaded when the
     store changes), checks the scope, and applies the key's rate limit and body cap."""
 
-    def __init__(self, settings: AuthSettings, store_path: Path | str | None):
+    def __init__(self, settings: AuthSettings, store_path: Path | str | None, dsn: str | None = None):
         self.settings = settings
-        self.store = None if settings.open or store_path is None else KeyStore(store_path)
+        self.store = None if settings.open or store_path is None else open_key_store(dsn, store_path)
+        # PostgreSQL: data_version is a local view the listener keeps fresh, free to read per request
+        self._pushed = isinstance(self.store, PgKeyStore)
         self._cache = _Cache()
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
 
     def _table(self) -> dict[str, tuple[KeyRecord, bytes, bytes]]:
         c, now = self._cache, time.monotonic()
-        if self.store is not None and now - c.checked >= self.settings.reload_s:
+        if self.store is not None and (self._pushed or now - c.checked >= self.settings.reload_s):
             c.checked = now
             v = self.store.data_version()
             if v != c.version or not c.table:

@@ -129,6 +129,10 @@ class AppArgs(_Strict):
     """Arguments of ``build_app``: the whole served app in one object."""
 
     home: str | None = None
+    #: durable state (hub, decisions and feedback, API keys): None or ``sqlite``: SQLite files under
+    #: ``home`` (one node); ``postgresql://…``: one database shared by replicas on every node
+    #: (``cmr.state``). Unset: ``CMR_STORE``
+    store: str | None = None
     #: registered policy name (``cmr policies``); used for the router and the learner
     policy: str = "knn"
     policy_config: dict[str, Any] = Field(default_factory=dict)
@@ -221,6 +225,14 @@ class AppArgs(_Strict):
             policy_class(info.data["policy"]).Config.from_dict(v)
         return v
 
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, v: str | None) -> str | None:
+        from cmr.state import check_store
+
+        check_store(v)
+        return v
+
     @model_validator(mode="after")
     def _unique(self) -> "AppArgs":
         names = [p.name for p in self.pools]
@@ -243,6 +255,17 @@ class AppArgs(_Strict):
     def state_dir(self) -> Path:
         """Folder for this app's state: hub, decisions/feedback, checkpoints."""
         return self.home_path() / "serve"
+
+    def store_dsn(self) -> str | None:
+        """The PostgreSQL DSN of the state store, or None for the SQLite files in ``state_dir``."""
+        from cmr.state import check_store
+
+        if self.store:
+            return check_store(self.store)
+        try:
+            return check_store(constants.store_dsn())
+        except ValueError as e:
+            raise ConfigError(f"CMR_STORE: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

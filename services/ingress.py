@@ -156,7 +156,8 @@ class Ingress(GrpcServicerMixin):
         self._route_coalesced.set_max_batch_size(self.args.max_batch_size)
         self._route_coalesced.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         a = self.args.auth
-        self.auth = auth.Authenticator(a.settings(), None if a.open else auth.keys_path(self.args.state_dir(), a.keys_path))
+        self.auth = auth.Authenticator(a.settings(), None if a.open else auth.keys_path(self.args.state_dir(), a.keys_path),
+                                       dsn=self.args.store_dsn())
         auth.activate(self.auth)  # this replica's middleware and gRPC methods use it
 
     def _check_prompt(self, texts: list[tuple[str, str]]) -> None:

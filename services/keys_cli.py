@@ -1,7 +1,7 @@
 """``cmr keys``: create, list and revoke the served app's API keys.
 
 Keys live in ``<state>/keys.sqlite`` (``$CMR_HOME/serve/keys.sqlite`` unless ``--home`` or
-``--keys-file``); a running server picks up changes within ``AuthArgs.reload_s`` (1 s). The key
+``--keys-file``), or in the PostgreSQL store (``--store postgresql://…``, default ``CMR_STORE``); a running server picks up changes within ``AuthArgs.reload_s`` (1 s). The key
 itself is printed once, at creation; only its salted hash is stored.
 
     cmr keys create --tenant acme --scope infer --scope feedback [--rate-per-s 20] [--burst 40]
@@ -20,6 +20,8 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", help="state folder of the served app (default CMR_HOME)")
     p.add_argument("--keys-file", help="key store file (default <home>/serve/keys.sqlite; AuthArgs.keys_path)")
+    p.add_argument("--store", help="the served app's state store: 'sqlite' (the key store file) or a postgresql://… DSN "
+                                   "(AppArgs.store; default CMR_STORE)")
     sub = p.add_subparsers(dest="keys_command", required=True)
     c = sub.add_parser("create", help="create a key and print it (once)")
     c.add_argument("--tenant", required=True, help="tenant the key belongs to (feedback only for this tenant's requests)")
@@ -52,12 +54,20 @@ def _when(t: float | None) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from services.auth import KeyAdminError, KeyStore
+    from cmr import constants
+    from cmr.state import check_store, redact
+    from services.auth import KeyAdminError, open_key_store
 
+    try:
+        dsn = check_store(getattr(ns, "store", None) or constants.store_dsn())
+    except ValueError as e:
+        raise KeyAdminError(f"field 'store': {e}") from None
     path = _store_path(ns)
-    if ns.keys_command != "create" and not path.is_file():
+    if dsn is None and ns.keys_command != "create" and not path.is_file():
         raise KeyAdminError(f"{path}: no key store (create a key first: cmr keys create --tenant T --scope infer)")
-    store = KeyStore(path)
+    store = open_key_store(dsn, path)
+    if dsn is not None:
+        path = redact(dsn)
     try:
         if ns.keys_command == "create":
             rec, token = store.create(ns.tenant, ns.scope, rate_per_s=ns.rate_per_s, burst=ns.burst, max_body_bytes=ns.max_body_bytes, note=ns.note)

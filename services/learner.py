@@ -35,10 +35,9 @@ from typing import Any
 from cmr import checkpoint
 from cmr.continual.hooks import RecordingHooks
 from cmr.continual.learner import Learner
-from cmr.hub import HubStore
 from services.config import AppArgs
 from services.routing import checkpoint_root
-from services.store import DecisionStore
+from services.store import open_decisions, open_hub
 
 log = logging.getLogger("cmr.serve.learner")
 
@@ -55,10 +54,9 @@ class LearnerActor:
             # checkpoint are compared with the router's query vectors, so both come from one model
             encoder = default_encoder(backend=self.args.encoder, threads=self.args.encoder_threads)
         self.encoder = encoder
-        state = self.args.state_dir()
-        self.store = DecisionStore(state / "decisions.sqlite")
+        self.store = open_decisions(self.args)
         self.root = checkpoint_root(self.args)
-        self.hub = HubStore(state / "hub.sqlite")
+        self.hub = open_hub(self.args)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.instance = uuid.uuid4().hex[:12]  # a new one per (re)start: restarts are visible in status()
@@ -279,7 +277,7 @@ def audit(args: AppArgs) -> dict[str, Any]:
     A base missing *inside* the kept window is a broken chain.
     """
     root = checkpoint_root(args)
-    store = DecisionStore(args.state_dir() / "decisions.sqlite")
+    store = open_decisions(args)
     try:
         offsets = [e.offset for e in store.events(after=0, limit=10**9)]
     finally:

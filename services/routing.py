@@ -27,11 +27,11 @@ from cmr import checkpoint
 from cmr.data.cmrbench import Experience
 from cmr.decide import Filters, decide
 from cmr.errors import CMRError, ConfigError, HubError
-from cmr.hub import HubStore, ModelHub
+from cmr.hub import ModelHub
 from cmr.policies import make_policy, policy_class
 from cmr.types import Decision, ModelCard
 from services.config import AppArgs
-from services.store import DecisionStore
+from services.store import open_decisions, open_hub
 
 log = logging.getLogger("cmr.serve.router")
 
@@ -209,7 +209,7 @@ def bootstrap(args: AppArgs, encoder) -> None:
     with _file_lock(state / ".bootstrap.lock"):
         check_checkpoint_config(args)  # before anything is written
         prepare_models(args)
-        hub = ModelHub(HubStore(state / "hub.sqlite"))
+        hub = ModelHub(open_hub(args))
         bench_data = None
         if hub.version == 0:
             cards = []
@@ -268,11 +268,10 @@ class RouterCore:
         # routed queries: an in-memory LRU over the encoder itself (no disk write per batch)
         self.query_encoder = MemoryCachedEncoder(self.query_view(getattr(encoder, "inner", encoder)), args.query_cache_size)
         bootstrap(args, encoder)
-        state = args.state_dir()
-        self.store = DecisionStore(state / "decisions.sqlite")
+        self.store = open_decisions(args)
         self.profile_prompts = read_profile_prompts(args)
         self.ckpt_root = checkpoint_root(args)
-        self._hub_store = HubStore(state / "hub.sqlite")
+        self._hub_store = open_hub(args)
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
         from cmr.index import ModelIndex

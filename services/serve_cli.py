@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=9000, help="gRPC port; 0 disables gRPC")
     p.add_argument("--policy", help="routing policy (see `cmr policies`)")
     p.add_argument("--home", help="state folder (default CMR_HOME)")
+    p.add_argument("--store", help="durable state: 'sqlite' (files under --home, the default) or a postgresql://… DSN shared by "
+                                   "replicas on several nodes (AppArgs.store; default CMR_STORE)")
     p.add_argument("--train-limit", type=int, help="train the first-start router on at most this many requests per experience")
     p.add_argument("--no-learner", action="store_true", help="do not start the online learner actor")
     p.add_argument("--no-tiny-models", action="store_true", help="do not create/serve the two tiny local chat models")
@@ -55,6 +57,8 @@ def build_args(ns: argparse.Namespace):
         data["policy"] = ns.policy
     if ns.home:
         data["home"] = ns.home
+    if getattr(ns, "store", None):
+        data["store"] = ns.store
     if ns.train_limit:
         data["train_limit"] = ns.train_limit
     if ns.no_learner:
@@ -147,7 +151,7 @@ def _announce_keys(args, host: str) -> None:
         return
     from services.auth import ensure_bootstrap_key
 
-    path, token = ensure_bootstrap_key(args.state_dir(), args.auth.keys_path)
+    path, token = ensure_bootstrap_key(args.state_dir(), args.auth.keys_path, args.store_dsn())
     if token is not None:
         print(f"cmr: created the bootstrap API key (tenant 'default', scopes infer,feedback,admin): {token}", flush=True)
         print(f"cmr: saved to {path} (mode 0600); it is not shown again. `cmr keys create` makes scoped keys, `cmr keys revoke` removes one", flush=True)

@@ -1,17 +1,23 @@
-"""Decisions and feedback in SQLite (WAL): the durable log between the router and the learner.
+"""Decisions and feedback: the durable log between the router and the learner.
+
+``DecisionStore`` (SQLite WAL files, the embedded default) and ``PgDecisionStore`` (PostgreSQL,
+shared by replicas on several nodes) both satisfy ``DecisionStoreProtocol``;
+``open_decision_store`` picks one by the DSN, ``open_hub`` / ``open_decisions`` by ``AppArgs``.
 
 The router records every decision (request id, query, query embedding, chosen model); a reward
 posted later for that request id becomes a ``FeedbackEvent`` appended with an increasing offset.
 The learner reads events after its saved offset, so no event is lost or learnt twice across
 restarts. Plain sqlite3: usable without Ray (tests, tools).
 
-Durability: the feedback insert commits with ``synchronous=FULL`` (the WAL is fsynced before the
+Durability (SQLite): the feedback insert commits with ``synchronous=FULL`` (the WAL is fsynced before the
 call returns, so a 2xx means the event survives a power loss); decisions use ``NORMAL`` (safe
 against a process crash; a decision lost to a power cut only means its feedback is refused).
 Each decision records the API key and tenant that asked for it (in the same insert); feedback is
 accepted from the same tenant only, and for ``ttl_s`` seconds (then 410). Decisions past their
 time that never got feedback are purged; decisions with feedback stay, since the learner's
-events are joined with them.
+events are joined with them. With PostgreSQL every commit is durable (``synchronous_commit``, the
+server's default), and feedback offsets are assigned under a lock so that they become visible in
+order: the learner reads "offset > cursor" and must never pass an offset committed later.
 """
 
 from __future__ import annotations
@@ -21,11 +27,17 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from cmr.errors import CMRError
+from cmr.hub import HubStoreProtocol, open_hub_store
+from cmr.state import PgDatabase, is_postgres
 from cmr.types import Decision, FeedbackEvent
+
+if TYPE_CHECKING:
+    from services.config import AppArgs
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS decisions (
@@ -72,8 +84,84 @@ class ForbiddenFeedbackError(CMRError):
     """Feedback from a tenant other than the one whose key made the request."""
 
 
+def _duplicate(request_id: str) -> DuplicateFeedbackError:
+    return DuplicateFeedbackError(f"field 'request_id': feedback for {request_id!r} was already recorded")
+
+
+def _refuse_feedback(request_id: str, row, superseded_by: str | None, duplicate: bool, tenant: str | None, check_owner: bool,
+                     ttl_s: float | None, now: float) -> None:
+    """Raise the error a reward for ``request_id`` gets, if any (``row``: its decision's
+    ``(created, tenant)`` or None): the one refusal order of both backends."""
+    if row is None:
+        hint = f" (unknown, or expired and purged: ids accept feedback for {ttl_s:g} s)" if ttl_s is not None else ""
+        raise UnknownRequestError(f"field 'request_id': no decision with id {request_id!r}{hint}")
+    if check_owner and row[1] != tenant:
+        raise ForbiddenFeedbackError(f"field 'request_id': {request_id!r} was not made with a key of this tenant")
+    if superseded_by is not None:  # its model failed and another answered: a reward here would credit the wrong model
+        raise SupersededRequestError(f"field 'request_id': the model of {request_id!r} failed and the request was answered "
+                                     f"under id {superseded_by!r}: send the feedback for that id")
+    if duplicate:
+        raise _duplicate(request_id)
+    if ttl_s is not None and now - row[0] > ttl_s:
+        raise ExpiredRequestError(f"field 'request_id': {request_id!r} expired (feedback is accepted for {ttl_s:g} s after the request)")
+
+
+class DecisionStoreProtocol(Protocol):
+    """The decision and feedback log as the router, the ingress and the learner use it."""
+
+    ttl_s: float | None
+
+    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None) -> None: ...
+    def record(self, decisions: list[Decision], queries: list[str], emb: np.ndarray, costs: list[float],
+               owners: list[tuple[str | None, str | None]] | None = None) -> None: ...
+    def set_owners(self, owners: list[tuple[str, str | None, str | None]]) -> None: ...
+    def owner(self, request_id: str) -> tuple[str | None, str | None] | None: ...
+    def purge_expired(self, now: float | None = None) -> int: ...
+    def decision(self, request_id: str) -> Decision | None: ...
+    def add_feedback(self, request_id: str, reward: float, tenant: str | None = None, check_owner: bool = False) -> int: ...
+    def supersede(self, request_id: str, by: str) -> None: ...
+    def events(self, after: int = 0, limit: int = 10_000) -> list[FeedbackEvent]: ...
+    def last_offset(self) -> int: ...
+    def cursor(self, name: str) -> int: ...
+    def set_cursor(self, name: str, offset: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def open_decision_store(dsn: str | None, path: Path | str, ttl_s: float | None = None) -> DecisionStoreProtocol:
+    """PostgreSQL when ``dsn`` is a postgresql:// DSN, else the SQLite file ``path``."""
+    return PgDecisionStore(dsn, ttl_s=ttl_s) if is_postgres(dsn) else DecisionStore(path, ttl_s=ttl_s)
+
+
+def open_decisions(args: "AppArgs") -> DecisionStoreProtocol:
+    """The decision and feedback store of a served app (``AppArgs.store``)."""
+    return open_decision_store(args.store_dsn(), args.state_dir() / "decisions.sqlite")
+
+
+def open_hub(args: "AppArgs") -> HubStoreProtocol:
+    """The hub store of a served app (``AppArgs.store``)."""
+    return open_hub_store(args.store_dsn(), args.state_dir() / "hub.sqlite")
+
+
+def _rows_to_events(rows) -> list[FeedbackEvent]:
+    return [
+        FeedbackEvent(
+            request_id=rid, model=model, reward=reward, query=query, cost=cost, timestamp=created, offset=int(off),
+            embedding=None if emb is None else np.frombuffer(emb, dtype=np.float32).tolist(),
+        )
+        for off, rid, reward, created, query, emb, model, cost in rows
+    ]
+
+
+def _decision_rows(decisions, queries, emb, costs, owners, now):
+    owners = owners or [(None, None)] * len(decisions)
+    return [
+        (d.request_id, now, q, np.ascontiguousarray(e, dtype=np.float32).tobytes(), d.model, float(c), json.dumps(d.to_dict()), k, t)
+        for d, q, e, c, (k, t) in zip(decisions, queries, emb, costs, owners)
+    ]
+
+
 class DecisionStore:
-    """Append-only decisions and feedback; one connection shared by threads under a lock."""
+    """Append-only decisions and feedback in SQLite; one connection shared by threads under a lock."""
 
     def __init__(self, path: Path | str, ttl_s: float | None = None, purge_every_s: float = 60.0):
         self.path = Path(path)
@@ -105,11 +193,7 @@ class DecisionStore:
         """Record a batch of decisions in one transaction (their ``request_id`` must be set), with
         the ``(key_id, tenant)`` that asked for each when given (see ``set_owners``)."""
         now = time.time()
-        owners = owners or [(None, None)] * len(decisions)
-        rows = [
-            (d.request_id, now, q, np.ascontiguousarray(e, dtype=np.float32).tobytes(), d.model, float(c), json.dumps(d.to_dict()), k, t)
-            for d, q, e, c, (k, t) in zip(decisions, queries, emb, costs, owners)
-        ]
+        rows = _decision_rows(decisions, queries, emb, costs, owners, now)
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO decisions (request_id, created, query, embedding, model, cost, decision, key_id, tenant) "
@@ -163,25 +247,15 @@ class DecisionStore:
         now = time.time()
         with self._lock:
             row = self._db.execute("SELECT created, tenant FROM decisions WHERE request_id=?", (request_id,)).fetchone()
-            if row is None:
-                hint = f" (unknown, or expired and purged: ids accept feedback for {self.ttl_s:g} s)" if self.ttl_s is not None else ""
-                raise UnknownRequestError(f"field 'request_id': no decision with id {request_id!r}{hint}")
-            if check_owner and row[1] != tenant:
-                raise ForbiddenFeedbackError(f"field 'request_id': {request_id!r} was not made with a key of this tenant")
             sup = self._db.execute("SELECT by FROM superseded WHERE request_id=?", (request_id,)).fetchone()
-            if sup is not None:  # its model failed and another answered: a reward here would credit the wrong model
-                raise SupersededRequestError(f"field 'request_id': the model of {request_id!r} failed and the request was answered "
-                                             f"under id {sup[0]!r}: send the feedback for that id")
-            if self._db.execute("SELECT 1 FROM feedback WHERE request_id=?", (request_id,)).fetchone() is not None:
-                raise DuplicateFeedbackError(f"field 'request_id': feedback for {request_id!r} was already recorded")
-            if self.ttl_s is not None and now - row[0] > self.ttl_s:
-                raise ExpiredRequestError(f"field 'request_id': {request_id!r} expired (feedback is accepted for {self.ttl_s:g} s after the request)")
+            dup = self._db.execute("SELECT 1 FROM feedback WHERE request_id=?", (request_id,)).fetchone() is not None
+            _refuse_feedback(request_id, row, sup and sup[0], dup, tenant, check_owner, self.ttl_s, now)
             # the one commit a 2xx promises: fsync the WAL before returning
             self._db.execute("PRAGMA synchronous=FULL")
             try:
                 cur = self._db.execute("INSERT INTO feedback (request_id, reward, created) VALUES (?, ?, ?)", (request_id, float(reward), now))
             except sqlite3.IntegrityError:  # posted by another process between the check and the insert
-                raise DuplicateFeedbackError(f"field 'request_id': feedback for {request_id!r} was already recorded") from None
+                raise _duplicate(request_id) from None
             finally:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             return int(cur.lastrowid)
@@ -200,13 +274,7 @@ class DecisionStore:
         )
         with self._lock:
             rows = self._db.execute(q, (after, limit)).fetchall()
-        return [
-            FeedbackEvent(
-                request_id=rid, model=model, reward=reward, query=query, cost=cost, timestamp=created, offset=int(off),
-                embedding=None if emb is None else np.frombuffer(emb, dtype=np.float32).tolist(),
-            )
-            for off, rid, reward, created, query, emb, model, cost in rows
-        ]
+        return _rows_to_events(rows)
 
     def last_offset(self) -> int:
         with self._lock:
@@ -225,3 +293,124 @@ class DecisionStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+_PG_SCHEMA = (
+    """
+    CREATE TABLE decisions (request_id TEXT PRIMARY KEY, created DOUBLE PRECISION NOT NULL, query TEXT NOT NULL, embedding BYTEA,
+                            model TEXT NOT NULL, cost DOUBLE PRECISION NOT NULL, decision TEXT NOT NULL, key_id TEXT, tenant TEXT);
+    CREATE INDEX decisions_created ON decisions (created);
+    CREATE TABLE feedback ("offset" BIGINT PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, reward DOUBLE PRECISION NOT NULL,
+                           created DOUBLE PRECISION NOT NULL);
+    CREATE TABLE cursors (name TEXT PRIMARY KEY, "offset" BIGINT NOT NULL);
+    CREATE TABLE superseded (request_id TEXT PRIMARY KEY, "by" TEXT NOT NULL);
+    """,
+)
+#: pg_advisory_xact_lock key: feedback inserts take offsets one at a time, in commit order
+_FEEDBACK_LOCK = 0x636D7266  # "cmrf"
+
+
+class PgDecisionStore:
+    """Decisions and feedback in PostgreSQL, shared by every router, ingress and learner replica."""
+
+    def __init__(self, db: PgDatabase | str, ttl_s: float | None = None, purge_every_s: float = 60.0):
+        self.db = PgDatabase.shared(db) if isinstance(db, str) else db
+        self.db.migrate("decisions", _PG_SCHEMA)
+        self.ttl_s = ttl_s
+        self.purge_every_s = purge_every_s
+        self._last_purge = 0.0
+
+    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None) -> None:
+        """Set how long request ids accept feedback (None: forever) and how often to purge."""
+        self.ttl_s = ttl_s
+        if purge_every_s is not None:
+            self.purge_every_s = purge_every_s
+
+    def record(self, decisions: list[Decision], queries: list[str], emb: np.ndarray, costs: list[float],
+               owners: list[tuple[str | None, str | None]] | None = None) -> None:
+        """Record a batch of decisions in one transaction (see ``DecisionStore.record``)."""
+        now = time.time()
+        rows = _decision_rows(decisions, queries, emb, costs, owners, now)
+        with self.db.connection() as conn, conn.cursor() as cur:
+            cur.executemany("INSERT INTO decisions (request_id, created, query, embedding, model, cost, decision, key_id, tenant) "
+                            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
+        if self.ttl_s is not None and now - self._last_purge >= self.purge_every_s:
+            self.purge_expired(now)
+
+    def set_owners(self, owners: list[tuple[str, str | None, str | None]]) -> None:
+        """Record ``(request_id, key_id, tenant)`` of decisions recorded without them, in one transaction."""
+        rows = [(k, t, rid) for rid, k, t in owners if k is not None or t is not None]
+        if rows:
+            with self.db.connection() as conn, conn.cursor() as cur:
+                cur.executemany("UPDATE decisions SET key_id = %s, tenant = %s WHERE request_id = %s", rows)
+
+    def _one(self, q: str, params: tuple):
+        with self.db.connection() as conn:
+            return conn.execute(q, params).fetchone()
+
+    def owner(self, request_id: str) -> tuple[str | None, str | None] | None:
+        row = self._one("SELECT key_id, tenant FROM decisions WHERE request_id = %s", (request_id,))
+        return None if row is None else (row[0], row[1])
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete decisions older than ``ttl_s`` that have no feedback; returns how many."""
+        if self.ttl_s is None:
+            return 0
+        now = time.time() if now is None else now
+        self._last_purge = now
+        with self.db.connection() as conn:
+            cur = conn.execute("DELETE FROM decisions d WHERE created < %s AND NOT EXISTS "
+                               "(SELECT 1 FROM feedback f WHERE f.request_id = d.request_id)", (now - self.ttl_s,))
+            return int(cur.rowcount)
+
+    def decision(self, request_id: str) -> Decision | None:
+        row = self._one("SELECT decision FROM decisions WHERE request_id = %s", (request_id,))
+        return None if row is None else Decision.from_dict(json.loads(row[0]))
+
+    def add_feedback(self, request_id: str, reward: float, tenant: str | None = None, check_owner: bool = False) -> int:
+        """Append the reward for a past decision; returns the event's offset once it is committed
+        (the same contract and errors as ``DecisionStore.add_feedback``)."""
+        FeedbackEvent(request_id=request_id, model="-", reward=reward)  # validates the reward (names the field)
+        now = time.time()
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT created, tenant FROM decisions WHERE request_id = %s", (request_id,)).fetchone()
+            sup = conn.execute('SELECT "by" FROM superseded WHERE request_id = %s', (request_id,)).fetchone()
+            dup = conn.execute("SELECT 1 FROM feedback WHERE request_id = %s", (request_id,)).fetchone() is not None
+            _refuse_feedback(request_id, row, sup and sup[0], dup, tenant, check_owner, self.ttl_s, now)
+            # held to the commit: the next insert sees this one's offset, so offsets commit in order
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_FEEDBACK_LOCK,))
+            got = conn.execute('INSERT INTO feedback ("offset", request_id, reward, created) '
+                               'SELECT COALESCE(MAX("offset"), 0) + 1, %s, %s, %s FROM feedback '
+                               'ON CONFLICT (request_id) DO NOTHING RETURNING "offset"', (request_id, float(reward), now)).fetchone()
+            if got is None:  # posted by another replica between the check and the insert
+                raise _duplicate(request_id)
+        return int(got[0])  # after the block: committed
+
+    def supersede(self, request_id: str, by: str) -> None:
+        """Mark a decision whose model failed to answer as replaced by decision ``by``."""
+        with self.db.connection() as conn:
+            conn.execute('INSERT INTO superseded (request_id, "by") VALUES (%s, %s) ON CONFLICT (request_id) DO UPDATE SET "by" = EXCLUDED."by"',
+                         (request_id, by))
+
+    def events(self, after: int = 0, limit: int = 10_000) -> list[FeedbackEvent]:
+        """Feedback events with offset > ``after``, oldest first, joined with their decisions."""
+        with self.db.connection() as conn:
+            rows = conn.execute('SELECT f."offset", f.request_id, f.reward, f.created, d.query, d.embedding, d.model, d.cost '
+                                'FROM feedback f JOIN decisions d ON d.request_id = f.request_id WHERE f."offset" > %s '
+                                'ORDER BY f."offset" LIMIT %s', (after, limit)).fetchall()
+        return _rows_to_events(rows)
+
+    def last_offset(self) -> int:
+        return int(self._one('SELECT COALESCE(MAX("offset"), 0) FROM feedback', ())[0])
+
+    def cursor(self, name: str) -> int:
+        row = self._one('SELECT "offset" FROM cursors WHERE name = %s', (name,))
+        return int(row[0]) if row else 0
+
+    def set_cursor(self, name: str, offset: int) -> None:
+        with self.db.connection() as conn:
+            conn.execute('INSERT INTO cursors (name, "offset") VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET "offset" = EXCLUDED."offset"',
+                         (name, int(offset)))
+
+    def close(self) -> None:
+        self.db.release()

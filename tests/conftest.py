@@ -72,3 +72,38 @@ def pytest_collection_modifyitems(session, config, items):
     """Run the Ray tests last: their session-wide Ray instance then never runs beside the unit
     tests (2 cores), and a unit-test failure shows before the slower Serve tests."""
     items.sort(key=lambda item: "/tests/ray/" in str(item.path))
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A throwaway PostgreSQL server for the session (tests/pg.py); skips when none can start."""
+    from tests import pg
+
+    why = pg.unavailable()
+    if why:
+        pytest.skip(f"PostgreSQL backend not tested: {why}")
+    with pg.throwaway_postgres() as dsn:
+        yield dsn
+
+
+_pg_databases = iter(range(1, 1 << 30))
+
+
+@pytest.fixture
+def pg_dsn(pg_server):
+    """A fresh, empty database on the session's PostgreSQL server."""
+    from cmr.state import PgDatabase
+    from tests import pg
+
+    dsn = pg.new_database(pg_server, f"t{next(_pg_databases)}")
+    yield dsn
+    db = PgDatabase._shared.get(dsn)  # stores a test left open: stop their listener and pool
+    if db is not None:
+        db._refs = 1
+        db.release()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_dsn(request):
+    """Contract tests run once per backend: None (SQLite files) or a fresh PostgreSQL database."""
+    return None if request.param == "sqlite" else request.getfixturevalue("pg_dsn")

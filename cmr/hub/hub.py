@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from cmr.errors import HubError
-from cmr.hub.store import HubStore
+from cmr.hub.store import HubStore, HubStoreProtocol
 from cmr.types import ModelCard
 
 
@@ -29,9 +29,9 @@ Listener = Callable[[HubChange], None]
 
 
 class ModelHub:
-    """Live cards kept in memory, persisted in a ``HubStore`` (SQLite)."""
+    """Live cards kept in memory, persisted in a hub store (SQLite ``HubStore`` by default)."""
 
-    def __init__(self, store: HubStore | None = None, path: Path | str | None = None):
+    def __init__(self, store: HubStoreProtocol | None = None, path: Path | str | None = None):
         self.store = store or HubStore(path or ":memory:")
         self._lock = threading.RLock()
         self._live: dict[str, ModelCard] = {c.id: c for c, _, _ in self.store.load()}

@@ -1,4 +1,8 @@
-"""SQLite persistence for the hub: one row per card, a monotonically increasing version."""
+"""Persistence for the hub: one row per card, a monotonically increasing version.
+
+``HubStore`` (SQLite, the embedded default) and ``PgHubStore`` (PostgreSQL, shared by replicas
+on several nodes) both satisfy ``HubStoreProtocol``; ``open_hub_store`` picks one by the DSN.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,27 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Protocol
 
+from cmr.state import PgDatabase, SharedVersion, is_postgres
 from cmr.types import ModelCard
+
+
+class HubStoreProtocol(Protocol):
+    """What the hub needs from its store. ``version`` is cheap (a router checks it per batch)."""
+
+    def version(self) -> int: ...
+    def write(self, cards: Iterable[ModelCard], retired: bool = False) -> int: ...
+    def set_retired(self, ids: Iterable[str], retired: bool) -> int: ...
+    def get(self, model_id: str) -> tuple[ModelCard, bool] | None: ...
+    def load(self, include_retired: bool = False, since_version: int = 0) -> list[tuple[ModelCard, bool, int]]: ...
+    def close(self) -> None: ...
+
+
+def open_hub_store(dsn: str | None, path: Path | str) -> HubStoreProtocol:
+    """The hub store of a deployment: PostgreSQL when ``dsn`` is a postgresql:// DSN, else the
+    SQLite file ``path``."""
+    return PgHubStore(dsn) if is_postgres(dsn) else HubStore(path)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cards (
@@ -23,7 +45,7 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
 
 
 class HubStore:
-    """Cards in SQLite (WAL). ``path=':memory:'`` keeps everything in memory (tests, benchmarks)."""
+    """Cards in SQLite (WAL); each ``version()`` reads the file, so other processes' writes show at once. ``path=':memory:'`` keeps everything in memory (tests, benchmarks)."""
 
     def __init__(self, path: Path | str = ":memory:"):
         self.path = str(path)
@@ -84,3 +106,59 @@ class HubStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+_PG_SCHEMA = ("CREATE TABLE hub_cards (id TEXT PRIMARY KEY, card TEXT NOT NULL, retired BOOLEAN NOT NULL DEFAULT FALSE, version BIGINT NOT NULL)",)
+
+
+class PgHubStore:
+    """Cards in PostgreSQL. ``version()`` is this replica's view of the hub version, kept fresh
+    without a query (``cmr.state.SharedVersion``: NOTIFY at each write's commit, periodic re-sync)."""
+
+    def __init__(self, db: PgDatabase | str):
+        self.db = PgDatabase.shared(db) if isinstance(db, str) else db
+        self.db.migrate("hub", _PG_SCHEMA)
+        self._version = SharedVersion(self.db, "hub")
+
+    def version(self) -> int:
+        return self._version.get()
+
+    def write(self, cards: Iterable[ModelCard], retired: bool = False) -> int:
+        """Insert or replace cards in one transaction; returns the new hub version."""
+        rows = [(c.id, json.dumps(c.to_dict()), bool(retired)) for c in cards]
+        return self._bump(lambda cur, v: cur.executemany(
+            "INSERT INTO hub_cards (id, card, retired, version) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE "
+            "SET card = EXCLUDED.card, retired = EXCLUDED.retired, version = EXCLUDED.version", [(*r, v) for r in rows]))
+
+    def set_retired(self, ids: Iterable[str], retired: bool) -> int:
+        """Mark cards retired (or live again) in one transaction; returns the new hub version."""
+        ids = list(ids)
+        return self._bump(lambda cur, v: cur.executemany(
+            "UPDATE hub_cards SET retired = %s, version = %s WHERE id = %s", [(bool(retired), v, i) for i in ids]))
+
+    def _bump(self, change) -> int:
+        """Run ``change(cursor, new_version)`` and bump the version, all or nothing."""
+        with self.db.connection() as conn:
+            v = self._version.bump(conn)
+            with conn.cursor() as cur:
+                change(cur, v)
+        self._version.seen(v)
+        return v
+
+    def get(self, model_id: str) -> tuple[ModelCard, bool] | None:
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT card, retired FROM hub_cards WHERE id = %s", (model_id,)).fetchone()
+        return None if row is None else (ModelCard.from_dict(json.loads(row[0])), bool(row[1]))
+
+    def load(self, include_retired: bool = False, since_version: int = 0) -> list[tuple[ModelCard, bool, int]]:
+        """All cards (optionally only those changed after ``since_version``), in id order."""
+        q = "SELECT card, retired, version FROM hub_cards WHERE version > %s"
+        if not include_retired:
+            q += " AND NOT retired"
+        with self.db.connection() as conn:
+            rows = conn.execute(q + ' ORDER BY id COLLATE "C"', (since_version,)).fetchall()  # byte order, as SQLite
+        return [(ModelCard.from_dict(json.loads(c)), bool(r), int(v)) for c, r, v in rows]
+
+    def close(self) -> None:
+        self._version.close()
+        self.db.release()

@@ -16,7 +16,6 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from cmr.errors import CMRError
-from cmr.hub import HubStore
 from services import metrics
 from services.config import AppArgs
 from services.pools.base import EngineError, EngineFactory, GenerationError, GenRequest, make_engine
@@ -35,7 +34,9 @@ class PoolDeployment:
         self.args = args if isinstance(args, AppArgs) else AppArgs.from_dict(args)
         self.pool = pool
         self.engine_factory = engine_factory or make_engine
-        self.hub = HubStore(self.args.state_dir() / "hub.sqlite")
+        from services.store import open_hub
+
+        self.hub = open_hub(self.args)
         from services.routing import effective_pools, prepare_models
 
         # warm start: build the pool's configured engines while the replica starts (Serve waits for

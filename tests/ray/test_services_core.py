@@ -207,6 +207,35 @@ def test_router_core_routes_registers_and_swaps(tmp_path, mini_bench, encoder):
         learner.stop()
 
 
+def test_router_replicas_on_two_nodes_share_a_postgresql_store(tmp_path, mini_bench, encoder, pg_dsn):
+    """Two router cores with their own state folders (two nodes) and one PostgreSQL store: the
+    hub is seeded once, a model registered on one is routable on the other within 1 s, and a
+    decision made on one takes feedback through the other, exactly once."""
+    import time
+
+    from services.config import AppArgs
+    from services.routing import RouteRequest, RouterCore
+    from services.store import DuplicateFeedbackError
+
+    bench, n_cards = mini_bench
+    kw = dict(bench=str(bench), tiny_models=False, profile_size=0, store=pg_dsn, learner={"enabled": False, "poll_s": 0})
+    a = RouterCore(AppArgs(home=str(tmp_path / "node-a"), **kw), encoder)
+    b = RouterCore(AppArgs(home=str(tmp_path / "node-b"), **kw), encoder)
+    assert len(a.models()) == len(b.models()) == n_cards and a.hub.version == b.hub.version  # seeded once
+    a.register([ModelCard(id="new/translator", domain="Natural Language Processing Translation", description="English to French")])
+    t0 = time.monotonic()
+    while "new/translator" not in {c.id for c in b.models()}:
+        assert time.monotonic() - t0 < 1.0, "not routable on the other replica within 1 s"
+        time.sleep(0.01)
+        b.sync()  # what each batch does
+    d = b.route([RouteRequest(query="Translate this to French.", filters=Filters(allow=["new/translator"]))])[0]
+    assert d.model == "new/translator"
+    assert a.store.add_feedback(d.request_id, 1.0) == 1
+    with pytest.raises(DuplicateFeedbackError):
+        b.store.add_feedback(d.request_id, 1.0)
+    assert [e.request_id for e in b.store.events()] == [d.request_id]
+
+
 def test_retrieve_k_preselects_by_card_similarity(tmp_path, mini_bench, encoder):
     """With ``retrieve_k`` the policy only sees the k live cards nearest the query (FAISS), and
     filters still apply before the pre-selection."""

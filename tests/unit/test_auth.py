@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from services.auth import (AuthError, Authenticator, AuthMiddleware, AuthSettings, KeyAdminError, KeyStore, TokenBucket,
-                           current_principal, ensure_bootstrap_key, grpc_authenticate)
+                           current_principal, ensure_bootstrap_key, grpc_authenticate, open_key_store)
 
 
 def test_keys_are_stored_hashed_in_a_private_file(tmp_path):
@@ -35,8 +36,8 @@ def test_keys_are_stored_hashed_in_a_private_file(tmp_path):
     ({"tenant": "t", "scopes": []}, "scope"), ({"tenant": "t", "scopes": ["root"]}, "scope"),
     ({"tenant": "t", "scopes": ["infer"], "rate_per_s": 0}, "rate_per_s"), ({"tenant": "t", "scopes": ["infer"], "burst": float("nan")}, "burst"),
 ])
-def test_bad_key_input_names_the_field(tmp_path, kwargs, field):
-    st = KeyStore(tmp_path / "keys.sqlite")
+def test_bad_key_input_names_the_field(tmp_path, kwargs, field, store_dsn):
+    st = open_key_store(store_dsn, tmp_path / "keys.sqlite")
     with pytest.raises(KeyAdminError, match=f"field '{field}'"):
         st.create(**kwargs)
     assert st.list() == []
@@ -44,11 +45,11 @@ def test_bad_key_input_names_the_field(tmp_path, kwargs, field):
         st.revoke("nope")
 
 
-def test_authenticate_scopes_revocation_and_rate(tmp_path):
-    st = KeyStore(tmp_path / "keys.sqlite")
+def test_authenticate_scopes_revocation_and_rate(tmp_path, store_dsn):
+    st = open_key_store(store_dsn, tmp_path / "keys.sqlite")
     rec, token = st.create("acme", ["infer"], rate_per_s=0.01, burst=2)  # slow refill: no token comes back during the test
     _, admin = st.create("ops", ["admin"])
-    auth = Authenticator(AuthSettings(reload_s=0.0), tmp_path / "keys.sqlite")
+    auth = Authenticator(AuthSettings(reload_s=0.0), tmp_path / "keys.sqlite", dsn=store_dsn)
     p = auth.authenticate(f"Bearer {token}", "infer")
     assert (p.key_id, p.tenant, p.scopes) == (rec.id, "acme", ("infer",))
     cases = [(None, "infer", 401, "missing"), ("Basic abc", "infer", 401, "invalid"), (f"Bearer {token}x", "infer", 401, "invalid"),
@@ -63,10 +64,15 @@ def test_authenticate_scopes_revocation_and_rate(tmp_path):
     with pytest.raises(AuthError) as e:
         auth.authenticate(f"Bearer {token}", "infer")
     assert e.value.status == 429 and 0 < e.value.retry_after <= 100.0 and "retry after" in e.value.message
-    # revocation by another connection (the CLI) is seen at the next reload
-    KeyStore(tmp_path / "keys.sqlite").revoke(rec.id)
-    with pytest.raises(AuthError) as e:
-        auth.authenticate(f"Bearer {token}", "infer")
+    # revocation by another connection (the CLI) is seen at the next reload, within 1 s
+    open_key_store(store_dsn, tmp_path / "keys.sqlite").revoke(rec.id)
+    deadline = time.monotonic() + 1.0
+    while True:
+        with pytest.raises(AuthError) as e:
+            auth.authenticate(f"Bearer {token}", "infer")
+        if e.value.reason != "rate" or time.monotonic() > deadline:  # 429 until the revocation arrives
+            break
+        time.sleep(0.005)
     assert (e.value.status, e.value.reason) == (401, "revoked")
 
 

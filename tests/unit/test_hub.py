@@ -1,24 +1,25 @@
-"""Hub persistence, versioning and change events (real SQLite)."""
+"""Hub persistence, versioning and change events (real SQLite, and a throwaway PostgreSQL for the
+store contract)."""
 
 from __future__ import annotations
 
 import pytest
 
 from cmr.errors import HubError
-from cmr.hub import HubChange, ModelHub
+from cmr.hub import HubChange, ModelHub, open_hub_store
 from cmr.types import ModelCard
 
 
-def test_add_update_retire_persist_and_version(tmp_path):
+def test_add_update_retire_persist_and_version(tmp_path, store_dsn):
     path = tmp_path / "hub.sqlite"
-    hub = ModelHub(path=path)
+    hub = ModelHub(open_hub_store(store_dsn, path))
     assert hub.version == 0
     v1 = hub.add([ModelCard(id="a", domain="x", cost=1.0), ModelCard(id="b", domain="y")])
     v2 = hub.update(ModelCard(id="a", domain="x", cost=2.0, description="new"))
     v3 = hub.retire("b")
     assert v1 < v2 < v3 == hub.version
 
-    again = ModelHub(path=path)  # reopen: the same live cards and version
+    again = ModelHub(open_hub_store(store_dsn, path))  # reopen: the same live cards and version
     assert again.version == v3
     assert [c.id for c in again.list()] == ["a"]
     assert again.get("a").cost == 2.0 and again.get("a").description == "new"
@@ -53,10 +54,10 @@ def test_listeners_hear_every_change():
     assert [c.version for c in seen] == [1, 2, 3]
 
 
-def test_many_cards_round_trip(tmp_path):
+def test_many_cards_round_trip(tmp_path, store_dsn):
     path = tmp_path / "hub.sqlite"
-    ModelHub(path=path).add([ModelCard(id=f"m{i:05d}", cost=i / 10, profile={"p1": 0.5}) for i in range(5000)])
-    hub = ModelHub(path=path)
+    ModelHub(open_hub_store(store_dsn, path)).add([ModelCard(id=f"m{i:05d}", cost=i / 10, profile={"p1": 0.5}) for i in range(5000)])
+    hub = ModelHub(open_hub_store(store_dsn, path))
     cards = hub.list()
     assert len(cards) == 5000 and cards[1234].id == "m01234" and cards[1234].cost == 123.4
     assert cards[0].profile == {"p1": 0.5}

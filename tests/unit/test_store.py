@@ -1,6 +1,7 @@
-"""The decision/feedback store's durability details: owners (tenant checks), expiry (410) and
-purge, bad rewards refused with nothing stored, the schema upgrade of an existing file, and a
-feedback event surviving a killed writer process."""
+"""The decision/feedback store's contract, on both backends (``store_dsn``: SQLite files, a
+throwaway PostgreSQL): owners (tenant checks), expiry (410) and purge, bad rewards refused with
+nothing stored, and a feedback event surviving a killed writer process; the schema upgrade of an
+existing SQLite file."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import pytest
 
 from cmr.types import Decision
 from services.store import (DecisionStore, DuplicateFeedbackError, ExpiredRequestError, ForbiddenFeedbackError,
-                            UnknownRequestError)
+                            UnknownRequestError, open_decision_store)
+
+
+def _open(dsn, tmp_path, ttl_s=None, purge_every_s=None):
+    st = open_decision_store(dsn, tmp_path / "d.sqlite")
+    st.configure(ttl_s, purge_every_s)
+    return st
 
 
 def _record(st: DecisionStore, *rids: str) -> None:
@@ -21,8 +28,8 @@ def _record(st: DecisionStore, *rids: str) -> None:
     st.record(ds, [f"query {r}" for r in rids], np.zeros((len(rids), 4), np.float32), [0.1] * len(rids))
 
 
-def test_owner_checks_and_rejections_store_nothing(tmp_path):
-    st = DecisionStore(tmp_path / "d.sqlite")
+def test_owner_checks_and_rejections_store_nothing(tmp_path, store_dsn):
+    st = _open(store_dsn, tmp_path)
     _record(st, "r1", "r2", "r3")
     st.set_owners([("r1", "k1", "acme"), ("r2", "k2", "other")])
     assert st.owner("r1") == ("k1", "acme") and st.owner("r3") == (None, None) and st.owner("nope") is None
@@ -44,9 +51,9 @@ def test_owner_checks_and_rejections_store_nothing(tmp_path):
     assert [(e.request_id, e.reward) for e in st.events()] == [("r1", 0.75), ("r3", 0.0)]
 
 
-def test_owners_recorded_with_their_decisions(tmp_path):
+def test_owners_recorded_with_their_decisions(tmp_path, store_dsn):
     # the router's path: who asked goes into the decision's own insert (one transaction per batch)
-    st = DecisionStore(tmp_path / "d.sqlite")
+    st = _open(store_dsn, tmp_path)
     ds = [Decision(model="m1", score=0.5, utility=0.5, alternatives=[], checkpoint_version=1, request_id=r) for r in ("a", "b")]
     st.record(ds, ["qa", "qb"], np.zeros((2, 4), np.float32), [0.1, 0.2], [("k1", "acme"), (None, None)])
     assert st.owner("a") == ("k1", "acme") and st.owner("b") == (None, None)
@@ -55,8 +62,8 @@ def test_owners_recorded_with_their_decisions(tmp_path):
     assert st.add_feedback("a", 1.0, tenant="acme", check_owner=True) == 1
 
 
-def test_expired_ids_are_refused_and_purged(tmp_path):
-    st = DecisionStore(tmp_path / "d.sqlite", ttl_s=0.3, purge_every_s=3600)
+def test_expired_ids_are_refused_and_purged(tmp_path, store_dsn):
+    st = _open(store_dsn, tmp_path, ttl_s=0.3, purge_every_s=3600)
     _record(st, "old-with-feedback", "old", "young")
     st.add_feedback("old-with-feedback", 1.0)
     time.sleep(0.4)
@@ -72,8 +79,8 @@ def test_expired_ids_are_refused_and_purged(tmp_path):
     assert st.add_feedback("new", 0.5) == 2
 
 
-def test_record_purges_on_its_own(tmp_path):
-    st = DecisionStore(tmp_path / "d.sqlite", ttl_s=0.2, purge_every_s=0.0)
+def test_record_purges_on_its_own(tmp_path, store_dsn):
+    st = _open(store_dsn, tmp_path, ttl_s=0.2, purge_every_s=0.0)
     _record(st, "a")
     time.sleep(0.3)
     _record(st, "b")  # purges "a" on the way
@@ -102,8 +109,8 @@ def test_old_file_gains_owner_columns(tmp_path):
     assert st.owner("new") == ("k", "t") and st.add_feedback("old", 1.0) == 1
 
 
-def _post_then_die(path: str, conn) -> None:
-    st = DecisionStore(path)
+def _post_then_die(dsn, path: str, conn) -> None:
+    st = open_decision_store(dsn, path)
     off = st.add_feedback("r1", 0.5)
     conn.send(off)  # the "2xx": sent only after add_feedback returned
     import os
@@ -111,16 +118,16 @@ def _post_then_die(path: str, conn) -> None:
     os._exit(1)  # no close, no checkpoint of the WAL: the process dies
 
 
-def test_acknowledged_feedback_survives_a_killed_writer(tmp_path):
+def test_acknowledged_feedback_survives_a_killed_writer(tmp_path, store_dsn):
     path = tmp_path / "d.sqlite"
-    st = DecisionStore(path)
+    st = open_decision_store(store_dsn, path)
     _record(st, "r1")
     st.close()
     parent, child = mp.get_context("spawn").Pipe()
-    p = mp.get_context("spawn").Process(target=_post_then_die, args=(str(path), child))
+    p = mp.get_context("spawn").Process(target=_post_then_die, args=(store_dsn, str(path), child))
     p.start()
     off = parent.recv()
     p.join(30)
     assert p.exitcode == 1
-    st = DecisionStore(path)
+    st = open_decision_store(store_dsn, path)
     assert [(e.offset, e.request_id, e.reward) for e in st.events()] == [(off, "r1", 0.5)]

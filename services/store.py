@@ -160,7 +160,28 @@ def _decision_rows(decisions, queries, emb, costs, owners, now):
     ]
 
 
-class DecisionStore:
+class _FeedbackWindow:
+    """How long request ids accept feedback, and how often expired ones are purged (both backends)."""
+
+    ttl_s: float | None = None
+    purge_every_s: float = 60.0
+
+    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None) -> None:
+        """Set how long request ids accept feedback (None: forever) and how often to purge."""
+        self.ttl_s = ttl_s
+        if purge_every_s is not None:
+            self.purge_every_s = purge_every_s
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete decisions older than ``ttl_s`` that have no feedback; returns how many."""
+        if self.ttl_s is None:
+            return 0
+        now = time.time() if now is None else now
+        self._last_purge = now
+        return self._delete_expired(now - self.ttl_s)
+
+
+class DecisionStore(_FeedbackWindow):
     """Append-only decisions and feedback in SQLite; one connection shared by threads under a lock."""
 
     def __init__(self, path: Path | str, ttl_s: float | None = None, purge_every_s: float = 60.0):
@@ -181,12 +202,6 @@ class DecisionStore:
         self.ttl_s = ttl_s
         self.purge_every_s = purge_every_s
         self._last_purge = 0.0
-
-    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None) -> None:
-        """Set how long request ids accept feedback (None: forever) and how often to purge."""
-        self.ttl_s = ttl_s
-        if purge_every_s is not None:
-            self.purge_every_s = purge_every_s
 
     def record(self, decisions: list[Decision], queries: list[str], emb: np.ndarray, costs: list[float],
                owners: list[tuple[str | None, str | None]] | None = None) -> None:
@@ -219,15 +234,9 @@ class DecisionStore:
             row = self._db.execute("SELECT key_id, tenant FROM decisions WHERE request_id=?", (request_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def purge_expired(self, now: float | None = None) -> int:
-        """Delete decisions older than ``ttl_s`` that have no feedback; returns how many."""
-        if self.ttl_s is None:
-            return 0
-        now = time.time() if now is None else now
-        self._last_purge = now
+    def _delete_expired(self, cutoff: float) -> int:
         with self._lock:
-            cur = self._db.execute("DELETE FROM decisions WHERE created < ? AND request_id NOT IN (SELECT request_id FROM feedback)",
-                                   (now - self.ttl_s,))
+            cur = self._db.execute("DELETE FROM decisions WHERE created < ? AND request_id NOT IN (SELECT request_id FROM feedback)", (cutoff,))
         return int(cur.rowcount)
 
     def decision(self, request_id: str) -> Decision | None:
@@ -310,7 +319,7 @@ _PG_SCHEMA = (
 _FEEDBACK_LOCK = 0x636D7266  # "cmrf"
 
 
-class PgDecisionStore:
+class PgDecisionStore(_FeedbackWindow):
     """Decisions and feedback in PostgreSQL, shared by every router, ingress and learner replica."""
 
     def __init__(self, db: PgDatabase | str, ttl_s: float | None = None, purge_every_s: float = 60.0):
@@ -319,12 +328,6 @@ class PgDecisionStore:
         self.ttl_s = ttl_s
         self.purge_every_s = purge_every_s
         self._last_purge = 0.0
-
-    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None) -> None:
-        """Set how long request ids accept feedback (None: forever) and how often to purge."""
-        self.ttl_s = ttl_s
-        if purge_every_s is not None:
-            self.purge_every_s = purge_every_s
 
     def record(self, decisions: list[Decision], queries: list[str], emb: np.ndarray, costs: list[float],
                owners: list[tuple[str | None, str | None]] | None = None) -> None:
@@ -352,15 +355,10 @@ class PgDecisionStore:
         row = self._one("SELECT key_id, tenant FROM decisions WHERE request_id = %s", (request_id,))
         return None if row is None else (row[0], row[1])
 
-    def purge_expired(self, now: float | None = None) -> int:
-        """Delete decisions older than ``ttl_s`` that have no feedback; returns how many."""
-        if self.ttl_s is None:
-            return 0
-        now = time.time() if now is None else now
-        self._last_purge = now
+    def _delete_expired(self, cutoff: float) -> int:
         with self.db.connection() as conn:
             cur = conn.execute("DELETE FROM decisions d WHERE created < %s AND NOT EXISTS "
-                               "(SELECT 1 FROM feedback f WHERE f.request_id = d.request_id)", (now - self.ttl_s,))
+                               "(SELECT 1 FROM feedback f WHERE f.request_id = d.request_id)", (cutoff,))
             return int(cur.rowcount)
 
     def decision(self, request_id: str) -> Decision | None:

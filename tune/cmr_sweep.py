@@ -162,7 +162,8 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     fig = pareto.scatter([r["obj_forgetting_d"] for r in done], [r["obj_d_acc"] for r in done], [r["obj_forgetting_d"] for r in front],
                          [r["obj_d_acc"] for r in front], (chosen["obj_forgetting_d"], chosen["obj_d_acc"]),
                          "D forgetting (validation, lower is better)", "D-Acc (validation, after the last experience)",
-                         f"cmr tune cmr: {len(done)} trials on {bench.root.name} (colour: train s)", color=[r["obj_train_s"] for r in done], clabel="train s")
+                         f"cmr tune cmr: carve on {bench.root.name} (colour: train s)", color=[r["obj_train_s"] for r in done], clabel="train s",
+                         total=len(rows), not_completed={"stopped early": summary["stopped_early"], "errored": summary["errors"]})
     common.write_figure(out / "pareto.png", fig)
     return summary
 

@@ -175,8 +175,9 @@ def sweep(data, encoder, *, policy: str = "knn", policy_config: dict[str, Any] |
     common.write_text(out / "pareto.md", _markdown(summary))
     fig = pareto.scatter([r["val_cost"] for r in done], [r["val_quality"] for r in done], [r["val_cost"] for r in front],
                          [r["val_quality"] for r in front], (chosen["val_cost"], chosen["val_quality"]), "mean cost per request (validation)",
-                         "mean quality (validation)", f"cmr tune llm: {policy} on {data.name}, {len(done)} trials",
-                         color=[math.log10(max(r["lam"], 1e-12)) for r in done], clabel="log10 λ")
+                         "mean quality (validation)", f"cmr tune llm: {policy} on {data.name}",
+                         color=[math.log10(max(r["lam"], 1e-12)) for r in done], clabel="log10 λ", total=len(rows),
+                         not_completed={"with an infeasible target": summary["infeasible_targets"], "errored": summary["errors"]})
     ax = fig.axes[0]
     ax.plot(curve[:, 1], curve[:, 2], "-", color="0.75", lw=1, zorder=0, label=f"{policy} λ curve (val AIQ {val_aiq:.3f})")
     ax.legend(loc="best", fontsize=8)

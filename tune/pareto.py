@@ -36,8 +36,11 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], n
     return out
 
 
-def scatter(all_x, all_y, front_x, front_y, chosen_xy, xlabel: str, ylabel: str, title: str, color=None, clabel: str | None = None):
-    """Every trial (grey or coloured by ``color``), the Pareto front (line) and the chosen point."""
+def scatter(all_x, all_y, front_x, front_y, chosen_xy, xlabel: str, ylabel: str, title: str, color=None, clabel: str | None = None,
+            total: int | None = None, not_completed: dict[str, int] | None = None):
+    """Every completed trial (grey or coloured by ``color``), the Pareto front (line) and the
+    chosen point (a ring around its front point, labelled). The title's second line counts the
+    plotted trials out of ``total``, and the rest by ``not_completed`` reason (e.g. stopped early)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,10 +55,16 @@ def scatter(all_x, all_y, front_x, front_y, chosen_xy, xlabel: str, ylabel: str,
     o = np.argsort(front_x)
     ax.plot(np.asarray(front_x)[o], np.asarray(front_y)[o], "o-", color="tab:red", mfc="none", ms=9, label="Pareto front")
     if chosen_xy is not None:
-        ax.plot([chosen_xy[0]], [chosen_xy[1]], "*", color="gold", mec="k", ms=16, label="chosen")
+        # a larger hollow ring: a one-point front stays visible under it
+        ax.plot([chosen_xy[0]], [chosen_xy[1]], "o", mfc="none", mec="k", mew=1.8, ms=17, label="chosen")
+        ax.annotate("chosen", chosen_xy, xytext=(11, -11), textcoords="offset points", fontsize=8)
+    ax.margins(0.1)  # the rings at the extremes stay inside the axes
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    if total is not None:
+        rest = ", ".join(f"{n} {why}" for why, n in (not_completed or {}).items() if n)
+        title += f"\n{len(all_x)} of {total} trials completed" + (f" ({rest})" if rest else "")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return fig

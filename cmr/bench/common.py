@@ -147,24 +147,52 @@ def progress(iterable: Iterable | None = None, **kw):
     return tqdm(iterable, disable=not constants.progress_enabled(), leave=False, **kw)
 
 
-def embed(encoder, parts: Sequence, chunk: int = 2048) -> None:
-    """Set ``emb`` on each ``Examples`` in ``parts`` (the persistent cache makes repeats instant)."""
+def encode(encoder, texts: Sequence[str], desc: str = "embed", chunk: int = 2048):
+    """``encoder.encode(texts)`` in chunks of ``chunk`` texts, with a progress bar."""
     import numpy as np
 
+    vecs = [np.zeros((0, encoder.dim), np.float32)]
+    with progress(total=len(texts), desc=desc, unit="text") as bar:
+        for i in range(0, len(texts), chunk):
+            vecs.append(encoder.encode(texts[i : i + chunk]))
+            bar.update(len(texts[i : i + chunk]))
+    return np.concatenate(vecs)
+
+
+def embed(encoder, parts: Sequence, chunk: int = 2048) -> None:
+    """Set ``emb`` on each ``Examples`` in ``parts`` (the persistent cache makes repeats instant)."""
     todo = [p for p in parts if p.emb is None]
     texts = [t for p in todo for t in p.texts]
     if not texts:
         return
-    vecs = []
-    with progress(total=len(texts), desc="embed", unit="text") as bar:
-        for i in range(0, len(texts), chunk):
-            vecs.append(encoder.encode(texts[i : i + chunk]))
-            bar.update(len(texts[i : i + chunk]))
-    allv = np.concatenate(vecs)
+    allv = encode(encoder, texts, chunk=chunk)
     at = 0
     for p in todo:
         p.emb = allv[at : at + len(p)]
         at += len(p)
+
+
+class _ChunkedEncoder:
+    """An encoder that passes every call through :func:`encode` (chunks and a progress bar)."""
+
+    def __init__(self, inner, desc: str, chunk: int):
+        self.inner, self.desc, self.chunk = inner, desc, chunk
+        self.name, self.dim = inner.name, inner.dim
+
+    def encode(self, texts: Sequence[str]):
+        return encode(self.inner, list(texts), self.desc, self.chunk)
+
+
+def embed_cards(policy, cards: Sequence, chunk: int = 256) -> float:
+    """Embed ``cards`` up front exactly as ``policy`` will (a fresh policy of its class and config
+    takes them through ``add_models`` on the same encoder), in chunks with a progress bar; returns
+    the seconds spent. The encoder's persistent cache then answers the policy's own embedding of
+    them, so the protocol's training clock measures training, not card encoding."""
+    if policy.encoder is None or not cards:
+        return 0.0
+    t0 = time.perf_counter()
+    type(policy)(encoder=_ChunkedEncoder(policy.encoder, "embed cards", chunk), config=policy.config).add_models(list(cards))
+    return time.perf_counter() - t0
 
 
 def reveal_if_needed(policy, data) -> None:

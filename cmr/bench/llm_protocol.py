@@ -136,7 +136,8 @@ def _markdown(rep: dict[str, Any]) -> str:
         f"# cmr bench llm — {rep['policy']} on {rep['dataset']}" + (f" (unseen {rep['unseen']})" if rep["unseen"] else ""),
         "",
         f"seed {rep['seed']}, {rep['n_test']} test prompts, {rep['n_models']} models, {rep['date']}, "
-        f"{rep['machine']['cpus']} CPU(s), commit {rep['git_commit'] or '—'}",
+        f"{rep['machine']['cpus']} CPU(s), commit {rep['git_commit'] or '—'}; train {rep['timings']['train_s']:.1f} s, "
+        f"card encoding {rep['timings']['encode_s']:.1f} s",
         "",
     ]
     if rep["equal_cost"]:
@@ -178,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     tag = f"unseen{args.unseen:g}" if args.unseen else ""
     out = common.out_dir(args.out, "llm", root.name, args.policy, tag)
 
+    encode_s = common.embed_cards(policy, data.cards)  # up front: the training clock is training only
     t0 = time.perf_counter()
     split = train_policy(policy, data, args.unseen, args.profile_size, args.seed)
     t_train = time.perf_counter() - t0
@@ -195,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         "config": policy.config.to_dict(),
         **res,
         **split,
-        "timings": {"train_s": t_train, "eval_s": t_eval},
+        "timings": {"encode_s": encode_s, "train_s": t_train, "eval_s": t_eval},
         **common.run_info(),
     }
     common.write_json(out / "report.json", rep)
@@ -203,13 +205,14 @@ def run(args: argparse.Namespace) -> int:
     title = f"{args.policy} on {root.name}" + (f" (unseen {args.unseen:g})" if args.unseen else "")
     common.write_figure(out / "curve.png", plots.quality_cost(*plot_args, title=title, label=args.policy, unseen=rep.get("unseen_models", ())))
     b = rep["best_single"]
+    took = f"  train {t_train:.1f}s  card encoding {encode_s:.1f}s"
     if rep["equal_cost"]:
-        print(f"{title}: quality {rep['aiq']:.3f} (equal costs: AIQ = quality)  best single {b['quality']:.3f} ({b['model']})  oracle {rep['oracle']['quality']:.3f}")
+        print(f"{title}: quality {rep['aiq']:.3f} (equal costs: AIQ = quality)  best single {b['quality']:.3f} ({b['model']})  oracle {rep['oracle']['quality']:.3f}{took}")
     else:
         qnc = "never" if rep["qnc"] is None else f"{rep['qnc']:.3f}"
         print(
             f"{title}: AIQ {rep['aiq']:.3f}  zero router {rep['zero_router_aiq']:.3f}  oracle {rep['oracle_aiq']:.3f}  "
-            f"max quality {rep['max_quality']:.3f}  best single {b['quality']:.3f} ({b['model']})  QNC {qnc}"
+            f"max quality {rep['max_quality']:.3f}  best single {b['quality']:.3f} ({b['model']})  QNC {qnc}{took}"
         )
     print(f"report: {out / 'report.json'}")
     return 0

@@ -65,7 +65,6 @@ def quality_cost(
     hidden = set(unseen)
     for s in singles:
         ax.plot([s["cost"]], [s["quality"]], "o", color="tab:red", ms=5, mfc="none" if s["model"] in hidden else "tab:red")
-        ax.annotate(s["model"].split("/")[-1], (s["cost"], s["quality"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot([], [], "o", color="tab:red", ms=5, label="single models")
     if hidden:
         ax.plot([], [], "o", color="tab:red", mfc="none", ms=5, label="unseen at training")
@@ -76,6 +75,36 @@ def quality_cost(
     ax.set_ylabel("mean quality")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # outside the axes: inside, it hides the points of whichever corner it takes
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
+    _label_points(fig, ax, [(s["cost"], s["quality"], s["model"].split("/")[-1]) for s in singles], curve[:, 1:])
     return fig
+
+
+def _label_points(fig, ax, points: Sequence[tuple[float, float, str]], avoid: np.ndarray, fontsize: int = 7) -> None:
+    """Label each point to its right; a label that would cover a point (of ``points`` or the
+    ``[n, 2]`` data points ``avoid``) or a label placed before it (lowest points first) moves up
+    in half-line steps until it is clear, with a leader line."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    step = 0.5 * fontsize * 1.2  # points
+    r = 3 * fig.dpi / 72  # a marker's half-width in pixels
+    xy = np.concatenate([np.array([p[:2] for p in points], dtype=np.float64).reshape(-1, 2), avoid])
+    marks = [Bbox.from_extents(px - r, py - r, px + r, py + r) for px, py in ax.transData.transform(xy)]
+    labels: list = []
+    for n in sorted(range(len(points)), key=lambda n: (points[n][1], points[n][0])):
+        x, y, text = points[n]
+        others = marks[:n] + marks[n + 1 :] + labels
+        for i in range(4 * len(points) + 1):
+            a = ax.annotate(text, (x, y), xytext=(5, i * step), textcoords="offset points", fontsize=fontsize, va="center",
+                            bbox={"boxstyle": "square,pad=0.05", "fc": "white", "ec": "none", "alpha": 0.7},  # lines pass behind
+                            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6, "shrinkA": 0, "shrinkB": 3} if i else None)
+            a.update_positions(renderer)
+            box = Text.get_window_extent(a, renderer)  # the text alone, not its leader line
+            if i == 4 * len(points) or not any(box.overlaps(b) for b in others):
+                break
+            a.remove()
+        labels.append(box)

@@ -42,10 +42,10 @@ def test_cmr_random_report_shape(tmp_path, capsys, cmr_dir):
     # a family/domain hit includes every exact hit
     assert rep["final"]["f_acc"] >= rep["final"]["m_acc"] and rep["final"]["d_acc"] >= rep["final"]["m_acc"]
     assert rep["n_models"] == [2, 4] and rep["config"]["seed"] == 3
-    assert len(rep["timings"]["per_experience"]) == 2
-    assert (out / "report.md").read_text().startswith("# cmr bench cmr")
+    assert len(rep["timings"]["per_experience"]) == 2 and rep["timings"]["encode_s"] >= 0.0
+    assert (out / "report.md").read_text().startswith("# cmr bench cmr") and "card encoding s" in (out / "report.md").read_text()
     assert (out / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "M-Acc" in stdout
+    assert "M-Acc" in stdout and "card encoding" in stdout
 
 
 def test_cmr_oracle_is_perfect_and_forgets_nothing(tmp_path, capsys, cmr_dir):
@@ -88,7 +88,7 @@ def test_llm_oracle_reaches_the_oracle_figures(tmp_path, capsys, oc_dir):
     # the oracle point sits above the single-model hull: its AIQ is the best possible
     assert rep["oracle_aiq"] == 1.0 and rep["zero_router_aiq"] < 1.0
     assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert "AIQ" in stdout
+    assert "AIQ" in stdout and "card encoding" in stdout and set(rep["timings"]) == {"encode_s", "train_s", "eval_s"}
 
 
 def test_llm_random_and_unseen_models(tmp_path, capsys, oc_dir):
@@ -165,3 +165,43 @@ def test_cmr_validation_split_scores_held_out_train_rows(tmp_path, capsys, cmr_d
     res = evaluate(val, make_policy("oracle", encoder=enc), on_experience=seen.append)
     assert [s["experience"] for s in seen] == res["experiences"] and seen[-1]["final"] == res["final"]
     assert seen[0]["forgetting"] == {"m": 0.0, "f": 0.0, "d": 0.0} and seen[-1]["train_s"] == pytest.approx(res["timings"]["train_total_s"])
+
+
+def test_cards_are_encoded_up_front_not_on_the_training_clock(tmp_path, monkeypatch, cmr_dir):
+    """On a cold embedding cache every card text the policy embeds (carve: two per card) is encoded
+    by ``embed_cards`` before the first experience; training then encodes none (cache hits)."""
+    from cmr.bench import common
+    from cmr.bench.cmr_protocol import evaluate
+    from cmr.data.cmrbench import load_cmrbench
+    from cmr.encoders import CachedEncoder, EmbeddingCache, make_encoder
+    from cmr.policies import make_policy
+
+    minilm, phase, encoded = make_encoder(), ["queries"], []
+
+    class Recording:  # the real MiniLM, recording what the cache missed and in which phase
+        name, dim = minilm.name, minilm.dim
+
+        def encode(self, texts):
+            encoded.extend((phase[0], t) for t in texts)
+            return minilm.encode(texts)
+
+    enc = CachedEncoder(Recording(), EmbeddingCache(tmp_path / "cold.sqlite"))
+    bench = load_cmrbench(cmr_dir)
+    common.embed(enc, [p for e in bench.experiences for p in (e.train, e.test)])
+    up_front = common.embed_cards
+
+    def marked(policy, cards):
+        phase[0] = "cards"
+        try:
+            return up_front(policy, cards)
+        finally:
+            phase[0] = "training"
+
+    monkeypatch.setattr(common, "embed_cards", marked)
+    res = evaluate(bench, make_policy("carve", encoder=enc))
+    card_texts = {t for p, t in encoded if p == "cards"}
+    assert {c.text() for c in bench.cards} <= card_texts  # (carve adds api_call text where a card has one)
+    assert [t for p, t in encoded if p == "training"] == []
+    t = res["timings"]
+    assert t["encode_s"] > 0.0 and t["train_total_s"] > 0.0
+    assert t["train_total_s"] == pytest.approx(sum(e["train_s"] for e in t["per_experience"]))

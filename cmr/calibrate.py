@@ -346,7 +346,10 @@ def write_calibration(path: Path | str, calib: Calibration) -> Path:
     polling the file sees the old or the new λ, never half a file."""
     from cmr.bench.common import write_text  # the one atomic writer (temp + fsync + rename)
 
+    from cmr.state import private_dir
+
     path = Path(path)
+    private_dir(path.parent, own=False)  # a folder made here is 0700; the temp file is 0600
     write_text(path, json.dumps(calib.to_dict(), indent=2, allow_nan=False) + "\n")
     return path
 

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from cmr.errors import CMRError
+from cmr.state import private_dir, private_file
 
 _VERSION = re.compile(r"^v(\d{6,})$")
 FORMAT = 1
@@ -101,7 +102,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    with open(private_file(path), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -136,7 +137,7 @@ def save(root: Path | str, policy, fingerprint: dict[str, Any] | None = None, ex
     """Write ``policy``'s state (plus ``extra`` entries: the learner's) as the next version under
     ``root``; returns the checkpoint."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root, own=False)
     state = {**policy.state_dict(), **(extra or {})}
     arrays: dict[str, np.ndarray] = {}
     skeleton = _split_arrays(state, arrays)
@@ -145,9 +146,9 @@ def save(root: Path | str, policy, fingerprint: dict[str, Any] | None = None, ex
     while True:
         version = (versions(root)[-1] if versions(root) else 0) + 1
         tmp = root / f".tmp-v{version:06d}-{os.getpid()}-{time.monotonic_ns()}"
-        tmp.mkdir()
+        private_dir(tmp)
         try:
-            with open(tmp / "weights.npz", "wb") as f:
+            with open(private_file(tmp / "weights.npz"), "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())

@@ -11,9 +11,11 @@ view of changing state (hub version, key table) fresh, with a periodic re-sync a
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
@@ -42,6 +44,29 @@ def check_store(value: str | None) -> str | None:
     if not isinstance(value, str) or urlsplit(value).scheme not in SCHEMES:
         raise ValueError(f"expected 'sqlite' or a postgresql://… DSN, got {redact(str(value))!r}")
     return value
+
+
+# -- files on this node: the one place that makes state private -------------------------------
+def private_dir(path: Path | str, own: bool = True) -> Path:
+    """``path`` as a folder only this user can enter (0700), whatever the umask: each folder
+    created here is made 0700; an existing ``path`` is set to 0700 only when ``own`` (cmr's own
+    state folder, not a folder the user named, e.g. the parent of a ``--db`` file)."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for p in (path, *missing) if own else missing:
+        os.chmod(p, 0o700)
+    return path
+
+
+def private_file(path: Path | str) -> Path:
+    """``path`` created if absent, mode 0600 (also when it existed: an older install's 0644).
+    Call before SQLite opens a database: its -wal/-shm files take the main file's mode."""
+    path = Path(path)
+    private_dir(path.parent, own=False)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    os.chmod(path, 0o600)
+    return path
 
 
 def is_postgres(dsn: str | None) -> bool:

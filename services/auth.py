@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from cmr.errors import CMRError
-from cmr.state import PgDatabase, SharedVersion, is_postgres
+from cmr.state import PgDatabase, SharedVersion, is_postgres, private_file
 
 SCOPES = ("infer", "feedback", "admin")
 KEYS_FILE = "keys.sqlite"
@@ -212,10 +212,7 @@ class KeyStore(_Keys):
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            # create it private before SQLite writes anything into it
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        private_file(self.path)  # 0600 before SQLite writes anything into it (and its -wal/-shm)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -253,8 +253,11 @@ class AppArgs(_Strict):
         return constants.data_root() / "cmrbench" if self.bench == "default" else Path(self.bench)
 
     def state_dir(self) -> Path:
-        """Folder for this app's state: hub, decisions/feedback, checkpoints."""
-        return self.home_path() / "serve"
+        """Folder for this app's state: hub, decisions/feedback, checkpoints; created (with
+        ``CMR_HOME`` when missing) and kept mode 0700 (``cmr.state.private_dir``)."""
+        from cmr.state import private_dir
+
+        return private_dir(self.home_path() / "serve")  # 0700: prompts, keys and weights live here
 
     def store_dsn(self) -> str | None:
         """The PostgreSQL DSN of the state store, or None for the SQLite files in ``state_dir``."""

@@ -28,6 +28,7 @@ from cmr.data.cmrbench import Experience
 from cmr.decide import Filters, decide
 from cmr.errors import CMRError, ConfigError, HubError
 from cmr.hub import ModelHub
+from cmr.state import private_file
 from cmr.policies import make_policy, policy_class
 from cmr.types import Decision, ModelCard
 from services.config import AppArgs
@@ -107,8 +108,7 @@ def _build_table(cards: Sequence[ModelCard], emb: np.ndarray) -> _Table:
 @contextmanager
 def _file_lock(path: Path):
     """Inter-process lock: first start (seed, train) happens once even with several replicas."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with open(private_file(path), "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

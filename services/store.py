@@ -33,7 +33,7 @@ import numpy as np
 
 from cmr.errors import CMRError
 from cmr.hub import HubStoreProtocol, open_hub_store
-from cmr.state import PgDatabase, is_postgres
+from cmr.state import PgDatabase, is_postgres, private_file
 from cmr.types import Decision, FeedbackEvent
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class DecisionStore(_FeedbackWindow):
 
     def __init__(self, path: Path | str, ttl_s: float | None = None, purge_every_s: float = 60.0):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.path)  # 0600 before SQLite creates it (and its -wal/-shm)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

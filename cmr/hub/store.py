@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from cmr.state import PgDatabase, SharedVersion, is_postgres
+from cmr.state import PgDatabase, SharedVersion, is_postgres, private_file
 from cmr.types import ModelCard
 
 
@@ -50,7 +50,7 @@ class HubStore:
     def __init__(self, path: Path | str = ":memory:"):
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            private_file(self.path)  # 0600 before SQLite creates it (and its -wal/-shm)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30, isolation_level=None)
         if self.path != ":memory:":

@@ -125,6 +125,17 @@ class AuthArgs(_Strict):
         return AuthSettings(open=self.open, rate_per_s=self.rate_per_s, burst=self.burst, max_body_bytes=self.max_body_bytes, reload_s=self.reload_s)
 
 
+class FrontDoorArgs(_Strict):
+    """Ray Serve's HAProxy front door of a Ray that ``cmr serve`` starts (Ray reads them when its
+    processes start; a running cluster keeps its own). Its files (config, admin socket, server
+    state) are always in a 0700 folder of the state dir (``services.proxy.front_door_dir``)."""
+
+    #: HAProxy's read-only stats page and Prometheus exporter; Ray binds them on every interface,
+    #: so two instances on one machine need different ports
+    stats_port: int = Field(default=8404, ge=1, le=65535)
+    metrics_port: int = Field(default=9101, ge=1, le=65535)
+
+
 class AppArgs(_Strict):
     """Arguments of ``build_app``: the whole served app in one object."""
 
@@ -197,6 +208,7 @@ class AppArgs(_Strict):
     ingress_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     learner: LearnerArgs = Field(default_factory=LearnerArgs)
     auth: AuthArgs = Field(default_factory=AuthArgs)
+    front_door: FrontDoorArgs = Field(default_factory=FrontDoorArgs)
     #: feedback is accepted for this long after the decision (then 410); older decisions without
     #: feedback are purged
     request_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)

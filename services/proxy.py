@@ -78,17 +78,140 @@ def resolve_proxy(choice: str) -> str:
 #: Ray Serve's wait (seconds) for HAProxy to stop sending to a stopping direct-ingress replica
 RAY_DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 LOCAL_DRAIN_S = 2
+#: where Ray Serve puts HAProxy's files (it adds a ``<node id>/`` folder before each file name);
+#: its defaults are under /tmp/haproxy-serve, whose admin socket is mode 0666 at admin level
+RAY_HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+RAY_HAPROXY_PORTS = {"stats_port": "RAY_SERVE_HAPROXY_STATS_PORT", "metrics_port": "RAY_SERVE_HAPROXY_METRICS_PORT"}
+# AF_UNIX paths hold 107 bytes: <folder>/<56-hex node id>/metrics.sock must fit
+_MAX_FOLDER = 107 - 1 - 56 - 1 - len("metrics.sock")
+PID_FILE = "cmr-serve.pid"
 
 
-def ray_proxy_env(proxy: str) -> dict[str, str]:
+class FrontDoorBusy(RuntimeError):
+    """Another live ``cmr serve`` owns this state folder's front door."""
+
+
+def front_door_dir(state_dir: Path | str) -> Path:
+    """The folder (mode 0700, this user's) for HAProxy's config, admin socket and server state:
+    ``<state>/haproxy``, or, when that path is too long for a Unix socket, a per-user folder named
+    by the state folder's hash under the system temp dir (refused if someone else made it)."""
+    import hashlib
+    import tempfile
+
+    from cmr.state import private_dir
+
+    d = Path(state_dir).resolve() / "haproxy"
+    if len(str(d)) > _MAX_FOLDER:
+        tag = hashlib.sha256(str(d).encode()).hexdigest()[:12]
+        d = Path(tempfile.gettempdir()) / f"cmr-{os.getuid()}-{tag}"
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(d)
+        if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid():
+            raise FrontDoorBusy(f"{d} exists and is not this user's folder: remove it or use a shorter --home")
+    return private_dir(d)
+
+
+def ray_proxy_env(proxy: str, state_dir: Path | str | None = None, front_door=None) -> dict[str, str]:
     """The ``RAY_*`` environment that makes Ray Serve use ``proxy`` (``haproxy`` or ``serve``).
 
     ``serve`` sets the flag to ``0`` explicitly, so an inherited ``RAY_SERVE_ENABLE_HA_PROXY=1``
-    (e.g. from the container image) cannot turn HAProxy on behind the caller's back."""
+    (e.g. from the container image) cannot turn HAProxy on behind the caller's back. With
+    ``state_dir`` (a local start), HAProxy's files go to :func:`front_door_dir` instead of the
+    shared temp dir, and ``front_door`` (``AppArgs.front_door``) sets its stats/metrics ports."""
     if proxy not in PROXIES:
         raise ValueError(f"proxy must be one of {', '.join(PROXIES)} (got {proxy!r})")
     if proxy == "serve":
         return {RAY_HAPROXY_ENV: "0"}
     # a Ray this process starts is one node: its HAProxy stops with it, so an ingress replica
     # need not wait Ray's default (sized for HAProxies on other nodes) before it exits
-    return {RAY_HAPROXY_ENV: "1", RAY_DRAIN_ENV: str(LOCAL_DRAIN_S)}
+    env = {RAY_HAPROXY_ENV: "1", RAY_DRAIN_ENV: str(LOCAL_DRAIN_S)}
+    if state_dir is not None:
+        d = front_door_dir(state_dir)
+        env.update({name: str(d / f) if f else str(d) for name, f in RAY_HAPROXY_FILES.items()})
+    if front_door is not None:
+        env.update({name: str(getattr(front_door, field)) for field, name in RAY_HAPROXY_PORTS.items()})
+    return env
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _start_time(pid: int) -> str | None:
+    """When the process started (clock ticks since boot), None when it is gone or a zombie: a pid
+    with another start time is another process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def stale_front_doors(d: Path | str) -> list[int]:
+    """This user's processes whose command line names a file in ``d`` (HAProxy started with a
+    config there), other than this one: after a crash, the front door left holding the ports."""
+    prefix = f"{Path(d)}/"
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            if p.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if any(a.startswith(prefix) for a in _cmdline(int(p.name))[1:]):
+            found.append(int(p.name))
+    return sorted(found)
+
+
+def claim_front_door(d: Path | str, wait_s: float = 5.0) -> list[int]:
+    """Before a local Ray starts HAProxy with its files in ``d``: refuse (:class:`FrontDoorBusy`)
+    when a live ``cmr serve`` holds ``d`` (its pid file), else stop what a crashed one left
+    (:func:`stale_front_doors`: SIGTERM, SIGKILL after ``wait_s``) and write this process's pid
+    file. Returns the pids stopped."""
+    import signal
+    import time
+
+    d = Path(d)
+    pid_file = d / PID_FILE
+    try:
+        pid, started = pid_file.read_text().split()
+        if int(pid) != os.getpid() and _start_time(int(pid)) == started:
+            raise FrontDoorBusy(f"another cmr serve (pid {pid}) is serving from {d.parent}: stop it first, or use another --home")
+    except (OSError, ValueError):
+        pass
+    stale = {pid: _start_time(pid) for pid in stale_front_doors(d)}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, started in stale.items():
+            if _start_time(pid) == started:  # not gone, not a new process with the old pid
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while any(_start_time(p) == t for p, t in stale.items()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    from cmr.state import private_file
+
+    private_file(pid_file).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+    return sorted(stale)
+
+
+def release_front_door(d: Path | str) -> None:
+    """Remove this process's pid file (a clean stop)."""
+    pid_file = Path(d) / PID_FILE
+    try:
+        if pid_file.read_text().split()[0] == str(os.getpid()):
+            pid_file.unlink()
+    except (OSError, IndexError):
+        pass

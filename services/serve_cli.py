@@ -99,11 +99,31 @@ def run(ns: argparse.Namespace) -> int:
     args = build_args(ns)  # validate before starting anything
     proxy = choose_proxy(ns)
     _announce_keys(args, ns.host)
+    from services import proxy as px
+
+    door = None
+    try:
+        if proxy == "haproxy":  # its files in a 0700 folder of the state dir, a crash's leftover stopped
+            door = px.front_door_dir(args.state_dir())
+            stale = px.claim_front_door(door)
+            if stale:
+                print(f"cmr: stopped the front door a crashed cmr serve left running (pids {', '.join(map(str, stale))})", flush=True)
+        env = px.ray_proxy_env(proxy, args.state_dir(), args.front_door) if proxy else None
+    except px.FrontDoorBusy as e:
+        print(f"cmr: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return _serve(ns, args, env)
+    finally:
+        if door is not None:
+            px.release_front_door(door)
+
+
+def _serve(ns: argparse.Namespace, args, env: dict[str, str] | None) -> int:
     from cmr import raycluster
     from services.app import deploy, undeploy
-    from services.proxy import ray_proxy_env
 
-    with raycluster.running(ns.address, ns.num_cpus, env=ray_proxy_env(proxy) if proxy else None, log_to_driver=True):
+    with raycluster.running(ns.address, ns.num_cpus, env=env, log_to_driver=True):
         first = not _has_checkpoint(args)
         print(f"cmr: starting (state under {args.home_path()})" + ("; first start: training the router" + (" and creating the tiny models" if args.tiny_models and not args.pools else "") + " (minutes)" if first else ""), flush=True)
         deploy(args, host=ns.host, port=ns.http_port, grpc_port=ns.grpc_port, logging_config={"encoding": ns.log_format.upper()})

@@ -109,3 +109,95 @@ def test_k8s_ray_pods_get_haproxy():
         ray = spec["containers"][0]
         assert {"configMapRef": {"name": "cmr-env"}} in ray.get("envFrom", []), ray["name"]
         assert all(e["name"] != constants.RAY_HAPROXY_ENV for e in ray.get("env", [])), "overridden in a container"
+
+
+# -- issue 14: the front door's files and a crash's leftover -----------------------------------
+def _short_state():
+    """A state folder short enough for HAProxy's sockets to live under it."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="cmr-t-")
+
+
+def test_haproxy_files_live_in_a_private_folder_of_the_state_dir():
+    """Ray's default puts HAProxy's admin socket (mode 0666, admin level) under /tmp/haproxy-serve:
+    any local user could repoint a backend and capture bearer keys. A local start moves every file
+    into a 0700 folder of this user's, and sets the stats/metrics ports from the app's args."""
+    import shutil
+
+    from services.config import FrontDoorArgs
+
+    state = _short_state()
+    try:
+        env = px.ray_proxy_env("haproxy", state, FrontDoorArgs(stats_port=18404, metrics_port=19101))
+        d = px.front_door_dir(state)
+        assert d.parent == __import__("pathlib").Path(state).resolve()
+        st = os.stat(d)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+        for name in px.RAY_HAPROXY_FILES:
+            assert env[name] == str(d) or env[name].startswith(f"{d}/"), name
+            # Ray adds "<56-hex node id>/" before the file name: the socket path must still fit
+            assert len(os.path.join(os.path.dirname(env[name]), "0" * 56, "metrics.sock")) <= 107
+        assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+        assert env[constants.RAY_HAPROXY_ENV] == "1"
+    finally:
+        shutil.rmtree(state)
+
+
+def test_long_state_dir_gets_a_private_temp_folder_and_refuses_a_planted_one(tmp_path):
+    state = tmp_path / ("x" * 80)  # too long for <state>/haproxy/<node id>/metrics.sock
+    d = px.front_door_dir(state)
+    try:
+        assert len(str(d)) <= px._MAX_FOLDER and stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        assert px.front_door_dir(state) == d  # the same folder on every start: a leftover is found
+    finally:
+        d.rmdir()
+    d.symlink_to(tmp_path)  # another user (or a stale link) got there first
+    try:
+        with pytest.raises(px.FrontDoorBusy, match="not this user's folder"):
+            px.front_door_dir(state)
+    finally:
+        d.unlink()
+
+
+def _sleeper(config_path):
+    """A stand-in for HAProxy: a process whose command line names its config file."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-f", str(config_path)])
+
+
+def test_a_crashed_serves_front_door_is_stopped_and_a_foreign_process_left_alone(tmp_path):
+    """kill -9 of cmr serve and Ray leaves HAProxy holding the ports: the next start stops it (only
+    a process whose command line names a file in our folder), then refuses while a live cmr serve
+    owns the folder (its pid file), and starts again once that one is gone."""
+    import shutil
+
+    state = _short_state()
+    d = px.front_door_dir(state)
+    ours, foreign = _sleeper(d / ("f" * 56) / "haproxy.cfg"), _sleeper(tmp_path / "haproxy.cfg")
+    try:
+        import time
+
+        time.sleep(0.3)  # let both exec
+        assert px.stale_front_doors(d) == [ours.pid]
+        assert px.claim_front_door(d) == [ours.pid]
+        assert ours.wait(timeout=10) != 0 and foreign.poll() is None
+        assert (d / px.PID_FILE).read_text().split()[0] == str(os.getpid())
+        assert stat.S_IMODE(os.stat(d / px.PID_FILE).st_mode) == 0o600
+        # a second instance on the same state folder while the first lives: refused, nothing stopped
+        (d / px.PID_FILE).write_text(f"{foreign.pid} {px._start_time(foreign.pid)}\n")
+        with pytest.raises(px.FrontDoorBusy, match=f"another cmr serve \\(pid {foreign.pid}\\)"):
+            px.claim_front_door(d)
+        assert foreign.poll() is None
+        foreign.kill()
+        foreign.wait()
+        assert px.claim_front_door(d) == []  # its pid file is stale now
+        px.release_front_door(d)
+        assert not (d / px.PID_FILE).exists()
+    finally:
+        for p in (ours, foreign):
+            p.kill()
+            p.wait()
+        shutil.rmtree(state)

@@ -53,7 +53,8 @@ def deploy(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, grpc_por
     from services.grpc import servicer_functions
 
     grpc = {"port": grpc_port, "grpc_servicer_functions": servicer_functions()} if grpc_port else None
-    serve.start(http_options={"host": host, "port": port}, grpc_options=grpc)
+    http = {"host": host, "port": port, "keep_alive_timeout_s": args.front_door.keep_alive_timeout_s}
+    serve.start(http_options=http, grpc_options=grpc)
     serve.run(build_app(args, engine_factory), name="cmr", route_prefix="/", logging_config=logging_config)
 
 

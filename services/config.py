@@ -134,6 +134,16 @@ class FrontDoorArgs(_Strict):
     #: so two instances on one machine need different ports
     stats_port: int = Field(default=8404, ge=1, le=65535)
     metrics_port: int = Field(default=9101, ge=1, le=65535)
+    #: HAProxy's client inactivity limit (Ray's default: an hour); with no request-header timeout
+    #: of its own, HAProxy applies it to half-sent requests too
+    client_timeout_s: int = Field(default=60, ge=1)
+    #: connections HAProxy holds at once (Ray's ``maxconn``)
+    max_connections: int = Field(default=4096, ge=16)
+    #: gRPC messages larger than this are refused by the gRPC server before they are read into
+    #: memory, key or not (Serve's default: 2 GiB); keep it above the largest key body cap
+    grpc_max_message_bytes: int = Field(default=4 << 20, ge=1024, le=(1 << 31) - 1)
+    #: idle keep-alive connections are closed after this (Serve's ``HTTPOptions``; also HAProxy's)
+    keep_alive_timeout_s: int = Field(default=30, ge=1)
 
 
 class AppArgs(_Strict):

@@ -87,7 +87,14 @@ RAY_HAPROXY_FILES = {
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
     "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
 }
-RAY_HAPROXY_PORTS = {"stats_port": "RAY_SERVE_HAPROXY_STATS_PORT", "metrics_port": "RAY_SERVE_HAPROXY_METRICS_PORT"}
+#: ``AppArgs.front_door`` field → the variable Ray reads when its processes start
+RAY_FRONT_DOOR_ENV = {
+    "stats_port": "RAY_SERVE_HAPROXY_STATS_PORT",
+    "metrics_port": "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "client_timeout_s": "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S",
+    "max_connections": "RAY_SERVE_HAPROXY_MAXCONN",
+    "grpc_max_message_bytes": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE",
+}
 # AF_UNIX paths hold 107 bytes: <folder>/<56-hex node id>/metrics.sock must fit
 _MAX_FOLDER = 107 - 1 - 56 - 1 - len("metrics.sock")
 PID_FILE = "cmr-serve.pid"
@@ -126,20 +133,20 @@ def ray_proxy_env(proxy: str, state_dir: Path | str | None = None, front_door=No
     ``serve`` sets the flag to ``0`` explicitly, so an inherited ``RAY_SERVE_ENABLE_HA_PROXY=1``
     (e.g. from the container image) cannot turn HAProxy on behind the caller's back. With
     ``state_dir`` (a local start), HAProxy's files go to :func:`front_door_dir` instead of the
-    shared temp dir, and ``front_door`` (``AppArgs.front_door``) sets its stats/metrics ports."""
+    shared temp dir. ``front_door`` (``AppArgs.front_door``) sets HAProxy's stats/metrics ports,
+    client timeout and connection cap, and the gRPC message-size cap (either proxy)."""
     if proxy not in PROXIES:
         raise ValueError(f"proxy must be one of {', '.join(PROXIES)} (got {proxy!r})")
+    limits = {name: str(getattr(front_door, f)) for f, name in RAY_FRONT_DOOR_ENV.items()} if front_door else {}
     if proxy == "serve":
-        return {RAY_HAPROXY_ENV: "0"}
+        return {RAY_HAPROXY_ENV: "0", **limits}
     # a Ray this process starts is one node: its HAProxy stops with it, so an ingress replica
     # need not wait Ray's default (sized for HAProxies on other nodes) before it exits
     env = {RAY_HAPROXY_ENV: "1", RAY_DRAIN_ENV: str(LOCAL_DRAIN_S)}
     if state_dir is not None:
         d = front_door_dir(state_dir)
         env.update({name: str(d / f) if f else str(d) for name, f in RAY_HAPROXY_FILES.items()})
-    if front_door is not None:
-        env.update({name: str(getattr(front_door, field)) for field, name in RAY_HAPROXY_PORTS.items()})
-    return env
+    return {**env, **limits}
 
 
 def _cmdline(pid: int) -> list[str]:

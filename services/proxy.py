@@ -78,6 +78,9 @@ def resolve_proxy(choice: str) -> str:
 #: Ray Serve's wait (seconds) for HAProxy to stop sending to a stopping direct-ingress replica
 RAY_DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 LOCAL_DRAIN_S = 2
+#: Ray Serve's wait (seconds) for a new proxy to report ready before it kills and restarts it
+RAY_PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+LOCAL_PROXY_READY_S = 30
 #: where Ray Serve puts HAProxy's files (it adds a ``<node id>/`` folder before each file name);
 #: its defaults are under /tmp/haproxy-serve, whose admin socket is mode 0666 at admin level
 RAY_HAPROXY_FILES = {
@@ -142,7 +145,9 @@ def ray_proxy_env(proxy: str, state_dir: Path | str | None = None, front_door=No
         return {RAY_HAPROXY_ENV: "0", **limits}
     # a Ray this process starts is one node: its HAProxy stops with it, so an ingress replica
     # need not wait Ray's default (sized for HAProxies on other nodes) before it exits
-    env = {RAY_HAPROXY_ENV: "1", RAY_DRAIN_ENV: str(LOCAL_DRAIN_S)}
+    # HAProxy's first start on a busy small machine can take longer than Ray's default readiness
+    # wait, and a proxy that misses it is killed, failing the whole start
+    env = {RAY_HAPROXY_ENV: "1", RAY_DRAIN_ENV: str(LOCAL_DRAIN_S), RAY_PROXY_READY_ENV: str(LOCAL_PROXY_READY_S)}
     if state_dir is not None:
         d = front_door_dir(state_dir)
         env.update({name: str(d / f) if f else str(d) for name, f in RAY_HAPROXY_FILES.items()})

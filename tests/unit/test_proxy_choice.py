@@ -33,7 +33,8 @@ def clean_env(monkeypatch):
 
 
 def test_env_for_each_proxy():
-    assert px.ray_proxy_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    assert px.ray_proxy_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+                                           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
     assert px.ray_proxy_env("serve") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # explicit: beats an inherited 1
     with pytest.raises(ValueError, match="proxy"):
         px.ray_proxy_env("nginx")

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from typing import Any, AsyncIterator
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -102,9 +103,14 @@ def _routing_field(d: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: characters kept as they are in the x-cmr-model header (RFC 3986 path characters): ASCII ids read unchanged
+_HEADER_SAFE = "/:@!$&'()*+,;=-._~"
+
+
 def _headers(d: dict[str, Any]) -> dict[str, str]:
     return {
-        "x-cmr-request-id": d["request_id"], "x-cmr-model": d["model"],
+        # percent-encoded (UTF-8): an id may hold characters a header cannot; routing.model is exact
+        "x-cmr-request-id": d["request_id"], "x-cmr-model": quote(d["model"], safe=_HEADER_SAFE),
         **({"x-cmr-score": f"{d['score']:.6g}"} if d["score"] is not None else {}),
         **({"x-cmr-checkpoint-version": str(d["checkpoint_version"])} if d["checkpoint_version"] is not None else {}),
         "x-cmr-alternatives": json.dumps([m for m, _ in d["alternatives"]]),
@@ -360,8 +366,7 @@ class Ingress(GrpcServicerMixin):
         d, it, first = await self._start(body, {"messages": [m.model_dump() for m in body.messages]})
         created = int(time.time())
         if body.stream:
-            raw = await request.json()
-            usage_wanted = bool((raw.get("stream_options") or {}).get("include_usage"))
+            usage_wanted = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._sse_chat(d, it, first, created, usage_wanted), media_type="text/event-stream", headers=_headers(d))
         text, last = await self._collect(it, first)
         out = {
@@ -396,8 +401,7 @@ class Ingress(GrpcServicerMixin):
         d, it, first = await self._start(body, {"prompt": body.prompt})
         created = int(time.time())
         if body.stream:
-            raw = await request.json()
-            usage_wanted = bool((raw.get("stream_options") or {}).get("include_usage"))
+            usage_wanted = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self._sse_completion(d, it, first, created, usage_wanted), media_type="text/event-stream", headers=_headers(d))
         text, last = await self._collect(it, first)
         out = {

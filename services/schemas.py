@@ -40,6 +40,14 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _GenParams(BaseModel):
     # unknown OpenAI fields (logprobs, tools, …) are accepted and ignored, as OpenAI-compatible servers do
     model_config = ConfigDict(extra="ignore")
@@ -52,6 +60,7 @@ class _GenParams(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = None
     routing: RoutingOptions = Field(default_factory=RoutingOptions)

@@ -104,6 +104,8 @@ def test_bad_requests_name_the_field(client):
         ("/v1/admin/models", {"cards": []}, 400, "cards"),
         ("/v1/admin/models", {"cards": ["not a card"]}, 400, "cards.0"),
         ("/v1/admin/models", {"id": "m-prof", "profile": {"p0000": "high"}}, 400, "profile.p0000"),
+        ("/v1/chat/completions", {"messages": CHAT, "stream": True, "stream_options": "x"}, 400, "stream_options"),
+        ("/v1/admin/models", {"id": "m-cost", "cost": 1e308}, 400, "cost"),
     ]
     for path, body, status, field in cases:
         r = client.post(path, json=body)
@@ -196,6 +198,15 @@ def test_runtime_registration_receives_traffic(client, oai, served):
     assert client.delete("/v1/admin/models/tiny-bad-pool").status_code == 200
     gone = client.post("/v1/route", json={"query": "x", "routing": {"allow": ["tiny-gpt2-new"]}})
     assert gone.status_code == 400
+    # an id no header can carry as it is: routed, the header percent-encoded, the body exact
+    uid = "模型/ünïcode-router"
+    assert client.post("/v1/admin/models", json={"id": uid, "description": "A model with a non-Latin-1 id."}).status_code == 201
+    r = client.post("/v1/route", json={"query": "hello", "routing": {"allow": [uid]}})
+    assert r.status_code == 200 and r.json()["model"] == uid, r.text
+    from urllib.parse import unquote
+
+    assert unquote(r.headers["x-cmr-model"]) == uid and r.headers["x-cmr-model"].isascii()
+    assert client.delete(f"/v1/admin/models/{uid}").status_code == 200
 
 
 def test_engine_that_cannot_run_here_is_a_clear_error(client, oai):

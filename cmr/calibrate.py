@@ -162,6 +162,25 @@ def cost_per_1k(scores, costs, lam: float, mask=None) -> float:
     return float(1000.0 * c[chosen(scores, c, lam, mask)].mean()) if len(scores) else 0.0
 
 
+def curve(scores, costs, lams: Sequence[float] | None = None, points: int = 40) -> list[dict[str, float]]:
+    """The quality / cost trade-off of the router's rule on a prompt set: per λ (``lams``, else 0
+    and ``points - 1`` log-spaced values up to the λ where the cheapest model always wins), the
+    predicted quality, the cost of 1,000 prompts and each model's share. What ``cmr calibrate``
+    picks a point of; the console plots it."""
+    s = _clean(scores)
+    c = np.asarray(costs, dtype=np.float64)
+    if lams is None:
+        top = _lam_max(s, c) if len(s) else 1.0
+        lams = [0.0, *np.geomspace(top * 1e-4, top, max(points - 1, 1)).tolist()]
+    n, out = len(s), []
+    for lam in sorted({float(x) for x in lams}):
+        pick = chosen(s, c, lam) if n else np.zeros(0, dtype=int)
+        out.append({"lambda": lam, "quality": float(s[np.arange(n), pick].mean()) if n else 0.0,
+                    "cost_per_1k": float(1000.0 * c[pick].mean()) if n else 0.0,
+                    "shares": (np.bincount(pick, minlength=len(c)) / max(n, 1)).tolist()})
+    return out
+
+
 def critical_lambdas(scores, costs, price: float, mask=None, iters: int = 60) -> np.ndarray:
     """Per prompt, a λ from which its choice costs ≤ ``price`` (0 when it already does at λ = 0,
     ``inf`` when no candidate is that cheap). One bisection runs for all prompts at once; the

@@ -119,6 +119,8 @@ class Decision:
     request_id: str | None = None
     #: the cost weight λ the utility was computed with (the request's, or the router's calibrated default)
     cost_weight: float | None = None
+    #: seconds the router took for the batch this decision was made in (encode, score, decide)
+    latency_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

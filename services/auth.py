@@ -428,7 +428,9 @@ class Authenticator:
 # -- HTTP ------------------------------------------------------------------------------------
 
 #: paths anyone may read: probes and the API description
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/console"})
+#: path prefixes anyone may read: the console's static files (they hold no data; its /v1/console/* calls need a key)
+PUBLIC_PREFIXES = ("/console/",)
 
 
 def required_scope(method: str, path: str) -> str | None:
@@ -489,7 +491,7 @@ class AuthMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS or (path.startswith(PUBLIC_PREFIXES) and ".." not in path):
             return await self.app(scope, receive, send)
         auth = self.get_auth()
         if auth is None:  # fail closed: no authenticator installed in this process

@@ -65,6 +65,7 @@ class LearnerActor:
         self.steps = 0
         self.events_learnt = 0
         self.failures = 0
+        self.last_error: dict[str, Any] | None = None  # the newest failed step: when and what (the console shows it)
         self.pruned = 0
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -96,9 +97,10 @@ class LearnerActor:
                 # every poll, not only after learning: Ray stops exporting a process's series
                 # when it reports nothing for a while, and an idle learner's lag is still news
                 self._metrics()
-            except Exception:  # keep the loop alive; the error is logged with its traceback
+            except Exception as e:  # keep the loop alive; the error is logged with its traceback
                 log.exception("learner step failed; reloading the last checkpoint")
                 self.failures += 1
+                self.last_error = {"time": time.time(), "error": f"{type(e).__name__}: {e}"[:500]}
                 try:
                     with self._lock:
                         self._load()  # a half-applied batch must not be applied again on top of itself
@@ -169,7 +171,7 @@ class LearnerActor:
     def status(self) -> dict[str, Any]:
         return {"checkpoint_version": self.version, "offset": self.offset, "steps": self.steps, "events_learnt": self.events_learnt,
                 "waiting": self.store.last_offset() - self.offset, "instance": self.instance, "started": self.started,
-                "pid": os.getpid(), "failures": self.failures, "pruned": self.pruned,
+                "pid": os.getpid(), "failures": self.failures, "last_error": self.last_error, "pruned": self.pruned,
                 "checkpoints_written": sum(1 for k, _ in self.hooks.log if k == "after_checkpoint")}
 
     def stop(self) -> None:

@@ -186,6 +186,43 @@ class RouterDeployment:
                 out["learner"] = {"error": f"{type(e).__name__}: {e}"}
         return out
 
+    # -- console: called only while someone has the console open, never on the request path --
+    async def console_decisions(self, after: float, limit: int, tenant: str | None, model: str | None) -> list[dict[str, Any]]:
+        """The newest decisions for the console (``DecisionStore.recent``), query text included:
+        the ingress drops it for keys without the admin scope."""
+        return await asyncio.to_thread(self.core.store.recent, after, limit, tenant, model)
+
+    async def console_usage(self, since: float, until: float, buckets: int, tenant: str | None, limit: int = 20_000) -> dict[str, Any]:
+        """Per-model share, cost and reward over ``[since, until)`` (``services.console.usage``) from
+        the newest ``limit`` decisions of the window; summed here, so no prompt leaves the router."""
+        from services.console import usage
+
+        rows = await asyncio.to_thread(self.core.store.recent, since, limit, tenant, None)
+        out = usage(rows, since, until, buckets)
+        out["truncated"] = len(rows) >= limit
+        return out
+
+    async def console_status(self) -> dict[str, Any]:
+        """``status`` plus the served checkpoint's time and the last consolidation."""
+        out = await self.status()
+        out["checkpoint"] = await asyncio.to_thread(self.core.checkpoint_info)
+        return out
+
+    async def whatif(self, limit: int, tenant: str | None, lam: float | None, budget_per_1k: float | None) -> dict[str, Any]:
+        """``RouterCore.whatif``: the λ curve on recent logged traffic (a CalibrationError as a 400)."""
+        try:
+            return await asyncio.to_thread(self.core.whatif, limit, tenant, lam, budget_per_1k)
+        except CMRError as e:
+            return _error(e, 400)
+
+    async def apply_calibration(self, cost_weight: float | None, budget_per_1k: float | None, limit: int) -> dict[str, Any]:
+        """``RouterCore.apply_calibration``; returns the λ now in force on this replica."""
+        try:
+            lam = await asyncio.to_thread(self.core.apply_calibration, cost_weight, budget_per_1k, limit)
+        except CMRError as e:
+            return _error(e, 400)
+        return {"cost_weight": lam, "calibration": self.core.status()["calibration"]}
+
     async def check_health(self) -> None:
         if self.core.policy is None:
             raise RuntimeError("router has no policy loaded")

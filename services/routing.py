@@ -13,8 +13,10 @@ swap never interrupts or fails a batch in flight.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -377,8 +379,6 @@ class RouterCore:
         embedding cache and recording nothing: lazy initialisation (encoder sessions and buffers,
         FAISS, the policy's first call) happens here instead of in the first requests, which would
         otherwise set the p99. Returns the seconds it took."""
-        import time
-
         t0 = time.perf_counter()
         inner = getattr(self.encoder, "inner", self.encoder)  # CachedEncoder: the encoder itself must run
         texts = [" ".join(["Which model should answer this routing question?"] * n) for n in (1, 3, 8, 24, 64)]
@@ -449,6 +449,7 @@ class RouterCore:
     # -- routing -----------------------------------------------------------------------------
     def route(self, reqs: Sequence[RouteRequest], emb: np.ndarray | None = None) -> list[Decision | CMRError]:
         """Decide a batch; a request whose filters match nothing gets an error in its slot."""
+        t0 = time.perf_counter()
         if emb is None:
             emb = self.query_encoder.encode([r.query for r in reqs])
         with self._lock:
@@ -495,8 +496,10 @@ class RouterCore:
                     d.alternatives = d.alternatives[: reqs[i].k - 1]
                     out[i] = d
         rec = [(i, d) for i, d in enumerate(out) if isinstance(d, Decision)]
+        took = time.perf_counter() - t0
         for _, d in rec:
             d.request_id = f"cmr-{uuid.uuid4().hex}"
+            d.latency_s = took
         keep = [(i, d) for i, d in rec if reqs[i].record]
         if keep:
             self.store.record([d for _, d in keep], [reqs[i].query for i, _ in keep], emb[[i for i, _ in keep]],
@@ -536,3 +539,71 @@ class RouterCore:
             self.default_lam = float(self.args.cost_weight) if calib is None else float(calib.cost_weight)
         log.info("default cost weight λ = %g (%s)", self.default_lam, "AppArgs.cost_weight" if calib is None else calib.source)
         return self.default_lam
+
+    # -- console (read on demand: nothing here runs per request) ----------------------------
+    def _scored_traffic(self, limit: int, tenant: str | None):
+        """The served policy's scores on the newest ``limit`` logged queries (of ``tenant``), with
+        the live cards' costs: the prompt set of the what-if curve and of a console calibration."""
+        from cmr.calibrate import score_prompts
+
+        emb = self.store.recent_embeddings(limit, tenant)
+        with self._lock:
+            policy, table, version = self.policy, self._table, self.version
+        scores = score_prompts(policy, emb, table.cards) if len(emb) and table.cards else np.zeros((0, len(table.cards)))
+        return scores, table, version
+
+    def whatif(self, limit: int, tenant: str | None = None, lam: float | None = None, budget_per_1k: float | None = None) -> dict[str, Any]:
+        """What another λ would do on recent traffic: ``cmr.calibrate.curve`` of the served policy
+        over the newest ``limit`` logged queries, the point at the router's λ and at ``lam`` (or at
+        the λ that meets ``budget_per_1k``, found by ``cmr.calibrate.lambda_for_budget``)."""
+        from cmr.calibrate import curve, lambda_for_budget
+
+        scores, table, version = self._scored_traffic(limit, tenant)
+        lam0 = self.default_lam
+        out: dict[str, Any] = {"n_prompts": len(scores), "checkpoint_version": version, "models": [c.id for c in table.cards],
+                               "costs": table.costs.tolist(), "current_lambda": lam0, "curve": [], "current": None, "at": None}
+        if not len(scores):
+            return out
+        if budget_per_1k is not None:
+            lam = lambda_for_budget(scores, table.costs, budget_per_1k)[0]
+        out["curve"] = curve(scores, table.costs)
+        out["current"] = curve(scores, table.costs, [lam0])[0]
+        if lam is not None:
+            out["at"] = curve(scores, table.costs, [lam])[0]
+        return out
+
+    def apply_calibration(self, cost_weight: float | None = None, budget_per_1k: float | None = None, limit: int = 1000) -> float:
+        """Set the router's default λ the way ``cmr calibrate --apply`` does (``calibration.json`` in
+        the state folder, which every replica re-reads): ``cost_weight`` as given, or the λ that
+        meets ``budget_per_1k`` on the newest ``limit`` logged queries. Returns the λ in force."""
+        from cmr.calibrate import CALIBRATION_FILE, Calibration, CalibrationError, CalibrationTarget, calibrate, write_calibration
+
+        if budget_per_1k is not None:
+            scores, table, version = self._scored_traffic(limit, None)
+            if not len(scores):
+                raise CalibrationError("field 'budget_per_1k': no logged traffic to calibrate on yet")
+            calib = calibrate(scores, table.costs, CalibrationTarget("budget", budget_per_1k=budget_per_1k), source="console: logged traffic",
+                              checkpoint_version=version)
+        else:
+            calib = Calibration.from_dict({"cost_weight": cost_weight, "source": "console"}, "body")
+        write_calibration(self.args.state_dir() / CALIBRATION_FILE, calib)
+        return self.check_calibration()
+
+    def checkpoint_info(self, scan: int = 50) -> dict[str, Any]:
+        """The served checkpoint (version, when written) and the newest consolidation among the
+        last ``scan`` versions (the learner marks those in their fingerprint)."""
+        def read(v: int, name: str) -> dict[str, Any]:
+            try:
+                return json.loads((checkpoint.version_dir(self.ckpt_root, v) / name).read_text())
+            except (OSError, ValueError):
+                return {}
+
+        def when(v: int) -> float | None:
+            return read(v, "manifest.json").get("created")
+
+        out: dict[str, Any] = {"version": self.version, "written": when(self.version), "last_consolidation": None}
+        for v in reversed(checkpoint.versions(self.ckpt_root)[-scan:]):
+            if read(v, "fingerprint.json").get("consolidation"):
+                out["last_consolidation"] = {"version": v, "written": when(v)}
+                break
+        return out

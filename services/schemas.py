@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 AUTO = "auto"
 
@@ -135,3 +135,20 @@ class RetireBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class CalibrationBody(BaseModel):
+    """``POST /v1/admin/calibration`` (the console's "apply"): the router's default λ, given as
+    ``cost_weight`` or found for ``budget_per_1k`` on the newest ``limit`` logged queries."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cost_weight: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
+    budget_per_1k: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    limit: int = Field(default=1000, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _one(self) -> "CalibrationBody":
+        if (self.cost_weight is None) == (self.budget_per_1k is None):
+            raise ValueError("field 'cost_weight': give exactly one of cost_weight or budget_per_1k")
+        return self

@@ -122,6 +122,8 @@ class DecisionStoreProtocol(Protocol):
     def supersede(self, request_id: str, by: str) -> None: ...
     def events(self, after: int = 0, limit: int = 10_000) -> list[FeedbackEvent]: ...
     def last_offset(self) -> int: ...
+    def recent(self, after: float = 0.0, limit: int = 100, tenant: str | None = None, model: str | None = None) -> list[dict]: ...
+    def recent_embeddings(self, limit: int, tenant: str | None = None) -> np.ndarray: ...
     def cursor(self, name: str) -> int: ...
     def set_cursor(self, name: str, offset: int) -> None: ...
     def close(self) -> None: ...
@@ -158,6 +160,32 @@ def _decision_rows(decisions, queries, emb, costs, owners, now):
         (d.request_id, now, q, np.ascontiguousarray(e, dtype=np.float32).tobytes(), d.model, float(c), json.dumps(d.to_dict()), k, t)
         for d, q, e, c, (k, t) in zip(decisions, queries, emb, costs, owners)
     ]
+
+
+#: the console's view of a decision (``recent``): the decision joined with its reward and fallback
+_RECENT = ("SELECT d.request_id, d.created, d.model, d.cost, d.decision, d.key_id, d.tenant, d.query, f.reward, s.{by} "
+           "FROM decisions d LEFT JOIN feedback f ON f.request_id = d.request_id LEFT JOIN superseded s ON s.request_id = d.request_id "
+           "WHERE d.created > {p}{where} ORDER BY d.created DESC LIMIT {p}")
+
+
+def _recent_sql(p: str, by: str, tenant: str | None, model: str | None) -> str:
+    where = (f" AND d.tenant = {p}" if tenant is not None else "") + (f" AND d.model = {p}" if model is not None else "")
+    return _RECENT.format(p=p, by=by, where=where)
+
+
+def _recent_rows(rows) -> list[dict]:
+    out = []
+    for rid, created, model, cost, dec, key_id, tenant, query, reward, by in rows:
+        d = json.loads(dec)
+        out.append({"request_id": rid, "created": created, "model": model, "cost": cost, "score": d.get("score"),
+                    "cost_weight": d.get("cost_weight"), "latency_s": d.get("latency_s"), "checkpoint_version": d.get("checkpoint_version"),
+                    "alternatives": [a[0] for a in d.get("alternatives", [])], "key_id": key_id, "tenant": tenant, "query": query,
+                    "reward": reward, "superseded_by": by})
+    return out
+
+
+def _embeddings(rows) -> np.ndarray:
+    return np.stack([np.frombuffer(r[0], dtype=np.float32) for r in rows]) if rows else np.zeros((0, 0), np.float32)
 
 
 class _FeedbackWindow:
@@ -290,6 +318,21 @@ class DecisionStore(_FeedbackWindow):
             row = self._db.execute("SELECT MAX(offset) FROM feedback").fetchone()
         return int(row[0] or 0)
 
+    def recent(self, after: float = 0.0, limit: int = 100, tenant: str | None = None, model: str | None = None) -> list[dict]:
+        """The newest ``limit`` decisions made after time ``after`` (newest first), of ``tenant`` /
+        ``model`` when given, each with its reward and the decision that superseded it (if any)."""
+        params = (after, *(x for x in (tenant, model) if x is not None), limit)
+        with self._lock:
+            rows = self._db.execute(_recent_sql("?", "by", tenant, model), params).fetchall()
+        return _recent_rows(rows)
+
+    def recent_embeddings(self, limit: int, tenant: str | None = None) -> np.ndarray:
+        """Query embeddings of the newest ``limit`` decisions (of ``tenant`` when given): ``[n, dim]``."""
+        q = "SELECT embedding FROM decisions WHERE embedding IS NOT NULL" + (" AND tenant = ?" if tenant is not None else "")
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY created DESC LIMIT ?", (*((tenant,) if tenant is not None else ()), limit)).fetchall()
+        return _embeddings(rows)
+
     def cursor(self, name: str) -> int:
         with self._lock:
             row = self._db.execute("SELECT offset FROM cursors WHERE name=?", (name,)).fetchone()
@@ -400,6 +443,20 @@ class PgDecisionStore(_FeedbackWindow):
 
     def last_offset(self) -> int:
         return int(self._one('SELECT COALESCE(MAX("offset"), 0) FROM feedback', ())[0])
+
+    def recent(self, after: float = 0.0, limit: int = 100, tenant: str | None = None, model: str | None = None) -> list[dict]:
+        """The newest decisions after ``after`` (see ``DecisionStore.recent``)."""
+        params = (after, *(x for x in (tenant, model) if x is not None), limit)
+        with self.db.connection() as conn:
+            rows = conn.execute(_recent_sql("%s", '"by"', tenant, model), params).fetchall()
+        return _recent_rows(rows)
+
+    def recent_embeddings(self, limit: int, tenant: str | None = None) -> np.ndarray:
+        """Query embeddings of the newest ``limit`` decisions (see ``DecisionStore.recent_embeddings``)."""
+        q = "SELECT embedding FROM decisions WHERE embedding IS NOT NULL" + (" AND tenant = %s" if tenant is not None else "")
+        with self.db.connection() as conn:
+            rows = conn.execute(q + " ORDER BY created DESC LIMIT %s", (*((tenant,) if tenant is not None else ()), limit)).fetchall()
+        return _embeddings(rows)
 
     def cursor(self, name: str) -> int:
         row = self._one('SELECT "offset" FROM cursors WHERE name = %s', (name,))

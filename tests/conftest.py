@@ -14,6 +14,11 @@ os.environ.setdefault("CMR_NO_PROGRESS", "1")
 from cmr import constants  # noqa: E402
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--console-shots", default=None,
+                     help="folder for the console browser test's screenshots (docs/console to refresh the README's)")
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = constants.data_root()

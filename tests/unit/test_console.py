@@ -1,0 +1,126 @@
+"""The console's parts without a browser: the decision store's console reads, usage buckets, the
+what-if curve, the static files (no path escapes the folder) and the scope rules of its paths."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cmr.calibrate import cost_per_1k, curve
+from cmr.types import Decision
+from services import console
+from services.auth import PUBLIC_PREFIXES, required_scope
+from services.store import DecisionStore
+
+
+def _record(store, rid, model, cost, tenant, created_at=None, query="q"):
+    d = Decision(model=model, score=0.5, utility=0.4, request_id=rid, cost_weight=0.1, latency_s=0.002)
+    store.record([d], [query], np.ones((1, 4), np.float32) * len(rid), [cost], [("k", tenant)])
+
+
+def test_recent_joins_reward_and_fallback_and_filters(tmp_path):
+    s = DecisionStore(tmp_path / "d.sqlite")
+    _record(s, "r1", "a", 0.1, "t1", query="first prompt")
+    _record(s, "r2", "b", 0.2, "t2")
+    _record(s, "r3", "a", 0.1, "t1")
+    s.add_feedback("r1", 0.9)
+    s.supersede("r3", "r4")
+    rows = s.recent()
+    assert [r["request_id"] for r in rows] == ["r3", "r2", "r1"]
+    r1 = rows[2]
+    assert (r1["reward"], r1["query"], r1["score"], r1["cost_weight"], r1["latency_s"], r1["tenant"]) == (0.9, "first prompt", 0.5, 0.1, 0.002, "t1")
+    assert rows[0]["superseded_by"] == "r4" and rows[1]["reward"] is None
+    assert [r["request_id"] for r in s.recent(tenant="t1")] == ["r3", "r1"]
+    assert [r["request_id"] for r in s.recent(model="b")] == ["r2"]
+    assert [r["request_id"] for r in s.recent(after=r1["created"])] == ["r3", "r2"]
+    assert len(s.recent(limit=1)) == 1
+    assert s.recent_embeddings(10, tenant="t2").shape == (1, 4) and s.recent_embeddings(2).shape == (2, 4)
+    s.close()
+
+
+def test_usage_buckets_share_cost_reward():
+    now = 1000.0
+    rows = [{"created": 905.0, "model": "a", "cost": 0.1, "reward": 1.0}, {"created": 906.0, "model": "a", "cost": 0.1, "reward": 0.0},
+            {"created": 995.0, "model": "b", "cost": 0.3, "reward": None}, {"created": 10.0, "model": "b", "cost": 9.0, "reward": None}]
+    u = console.usage(rows, now - 100, now, 2)
+    assert u["decisions"] == 3  # the row outside the window is left out
+    a, b = u["models"]["a"], u["models"]["b"]
+    assert a["decisions"] == [2, 0] and a["reward"] == [0.5, None] and a["cost"] == pytest.approx([0.2, 0.0])
+    assert b["decisions"] == [0, 1] and b["total"]["reward"] is None
+    assert a["total"]["share"] == pytest.approx(2 / 3) and a["total"]["feedback"] == 2
+    assert u["times"] == [925.0, 975.0]
+
+
+def test_curve_is_the_routers_rule():
+    rng = np.random.default_rng(0)
+    scores, costs = rng.random((50, 4)), np.array([0.0, 0.1, 0.5, 1.0])
+    pts = curve(scores, costs)
+    assert pts[0]["lambda"] == 0 and pts[0]["quality"] == pytest.approx(scores.max(axis=1).mean())
+    assert pts[-1]["cost_per_1k"] == pytest.approx(0.0)  # at the top λ the cheapest model wins everywhere
+    cost = [p["cost_per_1k"] for p in pts]
+    assert all(x >= y - 1e-9 for x, y in zip(cost, cost[1:]))  # cost never rises with λ
+    for p in pts[::7]:
+        assert p["cost_per_1k"] == pytest.approx(cost_per_1k(scores, costs, p["lambda"])) and sum(p["shares"]) == pytest.approx(1)
+    assert [p["lambda"] for p in curve(scores, costs, [0.3, 0.1, 0.3])] == [0.1, 0.3]
+
+
+def test_static_files_stay_in_their_folder():
+    f, media = console.static_file("")
+    assert f.name == "index.html" and media.startswith("text/html")
+    assert console.static_file("app.js")[1].startswith("text/javascript")
+    assert console.static_file("vendor/uplot/uPlot.esm.js") is not None
+    for bad in ["../__init__.py", "../../auth.py", "/etc/passwd", "vendor/../../__init__.py", "nope.js", "vendor"]:
+        assert console.static_file(bad) is None, bad
+    meta = console.VENDORED["uplot"]
+    assert f"(v{meta['version']})" in (console.STATIC_DIR / "vendor/uplot/uPlot.esm.js").read_text(encoding="utf-8")[:400]
+    assert "MIT" in (console.STATIC_DIR / "vendor/uplot/LICENSE").read_text()
+
+
+def test_console_scopes():
+    # pages public, data behind any valid key, admin actions behind admin
+    assert "/console/app.js".startswith(PUBLIC_PREFIXES)
+    assert required_scope("GET", "/v1/console/decisions") is None
+    assert required_scope("POST", "/v1/admin/calibration") == "admin"
+    assert console.visible({"query": "secret", "model": "a"}, admin=False) == {"model": "a"}
+    assert console.visible({"query": "secret"}, admin=True)["query"] == "secret"
+
+
+def test_calibration_body_needs_exactly_one():
+    from pydantic import ValidationError
+
+    from services.schemas import CalibrationBody
+
+    assert CalibrationBody(cost_weight=0.5).cost_weight == 0.5
+    for bad in [{}, {"cost_weight": 1, "budget_per_1k": 2}, {"cost_weight": -1}, {"budget_per_1k": 0}, {"cost_weight": 1, "x": 1}]:
+        with pytest.raises(ValidationError):
+            CalibrationBody(**bad)
+
+
+def test_auth_middleware_serves_console_files_without_a_key_but_no_escape():
+    import asyncio
+
+    from services.auth import AuthMiddleware
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+
+    sent = []
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    mw = AuthMiddleware(app, get_auth=lambda: None)  # no authenticator: anything non-public is refused (503)
+    for path in ["/console", "/console/", "/console/app.js"]:
+        asyncio.run(mw({"type": "http", "path": path, "method": "GET", "headers": []}, receive, send))
+    asyncio.run(mw({"type": "http", "path": "/console/../v1/console/decisions", "method": "GET", "headers": []}, receive, send))
+    asyncio.run(mw({"type": "http", "path": "/v1/console/decisions", "method": "GET", "headers": []}, receive, send))
+    assert seen == ["/console", "/console/", "/console/app.js"]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [503, 503]
+    assert json.loads(sent[-1]["body"])["error"]["code"] == 503

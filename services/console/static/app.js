@@ -38,7 +38,8 @@ function el(tag, text, cls) {
   return e;
 }
 
-const fmt = (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toPrecision(d));
+// d significant digits, trailing zeros dropped (0, 1000, 0.125, 1.23e-7)
+const fmt = (x, d = 3) => (x === null || x === undefined ? "–" : String(parseFloat(Number(x).toPrecision(d))));
 const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "–");
 const whenFull = (t) => (t ? new Date(t * 1000).toLocaleString() : "–");
 

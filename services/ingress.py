@@ -262,68 +262,6 @@ class Ingress(GrpcServicerMixin):
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", **(await self.router.status.remote())}
 
-    # -- console (services/console): pages public, data behind the key's scopes ---------------
-    @app.get("/console")
-    async def console_page(self) -> RedirectResponse:
-        return RedirectResponse("/console/", status_code=308)
-
-    @app.get("/console/{path:path}")
-    async def console_file(self, path: str) -> Response:
-        found = console.static_file(path)
-        if found is None:
-            raise APIError(404, f"no console file {path!r}", "path")
-        f, media = found
-        return Response(f.read_bytes(), media_type=media, headers=console.HEADERS)
-
-    @staticmethod
-    def _viewer(tenant: str | None = None) -> tuple[auth.Principal, bool, str | None]:
-        """The key asking, whether it has the admin scope, and the tenant whose data it may see
-        (its own without admin; with admin, ``tenant`` or every tenant)."""
-        who = auth.current_principal() or auth.OPEN
-        admin = "admin" in who.scopes
-        return who, admin, (tenant if admin else who.tenant)
-
-    @app.get("/v1/console/whoami")
-    async def console_whoami(self) -> dict[str, Any]:
-        who, admin, _ = self._viewer()
-        return {"key_id": who.key_id, "tenant": who.tenant, "scopes": list(who.scopes), "admin": admin, "open": self.args.auth.open}
-
-    @app.get("/v1/console/decisions")
-    async def console_decisions(self, after: float = Query(0.0, ge=0, allow_inf_nan=False), limit: int = Query(50, ge=1, le=500),
-                                model: str | None = Query(None, max_length=256), tenant: str | None = Query(None, max_length=256)) -> dict[str, Any]:
-        """The newest decisions made after time ``after`` (a short poll), newest first."""
-        _, admin, tenant = self._viewer(tenant)
-        rows = await self.router.console_decisions.remote(after, limit, tenant, model)
-        return {"decisions": [console.visible(r, admin) for r in rows], "now": time.time()}
-
-    @app.get("/v1/console/usage")
-    async def console_usage(self, window_s: float = Query(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False),
-                            buckets: int = Query(30, ge=1, le=500), tenant: str | None = Query(None, max_length=256)) -> dict[str, Any]:
-        _, _, tenant = self._viewer(tenant)
-        now = time.time()
-        return await self.router.console_usage.remote(now - window_s, now, buckets, tenant)
-
-    @app.get("/v1/console/status")
-    async def console_status(self) -> dict[str, Any]:
-        return await self.router.console_status.remote()
-
-    @app.get("/v1/console/models/{model_id:path}")
-    async def console_card(self, model_id: str) -> dict[str, Any]:
-        return _check(await self.router.card.remote(model_id), "model")
-
-    @app.get("/v1/console/whatif")
-    async def console_whatif(self, limit: int = Query(500, ge=1, le=20_000), cost_weight: float | None = Query(None, ge=0, le=1e12, allow_inf_nan=False),
-                             budget_per_1k: float | None = Query(None, gt=0, allow_inf_nan=False)) -> dict[str, Any]:
-        """Predicted quality and cost on the newest ``limit`` logged queries (the viewer's tenant's
-        without admin) over a range of λ, at the router's λ, and at ``cost_weight`` / ``budget_per_1k``."""
-        _, _, tenant = self._viewer()
-        return _check(await self.router.whatif.remote(limit, tenant, cost_weight, budget_per_1k), "budget_per_1k")
-
-    @app.post("/v1/admin/calibration")
-    async def apply_calibration(self, body: CalibrationBody) -> dict[str, Any]:
-        """Set the router's default λ (what ``cmr calibrate --apply`` writes)."""
-        return _check(await self.router.apply_calibration.remote(body.cost_weight, body.budget_per_1k, body.limit), "cost_weight")
-
     # -- generation --------------------------------------------------------------------------
     def _pool(self, model: str, asked: str | None = None) -> DeploymentHandle:
         """The configured pool of ``model``, else the pool its card's ``backend.pool`` names, else
@@ -495,3 +433,66 @@ class Ingress(GrpcServicerMixin):
         if usage_wanted:
             yield _sse({**base, "choices": [], "usage": _usage(last)})
         yield "data: [DONE]\n\n"
+
+    # -- console (services/console): pages public, data behind the key's scopes. Declared last:
+    # Starlette tries routes in order, so the API's own paths match before any console one
+    @app.get("/console")
+    async def console_page(self) -> RedirectResponse:
+        return RedirectResponse("/console/", status_code=308)
+
+    @app.get("/console/{path:path}")
+    async def console_file(self, path: str) -> Response:
+        found = console.static_file(path)
+        if found is None:
+            raise APIError(404, f"no console file {path!r}", "path")
+        f, media = found
+        return Response(f.read_bytes(), media_type=media, headers=console.HEADERS)
+
+    @staticmethod
+    def _viewer(tenant: str | None = None) -> tuple[auth.Principal, bool, str | None]:
+        """The key asking, whether it has the admin scope, and the tenant whose data it may see
+        (its own without admin; with admin, ``tenant`` or every tenant)."""
+        who = auth.current_principal() or auth.OPEN
+        admin = "admin" in who.scopes
+        return who, admin, (tenant if admin else who.tenant)
+
+    @app.get("/v1/console/whoami")
+    async def console_whoami(self) -> dict[str, Any]:
+        who, admin, _ = self._viewer()
+        return {"key_id": who.key_id, "tenant": who.tenant, "scopes": list(who.scopes), "admin": admin, "open": self.args.auth.open}
+
+    @app.get("/v1/console/decisions")
+    async def console_decisions(self, after: float = Query(0.0, ge=0, allow_inf_nan=False), limit: int = Query(50, ge=1, le=500),
+                                model: str | None = Query(None, max_length=256), tenant: str | None = Query(None, max_length=256)) -> dict[str, Any]:
+        """The newest decisions made after time ``after`` (a short poll), newest first."""
+        _, admin, tenant = self._viewer(tenant)
+        rows = await self.router.console_decisions.remote(after, limit, tenant, model)
+        return {"decisions": [console.visible(r, admin) for r in rows], "now": time.time()}
+
+    @app.get("/v1/console/usage")
+    async def console_usage(self, window_s: float = Query(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False),
+                            buckets: int = Query(30, ge=1, le=500), tenant: str | None = Query(None, max_length=256)) -> dict[str, Any]:
+        _, _, tenant = self._viewer(tenant)
+        now = time.time()
+        return await self.router.console_usage.remote(now - window_s, now, buckets, tenant)
+
+    @app.get("/v1/console/status")
+    async def console_status(self) -> dict[str, Any]:
+        return await self.router.console_status.remote()
+
+    @app.get("/v1/console/models/{model_id:path}")
+    async def console_card(self, model_id: str) -> dict[str, Any]:
+        return _check(await self.router.card.remote(model_id), "model")
+
+    @app.get("/v1/console/whatif")
+    async def console_whatif(self, limit: int = Query(500, ge=1, le=20_000), cost_weight: float | None = Query(None, ge=0, le=1e12, allow_inf_nan=False),
+                             budget_per_1k: float | None = Query(None, gt=0, allow_inf_nan=False)) -> dict[str, Any]:
+        """Predicted quality and cost on the newest ``limit`` logged queries (the viewer's tenant's
+        without admin) over a range of λ, at the router's λ, and at ``cost_weight`` / ``budget_per_1k``."""
+        _, _, tenant = self._viewer()
+        return _check(await self.router.whatif.remote(limit, tenant, cost_weight, budget_per_1k), "budget_per_1k")
+
+    @app.post("/v1/admin/calibration")
+    async def apply_calibration(self, body: CalibrationBody) -> dict[str, Any]:
+        """Set the router's default λ (what ``cmr calibrate --apply`` writes)."""
+        return _check(await self.router.apply_calibration.remote(body.cost_weight, body.budget_per_1k, body.limit), "cost_weight")

@@ -98,6 +98,7 @@ def test_console_in_a_browser(tmp_path, request):
         pw.expect(row).to_contain_text(model)
         pw.expect(row.locator("td.prompt")).to_have_text("console check: integrate x squared from 0 to 3")
         assert http.post("/v1/feedback", json={"request_id": rid, "reward": 0.75}, headers=as_admin).status_code == 200
+        pw.expect(row.locator("td").nth(7)).to_have_text("0.75", timeout=10_000)  # the reward column, on the next poll
         for q in ["write a haiku about routers", "what is the capital of Peru", "fix this python KeyError", "translate hello to French"]:
             assert http.post("/v1/route", json={"query": q}, headers=as_admin).status_code == 200
         pw.expect(page.locator("#decisions tbody tr")).to_have_count(5, timeout=20_000)

@@ -12,7 +12,6 @@ window.cmrCharts = charts; // read by the browser tests
 let me = null;
 let view = "decisions";
 let timer = null;
-let newest = 0;
 
 class APIError extends Error {
   constructor(status, message) { super(message); this.status = status; }
@@ -96,18 +95,17 @@ function report(e) {
 
 // -- decisions --------------------------------------------------------------------------------
 function decisionsQuery() {
-  const q = new URLSearchParams({ after: String(newest), limit: "100" });
+  const q = new URLSearchParams({ limit: String(MAX_ROWS) });
   if ($("#f-model").value.trim()) q.set("model", $("#f-model").value.trim());
   if (me.admin && $("#f-tenant").value.trim()) q.set("tenant", $("#f-tenant").value.trim());
   return q;
 }
 
+// the newest decisions, re-read whole on each poll: rewards posted since then show up too
 async function pollDecisions() {
   if ($("#f-pause").checked) return;
   const { decisions } = await api(`/v1/console/decisions?${decisionsQuery()}`);
-  const body = $("#decisions tbody");
-  for (const d of decisions.reverse()) { // oldest first, so the newest ends on top
-    newest = Math.max(newest, d.created);
+  const rows = decisions.map((d) => {
     const tr = el("tr");
     tr.dataset.requestId = d.request_id;
     tr.dataset.fallback = d.superseded_by ? "1" : "";
@@ -116,9 +114,9 @@ async function pollDecisions() {
       d.superseded_by ? `failed → ${d.superseded_by}` : "", d.tenant ?? "–", fmt(d.reward)];
     for (const c of cells) tr.append(el("td", c));
     if (me.admin) { const td = el("td", d.query ?? "", "prompt admin-only"); td.title = d.query ?? ""; tr.append(td); }
-    body.prepend(tr);
-  }
-  while (body.rows.length > MAX_ROWS) body.deleteRow(-1);
+    return tr;
+  });
+  $("#decisions tbody").replaceChildren(...rows);
   applyFallbackFilter();
 }
 
@@ -128,8 +126,6 @@ function applyFallbackFilter() {
 }
 
 function resetDecisions() {
-  newest = 0;
-  $("#decisions tbody").replaceChildren();
   pollDecisions().catch(report);
 }
 
@@ -266,7 +262,7 @@ async function loadWhatif() {
   // x must ascend: the trade-off sorted by cost, with the two marked points merged in
   const pts = [...w.curve.map((p) => [p, 1]), [w.current, 2], [at, 3]].sort((a, b) => a[0].cost_per_1k - b[0].cost_per_1k);
   const col = (k) => pts.map(([p, s]) => (s === k ? p.quality : null));
-  const dot = (label, stroke) => ({ label, stroke, fill: stroke, width: 0, paths: () => null, points: { show: true, size: 11 } });
+  const dot = (label, color) => ({ label, stroke: color, width: 0, paths: () => null, points: { show: true, size: 12, fill: color, stroke: color } });
   chart("w-curve", {
     scales: { x: { time: false } },
     axes: [{ label: "predicted cost per 1,000 requests" }, { label: "predicted quality" }],

@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test test-unit test-ray bench-baselines clean
+.PHONY: install run test test-unit test-ray bench-baselines clean console-vendor
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
+
+# re-fetch the console's chart library from the npm registry (version and licence: services/console/__init__.py)
+UPLOT := 1.6.32
+console-vendor:
+	cd $$(mktemp -d) && npm pack -q uplot@$(UPLOT) && tar xzf uplot-$(UPLOT).tgz && \
+	  cp package/dist/uPlot.esm.js package/dist/uPlot.min.css package/LICENSE $(CURDIR)/services/console/static/vendor/uplot/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

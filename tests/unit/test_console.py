@@ -4,6 +4,7 @@ what-if curve, the static files (no path escapes the folder) and the scope rules
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,16 +13,17 @@ from cmr.calibrate import cost_per_1k, curve
 from cmr.types import Decision
 from services import console
 from services.auth import PUBLIC_PREFIXES, required_scope
-from services.store import DecisionStore
+from services.store import open_decision_store
 
 
 def _record(store, rid, model, cost, tenant, created_at=None, query="q"):
     d = Decision(model=model, score=0.5, utility=0.4, request_id=rid, cost_weight=0.1, latency_s=0.002)
     store.record([d], [query], np.ones((1, 4), np.float32) * len(rid), [cost], [("k", tenant)])
+    time.sleep(0.002)  # distinct creation times: "newest first" is well defined
 
 
-def test_recent_joins_reward_and_fallback_and_filters(tmp_path):
-    s = DecisionStore(tmp_path / "d.sqlite")
+def test_recent_joins_reward_and_fallback_and_filters(tmp_path, store_dsn):
+    s = open_decision_store(store_dsn, tmp_path / "d.sqlite")
     _record(s, "r1", "a", 0.1, "t1", query="first prompt")
     _record(s, "r2", "b", 0.2, "t2")
     _record(s, "r3", "a", 0.1, "t1")

@@ -507,8 +507,9 @@ def _describe_held_out(h: dict[str, Any]) -> str:
     return f"cost per 1,000 {h['cost_per_1k']:.4g} (95% interval {lo:.4g}–{hi:.4g}) on {h['n']} prompts"
 
 
-def _doubts(calib: Calibration, target: CalibrationTarget, min_prompts: int) -> str | None:
-    """Why the calibration should not be trusted as it is (None: no doubt)."""
+def doubts(calib: Calibration, target: CalibrationTarget, min_prompts: int = MIN_PROMPTS) -> str | None:
+    """Why the calibration should not be trusted as it is (None: no doubt): too few prompts, or
+    the target missed on held-out prompts. ``cmr calibrate`` and the console refuse it unless forced."""
     if calib.n_prompts < min_prompts:
         held = f", held out: {_describe_held_out(calib.held_out)}" if calib.held_out else ""
         return f"only {calib.n_prompts} prompts (minimum {min_prompts}{held})"
@@ -545,7 +546,7 @@ def run(args) -> int:
             raise CalibrationError("give one prompt set: --logged or --data")
         scores, costs, source, version = _prompt_set(args, serve_dir)
         calib = calibrate(scores, costs, target, source=source, checkpoint_version=version)
-        doubt = _doubts(calib, target, args.min_prompts)
+        doubt = doubts(calib, target, args.min_prompts)
         if doubt and not args.force:
             raise CalibrationError(f"calibration: {doubt}; nothing written (calibrate on more traffic, or pass --force)")
     written = []
@@ -558,7 +559,7 @@ def run(args) -> int:
     print(f"λ = {calib.cost_weight:.6g} ({what}; {calib.n_prompts} prompts{'; ' + ach if ach else ''})")
     if calib.held_out:
         print("held out: " + _describe_held_out(calib.held_out))
-    if target is not None and (doubt := _doubts(calib, target, args.min_prompts)):
+    if target is not None and (doubt := doubts(calib, target, args.min_prompts)):
         print(f"warning: {doubt} (applied anyway: --force)")
     for w in written:
         print(f"written: {w}")

@@ -1,6 +1,7 @@
 """The HTTP ingress (FastAPI through ``@serve.ingress``): OpenAI-compatible chat and completions
-(streaming included), ``/v1/route``, ``/v1/feedback``, ``/v1/models``, ``/v1/admin/models`` and
-``/healthz``.
+(streaming included), ``/v1/route``, ``/v1/feedback``, ``/v1/models``, ``/v1/admin/models``,
+``/healthz``, and the operator's console (``/console/``, ``/v1/console/*``, ``/v1/admin/calibration``;
+``services/console``).
 
 Routing decisions come from the router deployment; generation from the pool that serves the
 chosen model. Bad input gets a 4xx whose message names the field, in OpenAI's error shape.
@@ -454,7 +455,8 @@ class Ingress(GrpcServicerMixin):
         (its own without admin; with admin, ``tenant`` or every tenant)."""
         who = auth.current_principal() or auth.OPEN
         admin = "admin" in who.scopes
-        return who, admin, (tenant if admin else who.tenant)
+        # a key always has a tenant; "" (matches nothing) guards against one that would not
+        return who, admin, (tenant if admin else who.tenant or "")
 
     @app.get("/v1/console/whoami")
     async def console_whoami(self) -> dict[str, Any]:
@@ -467,7 +469,7 @@ class Ingress(GrpcServicerMixin):
         """The newest decisions made after time ``after`` (a short poll), newest first."""
         _, admin, tenant = self._viewer(tenant)
         rows = await self.router.console_decisions.remote(after, limit, tenant, model)
-        return {"decisions": [console.visible(r, admin) for r in rows], "now": time.time()}
+        return {"decisions": [console.visible(r, admin) for r in rows]}
 
     @app.get("/v1/console/usage")
     async def console_usage(self, window_s: float = Query(3600.0, gt=0, le=30 * 86400, allow_inf_nan=False),
@@ -495,4 +497,4 @@ class Ingress(GrpcServicerMixin):
     @app.post("/v1/admin/calibration")
     async def apply_calibration(self, body: CalibrationBody) -> dict[str, Any]:
         """Set the router's default λ (what ``cmr calibrate --apply`` writes)."""
-        return _check(await self.router.apply_calibration.remote(body.cost_weight, body.budget_per_1k, body.limit), "cost_weight")
+        return _check(await self.router.apply_calibration.remote(body.cost_weight, body.budget_per_1k, body.limit, body.force), "cost_weight")

@@ -215,10 +215,10 @@ class RouterDeployment:
         except CMRError as e:
             return _error(e, 400)
 
-    async def apply_calibration(self, cost_weight: float | None, budget_per_1k: float | None, limit: int) -> dict[str, Any]:
+    async def apply_calibration(self, cost_weight: float | None, budget_per_1k: float | None, limit: int, force: bool = False) -> dict[str, Any]:
         """``RouterCore.apply_calibration``; returns the λ now in force on this replica."""
         try:
-            lam = await asyncio.to_thread(self.core.apply_calibration, cost_weight, budget_per_1k, limit)
+            lam = await asyncio.to_thread(self.core.apply_calibration, cost_weight, budget_per_1k, limit, force)
         except CMRError as e:
             return _error(e, 400)
         return {"cost_weight": lam, "calibration": self.core.status()["calibration"]}

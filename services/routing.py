@@ -572,18 +572,23 @@ class RouterCore:
             out["at"] = curve(scores, table.costs, [lam])[0]
         return out
 
-    def apply_calibration(self, cost_weight: float | None = None, budget_per_1k: float | None = None, limit: int = 1000) -> float:
+    def apply_calibration(self, cost_weight: float | None = None, budget_per_1k: float | None = None, limit: int = 1000,
+                          force: bool = False) -> float:
         """Set the router's default λ the way ``cmr calibrate --apply`` does (``calibration.json`` in
         the state folder, which every replica re-reads): ``cost_weight`` as given, or the λ that
-        meets ``budget_per_1k`` on the newest ``limit`` logged queries. Returns the λ in force."""
-        from cmr.calibrate import CALIBRATION_FILE, Calibration, CalibrationError, CalibrationTarget, calibrate, write_calibration
+        meets ``budget_per_1k`` on the newest ``limit`` logged queries, refused as the CLI refuses
+        it (too few queries, target missed on held-out ones) unless ``force``. Returns the λ in force."""
+        from cmr.calibrate import CALIBRATION_FILE, Calibration, CalibrationError, CalibrationTarget, calibrate, doubts, write_calibration
 
         if budget_per_1k is not None:
             scores, table, version = self._scored_traffic(limit, None)
             if not len(scores):
                 raise CalibrationError("field 'budget_per_1k': no logged traffic to calibrate on yet")
-            calib = calibrate(scores, table.costs, CalibrationTarget("budget", budget_per_1k=budget_per_1k), source="console: logged traffic",
-                              checkpoint_version=version)
+            target = CalibrationTarget("budget", budget_per_1k=budget_per_1k)
+            calib = calibrate(scores, table.costs, target, source="console: logged traffic", checkpoint_version=version)
+            doubt = doubts(calib, target)
+            if doubt and not force:
+                raise CalibrationError(f"field 'budget_per_1k': {doubt}; nothing applied (route more traffic, or send force: true)")
         else:
             calib = Calibration.from_dict({"cost_weight": cost_weight, "source": "console"}, "body")
         write_calibration(self.args.state_dir() / CALIBRATION_FILE, calib)

@@ -146,6 +146,8 @@ class CalibrationBody(BaseModel):
     cost_weight: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
     budget_per_1k: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     limit: int = Field(default=1000, ge=1, le=100_000)
+    #: apply a budget calibration that ``cmr calibrate`` would refuse without --force
+    force: bool = False
 
     @model_validator(mode="after")
     def _one(self) -> "CalibrationBody":

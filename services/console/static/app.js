@@ -273,7 +273,8 @@ async function loadWhatif() {
 
 async function applyLambda() {
   const budget = $("#w-budget").value;
-  const body = budget ? { budget_per_1k: Number(budget), limit: Number($("#w-limit").value || 1000) } : { cost_weight: Number($("#w-lambda").value) };
+  const body = budget ? { budget_per_1k: Number(budget), limit: Number($("#w-limit").value || 1000), force: $("#w-force").checked }
+    : { cost_weight: Number($("#w-lambda").value) };
   try {
     const r = await api("/v1/admin/calibration", { method: "POST", body: JSON.stringify(body) });
     $("#w-budget").value = "";

@@ -126,3 +126,41 @@ def test_auth_middleware_serves_console_files_without_a_key_but_no_escape():
     assert seen == ["/console", "/console/", "/console/app.js"]
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [503, 503]
     assert json.loads(sent[-1]["body"])["error"]["code"] == 503
+
+
+def test_router_whatif_and_apply(tmp_path, data_root, encoder):
+    """``RouterCore.whatif`` draws the served policy's curve on logged traffic (the tenant's own when
+    asked), moves its point with λ and finds the λ of a budget; ``apply_calibration`` sets the λ the
+    router uses, refusing a budget fitted on too few queries unless forced, as ``cmr calibrate`` does."""
+    from cmr.calibrate import CalibrationError
+    from cmr.types import ModelCard
+    from services.config import AppArgs
+    from services.routing import RouteRequest, RouterCore
+    from tests.unit.bench_data import write_mini_cmrbench
+
+    bench = tmp_path / "bench"
+    write_mini_cmrbench(data_root / "cmrbench", bench, n_train=25, n_test=10)
+    core = RouterCore(AppArgs(home=str(tmp_path / "home"), bench=str(bench), tiny_models=False, profile_size=8, learner={"enabled": False}), encoder)
+    assert core.whatif(100)["curve"] == []  # no traffic yet: nothing to draw
+    # CMRBench cards cost nothing: a priced model that answered every profile prompt well gives λ something to trade
+    core.register([ModelCard(id="premium", description="a strong generalist", cost=1.0, profile={p["id"]: 1.0 for p in core.profile_prompts})])
+    queries = [f"question {i}: {w}" for i, w in enumerate(["sort a list in python", "capital of France", "translate to German",
+                                                           "prove the theorem", "summarise the news"] * 6)]
+    core.route([RouteRequest(query=q, tenant="a" if i % 3 else "b") for i, q in enumerate(queries)])
+    w = core.whatif(100, lam=0.0)
+    assert w["n_prompts"] == 30 and w["current_lambda"] == 0.0 and w["current"] == w["at"] and len(w["curve"]) > 10
+    assert core.whatif(100, tenant="b")["n_prompts"] == 10
+    top = w["curve"][-1]
+    assert top["cost_per_1k"] <= w["at"]["cost_per_1k"] and core.whatif(100, lam=top["lambda"])["at"]["cost_per_1k"] == top["cost_per_1k"]
+    budget = (w["curve"][0]["cost_per_1k"] + top["cost_per_1k"]) / 2
+    b = core.whatif(100, budget_per_1k=budget)
+    assert b["at"]["cost_per_1k"] <= budget + 1e-9 and b["at"]["lambda"] > 0
+    with pytest.raises(CalibrationError, match="only 30 prompts"):
+        core.apply_calibration(budget_per_1k=budget)
+    assert core.status()["cost_weight"] == 0.0
+    lam = core.apply_calibration(budget_per_1k=budget, force=True)
+    assert lam == pytest.approx(b["at"]["lambda"]) and core.status()["calibration"]["source"] == "console: logged traffic"
+    assert core.apply_calibration(cost_weight=2.5) == 2.5 and core.whatif(100)["current_lambda"] == 2.5
+    info = core.checkpoint_info()
+    assert info["version"] == core.version and info["written"] > 0
+    core.close()

@@ -24,7 +24,9 @@ def start(address: str | None = None, num_cpus: int | None = None, env: Mapping[
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+        # "local": a Ray of our own, even when another one runs on this machine (a bare ray.init()
+        # would join it through /tmp/ray/ray_current_cluster, then refuse num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
     return True
 
 

@@ -195,9 +195,10 @@ async function loadHub() {
 function renderHub() {
   const q = $("#h-search").value.trim().toLowerCase();
   const body = $("#hub tbody");
+  const hits = cards.filter((c) => !q || [c.id, c.owned_by, c.domain].some((x) => (x || "").toLowerCase().includes(q)));
   body.replaceChildren();
-  for (const c of cards) {
-    if (q && ![c.id, c.owned_by, c.domain].some((x) => (x || "").toLowerCase().includes(q))) continue;
+  $("#h-count").textContent = hits.length > MAX_ROWS ? `${hits.length} cards, the first ${MAX_ROWS} shown: narrow the search` : `${hits.length} cards`;
+  for (const c of hits.slice(0, MAX_ROWS)) {
     const tr = el("tr");
     tr.dataset.model = c.id;
     for (const v of [c.id, c.owned_by, c.domain ?? "–", fmt(c.cost, 4), c.servable ? "yes" : "no"]) tr.append(el("td", v));
@@ -259,16 +260,26 @@ async function loadWhatif() {
     `At λ ${fmt(at.lambda, 4)}: quality ${fmt(at.quality)}, cost per 1,000 ${fmt(at.cost_per_1k, 4)}.`;
   $("#w-summary").dataset.quality = at.quality;
   $("#w-summary").dataset.cost = at.cost_per_1k;
-  // x must ascend: the trade-off sorted by cost, with the two marked points merged in
-  const pts = [...w.curve.map((p) => [p, 1]), [w.current, 2], [at, 3]].sort((a, b) => a[0].cost_per_1k - b[0].cost_per_1k);
-  const col = (k) => pts.map(([p, s]) => (s === k ? p.quality : null));
+  // x must ascend and be unique (uPlot): one row per cost; the marked points lie on the same curve
+  const rows = new Map();
+  const put = (p, k) => {
+    const r = rows.get(p.cost_per_1k) || [p.cost_per_1k, null, null, null];
+    r[k] = k === 1 ? Math.max(r[1] ?? -Infinity, p.quality) : p.quality;
+    if (r[1] === null) r[1] = p.quality;
+    rows.set(p.cost_per_1k, r);
+  };
+  w.curve.forEach((p) => put(p, 1));
+  put(w.current, 2);
+  put(at, 3);
+  const pts = [...rows.values()].sort((a, b) => a[0] - b[0]);
+  const col = (k) => pts.map((r) => r[k]);
   const dot = (label, color) => ({ label, stroke: color, width: 0, paths: () => null, points: { show: true, size: 12, fill: color, stroke: color } });
   chart("w-curve", {
     scales: { x: { time: false } },
     axes: [{ label: "predicted cost per 1,000 requests" }, { label: "predicted quality" }],
     series: [{ label: "cost per 1,000" }, { label: "λ curve", stroke: COLORS[0], width: 2, spanGaps: true },
       dot("router's λ", COLORS[1]), dot("chosen λ", COLORS[3])],
-  }, [pts.map(([p]) => p.cost_per_1k), col(1), col(2), col(3)]);
+  }, [col(0), col(1), col(2), col(3)]);
 }
 
 async function applyLambda() {

@@ -145,6 +145,16 @@ def test_console_in_a_browser(tmp_path, request):
         r = http.post("/v1/route", json={"query": "anything", "routing": {"domains": ["console-domain"]}}, headers=as_admin)
         assert r.status_code == 400, r.text
 
+        # bad input: a 400 naming the field, nothing applied
+        for path, field in [("/v1/console/decisions?limit=0", "limit"), ("/v1/console/usage?window_s=nan", "window_s"),
+                            ("/v1/console/whatif?cost_weight=-1", "cost_weight")]:
+            r = http.get(path, headers=as_admin)
+            assert r.status_code == 400 and f"'{field}'" in r.json()["error"]["message"], (path, r.text)
+        for body in [{}, {"cost_weight": -1}, {"cost_weight": 1, "budget_per_1k": 2}, {"cost_weight": "x"}, {"cost_weight": 1, "extra": 1}]:
+            r = http.post("/v1/admin/calibration", json=body, headers=as_admin)
+            assert r.status_code == 400 and "field '" in r.json()["error"]["message"], (body, r.text)
+        assert not (tmp_path / "serve" / "calibration.json").exists()
+
         # what-if: the predicted point moves along the curve with λ; applying sets the router's λ.
         # CMRBench's cards all cost 0: a priced model that answered every profile prompt well gives
         # λ something to trade

@@ -193,8 +193,8 @@ def cluster_serve_yaml() -> dict[str, Any]:
 
 
 # -- tests -------------------------------------------------------------------------------------------
-def test_there_are_cpu_and_gpu_overlays():
-    assert {"cpu", "gpu"} <= set(OVERLAYS)
+def test_there_are_cpu_gpu_and_postgres_overlays():
+    assert {"cpu", "gpu", "postgres"} <= set(OVERLAYS)
 
 
 @needs_kubectl
@@ -304,7 +304,9 @@ def test_references_between_resources_resolve(overlay):
         head = next(spec for g, spec in pod_specs(svc) if g == "head")
         assert serve_ports <= {p["containerPort"] for p in head["containers"][0]["ports"]}
         pod_labels = svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
-        fronts = [s for s in of_kind(docs, "Service")]
+        # the front doors: the Services that select Serve pods (not e.g. the store's headless one)
+        fronts = [s for s in of_kind(docs, "Service") if "ray.io/serve" in s["spec"].get("selector", {})]
+        assert fronts
         assert {p["targetPort"] for s in fronts for p in s["spec"]["ports"]} == serve_ports
         for s in fronts:
             own = {k: v for k, v in s["spec"]["selector"].items() if not k.startswith("ray.io/")}
@@ -354,6 +356,84 @@ def test_head_waits_for_the_data_then_starts(tmp_path):
     assert b"kubectl cp" in (waiting.value.stdout or b"")  # bytes, whatever text= says
     (tmp_path / ".ready").touch()
     assert subprocess.run(["bash", "-c", script], capture_output=True, timeout=10).returncode == 0
+
+
+
+def ray_container(spec: dict[str, Any]) -> dict[str, Any]:
+    return spec["containers"][0]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_served_ray_pod_takes_the_store_from_the_secret(overlay):
+    """CMR_STORE in the head and every worker of the RayService, from the Secret cmr-store (key
+    dsn), not optional: a missing Secret stops the pod rather than starting it on SQLite."""
+    (svc,) = of_kind(built(overlay), "RayService")
+    for group, spec in pod_specs(svc):
+        env = {e["name"]: e for e in ray_container(spec).get("env", [])}
+        assert "CMR_STORE" in env, f"{group}: no CMR_STORE"
+        ref = env["CMR_STORE"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"], ref.get("optional", False)) == ("cmr-store", "dsn", False), f"{group}: {ref}"
+    # the Secret of a managed database is the operator's, never in the repository: only the
+    # try-out overlay with the in-cluster PostgreSQL ships one
+    secrets = {d["metadata"]["name"] for d in of_kind(built(overlay), "Secret")}
+    assert ("cmr-store" in secrets) == (overlay == "postgres"), secrets
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_router_replicas_spread_over_worker_pods(overlay):
+    """At least 2 Router replicas, at most one per Ray node (Serve's max_replicas_per_node), and
+    enough CPU worker pods (the head has num-cpus 0) to hold them all from the start."""
+    from services.config import load_args
+
+    (svc,) = of_kind(built(overlay), "RayService")
+    (app,) = serve_config(svc)["applications"]
+    args = load_args(app["args"])
+    assert args.router_replicas >= 2
+    (router,) = [d for d in app.get("deployments", []) if d["name"] == "Router"]
+    assert router["max_replicas_per_node"] == 1
+    rc = svc["spec"]["rayClusterConfig"]
+    assert rc["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    need = float(args.router_actor_options["num_cpus"])
+    fits = [g for g in rc["workerGroupSpecs"]
+            if float(ray_container(g["template"]["spec"])["resources"]["limits"]["cpu"]) >= need]
+    assert sum(min(g["replicas"], g["minReplicas"]) for g in fits) >= args.router_replicas
+
+
+@needs_kubectl
+def test_in_cluster_postgres_is_what_the_dsn_names():
+    """The try-out store: the DSN in cmr-store reaches the StatefulSet's pod through its headless
+    Service with the user, database and password the pod is initialised with; its volume is
+    ReadWriteOnce (the state needs no shared volume); the image is the official postgres one."""
+    from urllib.parse import urlsplit
+
+    from cmr.state import check_store
+
+    docs = built("postgres")
+    (secret,) = [d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == "cmr-store"]
+    (sts,) = of_kind(docs, "StatefulSet")
+    (svc,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"] == sts["spec"]["serviceName"]]
+    dsn = urlsplit(check_store(secret["stringData"]["dsn"]))
+    assert svc["spec"]["clusterIP"] == "None" and sts["spec"]["replicas"] == 1
+    assert dsn.hostname == f"{sts['metadata']['name']}-0.{svc['metadata']['name']}"
+    assert dsn.port == svc["spec"]["ports"][0]["port"] == 5432
+    pod = sts["spec"]["template"]
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (c,) = pod["spec"]["containers"]
+    assert re.fullmatch(r"(docker\.io/(library/)?)?postgres:\d+", c["image"]), c["image"]
+    env = {e["name"]: e for e in c["env"]}
+    assert dsn.username == env["POSTGRES_USER"]["value"] and dsn.path == "/" + env["POSTGRES_DB"]["value"]
+    ref = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "cmr-store" and dsn.password == secret["stringData"][ref["key"]]
+    assert svc["spec"]["ports"][0]["targetPort"] in {p["name"] for p in c["ports"]}
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert {m["name"] for m in c["volumeMounts"]} == {claim["metadata"]["name"]}
+    # the front doors do not select it
+    fronts = [s for s in of_kind(docs, "Service") if "ray.io/serve" in s["spec"].get("selector", {})]
+    assert all(not (s["spec"]["selector"].items() <= pod["metadata"]["labels"].items()) for s in fronts)
 
 
 # -- the checks catch mistakes --------------------------------------------------------------------

@@ -314,11 +314,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_by_role() -> dict[str, float]:
+def _cpu_by_role(servers: dict[str, str] | None = None) -> dict[str, float]:
     """CPU seconds (user + system) used so far by this benchmark process (the HTTP client) and by
     each process under it (the Ray instance it started), keyed by role (``ray::ServeReplica:cmr:Router``
     → ``Router``, the proxy, raylet, GCS, ...), read from ``/proc``: where each routed request's CPU
-    goes, whatever else loads the machine (other users' processes are not descendants: not counted)."""
+    goes, whatever else loads the machine (other users' processes are not descendants: not counted).
+
+    ``servers``: role → a string in the command line of a server this benchmark started that is
+    not its descendant (a daemonised PostgreSQL: its data folder); that process and its children
+    count under the role."""
     tick = os.sysconf("SC_CLK_TCK")
     procs: dict[int, tuple[int, str, float]] = {}  # pid -> (ppid, cmdline, cpu seconds)
     for pid in os.listdir("/proc"):
@@ -332,12 +336,19 @@ def _cpu_by_role() -> dict[str, float]:
         except OSError:
             continue
         procs[int(pid)] = (int(fields[1]), cmd, (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime + stime
-    mine, grew = {os.getpid()}, True
-    while grew:
-        new = {p for p, (pp, _, _) in procs.items() if pp in mine and p not in mine}
-        mine |= new
-        grew = bool(new)
+    def tree(roots: set[int]) -> set[int]:
+        out, grew = set(roots), True
+        while grew:
+            new = {p for p, (pp, _, _) in procs.items() if pp in out and p not in out}
+            out |= new
+            grew = bool(new)
+        return out
+
+    mine = tree({os.getpid()})
     out: dict[str, float] = {}
+    for role, needle in (servers or {}).items():
+        for pid in tree({p for p, (_, cmd, _) in procs.items() if needle in cmd}) - mine:
+            out[role] = out.get(role, 0.0) + procs[pid][2]
     for pid in mine:
         if pid not in procs:
             continue
@@ -368,9 +379,9 @@ def _steal_s() -> float:
         return 0.0
 
 
-async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> dict[str, Any]:
+async def _load(url: str, path: str, bodies: list[dict], concurrency: int, field: str = "model") -> dict[str, Any]:
     """Send ``bodies`` with at most ``concurrency`` in flight; latency per request, overall req/s,
-    and the ``model`` each answer named (``models``, in body order; None for an error).
+    and the ``field`` (default ``model``) of each answer (``models``, in body order; None for an error).
 
     The client is aiohttp (Ray Serve's own HTTP dependency): it shares the 2 cores with the server
     under test, and costs about half the CPU per request of httpx, which went to the server."""
@@ -392,7 +403,7 @@ async def _load(url: str, path: str, bodies: list[dict], concurrency: int) -> di
                 dt = (time.perf_counter() - t) * 1e3
                 if r.status == 200:
                     lat.append(dt)
-                    models[i] = json.loads(raw).get("model")
+                    models[i] = json.loads(raw).get(field)
                 else:
                     errors += 1
                     if len(samples) < 3:

@@ -1,0 +1,67 @@
+"""``cmr bench store`` without Ray: its options (bad ones exit 2 naming the option), how the
+deployments' raw cells become the report (pooled latencies, CPU per request, the store's share,
+the p99 floor) and the files it writes. The run itself (Ray + PostgreSQL, ~1 min at its smallest)
+is measured, not tested: docs/results/store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from bench import store
+from cmr.cli import build_parser, main
+
+
+def _part(lat: list[float], cpu: dict[str, float], ids=None) -> dict:
+    return {"lat": lat, "wall_s": len(lat) / 100, "errors": 0, "error_samples": [], "models": ids or [None] * len(lat),
+            "steal_s": 0.0, "cpu_s": cpu}
+
+
+def _deployment(base_ms: float, offsets: list[int]) -> dict:
+    return {"startup_s": 12.0,
+            "route": _part([base_ms + i for i in range(100)], {"Router": 0.5, "Ingress": 0.3, "client": 0.1, "postgres": 0.1}),
+            "route_norecord": _part([base_ms - 1 + i for i in range(100)], {"Router": 0.45, "Ingress": 0.3, "client": 0.1}),
+            "feedback": {**_part([5.0] * len(offsets), {"Ingress": 0.2, "Router": 0.1}, ids=offsets), "duplicate_offsets": 0}}
+
+
+def _args(**kw) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    store.add_arguments(p)
+    return p.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+
+
+def test_cli_registers_the_command_with_its_defaults():
+    a = build_parser().parse_args(["bench", "store"])
+    assert a.func is store.run and a.rounds == 2 and a.dsn is None and a.requests >= 100
+
+
+@pytest.mark.parametrize("argv, field", [(["--requests", "0"], "--requests"), (["--rounds", "-1"], "--rounds"),
+                                         (["--dsn", "sqlite"], "--dsn"), (["--dsn", "mysql://x/y"], "--dsn")])
+def test_a_bad_option_exits_2_naming_it(argv, field, capsys):
+    assert main(["bench", "store", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"cmr: error: {field}:"), err
+
+
+def test_report_pools_deployments_and_applies_the_floor(tmp_path):
+    a = _args(requests=100, rounds=2)
+    raw = {"sqlite": [_deployment(10, list(range(1, 101))), _deployment(12, list(range(101, 201)))],
+           "postgresql": [_deployment(11, list(range(1, 101))), _deployment(30, list(range(101, 201)))]}
+    r = store.build_report(a, raw, started_utc="t", command="cmr bench store", machine="m", loadavg_start=[1, 1, 1],
+                           loadavg_end=[2, 2, 2], order=["S", "P", "P", "S"], postgres="throwaway")
+    s, p = r["backends"]["sqlite"]["route"], r["backends"]["postgresql"]["route"]
+    assert s["n"] == p["n"] == 200  # both deployments pooled
+    # CPU per answered request: 2 × (0.5 + 0.3 + 0.1 + 0.1) s over 200 requests; the server's excludes the client
+    assert s["cpu_ms_per_request"]["Router"] == pytest.approx(5.0) and s["server_cpu_ms_per_request"] == pytest.approx(9.0)
+    assert r["store_share"]["sqlite"]["cpu_ms"] == pytest.approx(9.0 - 8.5)
+    assert r["backends"]["postgresql"]["feedback"]["duplicate_offsets"] == 0
+    f = r["floors"]["route_p99_pg_over_sqlite"]
+    assert f["measured"] == pytest.approx(p["p99_ms"] / s["p99_ms"]) and f["met"] is (f["measured"] <= 1.2)
+    assert f["met"] is False  # a PostgreSQL tail 18 ms slower than SQLite's fails it
+
+    store.write_report(r, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["floors"] == r["floors"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| postgresql | feedback |" in md and "| route_p99_pg_over_sqlite |" in md and "| NO |" in md

@@ -18,6 +18,9 @@ Per deployment, at ``--concurrency``:
   ``synchronous=FULL``; PostgreSQL ``synchronous_commit`` on, fsync on), so answered events/s is
   the durable feedback rate.
 
+Before that, each store alone (``store_only``: the same store classes, in this process, no HTTP):
+``--direct-events`` feedback commits from ``--concurrency`` threads, its own ceiling.
+
 CPU ms per answered request by process (``bench.serve._cpu_by_role``), the PostgreSQL server's
 processes included when this run started the server (a throwaway one, ``tests/pg.py``; with
 ``--dsn`` the database server's CPU is not visible here). Writes ``report.json`` and ``report.md``
@@ -55,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=300, help="routed requests per cell and deployment (each then gets a feedback post)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     p.add_argument("--rounds", type=int, default=2, help="deployments per backend, alternating the order (S P, P S, ...)")
+    p.add_argument("--direct-events", type=int, default=2000, help="feedback events posted to each store alone (in-process, no HTTP)")
     p.add_argument("--train-limit", type=int, default=40, help="first start: knn trained on this many requests per experience")
     p.add_argument("--dsn", default=None, help="a PostgreSQL database to use (default: a throwaway server, fsync on)")
     p.add_argument("--proxy", choices=("haproxy", "serve"), default=None, help="the front door (default haproxy when its binary exists)")
@@ -63,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_args(a: argparse.Namespace) -> None:
     """One line naming the option for a value the run cannot use."""
-    for name in ("requests", "concurrency", "rounds", "train_limit"):
+    for name in ("requests", "concurrency", "rounds", "train_limit", "direct_events"):
         if getattr(a, name) < 1:
             raise BenchStoreError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(a, name)}")
     if a.dsn is not None:
@@ -81,6 +85,49 @@ def _pg_server_marker(dsn: str) -> str | None:
     which tests/pg.py passes to the server's command line); None for a server elsewhere."""
     host = parse_qs(urlsplit(dsn).query).get("host", [""])[0]
     return host if host.startswith("/") else None
+
+
+def store_only(dsn: str | None, path: Path, n: int, threads: int, marker: str | None) -> dict[str, Any]:
+    """The decision store alone, in this process (no HTTP, no Ray): ``n`` decisions recorded in
+    batches of 16 (as a router batch does), then one ``add_feedback`` per decision from ``threads``
+    threads. Committed feedback events/s and each commit's latency: the store's own ceiling, which
+    the served path (above it: proxy, ingress, router) does not reach on 2 cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from bench.serve import _cpu_by_role, _pcts
+    from cmr.types import Decision
+    from services.store import open_decision_store
+
+    store = open_decision_store(dsn, path)
+    servers = {"postgres": marker} if marker else None
+    try:
+        ids = [f"bench-{os.urandom(8).hex()}" for _ in range(n)]
+        emb = np.zeros((16, 384), dtype=np.float32)
+        rec: list[float] = []
+        for i in range(0, n, 16):
+            batch = [Decision(model="m", score=0.5, utility=0.5, request_id=r) for r in ids[i: i + 16]]
+            t = time.perf_counter()
+            store.record(batch, ["q"] * len(batch), emb[: len(batch)], [0.001] * len(batch))
+            rec.append((time.perf_counter() - t) * 1e3)
+
+        def post(r: str) -> tuple[float, int]:
+            t = time.perf_counter()
+            off = store.add_feedback(r, 0.5)
+            return (time.perf_counter() - t) * 1e3, off
+
+        cpu0, t0 = _cpu_by_role(servers), time.perf_counter()
+        with ThreadPoolExecutor(threads) as ex:
+            got = list(ex.map(post, ids))
+        wall, cpu1 = time.perf_counter() - t0, _cpu_by_role(servers)
+    finally:
+        store.close()
+    offs = [o for _, o in got]
+    # this process (the store's client side) and the PostgreSQL server: nothing else serves here
+    cpu = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / n, 3) for k in ("client", "postgres") if k in cpu1}
+    return {"record_batch16": _pcts(rec), "feedback": {**_pcts([ms for ms, _ in got]), "events_per_s": n / wall, "threads": threads,
+            "duplicate_offsets": len(offs) - len(set(offs)), "cpu_ms_per_event": cpu}}
 
 
 def _deployment(backend: str, dsn: str | None, home: Path, a: argparse.Namespace, marker: str | None,
@@ -175,6 +222,16 @@ def render_md(r: dict[str, Any]) -> str:
     if r.get("store_share"):
         lines += ["Store's share of a routed request (route − route_norecord, p50 ms / server CPU ms): "
                   + "; ".join(f"{b} {v['p50_ms']:.1f} / {v['cpu_ms']:.1f}" for b, v in r["store_share"].items()), ""]
+    if r.get("store_only"):
+        lines += ["## The store alone (in-process, no HTTP: its own ceiling)", "",
+                  "| backend | feedback events/s (committed) | commit p50 ms | commit p99 ms | record 16 decisions p50 / p99 ms | CPU ms / event | duplicate offsets |",
+                  "|---|---|---|---|---|---|---|"]
+        for b, v in r["store_only"].items():
+            f, rb = v["feedback"], v["record_batch16"]
+            by = ", ".join(f"{k} {x:.2f}" for k, x in f["cpu_ms_per_event"].items())
+            lines.append(f"| {b} | {f['events_per_s']:.0f} ({f['threads']} threads) | {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | "
+                         f"{rb['p50_ms']:.2f} / {rb['p99_ms']:.2f} | {by} | {f['duplicate_offsets']} |")
+        lines.append("")
     lines += ["## Floor", "", "| floor | measured | limit | met |", "|---|---|---|---|"]
     for k, v in r["floors"].items():
         lines.append(f"| {k} | {v['measured']:.3g} | {v['floor']:g} | {'yes' if v['met'] else 'NO'} |")
@@ -237,23 +294,29 @@ def run(a: argparse.Namespace) -> int:
         raise BenchStoreError(f"--requests: {a.requests} × {a.rounds} rounds needs {need} distinct test prompts, the data has {len(prompts)}")
     raw: dict[str, list[dict[str, Any]]] = {"sqlite": [], "postgresql": []}
     order: list[str] = []
-    with server as dsn, tempfile.TemporaryDirectory(prefix="cmr-bench-store-") as tmp, \
-            raycluster.running(env=px.ray_proxy_env(proxy)):
+    with server as dsn, tempfile.TemporaryDirectory(prefix="cmr-bench-store-") as tmp:
         marker = _pg_server_marker(dsn) if a.dsn is None else None
-        offset = 16
-        for rnd in range(a.rounds):
-            for b in (("sqlite", "postgresql") if rnd % 2 == 0 else ("postgresql", "sqlite")):
-                d = _deployment(b, dsn if b == "postgresql" else None, Path(tmp) / b, a, marker, prompts, offset)
-                offset += 2 * a.requests
-                raw[b].append(d)
-                order.append(b[0].upper())
-                print(f"{b:<10} round {rnd + 1}: " + "  ".join(
-                    f"{c} {d[c].get('rps', 0):.1f}/s p50 {d[c].get('p50_ms', float('nan')):.1f} p99 {d[c].get('p99_ms', float('nan')):.1f} ms"
-                    f" err {d[c]['errors']}" for c in CELLS), flush=True)
+        direct = {}
+        for b in ("sqlite", "postgresql"):  # before Ray starts: no other process of this run is busy
+            direct[b] = store_only(dsn if b == "postgresql" else None, Path(tmp) / "direct.sqlite", a.direct_events, a.concurrency, marker)
+            f = direct[b]["feedback"]
+            print(f"{b:<10} store alone: {f['events_per_s']:.0f} feedback events/s, p50 {f['p50_ms']:.2f} p99 {f['p99_ms']:.2f} ms", flush=True)
+        with raycluster.running(env=px.ray_proxy_env(proxy)):
+            offset = 16
+            for rnd in range(a.rounds):
+                for b in (("sqlite", "postgresql") if rnd % 2 == 0 else ("postgresql", "sqlite")):
+                    d = _deployment(b, dsn if b == "postgresql" else None, Path(tmp) / b, a, marker, prompts, offset)
+                    offset += 2 * a.requests
+                    raw[b].append(d)
+                    order.append(b[0].upper())
+                    print(f"{b:<10} round {rnd + 1}: " + "  ".join(
+                        f"{c} {d[c].get('rps', 0):.1f}/s p50 {d[c].get('p50_ms', float('nan')):.1f} p99 {d[c].get('p99_ms', float('nan')):.1f} ms"
+                        f" err {d[c]['errors']}" for c in CELLS), flush=True)
     info.update({"order": order, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                  "postgres": ("throwaway server on this machine (tests/pg.py, fsync on, unix socket), its CPU counted"
                               if a.dsn is None else "--dsn (server CPU not counted)")})
     report = build_report(a, raw, **info)
+    report["store_only"] = direct
     report["wall_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)
     write_report(report, out)
     print(render_md(report))

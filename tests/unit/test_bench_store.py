@@ -38,7 +38,7 @@ def test_cli_registers_the_command_with_its_defaults():
 
 
 @pytest.mark.parametrize("argv, field", [(["--requests", "0"], "--requests"), (["--rounds", "-1"], "--rounds"),
-                                         (["--dsn", "sqlite"], "--dsn"), (["--dsn", "mysql://x/y"], "--dsn")])
+                                         (["--direct-events", "0"], "--direct-events"), (["--dsn", "sqlite"], "--dsn"), (["--dsn", "mysql://x/y"], "--dsn")])
 def test_a_bad_option_exits_2_naming_it(argv, field, capsys):
     assert main(["bench", "store", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -55,13 +55,17 @@ def test_report_pools_deployments_and_applies_the_floor(tmp_path):
     assert s["n"] == p["n"] == 200  # both deployments pooled
     # CPU per answered request: 2 × (0.5 + 0.3 + 0.1 + 0.1) s over 200 requests; the server's excludes the client
     assert s["cpu_ms_per_request"]["Router"] == pytest.approx(5.0) and s["server_cpu_ms_per_request"] == pytest.approx(9.0)
-    assert r["store_share"]["sqlite"]["cpu_ms"] == pytest.approx(9.0 - 8.5)
+    assert r["store_share"]["sqlite"]["cpu_ms"] == pytest.approx(9.0 - 7.5)  # route_norecord: 2 × 0.75 s / 200
     assert r["backends"]["postgresql"]["feedback"]["duplicate_offsets"] == 0
     f = r["floors"]["route_p99_pg_over_sqlite"]
     assert f["measured"] == pytest.approx(p["p99_ms"] / s["p99_ms"]) and f["met"] is (f["measured"] <= 1.2)
     assert f["met"] is False  # a PostgreSQL tail 18 ms slower than SQLite's fails it
 
+    feedback = {"n": 10, "p50_ms": 1.0, "p99_ms": 2.0, "events_per_s": 900.0, "threads": 8, "duplicate_offsets": 0,
+                "cpu_ms_per_event": {"client": 0.3}}
+    r["store_only"] = {b: {"record_batch16": {"p50_ms": 0.4, "p99_ms": 0.6}, "feedback": feedback} for b in ("sqlite", "postgresql")}
     store.write_report(r, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["floors"] == r["floors"]
     md = (tmp_path / "out" / "report.md").read_text()
+    assert "| postgresql | 900 (8 threads) |" in md
     assert "| postgresql | feedback |" in md and "| route_p99_pg_over_sqlite |" in md and "| NO |" in md

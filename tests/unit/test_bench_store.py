@@ -48,7 +48,7 @@ def test_a_bad_option_exits_2_naming_it(argv, field, capsys):
 def test_report_pools_deployments_and_applies_the_floor(tmp_path):
     a = _args(requests=100, rounds=2)
     raw = {"sqlite": [_deployment(10, list(range(1, 101))), _deployment(12, list(range(101, 201)))],
-           "postgresql": [_deployment(11, list(range(1, 101))), _deployment(30, list(range(101, 201)))]}
+           "postgresql": [_deployment(11, list(range(1, 101))), _deployment(60, list(range(101, 201)))]}
     r = store.build_report(a, raw, started_utc="t", command="cmr bench store", machine="m", loadavg_start=[1, 1, 1],
                            loadavg_end=[2, 2, 2], order=["S", "P", "P", "S"], postgres="throwaway")
     s, p = r["backends"]["sqlite"]["route"], r["backends"]["postgresql"]["route"]
@@ -59,7 +59,7 @@ def test_report_pools_deployments_and_applies_the_floor(tmp_path):
     assert r["backends"]["postgresql"]["feedback"]["duplicate_offsets"] == 0
     f = r["floors"]["route_p99_pg_over_sqlite"]
     assert f["measured"] == pytest.approx(p["p99_ms"] / s["p99_ms"]) and f["met"] is (f["measured"] <= 1.2)
-    assert f["met"] is False  # a PostgreSQL tail 18 ms slower than SQLite's fails it
+    assert f["met"] is False  # a PostgreSQL tail ~45 ms above SQLite's ~110 fails it
 
     feedback = {"n": 10, "p50_ms": 1.0, "p99_ms": 2.0, "events_per_s": 900.0, "threads": 8, "duplicate_offsets": 0,
                 "cpu_ms_per_event": {"client": 0.3}}

@@ -69,3 +69,26 @@ def test_report_pools_deployments_and_applies_the_floor(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| postgresql | 900 (8 threads) |" in md
     assert "| postgresql | feedback |" in md and "| route_p99_pg_over_sqlite |" in md and "| NO |" in md
+
+
+def test_cpu_of_a_server_outside_the_process_tree_is_counted_under_its_role():
+    """A daemonised server (as pg_ctl leaves PostgreSQL: not a descendant of the benchmark) is
+    found by a string of its command line, and its CPU is counted under that role, not another."""
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from bench.serve import _cpu_by_role
+
+    marker = f"cmr-test-server-{uuid.uuid4().hex}"
+    burn = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\ntime.sleep(5)"
+    # sh starts the server in the background and exits: the server is re-parented, as a daemon is
+    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "$0" {marker} >/dev/null 2>&1 &', burn], check=True)
+    deadline = time.monotonic() + 20
+    cpu = {}
+    while time.monotonic() < deadline and cpu.get("server", 0.0) < 0.4:
+        time.sleep(0.2)
+        cpu = _cpu_by_role({"server": marker})
+    assert cpu.get("server", 0.0) >= 0.4, cpu
+    assert "server" not in _cpu_by_role()  # without the hint it is someone else's process: not counted

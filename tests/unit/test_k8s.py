@@ -393,6 +393,8 @@ def test_router_replicas_spread_over_worker_pods(overlay):
     assert args.router_replicas >= 2
     (router,) = [d for d in app.get("deployments", []) if d["name"] == "Router"]
     assert router["max_replicas_per_node"] == 1
+    # an override of a deployment the app does not build would be ignored: Router is build_app's name
+    assert 'serve.deployment(RouterDeployment, name="Router")' in (REPO / "services" / "app.py").read_text()
     rc = svc["spec"]["rayClusterConfig"]
     assert rc["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     need = float(args.router_actor_options["num_cpus"])

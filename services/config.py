@@ -130,13 +130,17 @@ class FrontDoorArgs(_Strict):
     processes start; a running cluster keeps its own). Its files (config, admin socket, server
     state) are always in a 0700 folder of the state dir (``services.proxy.front_door_dir``)."""
 
-    #: HAProxy's read-only stats page and Prometheus exporter; Ray binds them on every interface,
-    #: so two instances on one machine need different ports
-    stats_port: int = Field(default=8404, ge=1, le=65535)
-    metrics_port: int = Field(default=9101, ge=1, le=65535)
-    #: HAProxy's client inactivity limit (Ray's default: an hour); with no request-header timeout
-    #: of its own, HAProxy applies it to half-sent requests too
+    #: HAProxy's read-only stats page and Prometheus exporter (unauthenticated; Ray binds them on
+    #: every interface and reads neither): None keeps them off, a port binds them to 127.0.0.1 only
+    #: (``services.proxy.front_door_wrapper`` edits the config Ray renders)
+    stats_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    #: HAProxy's client inactivity limit (Ray's default: an hour)
     client_timeout_s: int = Field(default=60, ge=1)
+    #: a request whose headers are not complete this long after it starts is closed with a 408
+    #: (HAProxy's ``timeout http-request``, which Ray leaves unset: half-sent requests held a
+    #: connection for the whole client timeout)
+    http_request_timeout_s: int = Field(default=10, ge=1)
     #: connections HAProxy holds at once (Ray's ``maxconn``)
     max_connections: int = Field(default=4096, ge=16)
     #: gRPC messages larger than this are refused by the gRPC server before they are read into

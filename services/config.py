@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from cmr import constants
 from cmr.continual.learner import CONSOLIDATE_EVERY, EVENTS_PER_STEP
 from cmr.errors import ConfigError, validation_line
+from services.pools.base import BackendPolicy
 
 __all__ = ["AppArgs", "ConfigError", "load_args", "read_config"]
 
@@ -36,8 +37,9 @@ class ServedModel(_Strict):
     path: str | None = None
     #: openai engine: base URL of the remote OpenAI-compatible endpoint (else ``CMR_OPENAI_BASE_URL``)
     base_url: str | None = None
-    #: openai engine: name of the env var that holds the API key (the key itself is never in config)
-    api_key_env: str = "OPENAI_API_KEY"
+    #: openai engine: name of the env var that holds the API key (the key itself is never in
+    #: config); ``AppArgs.backends`` says which names are allowed
+    api_key_env: str = "CMR_BACKEND_KEY_OPENAI"
     cost: float = Field(default=0.0, ge=0)
     family: str | None = None
     domain: str | None = None
@@ -223,6 +225,9 @@ class AppArgs(_Strict):
     learner: LearnerArgs = Field(default_factory=LearnerArgs)
     auth: AuthArgs = Field(default_factory=AuthArgs)
     front_door: FrontDoorArgs = Field(default_factory=FrontDoorArgs)
+    #: which key variables and hosts a remote (openai) backend may name, in config and in cards
+    #: registered at runtime (``services.pools.base.BackendPolicy``)
+    backends: BackendPolicy = Field(default_factory=BackendPolicy)
     #: feedback is accepted for this long after the decision (then 410); older decisions without
     #: feedback are purged
     request_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
@@ -258,6 +263,15 @@ class AppArgs(_Strict):
 
         check_store(v)
         return v
+
+    @model_validator(mode="after")
+    def _backends_allowed(self) -> "AppArgs":
+        from services.pools.base import engine_config
+
+        for i, p in enumerate(self.pools):
+            for j, m in enumerate(p.models):
+                engine_config(m.backend(), where=f"pools.{i}.models.{j}", policy=self.backends)
+        return self
 
     @model_validator(mode="after")
     def _unique(self) -> "AppArgs":

@@ -117,7 +117,7 @@ class RouterDeployment:
             parsed = [ModelCard.from_dict(c, where=f"cards.{i}") for i, c in enumerate(cards)]
             for i, c in enumerate(parsed):
                 if c.backend:
-                    engine_config(c.backend, where=f"cards.{i}.backend")
+                    engine_config(c.backend, where=f"cards.{i}.backend", policy=self.args.backends)
             v = await asyncio.to_thread(self.core.register, parsed)
         except CMRError as e:
             return _error(e, 409 if "already registered" in str(e) else 400)

@@ -231,8 +231,8 @@ class AppArgs(_Strict):
     #: feedback is accepted for this long after the decision (then 410); older decisions without
     #: feedback are purged
     request_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
-    #: at most this many decisions without feedback are kept, the oldest purged first (retention by
-    #: size as well as age; None: age only). Bytes per decision: services/README.md, "Stored state"
+    #: the newest this many decisions are kept, older ones only if they have feedback (retention by
+    #: size as well as age; None: age only). Bytes per decision: services/README.md, "Feedback, durably"
     max_decisions: int | None = Field(default=1_000_000, ge=1)
     #: longest prompt (a message's content, a completion prompt, a route query), in characters
     max_prompt_chars: int = Field(default=32_000, ge=1)

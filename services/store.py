@@ -14,7 +14,7 @@ call returns, so a 2xx means the event survives a power loss); decisions use ``N
 against a process crash; a decision lost to a power cut only means its feedback is refused).
 Each decision records the API key and tenant that asked for it (in the same insert); feedback is
 accepted from the same tenant only, and for ``ttl_s`` seconds (then 410). Decisions that never
-got feedback are purged past their time and beyond the newest ``max_decisions`` (retention by
+got feedback are purged past their time and when older than the newest ``max_decisions`` (retention by
 size: the bytes a decision takes are measured by ``bench/store_retention.py``); decisions with
 feedback stay, since the learner's events are joined with them. With PostgreSQL every commit is durable (``synchronous_commit``, the
 server's default), and feedback offsets are assigned under a lock so that they become visible in
@@ -171,7 +171,7 @@ class _FeedbackWindow:
 
     def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None, max_decisions: int | None = None) -> None:
         """Set how long request ids accept feedback (None: forever), how often to purge, and how
-        many decisions without feedback are kept at most (None: no cap; the oldest go first)."""
+        many decisions are kept (None: no cap): older ones go unless they have feedback."""
         self.ttl_s = ttl_s
         self.max_decisions = max_decisions
         if purge_every_s is not None:
@@ -181,9 +181,9 @@ class _FeedbackWindow:
         return (self.ttl_s is not None or self.max_decisions is not None) and now - self._last_purge >= self.purge_every_s
 
     def purge_expired(self, now: float | None = None) -> int:
-        """Delete decisions without feedback that are older than ``ttl_s`` or beyond the newest
-        ``max_decisions``; returns how many. Decisions with feedback stay: the learner's events
-        join with them."""
+        """Delete decisions without feedback that are older than ``ttl_s`` or than the newest
+        ``max_decisions`` decisions; returns how many. Decisions with feedback stay: the learner's
+        events join with them."""
         now = time.time() if now is None else now
         self._last_purge = now
         n = 0 if self.ttl_s is None else self._delete_expired(now - self.ttl_s)
@@ -249,10 +249,13 @@ class DecisionStore(_FeedbackWindow):
         return int(cur.rowcount)
 
     def _delete_beyond(self, keep: int) -> int:
-        # freed pages are reused by later inserts: the file stops growing, it does not shrink
+        # the cutoff from the `created` index alone (no table rows read); freed pages are reused
+        # by later inserts: the file stops growing, it does not shrink
         with self._lock:
-            cur = self._db.execute("DELETE FROM decisions WHERE request_id IN (SELECT request_id FROM decisions WHERE request_id NOT IN "
-                                   "(SELECT request_id FROM feedback) ORDER BY created DESC LIMIT -1 OFFSET ?)", (keep,))
+            row = self._db.execute("SELECT created FROM decisions ORDER BY created DESC LIMIT 1 OFFSET ?", (keep - 1,)).fetchone()
+            if row is None:
+                return 0
+            cur = self._db.execute("DELETE FROM decisions WHERE created < ? AND request_id NOT IN (SELECT request_id FROM feedback)", (row[0],))
         return int(cur.rowcount)
 
     def decision(self, request_id: str) -> Decision | None:
@@ -379,8 +382,11 @@ class PgDecisionStore(_FeedbackWindow):
 
     def _delete_beyond(self, keep: int) -> int:
         with self.db.connection() as conn:
-            cur = conn.execute("DELETE FROM decisions WHERE request_id IN (SELECT request_id FROM decisions d WHERE NOT EXISTS "
-                               "(SELECT 1 FROM feedback f WHERE f.request_id = d.request_id) ORDER BY created DESC OFFSET %s)", (keep,))
+            row = conn.execute("SELECT created FROM decisions ORDER BY created DESC LIMIT 1 OFFSET %s", (keep - 1,)).fetchone()
+            if row is None:
+                return 0
+            cur = conn.execute("DELETE FROM decisions d WHERE created < %s AND NOT EXISTS "
+                               "(SELECT 1 FROM feedback f WHERE f.request_id = d.request_id)", (row[0],))
             return int(cur.rowcount)
 
     def decision(self, request_id: str) -> Decision | None:

@@ -88,8 +88,8 @@ def test_record_purges_on_its_own(tmp_path, store_dsn):
 
 
 def test_decisions_beyond_the_cap_are_purged_oldest_first(tmp_path, store_dsn):
-    """Issue 14 (7): retention by size as well as age: at most ``max_decisions`` decisions without
-    feedback are kept, the oldest purged first; a decision with feedback stays."""
+    """Issue 14 (7): retention by size as well as age: the newest ``max_decisions`` decisions are
+    kept, older ones only when they have feedback (the learner's events join with them)."""
     st = _open(store_dsn, tmp_path, purge_every_s=3600)
     st.configure(None, 3600, max_decisions=3)
     for r in "abcdef":

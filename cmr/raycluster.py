@@ -12,10 +12,11 @@ from cmr import constants
 
 def start(address: str | None = None, num_cpus: int | None = None, env: Mapping[str, str] | None = None,
           log_to_driver: bool = False) -> bool:
-    """Join the cluster at ``address``, or start a local Ray with ``num_cpus`` (None: what Ray
-    detects) whose processes inherit this driver's cache and offline settings plus ``env`` (e.g.
-    Serve's front door: Ray reads it when its processes start; a joined cluster keeps its own).
-    Returns whether this call started Ray (False when this process is already connected)."""
+    """Join the cluster at ``address`` (``auto``: ``RAY_ADDRESS`` or the machine's latest
+    ``ray start``), or start a new local Ray with ``num_cpus`` (None: what Ray detects) whose
+    processes inherit this driver's cache and offline settings plus ``env`` (e.g. Serve's front
+    door: Ray reads it when its processes start; a joined cluster keeps its own). Returns whether
+    this call started Ray (False when this process is already connected)."""
     import ray
 
     if ray.is_initialized():
@@ -24,8 +25,9 @@ def start(address: str | None = None, num_cpus: int | None = None, env: Mapping[
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        # "local": a Ray of our own, even when another one runs on this machine (a bare ray.init()
-        # would join it through /tmp/ray/ray_current_cluster, then refuse num_cpus)
+        # "local": a new Ray, never one found on the machine (Ray's default for no address joins
+        # the latest `ray start` there: another user's processes would run this app, its keys
+        # and prompts; with num_cpus it failed with a traceback instead)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
     return True
 

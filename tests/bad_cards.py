@@ -12,5 +12,9 @@ BAD_CARDS = [
     ({"id": "bad-cost-huge", "cost": 1e12}, "cost"),
     ({"id": "bad-engine", "backend": {"engine": "tgi"}}, "backend.engine"),
     ({"id": "bad-engine-key", "backend": {"engine": "vllm", "path": "org/m", "gpu": 1}}, "backend.gpu"),
+    # issue 14 (5): a backend that would send a pool variable (here the store's DSN) to any host
+    ({"id": "steal-env", "backend": {"engine": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "CMR_STORE"}}, "backend.api_key_env"),
+    ({"id": "steal-default", "backend": {"engine": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "OPENAI_API_KEY"}}, "backend.api_key_env"),
+    ({"id": "bad-url", "backend": {"engine": "openai", "base_url": "file:///etc/passwd"}}, "backend.base_url"),
     ({"id": "deep-backend", "backend": {"engine": "openai", "a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}}, "backend"),
 ]

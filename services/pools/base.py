@@ -113,14 +113,20 @@ class FakeConfig(VLLMConfig):
     tokenizer: str | None = None
 
 
+#: the default name of the variable that holds a remote backend's key (allowed by the default
+#: ``BackendPolicy``)
+DEFAULT_KEY_ENV = "CMR_BACKEND_KEY_OPENAI"
+
+
 class OpenAIConfig(EngineConfig):
     """``openai``: a remote OpenAI-compatible endpoint; ``path`` is the remote model name (default
-    the model id), the key is read from the env var ``api_key_env`` (keys never live in cards)."""
+    the model id), the key is read from the env var ``api_key_env`` (keys never live in cards),
+    which ``BackendPolicy`` restricts."""
 
     engine: Literal["openai"] = "openai"
     path: str | None = None
     base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = Field(default=DEFAULT_KEY_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     max_new_tokens: int = Field(default=1024, ge=1)
 
 
@@ -133,16 +139,60 @@ ENGINES: dict[str, tuple[str, type[EngineConfig]]] = {
 }
 
 
-def engine_config(backend: dict[str, Any], where: str = "backend") -> EngineConfig:
-    """A card's ``backend`` as its engine's typed config; ``EngineError`` naming the field if not."""
+class BackendPolicy(BaseModel):
+    """What a card's remote backend may name (``AppArgs.backends``). A backend's key is read from
+    the pool process's environment by the name the card gives and sent to the card's host, so an
+    admin key could otherwise send any variable of the pool (a database password, a cloud token)
+    to any host it likes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: ``api_key_env`` must start with one of these ...
+    key_env_prefixes: list[str] = Field(default_factory=lambda: ["CMR_BACKEND_KEY_"])
+    #: ... or be one of these names (e.g. ``OPENAI_API_KEY``, off by default)
+    key_envs: list[str] = Field(default_factory=list)
+    #: hosts a ``base_url`` may name (``.example.com`` also allows its subdomains); None: any host
+    hosts: list[str] | None = None
+
+    def check(self, cfg: "EngineConfig", pre: str) -> None:
+        """``EngineError`` naming the field when ``cfg`` breaks this policy."""
+        env = getattr(cfg, "api_key_env", None)
+        if env is not None and env not in self.key_envs and not any(env.startswith(p) for p in self.key_env_prefixes if p):
+            allowed = [f"{p}*" for p in self.key_env_prefixes if p] + list(self.key_envs)
+            raise EngineError(f"field '{pre}api_key_env': {env!r} is not an allowed key variable "
+                              f"(allowed: {', '.join(allowed) or 'none'}; AppArgs.backends)")
+        url = getattr(cfg, "base_url", None)
+        if url is not None:
+            from urllib.parse import urlsplit
+
+            try:
+                parts = urlsplit(url)
+                host = (parts.hostname or "").lower()
+            except ValueError:
+                parts, host = None, ""
+            if parts is None or parts.scheme not in ("http", "https") or not host:
+                raise EngineError(f"field '{pre}base_url': must be an http(s) URL with a host, got {url!r}")
+            if self.hosts is not None and not any(host == h.lower() or (h.startswith(".") and host.endswith(h.lower()))
+                                                  for h in self.hosts):
+                raise EngineError(f"field '{pre}base_url': host {host!r} is not an allowed backend host "
+                                  f"(allowed: {', '.join(self.hosts) or 'none'}; AppArgs.backends.hosts)")
+
+
+def engine_config(backend: dict[str, Any], where: str = "backend", policy: BackendPolicy | None = None) -> EngineConfig:
+    """A card's ``backend`` as its engine's typed config; ``EngineError`` naming the field if not,
+    or if it breaks ``policy`` (None: the structure only — callers that store or build from a
+    card pass the app's policy)."""
     name = backend.get("engine") if isinstance(backend, dict) else None
     pre = f"{where}." if where else ""
     if name not in ENGINES:
         raise EngineError(f"field '{pre}engine': must be one of {', '.join(ENGINES)}, got {name!r}")
     try:
-        return ENGINES[name][1].model_validate(backend)
+        cfg = ENGINES[name][1].model_validate(backend)
     except ValidationError as e:
         raise EngineError(validation_line(e, prefix=pre)) from None
+    if policy is not None:
+        policy.check(cfg, pre)
+    return cfg
 
 
 def make_engine(model_id: str, backend: dict[str, Any]) -> Engine:

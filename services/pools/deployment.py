@@ -18,7 +18,7 @@ from ray import serve
 from cmr.errors import CMRError
 from services import metrics
 from services.config import AppArgs
-from services.pools.base import EngineError, EngineFactory, GenerationError, GenRequest, make_engine
+from services.pools.base import EngineError, EngineFactory, GenerationError, GenRequest, engine_config, make_engine
 
 log = logging.getLogger("ray.serve")
 
@@ -64,6 +64,8 @@ class PoolDeployment:
             raise CMRError(f"field 'model': model {model_id!r} has no backend to serve it (route-only hub entry)")
         import asyncio
 
+        # a card stored before the policy (or by another writer of the hub) is checked again here
+        engine_config(card.backend, where="backend", policy=self.args.backends)
         warm = self._warm.pop(model_id, None)
         return warm if warm is not None else await asyncio.to_thread(self.engine_factory, model_id, card.backend)
 

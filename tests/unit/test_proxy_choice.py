@@ -139,8 +139,11 @@ def test_haproxy_files_live_in_a_private_folder_of_the_state_dir():
         for name in px.RAY_HAPROXY_FILES:
             assert env[name] == str(d) or env[name].startswith(f"{d}/"), name
             # Ray adds "<56-hex node id>/" before the file name: the socket path must still fit
-            assert len(os.path.join(os.path.dirname(env[name]), "0" * 56, "metrics.sock")) <= 107
+            assert len(os.path.join(os.path.dirname(env[name]), "0" * 56, "metrics.sock")) <= 97  # HAProxy's `log` path limit
         assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
+        if px.haproxy_binary():  # Ray runs the wrapper that edits its config, which runs the real one
+            assert env[constants.RAY_HAPROXY_BINARY_ENV] == str(d / px.WRAPPER)
+            assert px._wrapped(env[constants.RAY_HAPROXY_BINARY_ENV]) == px.haproxy_binary()
         # issue 14 (2): limits that apply before any parsing, not Ray's hour-long client timeout / 2 GiB gRPC
         assert env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "60" and env["RAY_SERVE_HAPROXY_MAXCONN"] == "4096"
         assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(4 << 20)
@@ -207,3 +210,59 @@ def test_a_crashed_serves_front_door_is_stopped_and_a_foreign_process_left_alone
             p.kill()
             p.wait()
         shutil.rmtree(state)
+
+
+# the sections of Ray Serve's HAProxy template that cmr edits (Ray renders ports, paths, servers)
+_RAY_CONFIG = """global
+    log 127.0.0.1:514 local0 info
+    stats socket {sock} mode 666 level admin expose-fd listeners
+    stats timeout 30s
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    log global
+frontend prometheus
+    bind :{metrics}
+    mode http
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    no log
+frontend http_frontend
+    bind 127.0.0.1:{http}
+    http-request return status 200 if {{ path /-/healthz }}
+listen stats
+  bind *:{stats}
+  stats enable
+  stats uri /stats
+  stats refresh 1s
+"""
+
+
+@pytest.mark.skipif(px.haproxy_binary() is None, reason="no HAProxy binary here")
+@pytest.mark.parametrize("ports", [(None, None), (18404, 19101)])
+def test_the_wrapper_binds_stats_and_metrics_to_loopback_or_removes_them(tmp_path, ports):
+    """Issue 14 (3): Ray's template binds HAProxy's unauthenticated stats page and Prometheus
+    exporter on every interface at fixed ports (two instances clash) and leaves the admin socket
+    0666 and no request-header timeout. The real HAProxy accepts the edited config (``-c``)."""
+    import subprocess
+
+    from services.config import FrontDoorArgs
+
+    args = FrontDoorArgs(stats_port=ports[0], metrics_port=ports[1], http_request_timeout_s=7)
+    wrapper = px.front_door_wrapper(tmp_path, px.haproxy_binary(), args)
+    assert stat.S_IMODE(wrapper.stat().st_mode) == 0o700
+    cfg = tmp_path / "node" / "haproxy.cfg"
+    cfg.parent.mkdir()
+    cfg.write_text(_RAY_CONFIG.format(sock=tmp_path / "a.sock", metrics=9101, stats=8404, http=18080))
+    r = subprocess.run([str(wrapper), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    edited = (cfg.parent / "haproxy.cfg.cmr").read_text()
+    assert stat.S_IMODE((cfg.parent / "haproxy.cfg.cmr").stat().st_mode) == 0o600
+    binds = [line.split()[1] for line in edited.splitlines() if line.split()[:1] == ["bind"]]
+    if ports == (None, None):
+        assert binds == ["127.0.0.1:18080"] and "prometheus" not in edited and "listen stats" not in edited
+    else:
+        assert binds == ["127.0.0.1:19101", "127.0.0.1:18080", "127.0.0.1:18404"]
+    assert " mode 600 level admin" in edited and "mode 666" not in edited
+    assert "\n    timeout http-request 7s\n" in edited.split("frontend")[0]

@@ -87,6 +87,44 @@ def test_record_purges_on_its_own(tmp_path, store_dsn):
     assert st.decision("a") is None and st.decision("b") is not None
 
 
+def test_decisions_beyond_the_cap_are_purged_oldest_first(tmp_path, store_dsn):
+    """Issue 14 (7): retention by size as well as age: the newest ``max_decisions`` decisions are
+    kept, older ones only when they have feedback (the learner's events join with them)."""
+    st = _open(store_dsn, tmp_path, purge_every_s=3600)
+    st.configure(None, 3600, max_decisions=3)
+    for r in "abcdef":
+        _record(st, r)
+        time.sleep(0.01)  # distinct creation times
+    st.add_feedback("a", 1.0)
+    assert st.purge_expired() == 2  # "b", "c"
+    assert [r for r in "abcdef" if st.decision(r) is not None] == ["a", "d", "e", "f"]
+    st.configure(None, 0.0, max_decisions=1)
+    _record(st, "g")  # record purges on its own (no ttl needed)
+    assert [r for r in "abcdefg" if st.decision(r) is not None] == ["a", "g"]
+    assert [e.request_id for e in st.events()] == ["a"]
+
+
+def test_a_capped_sqlite_file_stops_growing(tmp_path):
+    """Bytes, not only rows: under the cap the file reuses the pages purged decisions freed."""
+    st = DecisionStore(tmp_path / "d.sqlite")
+    st.configure(None, 0.0, max_decisions=500)
+    rng = np.random.default_rng(0)
+
+    def fill(n):
+        for i in range(0, n, 100):
+            rids = [f"r{fill.k + j}" for j in range(100)]
+            fill.k += 100
+            ds = [Decision(model="m1", score=0.5, utility=0.5, alternatives=[], checkpoint_version=1, request_id=r) for r in rids]
+            st.record(ds, ["q" * 300] * 100, rng.standard_normal((100, 384)).astype(np.float32), [0.1] * 100)
+        st._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return (tmp_path / "d.sqlite").stat().st_size
+
+    fill.k = 0
+    first = fill(2000)
+    assert fill(6000) <= first * 1.1
+    assert st._db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 500
+
+
 def test_old_file_gains_owner_columns(tmp_path):
     path = tmp_path / "d.sqlite"
     db = sqlite3.connect(path)  # the first release's schema, with one decision in it

@@ -14,6 +14,13 @@ A version is written into a hidden temp folder, every file fsynced, then renamed
 none. :func:`latest` skips versions whose manifest or checksums do not verify. :func:`prune`
 keeps the newest N valid versions (rename to a trash folder, then delete; never a version a
 reader holds a lease on, :func:`reading`).
+
+A root may also be a URI (``s3://bucket/ckpt``, ``gs://…``, any pyarrow filesystem, or an fsspec
+one such as ``memory://``), the way Ray Train's ``storage_path`` works: a version is staged in a
+local temp folder, uploaded file by file with ``manifest.json`` last (a version without its
+manifest is incomplete and never read), and read back through :func:`fetch` into a local cache
+folder whose checksums are verified before use. Which version is *served* is not decided here but
+by a row in the state store (``cmr.published``): a version is published only once written whole.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -120,51 +128,115 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True, allow_nan=True).encode("utf-8")
 
 
+# ------------------------------------------------------------------------------ locations
+def is_remote(root: Path | str) -> bool:
+    """True for a URI naming a filesystem other than this node's (``file://`` and plain paths are local)."""
+    return isinstance(root, str) and "://" in root and urlsplit(root).scheme not in ("", "file")
+
+
+def local_path(root: Path | str) -> Path:
+    """A local root as a Path (``file:///x`` -> ``/x``)."""
+    return Path(urlsplit(root).path) if isinstance(root, str) and root.startswith("file://") else Path(root)
+
+
+def check_location(value: str) -> str:
+    """The one validator of a checkpoint location: a path, or a URI whose scheme pyarrow or fsspec knows."""
+    if is_remote(value):
+        import fsspec
+
+        scheme = urlsplit(value).scheme
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except (ValueError, ImportError) as e:
+            raise ValueError(f"no filesystem for {scheme}:// ({e})") from None
+    return value
+
+
+def _filesystem(uri: str):
+    """(pyarrow filesystem, path) of a remote URI: pyarrow's own filesystems, else fsspec's."""
+    import pyarrow
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pyarrow.ArrowInvalid:  # a scheme pyarrow does not know (memory://, …): through fsspec
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(root: Path | str, name: str) -> Path | str:
+    """``root/name`` for a local Path or a URI."""
+    return f"{root.rstrip('/')}/{name}" if is_remote(root) else local_path(root) / name
+
+
 # ------------------------------------------------------------------------------ store
 def versions(root: Path | str) -> list[int]:
     """Version numbers present under ``root`` (complete or not), ascending."""
-    root = Path(root)
+    if is_remote(root):
+        import pyarrow.fs as pafs
+
+        fs, path = _filesystem(root)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return sorted(int(m.group(1)) for i in infos if i.type == pafs.FileType.Directory and (m := _VERSION.match(i.base_name)))
+    root = local_path(root)
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _VERSION.match(p.name)))
 
 
 def version_dir(root: Path | str, version: int) -> Path:
-    return Path(root) / f"v{version:06d}"
+    """The folder of ``version`` under a local root."""
+    return local_path(root) / f"v{version:06d}"
+
+
+def version_uri(root: Path | str, version: int) -> str:
+    """Where ``version`` lives under ``root``, as a string (a path or a URI): what is published."""
+    return str(join(root, f"v{version:06d}"))
+
+
+def manifest_digest(path: Path | str) -> str:
+    """SHA-256 of a version folder's ``manifest.json``: the checksum published with it (the
+    manifest holds every other file's SHA-256, so it pins the whole version)."""
+    return _sha256(Path(path) / "manifest.json")
+
+
+def _write_folder(tmp: Path, version: int, policy, skeleton: Any, arrays: dict[str, np.ndarray], models: list, fingerprint: dict) -> None:
+    """Every file of one version into ``tmp``, each fsynced; the manifest last."""
+    private_dir(tmp)
+    with open(private_file(tmp / "weights.npz"), "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    _write(tmp / "state.json", _json(skeleton))
+    _write(tmp / "models.json", _json(models))
+    _write(tmp / "config.json", _json({"policy": policy.name, "config": policy.config.to_dict()}))
+    _write(tmp / "fingerprint.json", _json(fingerprint))
+    manifest = {"format": FORMAT, "version": version, "policy": policy.name, "created": time.time(),
+                "files": {name: _sha256(tmp / name) for name in _FILES}}
+    _write(tmp / "manifest.json", _json(manifest))
+    _fsync_dir(tmp)
 
 
 def save(root: Path | str, policy, fingerprint: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Checkpoint:
     """Write ``policy``'s state (plus ``extra`` entries: the learner's) as the next version under
-    ``root``; returns the checkpoint."""
-    root = Path(root)
-    private_dir(root, own=False)
+    ``root`` (a local folder or a URI); returns the checkpoint (``path``: its local folder, for a
+    URI the staged copy, which stays as the node's cache of it)."""
     state = {**policy.state_dict(), **(extra or {})}
     arrays: dict[str, np.ndarray] = {}
     skeleton = _split_arrays(state, arrays)
     models = list(getattr(policy, "_models", None) or state.get("card_ids") or [])
     fingerprint = dict(fingerprint or {})
+    if is_remote(root):
+        return _save_remote(root, policy, state, skeleton, arrays, models, fingerprint)
+    root = local_path(root)
+    private_dir(root, own=False)
     while True:
         version = (versions(root)[-1] if versions(root) else 0) + 1
         tmp = root / f".tmp-v{version:06d}-{os.getpid()}-{time.monotonic_ns()}"
-        private_dir(tmp)
         try:
-            with open(private_file(tmp / "weights.npz"), "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            _write(tmp / "state.json", _json(skeleton))
-            _write(tmp / "models.json", _json(models))
-            _write(tmp / "config.json", _json({"policy": policy.name, "config": policy.config.to_dict()}))
-            _write(tmp / "fingerprint.json", _json(fingerprint))
-            manifest = {
-                "format": FORMAT,
-                "version": version,
-                "policy": policy.name,
-                "created": time.time(),
-                "files": {name: _sha256(tmp / name) for name in _FILES},
-            }
-            _write(tmp / "manifest.json", _json(manifest))
-            _fsync_dir(tmp)
+            _write_folder(tmp, version, policy, skeleton, arrays, models, fingerprint)
             final = version_dir(root, version)
             if final.exists():  # another writer took this version meanwhile: try the next
                 shutil.rmtree(tmp)
@@ -175,6 +247,85 @@ def save(root: Path | str, policy, fingerprint: dict[str, Any] | None = None, ex
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _save_remote(root: str, policy, state, skeleton, arrays, models, fingerprint) -> Checkpoint:
+    # object stores have no atomic folder rename: upload the files, the manifest last; a version
+    # without a manifest is incomplete (never fetched), and only a published one is ever served
+    fs, base = _filesystem(root)
+    version = (versions(root)[-1] if versions(root) else 0) + 1
+    cache = _cache_dir(root)
+    tmp = cache / f".tmp-v{version:06d}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        _write_folder(tmp, version, policy, skeleton, arrays, models, fingerprint)
+        dest = f"{base.rstrip('/')}/v{version:06d}"
+        fs.create_dir(dest, recursive=True)
+        for name in (*_FILES, "manifest.json"):
+            with open(tmp / name, "rb") as src, fs.open_output_stream(f"{dest}/{name}") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        final = version_dir(cache, version)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Checkpoint(version=version, path=final, policy=policy.name, fingerprint=fingerprint, state=state)
+
+
+def _cache_dir(root: str) -> Path:
+    """This node's copies of a remote root's versions: ``$CMR_HOME/checkpoint-cache/<hash of root>``."""
+    from cmr import constants
+
+    return private_dir(constants.cmr_home() / "checkpoint-cache" / hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:16])
+
+
+def fetch(location: Path | str) -> Path:
+    """A version folder on this node: a local location as is; a remote one (``root/vNNNNNN``)
+    downloaded into the node's cache (temp folder, then rename), verified. Raises
+    ``CheckpointError`` for a version that is missing, incomplete or corrupt."""
+    if not is_remote(location):
+        return local_path(location)
+    root, name = str(location).rstrip("/").rsplit("/", 1)
+    if not _VERSION.match(name):
+        raise CheckpointError(f"{location}: not a version folder (…/v000001)")
+    final = _cache_dir(root) / name
+    try:
+        verify(final)
+        return final
+    except CheckpointError:
+        shutil.rmtree(final, ignore_errors=True)
+    fs, path = _filesystem(str(location))
+    tmp = final.parent / f".fetch-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    private_dir(tmp)
+    try:
+        for f in ("manifest.json", *_FILES):  # no manifest: incomplete, stop before the big files
+            try:
+                with fs.open_input_stream(f"{path}/{f}") as src, open(private_file(tmp / f), "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except (FileNotFoundError, OSError) as e:
+                raise CheckpointError(f"{location}: missing {f} ({e})") from None
+        verify(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another reader placed it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_fingerprint(root: Path | str, version: int) -> dict[str, Any] | None:
+    """``fingerprint.json`` of one version (not verified: the learner's audit reads the chain of
+    a corrupt version too), or None when unreadable."""
+    try:
+        if is_remote(root):
+            fs, path = _filesystem(version_uri(root, version))
+            with fs.open_input_stream(f"{path}/fingerprint.json") as f:
+                return json.loads(f.read())
+        return json.loads((version_dir(root, version) / "fingerprint.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def verify(path: Path | str) -> dict[str, Any]:
@@ -260,7 +411,9 @@ def prune(root: Path | str, keep: int) -> list[int]:
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    root = Path(root)
+    if is_remote(root):
+        return _prune_remote(root, keep)
+    root = local_path(root)
     vs = versions(root)
     valid: list[int] = []
     for v in reversed(vs):
@@ -292,9 +445,25 @@ def prune(root: Path | str, keep: int) -> list[int]:
     return removed
 
 
+def _prune_remote(root: str, keep: int) -> list[int]:
+    # no read leases on an object store: a reader fetches a whole copy first (``fetch``), so a
+    # version deleted meanwhile fails that fetch cleanly; complete = has its manifest
+    fs, base = _filesystem(root)
+    vs = versions(root)
+    have = [v for v in vs if fs.get_file_info(f"{base.rstrip('/')}/v{v:06d}/manifest.json").size is not None]
+    if len(have) < keep:
+        return []
+    oldest = have[-keep]
+    removed = [v for v in vs if v < oldest]
+    for v in removed:
+        fs.delete_dir(f"{base.rstrip('/')}/v{v:06d}")
+    return removed
+
+
 def open_checkpoint(path: Path | str) -> Checkpoint:
-    """A verified checkpoint folder as a :class:`Checkpoint` (state loaded lazily)."""
-    path = Path(path)
+    """A verified checkpoint folder (local, or a remote one fetched first) as a :class:`Checkpoint`
+    (state loaded lazily)."""
+    path = fetch(path)
     with reading(path):
         manifest = verify(path)
         try:
@@ -308,20 +477,30 @@ def latest(root: Path | str) -> Checkpoint | None:
     """The newest version under ``root`` that verifies; corrupt or partial ones are skipped."""
     for v in reversed(versions(root)):
         try:
-            return open_checkpoint(version_dir(root, v))
+            return open_checkpoint(version_uri(root, v))
         except CheckpointError:
             continue
     return None
 
 
 def resolve(path: Path | str) -> Path:
-    """A checkpoint folder, or a root whose latest valid version is used."""
-    path = Path(path)
+    """A checkpoint folder, or a root whose latest valid version is used (local or remote)."""
+    if is_remote(path):
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]
+        return fetch(path) if _VERSION.match(name) else _latest_path(path)
+    path = local_path(path)
     if (path / "manifest.json").is_file():
         return path
     ck = latest(path)
     if ck is None or ck.path is None:
         raise CheckpointError(f"{path}: no valid checkpoint")
+    return ck.path
+
+
+def _latest_path(root: str) -> Path:
+    ck = latest(root)
+    if ck is None or ck.path is None:
+        raise CheckpointError(f"{root}: no valid checkpoint")
     return ck.path
 
 

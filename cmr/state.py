@@ -26,7 +26,7 @@ log = logging.getLogger("cmr.state")
 
 SCHEMES = ("postgresql", "postgres")
 #: the shared versions replicas watch; each is NOTIFYed on channel ``cmr_<name>`` by its writers
-WATCHED = ("hub", "keys")
+WATCHED = ("hub", "keys", "checkpoints")
 CHANNELS = tuple(f"cmr_{n}" for n in WATCHED)
 #: pg_advisory_xact_lock key serialising schema migrations of replicas that start together
 _MIGRATE_LOCK = 0x636D72  # "cmr"

@@ -160,6 +160,11 @@ class AppArgs(_Strict):
     #: ``home`` (one node); ``postgresql://…``: one database shared by replicas on every node
     #: (``cmr.state``). Unset: ``CMR_STORE``
     store: str | None = None
+    #: where checkpoint versions are written: a path (local or a network mount) or a URI
+    #: (``s3://…``, ``gs://…``, any pyarrow/fsspec filesystem), as Ray Train's ``storage_path``;
+    #: None: ``<state>/checkpoints``. Routers load the version published in ``store``
+    #: (``cmr.published``), so every node serves the same one
+    checkpoints: str | None = None
     #: registered policy name (``cmr policies``); used for the router and the learner
     policy: str = "knn"
     policy_config: dict[str, Any] = Field(default_factory=dict)
@@ -258,6 +263,13 @@ class AppArgs(_Strict):
         if "policy" in info.data:  # else the policy name itself was refused
             policy_class(info.data["policy"]).Config.from_dict(v)
         return v
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _known_location(cls, v: str | None) -> str | None:
+        from cmr.checkpoint import check_location
+
+        return None if v is None else check_location(v)
 
     @field_validator("store")
     @classmethod

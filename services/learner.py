@@ -3,14 +3,17 @@
 It reads feedback events from the decision store after the offset of its last checkpoint, feeds
 them to the continual learner (``cmr.continual.learner.Learner.consume``: bounded online steps,
 replay and consolidation for trainable policies, ``policy.update`` for the others), hears of hub
-registrations (new cards are added to the policy before learning), and writes the next
-checkpoint version (``cmr.checkpoint``). Routers see the new version and swap to it.
+registrations (new cards are added to the policy before learning), writes the next checkpoint
+version (``cmr.checkpoint``, under ``AppArgs.checkpoints``) and, once it is whole, publishes it in
+the state store (``cmr.published``). Routers on every node swap to the published version.
 
 Exactly once: every checkpoint the learner writes (consolidations inside ``consume`` included)
 records in its fingerprint the offset range it applied, ``applied = [after, upto]`` (events with
 ``after < offset <= upto``), and the version it was built on (``base``). A restarted learner loads
 the newest checkpoint that verifies and resumes after its ``offset``; events it had applied in
-memory but not checkpointed died with the process and are applied again, once. A failed step
+memory but not checkpointed died with the process and are applied again, once. It resumes from the
+newest *published* version that verifies: a version written but not published (killed in between)
+is left out of the chain, and its events are applied again by the next version, once. A failed step
 reloads that checkpoint too, so a half-applied batch is never applied twice. :func:`audit` walks
 the ``base`` chain of the newest valid checkpoint and counts how often each stored event was
 applied (target: every event ≤ its offset exactly once). After each step the learner prunes old
@@ -23,23 +26,32 @@ it through :class:`LearnerClient`, which re-creates it if it was killed for good
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from cmr import checkpoint
-from cmr.continual.hooks import RecordingHooks
+from cmr.continual.hooks import LearnerHooks, RecordingHooks
 from cmr.continual.learner import Learner
+from cmr.published import PublishedStoreProtocol, load_served, publish
 from services.config import AppArgs
-from services.routing import checkpoint_root
-from services.store import open_decisions, open_hub
+from services.routing import checkpoint_root, served_checkpoint
+from services.store import open_decisions, open_hub, open_published
 
 log = logging.getLogger("cmr.serve.learner")
+
+
+class _Publish(LearnerHooks):
+    """Publishes every checkpoint the learner writes (consolidations included), once written whole."""
+
+    def __init__(self, store: PublishedStoreProtocol, root):
+        self.store, self.root = store, root
+
+    def after_checkpoint(self, ckpt) -> None:
+        publish(self.store, self.root, ckpt)
 
 
 class LearnerActor:
@@ -56,6 +68,7 @@ class LearnerActor:
         self.encoder = encoder
         self.store = open_decisions(self.args)
         self.root = checkpoint_root(self.args)
+        self.published = open_published(self.args)
         self.hub = open_hub(self.args)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -72,13 +85,13 @@ class LearnerActor:
         self._thread.start()
 
     def _load(self) -> None:
-        """(Re)load the newest valid checkpoint: policy, learner state, version, offset."""
-        ck = checkpoint.latest(self.root)
+        """(Re)load the newest published checkpoint that verifies: policy, learner state, version, offset."""
+        ck = load_served(self.published, self.args.policy)
         if ck is None:
-            raise checkpoint.CheckpointError(f"{self.root}: no valid checkpoint to learn from")
+            raise checkpoint.CheckpointError(f"{self.root}: no published checkpoint to learn from")
         self.hooks = RecordingHooks()
         la = self.args.learner
-        self.learner = Learner.resume(ck, encoder=self.encoder, hooks=[self.hooks], store=self.root,
+        self.learner = Learner.resume(ck, encoder=self.encoder, hooks=[self.hooks, _Publish(self.published, self.root)], store=self.root,
                                       consolidate_every=la.consolidate_every, events_per_step=la.events_per_step)
         self.policy = self.learner.policy
         self.version = self.base = ck.version
@@ -256,19 +269,10 @@ def learner_handle(args: AppArgs):
         return None
 
 
-def _fingerprint(root: Path, version: int) -> dict[str, Any] | None:
-    # the chain is read from fingerprint.json alone: a base whose weights are corrupt still tells
-    # which events its successor's state contains (the learner held them in memory)
-    try:
-        return json.loads((checkpoint.version_dir(root, version) / "fingerprint.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def audit(args: AppArgs) -> dict[str, Any]:
-    """Which stored feedback events the newest valid checkpoint has learnt, and how often.
+    """Which stored feedback events the served checkpoint has learnt, and how often.
 
-    Walks ``base`` links from the newest checkpoint that verifies back to the first-start one,
+    Walks ``base`` links from the newest published checkpoint that verifies back to the first-start one,
     adding up the ``applied`` offset ranges; every stored event at or below that checkpoint's
     offset should be covered exactly once. Returns counts and the offending offsets (first 20).
 
@@ -284,7 +288,7 @@ def audit(args: AppArgs) -> dict[str, Any]:
         offsets = [e.offset for e in store.events(after=0, limit=10**9)]
     finally:
         store.close()
-    ck = checkpoint.latest(root)
+    ck = served_checkpoint(args)
     out: dict[str, Any] = {"accepted": len(offsets), "checkpoint_version": None, "chain": [], "broken": None,
                            "audited_from_version": None, "audited_from_offset": 0, "pruned_upto": None, "before_chain": 0}
     if ck is None:
@@ -306,10 +310,12 @@ def audit(args: AppArgs) -> dict[str, Any]:
         if "base" not in fp:
             break
         v = int(fp["base"])
-        fp = _fingerprint(root, v)
+        # the chain is read from fingerprint.json alone: a base whose weights are corrupt still
+        # tells which events its successor's state contains (the learner held them in memory)
+        fp = checkpoint.read_fingerprint(root, v)
         if fp is None:
             left = checkpoint.versions(root)
-            if not checkpoint.version_dir(root, v).exists() and (not left or v < left[0]):
+            if v not in left and (not left or v < left[0]):
                 out["pruned_upto"] = v  # retention removed it and everything older: not a break
             else:
                 out["broken"] = f"base v{v} has no readable fingerprint"

@@ -170,8 +170,9 @@ class RouterDeployment:
         if core is not None:
             core.close()
 
-    async def reload(self, version: int | None = None) -> dict[str, Any]:
-        v = await asyncio.to_thread(self.core.reload, version)
+    async def reload(self) -> dict[str, Any]:
+        """Swap to the published checkpoint now (the watcher does it within ``reload_check_s``)."""
+        v = await asyncio.to_thread(self.core.check_checkpoint)
         return {"checkpoint_version": v}
 
     async def status(self) -> dict[str, Any]:

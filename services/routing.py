@@ -34,7 +34,8 @@ from cmr.state import private_file
 from cmr.policies import make_policy, policy_class
 from cmr.types import Decision, ModelCard
 from services.config import AppArgs
-from services.store import open_decisions, open_hub
+from cmr.published import Published, load_served, open_publication, publish
+from services.store import open_decisions, open_hub, open_published
 
 log = logging.getLogger("cmr.serve.router")
 
@@ -118,9 +119,21 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def checkpoint_root(args: AppArgs) -> Path:
-    """Where the served policy's versioned checkpoints live (``cmr.checkpoint`` layout)."""
-    return args.state_dir() / "checkpoints" / args.policy
+def checkpoint_root(args: AppArgs) -> Path | str:
+    """Where the served policy's versioned checkpoints live (``cmr.checkpoint`` layout): under
+    ``AppArgs.checkpoints`` (a path or URI), default ``<state>/checkpoints``."""
+    return checkpoint.join(args.checkpoints or args.state_dir() / "checkpoints", args.policy)
+
+
+def served_checkpoint(args: AppArgs) -> checkpoint.Checkpoint | None:
+    """The newest published version of the served policy that verifies (``cmr.published``), or None."""
+    from cmr.published import load_served
+
+    store = open_published(args)
+    try:
+        return load_served(store, args.policy)
+    finally:
+        store.close()
 
 
 def check_checkpoint_config(args: AppArgs) -> None:
@@ -131,7 +144,7 @@ def check_checkpoint_config(args: AppArgs) -> None:
     silently not apply. Raises ``ConfigError`` naming the options and what to do instead.
     """
     root = checkpoint_root(args)
-    ck = checkpoint.latest(root) if args.policy_config else None
+    ck = served_checkpoint(args) if args.policy_config else None
     if ck is None:
         return
     cls = policy_class(args.policy).Config
@@ -228,7 +241,13 @@ def bootstrap(args: AppArgs, encoder) -> None:
         if served:
             hub.add(served)
         root = checkpoint_root(args)
-        if checkpoint.latest(root) is None:
+        published = open_published(args)
+        if published.current(args.policy) is not None:
+            published.close()
+            hub.store.close()
+            return
+        ck = checkpoint.latest(root)  # written before publication existed, or by `cmr train --out`
+        if ck is None:
             from cmr.continual.learner import Learner
 
             policy = make_policy(args.policy, encoder=encoder, config=args.policy_config or None)
@@ -249,8 +268,10 @@ def bootstrap(args: AppArgs, encoder) -> None:
                     learner.train_experience(Experience(exp.k, tr, exp.test), bench_data.cards_upto(exp.k))
                     log.info("trained %s on experience %d (%d requests)", args.policy, exp.k, len(tr))
             policy.add_models(hub.list())
-            checkpoint.save(root, policy, {"offset": 0, "trained_on": str(args.bench_path()), "train_limit": args.train_limit,
-                                           "encoder": encoder.name}, {"learner": learner.state_dict()})
+            ck = checkpoint.save(root, policy, {"offset": 0, "trained_on": str(args.bench_path()), "train_limit": args.train_limit,
+                                                "encoder": encoder.name}, {"learner": learner.state_dict()})
+        publish(published, root, ck)
+        published.close()
         hub.store.close()
 
 
@@ -273,6 +294,7 @@ class RouterCore:
         self.store = open_decisions(args)
         self.profile_prompts = read_profile_prompts(args)
         self.ckpt_root = checkpoint_root(args)
+        self.published = open_published(args)
         self._hub_store = open_hub(args)
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
@@ -282,9 +304,11 @@ class RouterCore:
         self.hub = ModelHub(self._hub_store)
         self._emb: dict[str, np.ndarray] = {}
         self.policy, self.version = self._load_policy(None)
-        self._newest_seen = self.version
+        self._seen = self.published.current(args.policy)
         self._rebuild()
         self._closed = threading.Event()
+        self._wake = threading.Event()
+        self.published.on_change(self._wake.set)  # PostgreSQL: a publication on any node wakes the watcher
         self._calib_stamp: tuple | None = None
         self.calibration = None
         self.default_lam = float(args.cost_weight)
@@ -297,11 +321,11 @@ class RouterCore:
         n = self.args.query_max_tokens
         return encoder.with_max_tokens(n) if n and hasattr(encoder, "with_max_tokens") else encoder
 
-    def _load_policy(self, version: int | None):
-        """The policy of checkpoint ``version`` (None: the newest that verifies)."""
-        ck = checkpoint.latest(self.ckpt_root) if version is None else checkpoint.open_checkpoint(checkpoint.version_dir(self.ckpt_root, version))
+    def _load_policy(self, pub: Published | None):
+        """The policy of publication ``pub`` (None: the newest published version that verifies)."""
+        ck = load_served(self.published, self.args.policy) if pub is None else open_publication(pub)
         if ck is None:
-            raise checkpoint.CheckpointError(f"{self.ckpt_root}: no valid checkpoint")
+            raise checkpoint.CheckpointError(f"{self.ckpt_root}: no published checkpoint of {self.args.policy} verifies")
         made_with = ck.fingerprint.get("encoder")
         if made_with and made_with != self.encoder.name:  # served: measured harmless exact -> int8 (services/README.md)
             log.info("checkpoint v%d was trained with encoder %s, the router encodes with %s (cmr train --encoder)",
@@ -339,19 +363,19 @@ class RouterCore:
                     self._rebuild()
 
     def check_checkpoint(self) -> int:
-        """Swap to the newest checkpoint if there is a newer one; returns the served version.
+        """Swap to the published version when a new one was published; returns the served version.
 
-        Listing version folders is cheap; checksums are verified only when a new one appears, and
-        a version that fails verification is skipped (the router keeps serving what it has).
+        Reading the publication is cheap (PostgreSQL: a local view, queried only after a NOTIFY);
+        a published version is fetched and verified once, and one that fails verification is
+        skipped (the router keeps serving what it has).
         """
-        vs = checkpoint.versions(self.ckpt_root)
-        newest = vs[-1] if vs else 0
-        if newest > self._newest_seen:
-            self._newest_seen = newest
+        pub = self.published.current(self.args.policy)
+        if pub is not None and pub != self._seen:
+            self._seen = pub
             try:
-                return self.reload(newest)
+                return self.reload(pub)
             except checkpoint.CheckpointError:
-                log.exception("checkpoint v%d does not verify; still serving v%d", newest, self.version)
+                log.exception("published checkpoint v%d does not verify; still serving v%d", pub.version, self.version)
         return self.version
 
     def start_watcher(self, tick: Callable[[], None] | None = None) -> None:
@@ -359,7 +383,11 @@ class RouterCore:
         loading happens beside the serving path, which only ever sees the finished swap. ``tick``
         runs after each check (the deployment reports its gauges there)."""
         def loop() -> None:
-            while not self._closed.wait(self.args.reload_check_s or 0.5):
+            while not self._closed.is_set():
+                self._wake.wait(self.args.reload_check_s or 0.5)
+                self._wake.clear()
+                if self._closed.is_set():
+                    return
                 try:
                     self.sync()
                     self.check_checkpoint()
@@ -373,6 +401,7 @@ class RouterCore:
 
     def close(self) -> None:
         self._closed.set()
+        self._wake.set()
 
     def warm_up(self) -> float:
         """Encode and route a spread of query lengths once, singly and as one full batch, past the
@@ -387,8 +416,9 @@ class RouterCore:
             self.route([RouteRequest(query=t, k=self.args.top_k, record=False) for t in group], emb=inner.encode(group))
         return time.perf_counter() - t0
 
-    def reload(self, version: int | None = None) -> int:
-        """Load checkpoint ``version`` (default latest) beside the current one, then swap.
+    def reload(self, pub: Published | None = None) -> int:
+        """Load publication ``pub`` (default: the newest published that verifies) beside the
+        current one, then swap.
 
         Requests keep using the old policy until the swap, which is one reference assignment under
         the lock: nothing in flight is dropped or failed. Concurrent reloads coalesce.
@@ -396,9 +426,9 @@ class RouterCore:
         if not self._reload_lock.acquire(blocking=False):
             return self.version
         try:
-            if version is not None and version == self.version:
+            if pub is not None and pub.version == self.version:
                 return self.version
-            policy, v = self._load_policy(version)
+            policy, v = self._load_policy(pub)
             if v == self.version:
                 return v
             policy.add_models(list(self._table.cards))  # embed cards now, not on the request path

@@ -38,6 +38,7 @@ from cmr.state import PgDatabase, is_postgres, private_file
 from cmr.types import Decision, FeedbackEvent
 
 if TYPE_CHECKING:
+    from cmr.published import PublishedStoreProtocol
     from services.config import AppArgs
 
 _SCHEMA = """
@@ -143,6 +144,13 @@ def open_decisions(args: "AppArgs") -> DecisionStoreProtocol:
 def open_hub(args: "AppArgs") -> HubStoreProtocol:
     """The hub store of a served app (``AppArgs.store``)."""
     return open_hub_store(args.store_dsn(), args.state_dir() / "hub.sqlite")
+
+
+def open_published(args: "AppArgs") -> "PublishedStoreProtocol":
+    """Which checkpoint versions are published (served) in a served app (``AppArgs.store``)."""
+    from cmr.published import open_published_store
+
+    return open_published_store(args.store_dsn(), args.state_dir() / "published.sqlite")
 
 
 def _rows_to_events(rows) -> list[FeedbackEvent]:

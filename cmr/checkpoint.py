@@ -139,12 +139,16 @@ def local_path(root: Path | str) -> Path:
     return Path(urlsplit(root).path) if isinstance(root, str) and root.startswith("file://") else Path(root)
 
 
+#: schemes pyarrow's own filesystems serve (others go through fsspec)
+_PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+
+
 def check_location(value: str) -> str:
     """The one validator of a checkpoint location: a path, or a URI whose scheme pyarrow or fsspec knows."""
-    if is_remote(value):
+    scheme = urlsplit(value).scheme if is_remote(value) else ""
+    if scheme and scheme not in _PYARROW_SCHEMES:
         import fsspec
 
-        scheme = urlsplit(value).scheme
         try:
             fsspec.get_filesystem_class(scheme)
         except (ValueError, ImportError) as e:

@@ -69,10 +69,18 @@ def open_publication(p: Published) -> checkpoint.Checkpoint:
     return ck
 
 
-def load_served(store: PublishedStoreProtocol, policy: str) -> checkpoint.Checkpoint | None:
+def load_served(store: PublishedStoreProtocol, policy: str, adopt: Path | str | None = None) -> checkpoint.Checkpoint | None:
     """The newest published version of ``policy`` that opens and verifies (a corrupt one is
-    skipped, with a log line), or None when nothing is published."""
-    for p in store.history(policy):
+    skipped, with a log line), or None when nothing is published. With ``adopt`` (a checkpoint
+    root) and nothing published yet, the newest whole version there is published and returned: one
+    written before publications existed, or by ``cmr train --out``."""
+    history = store.history(policy)
+    if not history and adopt is not None:
+        ck = checkpoint.latest(adopt)
+        if ck is not None:
+            publish(store, adopt, ck)
+        return ck
+    for p in history:
         try:
             return open_publication(p)
         except checkpoint.CheckpointError:

@@ -86,7 +86,7 @@ class LearnerActor:
 
     def _load(self) -> None:
         """(Re)load the newest published checkpoint that verifies: policy, learner state, version, offset."""
-        ck = load_served(self.published, self.args.policy)
+        ck = load_served(self.published, self.args.policy, adopt=self.root)
         if ck is None:
             raise checkpoint.CheckpointError(f"{self.root}: no published checkpoint to learn from")
         self.hooks = RecordingHooks()

@@ -144,7 +144,8 @@ def check_checkpoint_config(args: AppArgs) -> None:
     silently not apply. Raises ``ConfigError`` naming the options and what to do instead.
     """
     root = checkpoint_root(args)
-    ck = served_checkpoint(args) if args.policy_config else None
+    # nothing published yet: the newest whole version, which the first start publishes
+    ck = (served_checkpoint(args) or checkpoint.latest(root)) if args.policy_config else None
     if ck is None:
         return
     cls = policy_class(args.policy).Config
@@ -242,11 +243,7 @@ def bootstrap(args: AppArgs, encoder) -> None:
             hub.add(served)
         root = checkpoint_root(args)
         published = open_published(args)
-        if published.current(args.policy) is not None:
-            published.close()
-            hub.store.close()
-            return
-        ck = checkpoint.latest(root)  # written before publication existed, or by `cmr train --out`
+        ck = load_served(published, args.policy, adopt=root)
         if ck is None:
             from cmr.continual.learner import Learner
 
@@ -270,7 +267,7 @@ def bootstrap(args: AppArgs, encoder) -> None:
             policy.add_models(hub.list())
             ck = checkpoint.save(root, policy, {"offset": 0, "trained_on": str(args.bench_path()), "train_limit": args.train_limit,
                                                 "encoder": encoder.name}, {"learner": learner.state_dict()})
-        publish(published, root, ck)
+            publish(published, root, ck)  # written whole: now routers on every node may load it
         published.close()
         hub.store.close()
 

@@ -149,7 +149,10 @@ def test_learner_exactly_once_across_consolidation_and_a_failed_step(tmp_path):
     fp0 = checkpoint.open_checkpoint(checkpoint.version_dir(root, kept[0])).fingerprint
     assert a["audited_from_offset"] == fp0["applied"][0] > 0 and a["learnt"] + a["before_chain"] == a["accepted"] == 15, a
     # a version missing inside the kept window is a broken chain, not retention
-    checkpoint.save(root, checkpoint.load_policy(root, encoder=enc), {"offset": 15, "applied": [15, 15], "base": kept[-1]})
+    from cmr.published import publish
+    from services.store import open_published
+
+    publish(open_published(args2), root, checkpoint.save(root, checkpoint.load_policy(root, encoder=enc), {"offset": 15, "applied": [15, 15], "base": kept[-1]}))
     import shutil
 
     shutil.rmtree(checkpoint.version_dir(root, kept[-1]))

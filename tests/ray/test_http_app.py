@@ -262,9 +262,12 @@ def test_checkpoint_swap_under_concurrent_requests(client, served):
     """Requests keep streaming in (8 concurrent workers) while two new checkpoint versions are
     written and swapped in: no request fails, and answers come from old and new versions alike."""
     from cmr import checkpoint
+    from cmr.published import publish
     from services.routing import checkpoint_root
+    from services.store import open_published
 
     root = checkpoint_root(served.args)
+    published = open_published(served.args)
     v0 = client.get("/healthz").json()["checkpoint_version"]
 
     async def run() -> tuple[list[httpx.Response], list[int]]:
@@ -281,7 +284,9 @@ def test_checkpoint_swap_under_concurrent_requests(client, served):
             swapped = []
             for _ in range(2):  # a new version of the same policy, written as the learner writes
                 policy = await asyncio.to_thread(checkpoint.load_policy, root)
-                v = (await asyncio.to_thread(checkpoint.save, root, policy, {"note": "hot-swap test"})).version
+                ck = await asyncio.to_thread(checkpoint.save, root, policy, {"note": "hot-swap test"})
+                await asyncio.to_thread(publish, published, root, ck)  # written whole, then published: routers switch
+                v = ck.version
                 while (await ac.get("/healthz")).json()["checkpoint_version"] < v:  # served while the workers keep going
                     await asyncio.sleep(0.05)
                 swapped.append(v)

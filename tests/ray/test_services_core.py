@@ -209,16 +209,20 @@ def test_router_core_routes_registers_and_swaps(tmp_path, mini_bench, encoder):
 
 def test_router_replicas_on_two_nodes_share_a_postgresql_store(tmp_path, mini_bench, encoder, pg_dsn):
     """Two router cores with their own state folders (two nodes) and one PostgreSQL store: the
-    hub is seeded once, a model registered on one is routable on the other within 1 s, and a
-    decision made on one takes feedback through the other, exactly once."""
+    hub is seeded once, a model registered on one is routable on the other within 1 s, a
+    decision made on one takes feedback through the other, exactly once, and a checkpoint the
+    learner publishes is served by the other within 1 s (its NOTIFY wakes the watcher, whose own
+    poll is 30 s here)."""
     import time
 
     from services.config import AppArgs
+    from services.learner import LearnerActor
     from services.routing import RouteRequest, RouterCore
     from services.store import DuplicateFeedbackError
 
     bench, n_cards = mini_bench
-    kw = dict(bench=str(bench), tiny_models=False, profile_size=0, store=pg_dsn, learner={"enabled": False, "poll_s": 0})
+    kw = dict(bench=str(bench), tiny_models=False, profile_size=0, store=pg_dsn, learner={"enabled": False, "poll_s": 0},
+              checkpoints=str(tmp_path / "shared-checkpoints"), reload_check_s=30.0)
     a = RouterCore(AppArgs(home=str(tmp_path / "node-a"), **kw), encoder)
     b = RouterCore(AppArgs(home=str(tmp_path / "node-b"), **kw), encoder)
     assert len(a.models()) == len(b.models()) == n_cards and a.hub.version == b.hub.version  # seeded once
@@ -234,6 +238,17 @@ def test_router_replicas_on_two_nodes_share_a_postgresql_store(tmp_path, mini_be
     with pytest.raises(DuplicateFeedbackError):
         b.store.add_feedback(d.request_id, 1.0)
     assert [e.request_id for e in b.store.events()] == [d.request_id]
+    b.start_watcher()
+    learner = LearnerActor(a.args.to_dict(), encoder=encoder)
+    try:
+        t0 = time.monotonic()
+        v = learner.step()
+        while b.version != v:
+            assert time.monotonic() - t0 < 1.0, "the published checkpoint not served by the other replica within 1 s"
+            time.sleep(0.01)
+    finally:
+        learner.stop()
+        b.close()
 
 
 def test_retrieve_k_preselects_by_card_similarity(tmp_path, mini_bench, encoder):

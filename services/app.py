@@ -46,15 +46,17 @@ def build_app(args: dict[str, Any] | AppArgs | None = None, engine_factory: Engi
 
 
 def deploy(args: AppArgs, *, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None,
-           engine_factory: EngineFactory | None = None, logging_config: dict[str, Any] | None = None) -> None:
+           engine_factory: EngineFactory | None = None, logging_config: dict[str, Any] | None = None,
+           proxy_location: str | None = None) -> None:
     """Start Serve on ``host:port`` (and gRPC on ``grpc_port``) and run the app as ``cmr`` at ``/``:
     the one deployment of ``cmr serve``, the serving benchmark, the load test and the Ray tests.
-    Ray must be up (``cmr.raycluster.start``)."""
+    Ray must be up (``cmr.raycluster.start``). ``proxy_location`` (Serve's: ``EveryNode``,
+    ``HeadOnly``): None keeps Serve's default; several nodes on one host need ``HeadOnly`` (one port)."""
     from services.grpc import servicer_functions
 
     grpc = {"port": grpc_port, "grpc_servicer_functions": servicer_functions()} if grpc_port else None
     http = {"host": host, "port": port, "keep_alive_timeout_s": args.front_door.keep_alive_timeout_s}
-    serve.start(http_options=http, grpc_options=grpc)
+    serve.start(http_options=http, grpc_options=grpc, **({"proxy_location": proxy_location} if proxy_location else {}))
     serve.run(build_app(args, engine_factory), name="cmr", route_prefix="/", logging_config=logging_config)
 
 

@@ -103,6 +103,9 @@ class LearnerArgs(_Strict):
     #: checkpoint versions kept after each learner step: the newest this many that verify
     #: (``cmr.checkpoint.prune``); 0 keeps every version
     keep_checkpoints: int = Field(default=20, ge=0)
+    #: extra Ray actor options of the learner (e.g. ``{"resources": {"learner": 1}}`` to place it
+    #: on chosen nodes); it always asks for 0 CPUs unless this sets ``num_cpus``
+    actor_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class AuthArgs(_Strict):

@@ -198,8 +198,9 @@ def _create(args: AppArgs):
     la = args.learner
     cls = ray.remote(LearnerActor)
     # max_restarts=-1: Ray restarts a crashed learner, which resumes from its last checkpoint
+    opts = {"num_cpus": 0, **la.actor_options}
     return cls.options(name=la.name, namespace=la.namespace, lifetime="detached", get_if_exists=True,
-                       num_cpus=0, max_concurrency=4, max_restarts=-1).remote(args.to_dict())
+                       max_concurrency=4, max_restarts=-1, **opts).remote(args.to_dict())
 
 
 class _Method:

@@ -288,6 +288,9 @@ class RouterCore:
         # routed queries: an in-memory LRU over the encoder itself (no disk write per batch)
         self.query_encoder = MemoryCachedEncoder(self.query_view(getattr(encoder, "inner", encoder)), args.query_cache_size)
         bootstrap(args, encoder)
+        #: names this router in the request ids it issues: decisions of every replica, on every
+        #: node, share one store and stay attributable
+        self.instance = uuid.uuid4().hex[:8]
         self.store = open_decisions(args)
         self.profile_prompts = read_profile_prompts(args)
         self.ckpt_root = checkpoint_root(args)
@@ -525,7 +528,7 @@ class RouterCore:
         rec = [(i, d) for i, d in enumerate(out) if isinstance(d, Decision)]
         took = time.perf_counter() - t0
         for _, d in rec:
-            d.request_id = f"cmr-{uuid.uuid4().hex}"
+            d.request_id = f"cmr-{self.instance}{uuid.uuid4().hex[:24]}"
             d.latency_s = took
         keep = [(i, d) for i, d in rec if reqs[i].record]
         if keep:

@@ -184,12 +184,19 @@ class LearnerActor:
     def status(self) -> dict[str, Any]:
         return {"checkpoint_version": self.version, "offset": self.offset, "steps": self.steps, "events_learnt": self.events_learnt,
                 "waiting": self.store.last_offset() - self.offset, "instance": self.instance, "started": self.started,
-                "pid": os.getpid(), "failures": self.failures, "last_error": self.last_error, "pruned": self.pruned,
+                "pid": os.getpid(), "node": _node_id(), "failures": self.failures, "last_error": self.last_error, "pruned": self.pruned,
                 "checkpoints_written": sum(1 for k, _ in self.hooks.log if k == "after_checkpoint")}
 
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
+
+
+def _node_id() -> str | None:
+    """The Ray node this runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _create(args: AppArgs):

@@ -405,9 +405,29 @@ def _leased(root: Path) -> set[int]:
     return out
 
 
-def prune(root: Path | str, keep: int) -> list[int]:
-    """Remove old versions: keep the newest ``keep`` that verify and everything newer than the
-    oldest of them (corrupt ones included: their fingerprints still link the learner's chain).
+def _kept(newest_first: Iterable[tuple[int, int, float] | None], keep: int, max_bytes: int, max_age_s: float) -> tuple[list[int], bool]:
+    """Which valid versions retention keeps, from ``(version, bytes, created)`` newest first
+    (None: a version that does not verify, skipped): the newest always, then up to ``keep`` while
+    the total stays within ``max_bytes`` and each is younger than ``max_age_s`` (0: no limit).
+    Returns the kept versions and whether a limit was reached (else nothing may go)."""
+    kept: list[int] = []
+    total, now = 0, time.time()
+    for item in newest_first:
+        if item is None:
+            continue
+        v, size, created = item
+        if len(kept) == keep or kept and ((max_bytes and total + size > max_bytes) or (max_age_s and now - created > max_age_s)):
+            return kept, True
+        total += size
+        kept.append(v)
+    return kept, len(kept) == keep
+
+
+def prune(root: Path | str, keep: int, max_bytes: int = 0, max_age_s: float = 0.0) -> list[int]:
+    """Remove old versions: keep the newest that verifies, and more of the newest valid ones up
+    to ``keep`` versions, ``max_bytes`` in all and ``max_age_s`` of age (0: no such limit), plus
+    everything newer than the oldest kept (corrupt ones included: their fingerprints still link
+    the learner's chain).
 
     Never removes a version under a read lease (:func:`reading`). A version is first renamed
     into ``<root>/.trash-…`` (atomic), then deleted, so a reader sees a whole folder or none.
@@ -416,20 +436,21 @@ def prune(root: Path | str, keep: int) -> list[int]:
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if is_remote(root):
-        return _prune_remote(root, keep)
+        return _prune_remote(root, keep, max_bytes, max_age_s)
     root = local_path(root)
     vs = versions(root)
-    valid: list[int] = []
-    for v in reversed(vs):
-        if len(valid) == keep:
-            break
+
+    def info(v: int) -> tuple[int, int, float] | None:
+        d = version_dir(root, v)
         try:
-            verify(version_dir(root, v))
-        except CheckpointError:
-            continue
-        valid.append(v)
+            m = verify(d)
+            return v, sum(f.stat().st_size for f in d.iterdir()), float(m.get("created", 0))
+        except (CheckpointError, OSError):
+            return None
+
+    valid, limited = _kept((info(v) for v in reversed(vs)), keep, max_bytes, max_age_s)
     removed: list[int] = []
-    if len(valid) == keep:
+    if limited and valid:
         oldest, leased = valid[-1], _leased(root)
         for v in vs:
             if v >= oldest:
@@ -449,16 +470,27 @@ def prune(root: Path | str, keep: int) -> list[int]:
     return removed
 
 
-def _prune_remote(root: str, keep: int) -> list[int]:
+def _prune_remote(root: str, keep: int, max_bytes: int, max_age_s: float) -> list[int]:
     # no read leases on an object store: a reader fetches a whole copy first (``fetch``), so a
-    # version deleted meanwhile fails that fetch cleanly; complete = has its manifest
+    # version deleted meanwhile fails that fetch cleanly; complete = has its manifest (not
+    # re-verified here: that would download every version)
+    import pyarrow.fs as pafs
+
     fs, base = _filesystem(root)
     vs = versions(root)
-    have = [v for v in vs if fs.get_file_info(f"{base.rstrip('/')}/v{v:06d}/manifest.json").size is not None]
-    if len(have) < keep:
+
+    def info(v: int) -> tuple[int, int, float] | None:
+        files = fs.get_file_info(pafs.FileSelector(f"{base.rstrip('/')}/v{v:06d}"))
+        man = next((f for f in files if f.base_name == "manifest.json"), None)
+        if man is None:
+            return None
+        created = man.mtime.timestamp() if man.mtime is not None else time.time()
+        return v, sum(f.size or 0 for f in files), created
+
+    kept, limited = _kept((info(v) for v in reversed(vs)), keep, max_bytes, max_age_s)
+    if not (limited and kept):
         return []
-    oldest = have[-keep]
-    removed = [v for v in vs if v < oldest]
+    removed = [v for v in vs if v < kept[-1]]
     for v in removed:
         fs.delete_dir(f"{base.rstrip('/')}/v{v:06d}")
     return removed

@@ -100,9 +100,18 @@ class LearnerArgs(_Strict):
     #: (defaults: the learner's own, which the benchmarks use)
     events_per_step: int = Field(default=EVENTS_PER_STEP, ge=1)
     consolidate_every: int = Field(default=CONSOLIDATE_EVERY, ge=1)
-    #: checkpoint versions kept after each learner step: the newest this many that verify
-    #: (``cmr.checkpoint.prune``); 0 keeps every version
+    #: a checkpoint is written (and published) once this many events were learnt since the last
+    #: one, or this many seconds after the first of them, whichever comes first; events learnt in
+    #: between live in memory (a restart learns them again, once) and reach routers with it
+    checkpoint_every_events: int = Field(default=1000, ge=1)
+    checkpoint_every_s: float = Field(default=10.0, gt=0)
+    #: checkpoint versions kept after each write: the newest this many that verify
+    #: (``cmr.checkpoint.prune``); 0 keeps every version (and ignores the two limits below)
     keep_checkpoints: int = Field(default=20, ge=0)
+    #: ... and fewer when they would exceed this many bytes in all, or be older than this many
+    #: seconds (0: no such limit); the newest valid version is always kept
+    keep_checkpoint_bytes: int = Field(default=1 << 30, ge=0)
+    keep_checkpoint_age_s: float = Field(default=0.0, ge=0)
     #: extra Ray actor options of the learner (e.g. ``{"resources": {"learner": 1}}`` to place it
     #: on chosen nodes); it always asks for 0 CPUs unless this sets ``num_cpus``
     actor_options: dict[str, Any] = Field(default_factory=dict)

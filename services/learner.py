@@ -80,6 +80,7 @@ class LearnerActor:
         self.failures = 0
         self.last_error: dict[str, Any] | None = None  # the newest failed step: when and what (the console shows it)
         self.pruned = 0
+        self.checkpoint_bytes = 0  # written by this instance: the cost the schedule bounds
         self._stop = False
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -96,17 +97,22 @@ class LearnerActor:
         self.policy = self.learner.policy
         self.version = self.base = ck.version
         # an old consolidation checkpoint may lack the offset: the store's cursor is written after each save
-        self.offset = int(ck.fingerprint.get("offset", self.store.cursor("learner")))
+        self.offset = self.saved_offset = int(ck.fingerprint.get("offset", self.store.cursor("learner")))
+        self._unsaved, self._unsaved_since = 0, None  # events learnt since the last checkpoint, since when
         self._hub_version = -1
         log.info("learner %s on checkpoint v%d, offset %d", self.instance, self.version, self.offset)
 
     def _loop(self) -> None:
         # wake on notify, or every poll_s: feedback written while nobody nudged is still learnt
         while not self._stop:
-            self._wake.wait(self.args.learner.poll_s or None)
+            wait = self.args.learner.poll_s or None
+            if self._unsaved_since is not None:  # and when the unsaved events are due in a checkpoint
+                due = max(0.0, self._unsaved_since + self.args.learner.checkpoint_every_s - time.monotonic())
+                wait = due if wait is None else min(wait, due)
+            self._wake.wait(wait)
             self._wake.clear()
             try:
-                self.step()
+                self.step(save=False)
                 # every poll, not only after learning: Ray stops exporting a process's series
                 # when it reports nothing for a while, and an idle learner's lag is still news
                 self._metrics()
@@ -124,50 +130,65 @@ class LearnerActor:
         """New feedback or a registration arrived: learn soon (returns at once)."""
         self._wake.set()
 
-    def step(self) -> int | None:
-        """Learn from every waiting event; returns the new checkpoint version, or None if idle."""
+    def step(self, save: bool = True) -> int | None:
+        """Learn from every waiting event, then write a checkpoint of what is unsaved: always
+        (``save``), or when the schedule says (``LearnerArgs.checkpoint_every_events`` /
+        ``checkpoint_every_s``: the loop). Returns the version written, or None."""
         with self._lock:
             if self.hub.version() != self._hub_version:
                 # new hub entries become policy arms (card embeddings, profile answers)
                 self._hub_version = self.hub.version()
                 self.policy.add_models([c for c, _, _ in self.hub.load()])
+            la = self.args.learner
             events = self.store.events(after=self.offset)
-            if len(events) < self.args.learner.min_events:
-                return None
-            start, n = self.offset, 0
-            eps = self.args.learner.events_per_step
-            for i in range(0, len(events), eps):
-                part = events[i : i + eps]
-                upto = int(part[-1].offset)
-                # a consolidation checkpoint written inside consume() covers exactly the events so far
-                self.learner.fingerprint = {"offset": upto, "applied": [start, upto], "base": self.base}
-                n += len(part)
-                ck = self.learner.consume(part)
-                if ck is not None:
-                    self.version = self.base = ck.version
-                    start, n = upto, 0
-            self.learner.fingerprint = {}
-            upto = int(events[-1].offset)
-            if start < upto:
-                ck = self.learner.checkpoint({"offset": upto, "applied": [start, upto], "base": self.base,
-                                              "events": n, "created": time.time(), "learner": self.instance, "encoder": self.encoder.name})
-                self.version = self.base = ck.version
-            self.offset = upto  # after the checkpoint: status() never shows the offset ahead of the version
-            self.store.set_cursor("learner", self.offset)
-            self._prune()
-            self.steps += 1
-            self.events_learnt += len(events)
-            log.info("learnt %d feedback events -> checkpoint v%d", len(events), self.version)
-            self._metrics()
-            return self.version
+            written = None
+            if len(events) >= la.min_events:
+                for i in range(0, len(events), la.events_per_step):
+                    part = events[i : i + la.events_per_step]
+                    upto = int(part[-1].offset)
+                    # a consolidation checkpoint written inside consume() covers exactly the events so far
+                    self.learner.fingerprint = {"offset": upto, "applied": [self.saved_offset, upto], "base": self.base}
+                    if self._unsaved_since is None:
+                        self._unsaved_since = time.monotonic()
+                    self._unsaved += len(part)
+                    ck = self.learner.consume(part)
+                    self.offset = upto
+                    if ck is not None:
+                        written = self._saved(ck)
+                self.learner.fingerprint = {}
+                self.steps += 1
+                self.events_learnt += len(events)
+            due = self._unsaved_since is not None and (save or self._unsaved >= la.checkpoint_every_events
+                                                        or time.monotonic() - self._unsaved_since >= la.checkpoint_every_s)
+            if due:
+                ck = self.learner.checkpoint({"offset": self.offset, "applied": [self.saved_offset, self.offset], "base": self.base,
+                                              "events": self._unsaved, "created": time.time(), "learner": self.instance,
+                                              "encoder": self.encoder.name})
+                written = self._saved(ck)
+            if written is not None:
+                self.store.set_cursor("learner", self.saved_offset)
+                self._prune()
+                log.info("learnt up to offset %d -> checkpoint v%d", self.saved_offset, written)
+            if events or written is not None:
+                self._metrics()
+            return written
+
+    def _saved(self, ck) -> int:
+        """A checkpoint of everything learnt so far was written (and published by the hook)."""
+        self.version = self.base = ck.version
+        self.saved_offset = self.offset
+        self._unsaved, self._unsaved_since = 0, None
+        self.checkpoint_bytes += sum(f.stat().st_size for f in ck.path.iterdir()) if ck.path is not None else 0
+        return ck.version
 
     def _prune(self) -> None:
         """Keep the newest ``keep_checkpoints`` valid versions (0: all); a failure only logs."""
-        keep = self.args.learner.keep_checkpoints
+        la = self.args.learner
+        keep = la.keep_checkpoints
         if keep <= 0:
             return
         try:
-            gone = checkpoint.prune(self.root, keep)
+            gone = checkpoint.prune(self.root, keep, max_bytes=la.keep_checkpoint_bytes, max_age_s=la.keep_checkpoint_age_s)
         except OSError:
             log.exception("pruning old checkpoints failed")
             return
@@ -179,11 +200,14 @@ class LearnerActor:
         from services import metrics
 
         metrics.checkpoint_version(self.version, role="learner")
-        metrics.learner_lag(self.store.last_offset() - self.offset)
+        metrics.learner_lag(self.store.last_offset() - self.saved_offset)
 
     def status(self) -> dict[str, Any]:
-        return {"checkpoint_version": self.version, "offset": self.offset, "steps": self.steps, "events_learnt": self.events_learnt,
-                "waiting": self.store.last_offset() - self.offset, "instance": self.instance, "started": self.started,
+        # offset / waiting: what the checkpoints hold and what they do not yet (durable lag);
+        # applied_offset: what the policy in memory has learnt (ahead by the unsaved events)
+        return {"checkpoint_version": self.version, "offset": self.saved_offset, "applied_offset": self.offset, "unsaved": self._unsaved,
+                "steps": self.steps, "events_learnt": self.events_learnt, "checkpoint_bytes": self.checkpoint_bytes,
+                "waiting": self.store.last_offset() - self.saved_offset, "instance": self.instance, "started": self.started,
                 "pid": os.getpid(), "node": _node_id(), "failures": self.failures, "last_error": self.last_error, "pruned": self.pruned,
                 "checkpoints_written": sum(1 for k, _ in self.hooks.log if k == "after_checkpoint")}
 

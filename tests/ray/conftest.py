@@ -49,7 +49,7 @@ def served(ray_session, tmp_path_factory, request):
     home = tmp_path_factory.mktemp("cmr_home")
     # API keys are on by default in the server; these tests run in explicit open mode unless the
     # module's APP_ARGS says otherwise (tests/ray/test_security.py)
-    fields = {"home": str(home), "train_limit": 40, "learner": {"poll_s": 0.5}, "auth": {"open": True}, **getattr(request.module, "APP_ARGS", {})}
+    fields = {"home": str(home), "train_limit": 40, "learner": {"poll_s": 0.5, "checkpoint_every_s": 0.5}, "auth": {"open": True}, **getattr(request.module, "APP_ARGS", {})}
     args = AppArgs(**fields)
     factory = None
     if getattr(request.module, "ENGINE_FACTORY", None) == "fake-vllm":

@@ -32,7 +32,7 @@ def _pools(tmp_path_factory):
     prepare_models(models_home)
     pools = [p.model_copy(update={"num_replicas": 2}).model_dump(mode="json") for p in effective_pools(models_home)]
     # keep 3 checkpoint versions: retention runs under the kills below, routers reading meanwhile
-    APP_ARGS.update({"pools": pools, "learner": {"poll_s": 0.5, "keep_checkpoints": 3}})
+    APP_ARGS.update({"pools": pools, "learner": {"poll_s": 0.5, "checkpoint_every_s": 0.5, "keep_checkpoints": 3}})
     if "auth" in AppArgs.model_fields:  # local test server: explicit open mode (no API keys)
         APP_ARGS["auth"] = {"open": True}
     yield
@@ -88,7 +88,7 @@ def test_learner_exactly_once_across_consolidation_and_a_failed_step(tmp_path):
     from services.store import DecisionStore
 
     args = AppArgs(home=str(tmp_path), bench=None, tiny_models=False, profile_size=0,
-                   learner={"enabled": False, "poll_s": 0, "events_per_step": 2, "consolidate_every": 3})
+                   learner={"enabled": False, "poll_s": 0, "events_per_step": 2, "consolidate_every": 3, "checkpoint_every_s": 0.5})
     enc = default_encoder()
     bootstrap(args, enc)
     hub = ModelHub(HubStore(args.state_dir() / "hub.sqlite"))

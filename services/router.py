@@ -5,7 +5,7 @@ single ``route`` calls (other callers) are gathered by ``@serve.batch``. Either 
 routed together: one encoder call and one ``policy.score`` per batch. The blocking work (MiniLM,
 FAISS, SQLite) runs in a worker thread so the replica keeps accepting requests while a batch is
 scored. Hub changes are picked up
-per batch (``RouterCore.sync``); newer checkpoints are loaded and swapped in by a watcher thread.
+per batch (``RouterCore.sync``); the published checkpoint is loaded and swapped in by a watcher thread.
 """
 
 from __future__ import annotations

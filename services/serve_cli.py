@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="durable state: 'sqlite' (files under --home, the default) or a postgresql://… DSN shared by "
                                    "replicas on several nodes (AppArgs.store; default CMR_STORE)")
     p.add_argument("--train-limit", type=int, help="train the first-start router on at most this many requests per experience")
+    p.add_argument("--checkpoints", help="where checkpoint versions are written: a path every node can read or a URI "
+                                         "(s3://…, gs://…; AppArgs.checkpoints; default <home>/serve/checkpoints)")
     p.add_argument("--no-learner", action="store_true", help="do not start the online learner actor")
     p.add_argument("--no-tiny-models", action="store_true", help="do not create/serve the two tiny local chat models")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
@@ -59,6 +61,8 @@ def build_args(ns: argparse.Namespace):
         data["home"] = ns.home
     if getattr(ns, "store", None):
         data["store"] = ns.store
+    if getattr(ns, "checkpoints", None):
+        data["checkpoints"] = ns.checkpoints
     if ns.train_limit:
         data["train_limit"] = ns.train_limit
     if ns.no_learner:

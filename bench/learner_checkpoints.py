@@ -28,7 +28,7 @@ def run(mode: str, learner_args: dict, events: int, rate: float, train_limit: in
     from services.routing import bootstrap
     from services.store import open_decisions, open_hub
 
-    home = tempfile.mkdtemp(prefix=f"cmr-ckbench-{mode}-")
+    home = tempfile.mkdtemp(prefix="cmr-ckbench-")
     args = AppArgs(home=home, tiny_models=False, profile_size=0, train_limit=train_limit or None,
                    learner={"enabled": False, "poll_s": 0, **learner_args})
     bootstrap(args, encoder)

@@ -12,7 +12,7 @@ Layout: ``<root>/v000001/`` with
 A version is written into a hidden temp folder, every file fsynced, then renamed into place
 (``os.replace`` of a directory is atomic on POSIX), so a reader sees a whole checkpoint or
 none. :func:`latest` skips versions whose manifest or checksums do not verify. :func:`prune`
-keeps the newest N valid versions (rename to a trash folder, then delete; never a version a
+keeps the newest valid versions by count, total bytes and age (rename to a trash folder, then delete; never a version a
 reader holds a lease on, :func:`reading`).
 
 A root may also be a URI (``s3://bucket/ckpt``, ``gs://…``, any pyarrow filesystem, or an fsspec

@@ -61,6 +61,22 @@ def publish(store: PublishedStoreProtocol, root: Path | str, ck: checkpoint.Chec
     return store.publish(ck.policy, ck.version, checkpoint.version_uri(root, ck.version), checkpoint.manifest_digest(ck.path))
 
 
+def publish_latest(root: Path | str, store: str) -> Published:
+    """Publish the newest whole version under ``root`` (what ``cmr train --publish`` does after a
+    retraining job): ``store`` is a served app's postgresql://… DSN, or its ``published.sqlite``."""
+    from cmr.state import SCHEMES
+
+    ck = checkpoint.latest(root)
+    if ck is None:
+        raise checkpoint.CheckpointError(f"{root}: no valid checkpoint to publish")
+    dsn = store if store.split("://", 1)[0] in SCHEMES else None
+    st = open_published_store(dsn, store)
+    try:
+        return publish(st, root, ck)
+    finally:
+        st.close()
+
+
 def open_publication(p: Published) -> checkpoint.Checkpoint:
     """The checkpoint of publication ``p``, fetched to this node and verified against its checksum."""
     ck = checkpoint.open_checkpoint(p.uri)

@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="carve", help="registered policy name (default: carve)")
     p.add_argument("--data", type=Path, default=None, help="CMRBench folder (default: $CMR_DATA/cmrbench)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint root (versions v000001, ... are written under it)")
+    p.add_argument("--publish", metavar="STORE", nargs="?", const="", default=None,
+                   help="then publish the newest version to a served app's routers: its store's postgresql://… DSN, or its "
+                        "state folder's published.sqlite; no value: CMR_STORE (without --publish the routers keep serving "
+                        "what is published)")
     p.add_argument("--ray", action="store_true", help="run inside a Ray Train TorchTrainer (1 CPU worker, local Ray)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="policy config options")
     p.add_argument("--config", default=None, metavar="FILE.json", help="policy config as a JSON object, e.g. `cmr tune cmr`'s chosen_config.json (--set wins)")
@@ -156,4 +160,12 @@ def run(args: argparse.Namespace) -> int:
     summaries = run_ray(opts) if args.ray else _train_loop(opts)
     for s in summaries:
         print(json.dumps(s))
+    if getattr(args, "publish", None) is not None:
+        from cmr.published import publish_latest
+
+        store = args.publish or constants.store_dsn()
+        if not store:
+            raise TrainError("--publish: give the app's store (a postgresql://… DSN or its published.sqlite); CMR_STORE is unset")
+        pub = publish_latest(opts["out"], store)
+        print(json.dumps({"published": pub.version, "uri": pub.uri}))
     return 0

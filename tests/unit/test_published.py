@@ -113,3 +113,33 @@ def test_checkpoint_location_is_checked():
     assert AppArgs(checkpoints="s3://bucket/cmr").checkpoints == "s3://bucket/cmr"
     with pytest.raises(ConfigError, match="checkpoints"):
         load_args({"checkpoints": "nosuchfs://x"})
+
+
+def test_cmr_serve_takes_the_checkpoint_location(tmp_path, capsys):
+    import argparse
+
+    from cmr.cli import main
+    from services.serve_cli import add_arguments, build_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    ns = p.parse_args(["--home", str(tmp_path), "--checkpoints", "gs://bucket/cmr", "--no-tiny-models"])
+    assert build_args(ns).checkpoints == "gs://bucket/cmr"
+    assert main(["serve", "--home", str(tmp_path), "--checkpoints", "nosuchfs://x"]) == 2
+    assert "checkpoints" in capsys.readouterr().err
+
+
+def test_a_retrained_version_is_published_for_the_routers(tmp_path, store_dsn):
+    from cmr.published import publish_latest
+
+    root = tmp_path / "checkpoints" / "random"
+    store = store_dsn or str(tmp_path / "published.sqlite")
+    reader = _replica(store_dsn, tmp_path / "published.sqlite")
+    try:
+        checkpoint.save(root, make_policy("random"))
+        checkpoint.save(root, make_policy("random"))  # what `cmr train --out ROOT` leaves
+        assert reader.current("random") is None
+        assert publish_latest(root, store).version == 2  # `cmr train --publish STORE`
+        assert load_served(reader, "random").version == 2
+    finally:
+        reader.close()

@@ -322,12 +322,17 @@ def fetch(location: Path | str) -> Path:
 def read_fingerprint(root: Path | str, version: int) -> dict[str, Any] | None:
     """``fingerprint.json`` of one version (not verified: the learner's audit reads the chain of
     a corrupt version too), or None when unreadable."""
+    return read_json(root, version, "fingerprint.json")
+
+
+def read_json(root: Path | str, version: int, name: str) -> Any:
+    """One JSON file of a version, local or remote, unverified (None when unreadable)."""
     try:
         if is_remote(root):
             fs, path = _filesystem(version_uri(root, version))
-            with fs.open_input_stream(f"{path}/fingerprint.json") as f:
+            with fs.open_input_stream(f"{path}/{name}") as f:
                 return json.loads(f.read())
-        return json.loads((version_dir(root, version) / "fingerprint.json").read_text())
+        return json.loads((version_dir(root, version) / name).read_text())
     except (OSError, ValueError):
         return None
 

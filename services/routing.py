@@ -628,10 +628,7 @@ class RouterCore:
         """The served checkpoint (version, when written) and the newest consolidation among the
         last ``scan`` versions (the learner marks those in their fingerprint)."""
         def read(v: int, name: str) -> dict[str, Any]:
-            try:
-                return json.loads((checkpoint.version_dir(self.ckpt_root, v) / name).read_text())
-            except (OSError, ValueError):
-                return {}
+            return checkpoint.read_json(self.ckpt_root, v, name) or {}
 
         def when(v: int) -> float | None:
             return read(v, "manifest.json").get("created")

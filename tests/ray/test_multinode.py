@@ -106,7 +106,6 @@ class Load:
 
 @pytest.fixture(scope="module")
 def cluster(pg_server, tmp_path_factory):
-    import os
     import shutil
     import tempfile
 
@@ -126,21 +125,25 @@ def cluster(pg_server, tmp_path_factory):
     constants.export_for_ray_workers()  # the embedding cache and offline settings, inherited by every raylet
     node = lambda name, **res: {"num_cpus": 1, "object_store_memory": 80 << 20, "resources": res, "temp_dir": ray_tmp,  # noqa: E731
                                 "env_vars": {"CMR_HOME": str(tmp / name)}}  # no state folder shared between nodes
-    c = Cluster(initialize_head=True, head_node_args={**node("head", head=1), "include_dashboard": False})
-    nodes = {"router_a": c.add_node(**node("router_a", router=1)), "router_b": c.add_node(**node("router_b", router=1)),
-             "learner": c.add_node(**node("learner", learner=1))}
-    os.environ["CMR_HOME"] = str(tmp / "driver")
-    ray.init(address=c.address, log_to_driver=False)
+    c = None
     try:
-        yield c, nodes, node, pg.new_database(pg_server, "multinode"), tmp
+        with pytest.MonkeyPatch.context() as mp:
+            c = Cluster(initialize_head=True, head_node_args={**node("head", head=1), "include_dashboard": False})
+            nodes = {"router_a": c.add_node(**node("router_a", router=1)), "router_b": c.add_node(**node("router_b", router=1)),
+                     "learner": c.add_node(**node("learner", learner=1))}
+            mp.setenv("CMR_HOME", str(tmp / "driver"))
+            ray.init(address=c.address, log_to_driver=False)
+            yield c, nodes, node, pg.new_database(pg_server, "multinode"), tmp
     finally:
         from ray import serve
 
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
         finally:
             ray.shutdown()
-            c.shutdown()
+            if c is not None:
+                c.shutdown()
             shutil.rmtree(ray_tmp, ignore_errors=True)
             if was_up:
                 raycluster.start()

@@ -42,7 +42,10 @@ import numpy as np
 from cmr.errors import CMRError
 
 # the issue's floors on the 2-core machine
-FLOORS = {"decision_p99_ms_2k": 15.0, "decision_p99_ms_100k": 30.0, "router_overhead_frac": 0.20, "routed_rps": 100.0}
+FLOORS = {"decision_p99_ms_2k": 15.0, "decision_p99_ms_100k": 30.0, "router_overhead_frac": 0.20, "routed_rps": 100.0,
+          # issue 17, fake instant upstream: server CPU per ``auto`` request, lone and at 16 concurrent;
+          # a lone request's p50 added over the upstream's own
+          "auto_cpu_ms_lone": 10.0, "auto_cpu_ms_at16": 6.0, "auto_added_p50_ms_lone": 12.0}
 
 _FAMILIES = ("llama", "mistral", "qwen", "gemma", "phi", "falcon", "bloom", "gpt-neo", "t5", "bert", "roberta", "deberta",
              "opt", "pythia", "stablelm", "mpt", "olmo", "yi", "baichuan", "internlm")
@@ -358,6 +361,8 @@ def _cpu_by_role(servers: dict[str, str] | None = None) -> dict[str, float]:
         elif cmd.startswith("ray::"):
             title = cmd[5:].split()[0] if cmd[5:].split() else cmd
             role = title.split(":")[-1].split(".")[0] if title.startswith("ServeReplica") else title.split(".")[0]
+        elif "bench.fake_upstream" in cmd:  # the fake remote model: not the app
+            role = "upstream"
         elif os.path.basename(cmd.split()[0] if cmd.split() else "") == "haproxy":  # Serve's front door (HAProxyManager's child)
             role = "haproxy"
         elif "raylet" in cmd or "gcs_server" in cmd:
@@ -538,6 +543,115 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
             undeploy(args)
 
 
+# -- server CPU per request against a fake instant upstream ------------------------------------
+#: roles of ``_cpu_by_role`` that are not the app: the load generator and the fake remote model
+_NOT_APP = ("client", "upstream")
+
+
+def _start_fake_upstream() -> tuple[Any, str]:
+    """``bench.fake_upstream`` (a FAKE remote model) as a child process on a free port; its URL."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.fake_upstream", str(port)], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url + "/models", timeout=1).read()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("the fake upstream exited at start") from None
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the fake upstream did not answer within 30 s")
+
+
+def cpu_per_request(levels: Sequence[int], n_requests: int, *, home: Path, train_limit: int, app: dict[str, Any] | None = None,
+                    proxy: str | None = None, idle_s: float = 8.0) -> dict[str, Any]:
+    """Server CPU per request (every process of the app: proxy, ingress, router, pool, raylet, GCS,
+    ...) at each concurrency in ``levels`` (1 = a lone request at a time), for ``auto`` (router, then
+    pool), a named model (generation at once, its decision recorded beside it) and the pool direct
+    (named, ``routing.record`` false: no router), in front of the FAKE instant OpenAI-compatible
+    upstream ``bench.fake_upstream`` serving two remote models. The app's background CPU (measured
+    for ``idle_s`` with no traffic) is subtracted per cell; the client's and the fake's are not the
+    app's. CPU time, not wall: other users of the machine are not counted. Cells run A B C C B A."""
+    from cmr import constants, raycluster
+    from services import proxy as px
+    from services.app import deploy, undeploy
+    from services.config import AppArgs, PoolConfig, ServedModel
+
+    upstream, base = _start_fake_upstream()
+    models = [ServedModel(id=f"remote-{x}", engine="openai", base_url=base, path="fake", cost=c, family="remote", domain="text-generation",
+                          description=f"A remote chat model ({x}) behind an OpenAI-compatible endpoint.") for x, c in (("a", 0.001), ("b", 0.004))]
+    args = AppArgs(home=str(home), policy="knn", train_limit=train_limit, learner={"enabled": False}, auth={"open": True},
+                   tiny_models=False, pools=[PoolConfig(name="remote", models=models)], **(app or {}))
+    port = _free_port()
+    proxy = px.resolve_proxy(proxy) if proxy else constants.proxy_in_env()
+    try:
+        with raycluster.running(env=px.ray_proxy_env(proxy)):
+            try:
+                deploy(args, port=port)
+                url = f"http://127.0.0.1:{port}"
+                run_id, seq = os.urandom(4).hex(), iter(range(10**9))
+                pool = test_prompts(10**9, seed=2)
+
+                def q() -> str:  # every prompt new: no cache answers for the encoder
+                    k = next(seq)
+                    return pool[k] if k < len(pool) else f"{pool[k % len(pool)]} (#{run_id}-{k})"
+
+                def body(model: str, record: bool = True) -> dict:
+                    b = {"model": model, "messages": [{"role": "user", "content": q()}], "max_tokens": 8}
+                    return b if record else {**b, "routing": {"record": False}}
+
+                kinds = {"auto": lambda: body("auto"), "named": lambda: body(models[0].id), "pool": lambda: body(models[0].id, False)}
+                for mk in kinds.values():  # warm-up: replicas, clients, batch loops
+                    asyncio.run(_load(url, "/v1/chat/completions", [mk() for _ in range(16)], 8))
+                # the upstream alone, from the same client: what the app adds to a lone request's p50
+                direct = asyncio.run(_load(base.removesuffix("/v1"), "/v1/chat/completions",
+                                           [body("fake") for _ in range(50)], 1))
+                time.sleep(1.0)
+                c0, t0 = _cpu_by_role(), time.perf_counter()
+                time.sleep(idle_s)
+                c1, idle_wall = _cpu_by_role(), time.perf_counter() - t0
+                idle = {k: max(0.0, c1[k] - c0.get(k, 0.0)) / idle_wall for k in c1 if k not in _NOT_APP}
+                out: dict[str, Any] = {"upstream": "fake (bench.fake_upstream), instant", "models": [m.id for m in models],
+                                       "proxy": proxy, "loadavg_start": list(os.getloadavg()), "idle_cpu_ms_per_s": {k: round(v * 1e3, 2) for k, v in idle.items() if v > 0},
+                                       "upstream_direct_p50_ms": direct.get("p50_ms"), "cells": {}}
+                half = max(1, n_requests // 2)
+                for c in levels:
+                    parts: dict[str, list[dict[str, Any]]] = {}
+                    cpu: dict[str, dict[str, float]] = {}
+                    for name in ("auto", "named", "pool", "pool", "named", "auto"):
+                        a0 = _cpu_by_role()
+                        part = asyncio.run(_load(url, "/v1/chat/completions", [kinds[name]() for _ in range(half)], c))
+                        a1 = _cpu_by_role()
+                        parts.setdefault(name, []).append(part)
+                        acc = cpu.setdefault(name, {})
+                        for k in a1:
+                            if k not in _NOT_APP:  # background subtracted: the idle rate over this part's wall time
+                                acc[k] = acc.get(k, 0.0) + a1[k] - a0.get(k, 0.0) - idle.get(k, 0.0) * part["wall_s"]
+                    for name in kinds:
+                        cell = _merge(parts[name])
+                        cell.pop("models")
+                        n = cell.get("n") or 0
+                        by = {k: round(v * 1e3 / n, 2) for k, v in cpu[name].items() if n and abs(v) * 1e3 / n >= 0.05}
+                        cell["server_cpu_ms_per_request"] = round(sum(cpu[name].values()) * 1e3 / n, 2) if n else None
+                        cell["cpu_ms_per_request_by_role"] = dict(sorted(by.items(), key=lambda kv: -kv[1]))
+                        out["cells"][f"{name}@{c}"] = cell
+                    print("cpu " + "  ".join(f"{k}@{c} {out['cells'][f'{k}@{c}']['server_cpu_ms_per_request']} ms "
+                                             f"(p50 {out['cells'][f'{k}@{c}'].get('p50_ms', float('nan')):.1f})" for k in kinds), flush=True)
+                out["loadavg_end"] = list(os.getloadavg())
+                return out
+            finally:
+                undeploy(args)
+    finally:
+        upstream.kill()
+        upstream.wait()
+
+
 # -- report ----------------------------------------------------------------------------------
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -560,6 +674,18 @@ def verdicts(report: dict[str, Any]) -> dict[str, Any]:
                       "met": v["frac_of_direct_p50"] <= FLOORS["router_overhead_frac"]}
         if k.startswith("route@"):
             out[f"routed_rps@{k[6:]}"] = {"measured": v["rps"], "floor": FLOORS["routed_rps"], "met": v["rps"] >= FLOORS["routed_rps"]}
+    cpu = (report.get("cpu") or {}).get("cells", {})
+    lone, at16 = cpu.get("auto@1"), cpu.get("auto@16")
+    if lone and lone.get("server_cpu_ms_per_request") is not None:
+        v = lone["server_cpu_ms_per_request"]
+        out["auto_cpu_ms_lone"] = {"measured": v, "floor": FLOORS["auto_cpu_ms_lone"], "met": v <= FLOORS["auto_cpu_ms_lone"]}
+        up = report["cpu"].get("upstream_direct_p50_ms")
+        if up is not None and lone.get("p50_ms") is not None:
+            v = lone["p50_ms"] - up
+            out["auto_added_p50_ms_lone"] = {"measured": v, "floor": FLOORS["auto_added_p50_ms_lone"], "met": v <= FLOORS["auto_added_p50_ms_lone"]}
+    if at16 and at16.get("server_cpu_ms_per_request") is not None:
+        v = at16["server_cpu_ms_per_request"]
+        out["auto_cpu_ms_at16"] = {"measured": v, "floor": FLOORS["auto_cpu_ms_at16"], "met": v <= FLOORS["auto_cpu_ms_at16"]}
     return out
 
 
@@ -631,6 +757,24 @@ def render_md(report: dict[str, Any]) -> str:
             if k.startswith("router_overhead"):
                 lines.append(f"\n{k}: chat_auto p50 − {v.get('direct', 'chat_direct')} p50 = {v['p50_ms']:.1f} ms = "
                              f"{100 * v['frac_of_direct_p50']:.0f}% of the latter")
+    cpu = report.get("cpu")
+    if cpu:
+        lines += ["", "## Server CPU per request, fake instant OpenAI-compatible upstream (issue 17)", "",
+                  f"Every process of the app (front door {cpu['proxy']}, ingress, router, pool, raylet, GCS, ...), CPU time "
+                  f"from /proc, its idle background ({sum(cpu['idle_cpu_ms_per_s'].values()):.0f} ms/s, measured with no traffic) "
+                  f"subtracted; the client and the fake are not counted. Load average at start {cpu['loadavg_start']}, at end "
+                  f"{cpu.get('loadavg_end')}. Upstream alone: p50 {cpu['upstream_direct_p50_ms']:.1f} ms. "
+                  "auto: router, then pool; named: generation at once, decision recorded beside it; pool: named, "
+                  "routing.record false (no router).", "",
+                  "| concurrency | auto CPU ms/req | named | pool direct | auto p50 / p99 ms | named p50 | pool p50 | auto req/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in sorted({int(k.split("@")[1]) for k in cpu["cells"]}):
+            a, nm, pl = (cpu["cells"].get(f"{k}@{c}", {}) for k in ("auto", "named", "pool"))
+            f = lambda x, k="server_cpu_ms_per_request": f"{x[k]:.1f}" if x.get(k) is not None else "-"  # noqa: E731
+            lines.append(f"| {c} | {f(a)} | {f(nm)} | {f(pl)} | {f(a, 'p50_ms')} / {f(a, 'p99_ms')} | {f(nm, 'p50_ms')} | {f(pl, 'p50_ms')} | {a.get('rps', 0):.0f} |")
+        lines += ["", "By process (ms per request, idle subtracted):", ""]
+        for k, v in cpu["cells"].items():
+            lines.append(f"- {k}: " + ", ".join(f"{r} {ms:.2f}" for r, ms in v["cpu_ms_per_request_by_role"].items()))
     lines += ["", "## Floors", "", "| floor | measured | limit | met |", "|---|---|---|---|"]
     for k, v in report["floors"].items():
         lines.append(f"| {k} | {v['measured']:.3g} | {v['floor']:g} | {'yes' if v['met'] else 'NO'} |")
@@ -673,6 +817,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy", choices=("haproxy", "serve"), default=None,
                    help="end-to-end app's front door: haproxy (Ray Serve's HAProxy, direct ingress) or serve (Serve's Python "
                         "proxy); default haproxy when its binary exists")
+    p.add_argument("--cpu-levels", type=int, nargs="*", default=[1, 16, 32],
+                   help="concurrencies of the server-CPU cells against the fake upstream (none = skip them)")
+    p.add_argument("--cpu-requests", type=int, default=160, help="requests per server-CPU cell")
+    p.add_argument("--cpu-only", action="store_true", help="only the server-CPU cells (no encoder, decision or e2e sections)")
     p.add_argument("--out", type=Path, default=None)
 
 
@@ -710,6 +858,8 @@ def run(a: argparse.Namespace) -> int:
             others.append((b, int(t), int(single[0]) if single else None))
     except ValueError:
         raise BenchServeError("--decision-encoders: each must be BACKEND:THREADS[:SINGLE_THREADS], e.g. onnx-int8:1:2") from None
+    if a.cpu_only:
+        a.encoder_prompts, a.quality, a.models, a.skip_e2e = 0, False, [], True
     prompts = test_prompts(max(a.decision_requests, 256))
     if a.encoder_prompts:
         report["encoders"] = encoder_variants(prompts[: a.encoder_prompts])
@@ -740,6 +890,11 @@ def run(a: argparse.Namespace) -> int:
                                           ("router_replicas", a.router_replicas)) if v is not None})
             report["e2e"] = end_to_end(a.concurrency, a.requests, home=Path(tmp) / "e2e",
                                        train_limit=a.train_limit, max_tokens=a.max_tokens, app=app, proxy=proxy)
+        if a.cpu_levels:
+            app = {k: v for k, v in (("encoder", a.encoder), ("encoder_threads", a.encoder_threads), ("max_batch_size", a.max_batch_size),
+                                     ("batch_wait_timeout_s", a.batch_wait_s), ("router_replicas", a.router_replicas)) if v is not None}
+            report["cpu"] = cpu_per_request(a.cpu_levels, a.cpu_requests, home=Path(tmp) / "cpu", train_limit=a.train_limit,
+                                            app=app, proxy=proxy)
     report["loadavg_end"] = list(os.getloadavg())  # the CPU is shared: how busy it was
     report["floors"] = verdicts(report)
     report["wall_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)

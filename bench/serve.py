@@ -548,6 +548,15 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
 _NOT_APP = ("client", "upstream")
 
 
+#: name -> (AppArgs overrides, Serve LoggingConfig) of the app variants the server-CPU cells can compare
+CPU_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "served": ({}, None),
+    "no_access_log": ({}, {"enable_access_log": False}),
+    "route_in_ingress": ({"route_in_ingress": True}, None),
+    "lean": ({"route_in_ingress": True}, {"enable_access_log": False}),
+}
+
+
 def _start_fake_upstream() -> tuple[Any, str]:
     """``bench.fake_upstream`` (a FAKE remote model) as a child process on a free port; its URL."""
     import subprocess
@@ -570,7 +579,7 @@ def _start_fake_upstream() -> tuple[Any, str]:
 
 
 def cpu_per_request(levels: Sequence[int], n_requests: int, *, home: Path, train_limit: int, app: dict[str, Any] | None = None,
-                    proxy: str | None = None, idle_s: float = 8.0) -> dict[str, Any]:
+                    proxy: str | None = None, idle_s: float = 8.0, logging_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Server CPU per request (every process of the app: proxy, ingress, router, pool, raylet, GCS,
     ...) at each concurrency in ``levels`` (1 = a lone request at a time), for ``auto`` (router, then
     pool), a named model (generation at once, its decision recorded beside it) and the pool direct
@@ -593,7 +602,7 @@ def cpu_per_request(levels: Sequence[int], n_requests: int, *, home: Path, train
     try:
         with raycluster.running(env=px.ray_proxy_env(proxy)):
             try:
-                deploy(args, port=port)
+                deploy(args, port=port, logging_config=logging_config)
                 url = f"http://127.0.0.1:{port}"
                 run_id, seq = os.urandom(4).hex(), iter(range(10**9))
                 pool = test_prompts(10**9, seed=2)
@@ -775,6 +784,16 @@ def render_md(report: dict[str, Any]) -> str:
         lines += ["", "By process (ms per request, idle subtracted):", ""]
         for k, v in cpu["cells"].items():
             lines.append(f"- {k}: " + ", ".join(f"{r} {ms:.2f}" for r, ms in v["cpu_ms_per_request_by_role"].items()))
+    cv = report.get("cpu_variants") or {}
+    if len(cv) > 1:
+        levels = sorted({int(k.split("@")[1]) for v in cv.values() for k in v["cells"]})
+        lines += ["", "### App variants, one after the other in this run (server CPU ms per request; p50 ms)", "",
+                  "| variant | " + " | ".join(f"{k}@{c}" for c in levels for k in ("auto", "named", "pool")) + " | idle ms/s | load avg |",
+                  "|---|" + "---|" * (3 * len(levels) + 2)]
+        for name, v in cv.items():
+            cells = [v["cells"].get(f"{k}@{c}", {}) for c in levels for k in ("auto", "named", "pool")]
+            lines.append(f"| {name} | " + " | ".join(f"{x.get('server_cpu_ms_per_request', float('nan')):.1f} ({x.get('p50_ms', float('nan')):.0f})" for x in cells)
+                         + f" | {sum(v['idle_cpu_ms_per_s'].values()):.0f} | {v['loadavg_start'][0]:.1f} |")
     lines += ["", "## Floors", "", "| floor | measured | limit | met |", "|---|---|---|---|"]
     for k, v in report["floors"].items():
         lines.append(f"| {k} | {v['measured']:.3g} | {v['floor']:g} | {'yes' if v['met'] else 'NO'} |")
@@ -820,6 +839,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-levels", type=int, nargs="*", default=[1, 16, 32],
                    help="concurrencies of the server-CPU cells against the fake upstream (none = skip them)")
     p.add_argument("--cpu-requests", type=int, default=160, help="requests per server-CPU cell")
+    p.add_argument("--cpu-variants", nargs="*", choices=tuple(CPU_VARIANTS), default=None,
+                   help="app variants measured one after the other by the server-CPU cells (default: served, the app as served)")
     p.add_argument("--cpu-only", action="store_true", help="only the server-CPU cells (no encoder, decision or e2e sections)")
     p.add_argument("--out", type=Path, default=None)
 
@@ -893,8 +914,15 @@ def run(a: argparse.Namespace) -> int:
         if a.cpu_levels:
             app = {k: v for k, v in (("encoder", a.encoder), ("encoder_threads", a.encoder_threads), ("max_batch_size", a.max_batch_size),
                                      ("batch_wait_timeout_s", a.batch_wait_s), ("router_replicas", a.router_replicas)) if v is not None}
-            report["cpu"] = cpu_per_request(a.cpu_levels, a.cpu_requests, home=Path(tmp) / "cpu", train_limit=a.train_limit,
-                                            app=app, proxy=proxy)
+            for i, name in enumerate(a.cpu_variants or ["served"]):
+                extra, logging_config = CPU_VARIANTS[name]
+                print(f"cpu variant {name}", flush=True)
+                res = cpu_per_request(a.cpu_levels, a.cpu_requests, home=Path(tmp) / f"cpu-{name}", train_limit=a.train_limit,
+                                      app={**app, **extra}, proxy=proxy, logging_config=logging_config)
+                res["variant"] = name
+                if i == 0:
+                    report["cpu"] = res  # the floors' measure: the first variant
+                report.setdefault("cpu_variants", {})[name] = res
     report["loadavg_end"] = list(os.getloadavg())  # the CPU is shared: how busy it was
     report["floors"] = verdicts(report)
     report["wall_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)

@@ -237,6 +237,10 @@ class AppArgs(_Strict):
     #: requests do not pay for lazy initialisation (they set the p99 otherwise)
     warmup: bool = True
     router_replicas: int = Field(default=1, ge=1)
+    #: each ingress replica routes with a RouterCore of its own (the same ``RouterDeployment``
+    #: code, in its process) instead of calling the Router deployment: no hop, no serialisation
+    #: per batch. The Router deployment still serves the hub, feedback and the console
+    route_in_ingress: bool = False
     router_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     ingress_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     learner: LearnerArgs = Field(default_factory=LearnerArgs)

@@ -157,6 +157,12 @@ class Ingress(GrpcServicerMixin):
         self.args = AppArgs.from_dict(args)
         self.router = router
         self.pools = pools
+        # route_in_ingress: the Router deployment's own class, run here (one routing code path)
+        self._local_router = None
+        if self.args.route_in_ingress:
+            from services.router import RouterDeployment
+
+            self._local_router = RouterDeployment(self.args)
         self.pool_of = {m.id: p.name for p in effective_pools(self.args) for m in p.models}
         # models registered at runtime with a backend are served by the first pool
         self.default_pool = next(iter(pools), None)
@@ -202,6 +208,8 @@ class Ingress(GrpcServicerMixin):
         waiting at most ``batch_wait_timeout_s``) and sent as ONE handle call: Serve's per-call cost
         (handle routing, replica request handling, the router's own batching) is paid once per
         batch instead of once per request. Each caller gets its own slot of the answer, errors too."""
+        if self._local_router is not None:
+            return await self._local_router.route_many(reqs)
         return await self.router.route_many.remote(reqs)
 
     @app.post("/v1/route")

@@ -1,0 +1,29 @@
+"""``AppArgs.route_in_ingress``: the ingress routes with the Router deployment's own class in its
+process. The coalescing tests run again against it (each request its own answer, filters, feedback
+through the Router deployment for the decisions the ingress recorded), and a chat with
+``model: "auto"`` answers with a recorded decision that feedback reaches."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+# the same tests, this module's APP_ARGS: pytest collects them here too
+from tests.ray.test_coalescing import test_concurrent_routes_each_get_their_own_answer  # noqa: F401
+
+pytestmark = pytest.mark.ray
+
+APP_ARGS = {"learner": {"enabled": False}, "batch_wait_timeout_s": 0.05, "max_batch_size": 16, "route_in_ingress": True}
+
+
+def test_auto_chat_routed_in_the_ingress(served):
+    with httpx.Client(base_url=served.url, timeout=120) as c:
+        r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "Write a haiku about rivers."}],
+                                                 "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        d = r.json()
+        assert d["model"] == d["routing"]["model"] != "auto" and d["routing"]["score"] is not None
+        fb = c.post("/v1/feedback", json={"request_id": d["id"], "reward": 1.0})
+        assert fb.status_code == 200 and fb.json()["accepted"], fb.text
+        # the Router deployment still serves the hub: it lists the model the ingress chose
+        assert d["model"] in {m["id"] for m in c.get("/v1/models").json()["data"]}

@@ -67,3 +67,44 @@ def test_cmr_bench_serve_refuses_a_bad_option_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--decision-encoders" in err[0]
     assert not (tmp_path / "r").exists()  # refused before any work or output
+
+
+def test_fake_upstream_answers_the_openai_engine():
+    """The FAKE upstream of the server-CPU cells speaks what the real ``openai`` engine sends:
+    streamed chat and completions with usage, and ``/v1/models`` (its health check)."""
+    import asyncio
+
+    from services.pools.base import GenRequest, OpenAIConfig
+    from services.pools.openai_remote import OpenAIEngine
+    from bench.fake_upstream import TEXT
+
+    proc, base = bench_serve._start_fake_upstream()
+    try:
+        eng = OpenAIEngine("remote-a", OpenAIConfig(base_url=base, path="fake"))
+
+        async def run(reqs: list) -> list:  # one loop: the client's connections belong to it
+            await eng.check_health()
+            return [[c async for c in eng.generate(r)] for r in reqs]
+
+        for chunks in asyncio.run(run([GenRequest(model="remote-a", messages=[{"role": "user", "content": "hi"}], max_tokens=8),
+                                       GenRequest(model="remote-a", prompt="hi", max_tokens=8)])):
+            assert "".join(c.text for c in chunks) == TEXT
+            assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens > 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cpu_cells_render_and_judge_the_floors():
+    cell = lambda cpu, p50: {"n": 10, "p50_ms": p50, "p99_ms": p50 * 2, "rps": 50.0, "server_cpu_ms_per_request": cpu,  # noqa: E731
+                             "cpu_ms_per_request_by_role": {"Ingress": cpu / 2, "Router": cpu / 2}}
+    cpu = {"proxy": "haproxy", "idle_cpu_ms_per_s": {"raylet": 40.0}, "loadavg_start": [1.0, 1.0, 1.0], "loadavg_end": [1.0, 1.0, 1.0],
+           "upstream_direct_p50_ms": 0.5, "cells": {"auto@1": cell(9.0, 20.0), "named@1": cell(8.0, 9.0), "pool@1": cell(6.0, 8.0),
+                                                    "auto@16": cell(7.0, 90.0)}}
+    report = {"started_utc": "t", "command": "c", "machine": "m", "loadavg_start": [1, 1, 1], "cpu": cpu,
+              "cpu_variants": {"served": cpu, "lean": cpu}}
+    report["floors"] = f = bench_serve.verdicts(report)
+    assert f["auto_cpu_ms_lone"]["met"] and not f["auto_cpu_ms_at16"]["met"]
+    assert f["auto_added_p50_ms_lone"]["measured"] == 19.5 and not f["auto_added_p50_ms_lone"]["met"]
+    md = bench_serve.render_md(report)
+    assert "| 1 | 9.0 | 8.0 | 6.0 |" in md and "| lean | 9.0 (20)" in md and "auto@16: Ingress 3.50, Router 3.50" in md

@@ -3,7 +3,8 @@
 ``/healthz``, and the operator's console (``/console/``, ``/v1/console/*``, ``/v1/admin/calibration``;
 ``services/console``).
 
-Routing decisions come from the router deployment; generation from the pool that serves the
+Routing decisions come from the router deployment (or, with ``AppArgs.route_in_ingress``, from
+the same ``RouterDeployment`` class run in this process); generation from the pool that serves the
 chosen model. Bad input gets a 4xx whose message names the field, in OpenAI's error shape.
 """
 

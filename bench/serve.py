@@ -554,6 +554,7 @@ CPU_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "no_access_log": ({}, {"enable_access_log": False}),
     "route_in_ingress": ({"route_in_ingress": True}, None),
     "lean": ({"route_in_ingress": True}, {"enable_access_log": False}),
+    "in_ingress": ({"route_in_ingress": True, "remote_in_ingress": True}, None),
 }
 
 

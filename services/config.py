@@ -241,6 +241,10 @@ class AppArgs(_Strict):
     #: code, in its process) instead of calling the Router deployment: no hop, no serialisation
     #: per batch. The Router deployment still serves the hub, feedback and the console
     route_in_ingress: bool = False
+    #: each ingress replica generates for the pools whose models are all remote (``openai``
+    #: engine: nothing local to hold) with the Pool deployment's own class in its process: no hop
+    #: per request. Retries and fallbacks as for a pool replica
+    remote_in_ingress: bool = False
     router_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     ingress_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     learner: LearnerArgs = Field(default_factory=LearnerArgs)

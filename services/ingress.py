@@ -32,11 +32,13 @@ from services import auth
 from services import console
 from services.config import AppArgs
 from services.grpc.servicer import GrpcServicerMixin
+from services.pools.base import GenerationError
 from services.schemas import AUTO, CalibrationBody, ChatCompletionRequest, CompletionRequest, FeedbackBody, RegisterBody, RetireBody, RouteRequestBody
 
 #: a pool replica that died or became unreachable, or a generation that raised: retried, then fallen back
-# (UnserializableException: an engine error that could not cross the process boundary)
-_REPLICA_FAILURES = (RayActorError, RayTaskError, UnserializableException)
+# (UnserializableException: an engine error that could not cross the process boundary;
+# GenerationError: raised as it is by a pool run in this process, ``remote_in_ingress``)
+_REPLICA_FAILURES = (RayActorError, RayTaskError, UnserializableException, GenerationError)
 
 app = FastAPI(title="cmr", description="Continual model router: OpenAI-compatible API with routing extensions")
 # API keys, scopes, rate limits and the body cap, before any route runs (services/auth.py)
@@ -164,6 +166,14 @@ class Ingress(GrpcServicerMixin):
             from services.router import RouterDeployment
 
             self._local_router = RouterDeployment(self.args)
+        # remote_in_ingress: remote-only pools run here, as the Pool deployment's own class
+        self._local_pools: dict[str, Any] = {}
+        if self.args.remote_in_ingress:
+            from services.pools.deployment import PoolDeployment
+
+            for p in effective_pools(self.args):
+                if p.models and all(m.engine == "openai" for m in p.models):
+                    self._local_pools[p.name] = PoolDeployment(self.args, p.name)
         self.pool_of = {m.id: p.name for p in effective_pools(self.args) for m in p.models}
         # models registered at runtime with a backend are served by the first pool
         self.default_pool = next(iter(pools), None)
@@ -354,7 +364,15 @@ class Ingress(GrpcServicerMixin):
     async def _open(self, d: dict[str, Any], gen: dict[str, Any], collect: bool) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
         """Open the pool stream for ``d``'s model; the first chunk read (or all of them with ``collect``)."""
         pool = self._pool(d["model"], d.get("pool"))
-        if collect:  # the answer is sent once complete: one reply from the pool, not a stream of chunks
+        local = self._local_pools.get(self.pool_of.get(d["model"], ""))
+        if local is not None:  # remote_in_ingress: the same PoolDeployment methods, called here
+            if collect:
+                chunks = await local.generate_all({**gen, "model": d["model"]})
+                first, it = (chunks[0] if chunks else {"text": "", "finish_reason": "stop"}), _replay(chunks[1:])
+            else:
+                it = local.generate({**gen, "model": d["model"]}).__aiter__()
+                first = await it.__anext__()
+        elif collect:  # the answer is sent once complete: one reply from the pool, not a stream of chunks
             chunks = await pool.options(multiplexed_model_id=d["model"]).generate_all.remote({**gen, "model": d["model"]})
             first, it = (chunks[0] if chunks else {"text": "", "finish_reason": "stop"}), _replay(chunks[1:])
         else:

@@ -17,8 +17,10 @@ all prompts at once (no per-model loops):
 * budget: the mean chosen cost is non-increasing in λ; a bisection over λ (log-spaced) finds the
   smallest λ whose mean cost fits the budget.
 
-The result is written atomically (temp file + rename) as ``calibration.json`` in the serving
-state folder; the router re-reads it and uses it for requests that give no ``cost_weight``.
+The result is *applied* as a setting published in the state store (``cmr.published``: SQLite in
+the serving state folder, or the cluster's PostgreSQL, which NOTIFYs every router replica on every
+node); routers use it for requests that give no ``cost_weight``. A ``calibration.json`` left in
+the state folder by an older install is moved into the store once (``applied``).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ import numpy as np
 
 from cmr.errors import CMRError
 
-#: file name of the calibration in the serving state folder (``$CMR_HOME/serve``)
+#: where an older install kept the applied calibration (``$CMR_HOME/serve``): migrated into the store
 CALIBRATION_FILE = "calibration.json"
+#: the name of the applied calibration among the state store's published settings
+SETTING = "calibration"
 #: fewest prompts `cmr calibrate` trusts without --force: below it the held-out interval of a
 #: share target is wider than most targets themselves
 MIN_PROMPTS = 100
@@ -385,6 +389,34 @@ def read_calibration(path: Path | str) -> Calibration | None:
     return Calibration.from_dict(d, str(path))
 
 
+def apply(store, calib: Calibration) -> Calibration:
+    """Publish ``calib`` as the λ every router uses (``store``: a ``PublishedStoreProtocol``).
+    Checked first: a bad value raises ``CalibrationError`` naming the field, and nothing is stored."""
+    d = calib.to_dict()
+    checked = Calibration.from_dict(d, "calibration")
+    try:
+        store.put_setting(SETTING, d)
+    except ValueError as e:  # not JSON (NaN in a field)
+        raise CalibrationError(f"calibration: {e}") from None
+    return checked
+
+
+def applied(store, legacy_dir: Path | str | None = None) -> Calibration | None:
+    """The calibration applied in ``store`` (None: none). With ``legacy_dir`` and nothing in the
+    store, an older install's ``calibration.json`` there is stored and renamed ``.migrated`` (once:
+    afterwards the store is the only place read). A malformed stored value raises."""
+    d = store.setting(SETTING)
+    if d is None and legacy_dir is not None:
+        old = Path(legacy_dir) / CALIBRATION_FILE
+        calib = read_calibration(old)
+        if calib is None:
+            return None
+        apply(store, calib)
+        old.replace(old.with_name(CALIBRATION_FILE + ".migrated"))
+        return calib
+    return None if d is None else Calibration.from_dict(d, f"state store setting {SETTING!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # `cmr calibrate`
 # --------------------------------------------------------------------------------------------
@@ -406,7 +438,8 @@ def add_arguments(p) -> None:
     p.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="policy config (with --policy)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many prompts (the latest, with --logged)")
     p.add_argument("--home", help="state folder of the served app (default CMR_HOME)")
-    p.add_argument("--apply", action="store_true", help="write the λ to $CMR_HOME/serve/calibration.json: the running router re-reads it")
+    p.add_argument("--apply", action="store_true", help="publish the λ in the state store: every running router replica applies it")
+    p.add_argument("--store", help="the served app's state store: a postgresql://… DSN, or 'sqlite' (default CMR_STORE, else the SQLite files under --home)")
     p.add_argument("--min-prompts", type=int, default=MIN_PROMPTS, metavar="N", help=f"refuse a target computed from fewer prompts, unless --force (default {MIN_PROMPTS})")
     p.add_argument("--force", action="store_true", help="apply even below --min-prompts or when the held-out check misses the target")
     p.add_argument("--out", help="also write the calibration file here")
@@ -527,6 +560,12 @@ def run(args) -> int:
     if args.min_prompts < 1:
         raise CalibrationError("--min-prompts: must be >= 1")
     target = _target(args)
+    from cmr.state import check_store
+
+    try:
+        dsn = check_store(args.store if args.store is not None else constants.store_dsn())
+    except ValueError as e:
+        raise CalibrationError(f"--store: {e}") from None
     home = Path(args.home) if args.home else constants.cmr_home()
     serve_dir = home / "serve"
     if target is None:
@@ -549,11 +588,19 @@ def run(args) -> int:
         doubt = doubts(calib, target, args.min_prompts)
         if doubt and not args.force:
             raise CalibrationError(f"calibration: {doubt}; nothing written (calibrate on more traffic, or pass --force)")
-    written = []
+    written, where = [], None
     if args.out:
         written.append(write_calibration(Path(args.out), calib))
     if args.apply:
-        written.append(write_calibration(serve_dir / CALIBRATION_FILE, calib))
+        from cmr.published import open_published_store
+        from cmr.state import redact
+
+        store = open_published_store(dsn, serve_dir / "published.sqlite")
+        try:
+            apply(store, calib)
+        finally:
+            store.close()
+        where = f"applied: state store {redact(dsn) if dsn else serve_dir / 'published.sqlite'}"
     ach = ", ".join(f"{k} {v:.4g}" for k, v in calib.achieved.items())
     what = CalibrationTarget.from_dict(calib.target).describe() if calib.target else calib.source
     print(f"λ = {calib.cost_weight:.6g} ({what}; {calib.n_prompts} prompts{'; ' + ach if ach else ''})")
@@ -563,6 +610,8 @@ def run(args) -> int:
         print(f"warning: {doubt} (applied anyway: --force)")
     for w in written:
         print(f"written: {w}")
-    if not written:
-        print("(not applied: add --apply to set it on the router under " + str(serve_dir) + ", or --out FILE)")
+    if where:
+        print(where)
+    if not written and not where:
+        print("(not applied: add --apply to set it on the routers, or --out FILE)")
     return 0

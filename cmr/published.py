@@ -11,10 +11,15 @@ publication NOTIFYs ``cmr_checkpoints``, so watchers on any node wake at once; t
 of ``cmr.state.SharedVersion`` is the safety net) both satisfy ``PublishedStoreProtocol``;
 ``open_published_store`` picks one by the DSN. The current version is the latest publication
 (re-publishing an older version rolls back).
+
+The same stores publish *settings*: a named JSON object every router applies (the calibrated λ,
+``cmr.calibrate.apply``), one row per name, replaced whole; on PostgreSQL a change NOTIFYs
+``cmr_settings`` and wakes the same watchers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -45,6 +50,8 @@ class PublishedStoreProtocol(Protocol):
     def publish(self, policy: str, version: int, uri: str, checksum: str) -> Published: ...
     def current(self, policy: str) -> Published | None: ...
     def history(self, policy: str, limit: int = 20) -> list[Published]: ...
+    def put_setting(self, name: str, value: dict) -> None: ...
+    def setting(self, name: str) -> dict | None: ...
     def on_change(self, fn: Callable[[], None]) -> None: ...
     def close(self) -> None: ...
 
@@ -107,6 +114,13 @@ def load_served(store: PublishedStoreProtocol, policy: str, adopt: Path | str | 
 _COLUMNS = "policy, version, uri, checksum, created"
 
 
+def _setting_json(name: str, value: dict) -> str:
+    """The stored form of a setting (checked before anything is written): a JSON object, no NaN."""
+    if not isinstance(value, dict):
+        raise ValueError(f"setting {name!r}: must be a JSON object")
+    return json.dumps(value, allow_nan=False, sort_keys=True)
+
+
 class PublishedStore:
     """Publications in a SQLite file (WAL; every read sees other processes' commits)."""
 
@@ -118,6 +132,7 @@ class PublishedStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS published (seq INTEGER PRIMARY KEY AUTOINCREMENT, policy TEXT NOT NULL, "
                          "version INTEGER NOT NULL, uri TEXT NOT NULL, checksum TEXT NOT NULL, created REAL NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)")
 
     def publish(self, policy: str, version: int, uri: str, checksum: str) -> Published:
         p = Published(policy, int(version), str(uri), checksum, time.time())
@@ -137,8 +152,20 @@ class PublishedStore:
         h = self.history(policy, 1)
         return h[0] if h else None
 
+    def put_setting(self, name: str, value: dict) -> None:
+        """Publish setting ``name`` (replacing the previous value) in one commit."""
+        text = _setting_json(name, value)
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO settings (name, value, created) VALUES (?, ?, ?)", (name, text, time.time()))
+
+    def setting(self, name: str) -> dict | None:
+        """The published value of setting ``name`` (None: never set)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
     def on_change(self, fn: Callable[[], None]) -> None:
-        """Nothing to hear from a file: watchers poll ``current``."""
+        """Nothing to hear from a file: watchers poll ``current`` and ``setting``."""
 
     def close(self) -> None:
         with self._lock:
@@ -146,18 +173,22 @@ class PublishedStore:
 
 
 _PG_SCHEMA = ("CREATE TABLE published (seq BIGSERIAL PRIMARY KEY, policy TEXT NOT NULL, version BIGINT NOT NULL, "
-              "uri TEXT NOT NULL, checksum TEXT NOT NULL, created DOUBLE PRECISION NOT NULL)",)
+              "uri TEXT NOT NULL, checksum TEXT NOT NULL, created DOUBLE PRECISION NOT NULL)",
+              "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL, created DOUBLE PRECISION NOT NULL)")
 
 
 class PgPublishedStore:
-    """Publications in PostgreSQL. ``current`` queries only when this replica's view of the
-    publication counter moved (``SharedVersion``: NOTIFY at the commit, periodic re-sync)."""
+    """Publications in PostgreSQL. ``current`` and ``setting`` query only when this replica's view
+    of the publication (or settings) counter moved (``SharedVersion``: NOTIFY at the commit,
+    periodic re-sync)."""
 
     def __init__(self, db: PgDatabase | str):
         self.db = PgDatabase.shared(db) if isinstance(db, str) else db
         self.db.migrate("published", _PG_SCHEMA)
         self._count = SharedVersion(self.db, "checkpoints")
+        self._settings = SharedVersion(self.db, "settings")
         self._cache: dict[str, tuple[int, Published | None]] = {}
+        self._setting_cache: dict[str, tuple[int, str | None]] = {}
         self._unsubs: list[Callable[[], None]] = []
 
     def publish(self, policy: str, version: int, uri: str, checksum: str) -> Published:
@@ -182,12 +213,33 @@ class PgPublishedStore:
             hit = self._cache[policy] = (n, h[0] if h else None)
         return hit[1]
 
+    def put_setting(self, name: str, value: dict) -> None:
+        """Publish setting ``name`` (replacing the previous value); NOTIFYs every replica at the commit."""
+        text = _setting_json(name, value)
+        with self.db.connection() as conn:
+            n = self._settings.bump(conn)
+            conn.execute("INSERT INTO settings (name, value, created) VALUES (%s, %s, %s) ON CONFLICT (name) "
+                         "DO UPDATE SET value = EXCLUDED.value, created = EXCLUDED.created", (name, text, time.time()))
+        self._settings.seen(n)
+
+    def setting(self, name: str) -> dict | None:
+        n = self._settings.get()
+        hit = self._setting_cache.get(name)
+        if hit is None or hit[0] != n:
+            with self.db.connection() as conn:
+                row = conn.execute("SELECT value FROM settings WHERE name = %s", (name,)).fetchone()
+            hit = self._setting_cache[name] = (n, None if row is None else row[0])
+        return None if hit[1] is None else json.loads(hit[1])
+
     def on_change(self, fn: Callable[[], None]) -> None:
-        """Call ``fn()`` at each publication's NOTIFY (and each re-sync): a watcher wakes at once."""
-        self._unsubs.append(self.db.subscribe("cmr_checkpoints", lambda _payload: fn(), fn))
+        """Call ``fn()`` at each publication's or setting's NOTIFY (and each re-sync): a watcher
+        wakes at once."""
+        for ch in ("cmr_checkpoints", "cmr_settings"):
+            self._unsubs.append(self.db.subscribe(ch, lambda _payload: fn(), fn))
 
     def close(self) -> None:
         for u in self._unsubs:
             u()
         self._count.close()
+        self._settings.close()
         self.db.release()

@@ -5,7 +5,7 @@ Each store (the hub, decisions and feedback, API keys) has a Protocol, a SQLite 
 PostgreSQL class, and an ``open_*`` factory that picks one by the DSN (``is_postgres``). This
 module holds what the PostgreSQL classes share: one connection pool per process and DSN, forward
 schema migrations under an advisory lock, and the LISTEN/NOTIFY thread that keeps each replica's
-view of changing state (hub version, key table) fresh, with a periodic re-sync as a safety net.
+view of changing state (hub version, key table, publications) fresh, with a periodic re-sync as a safety net.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ log = logging.getLogger("cmr.state")
 
 SCHEMES = ("postgresql", "postgres")
 #: the shared versions replicas watch; each is NOTIFYed on channel ``cmr_<name>`` by its writers
-WATCHED = ("hub", "keys", "checkpoints")
+WATCHED = ("hub", "keys", "checkpoints", "settings")
 CHANNELS = tuple(f"cmr_{n}" for n in WATCHED)
 #: pg_advisory_xact_lock key serialising schema migrations of replicas that start together
 _MIGRATE_LOCK = 0x636D72  # "cmr"

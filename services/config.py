@@ -197,8 +197,8 @@ class AppArgs(_Strict):
     retrieve_k: int = Field(default=0, ge=0)
     #: number of models in a decision (chosen + runner-ups)
     top_k: int = Field(default=3, ge=1, le=100)
-    #: λ for requests that give no ``cost_weight`` while no calibration file exists
-    #: (``cmr calibrate --apply`` writes ``<state>/calibration.json``, which takes precedence)
+    #: λ for requests that give no ``cost_weight`` while no calibration is applied
+    #: (``cmr calibrate --apply`` publishes one in the state store, which takes precedence)
     cost_weight: float = Field(default=0.0, ge=0)
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)

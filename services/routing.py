@@ -308,8 +308,7 @@ class RouterCore:
         self._rebuild()
         self._closed = threading.Event()
         self._wake = threading.Event()
-        self.published.on_change(self._wake.set)  # PostgreSQL: a publication on any node wakes the watcher
-        self._calib_stamp: tuple | None = None
+        self.published.on_change(self._wake.set)  # PostgreSQL: a publication or calibration on any node wakes the watcher
         self.calibration = None
         self.default_lam = float(args.cost_weight)
         self.check_calibration()
@@ -545,24 +544,19 @@ class RouterCore:
                 "calibration": None if calib is None else {k: calib.to_dict()[k] for k in ("target", "achieved", "held_out", "source", "n_prompts", "checkpoint_version", "created")}}
 
     def check_calibration(self) -> float:
-        """Re-read ``calibration.json`` in the state folder when it changed (``cmr calibrate
-        --apply`` writes it atomically); returns the default λ. No file: ``AppArgs.cost_weight``.
-        A malformed file is logged and the previous λ kept."""
-        from cmr.calibrate import CALIBRATION_FILE, CalibrationError, read_calibration
+        """Apply the calibration published in the state store when it changed (``cmr calibrate
+        --apply`` or the console, on any node); returns the default λ. None applied:
+        ``AppArgs.cost_weight``. Cheap (PostgreSQL: a local view, queried only after a NOTIFY); a
+        malformed stored value is logged and the previous λ kept. An older install's
+        ``calibration.json`` is moved into the store on the first check."""
+        from cmr.calibrate import CalibrationError, applied
 
-        path = self.args.state_dir() / CALIBRATION_FILE
         try:
-            st = path.stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            stamp = None
-        if stamp == self._calib_stamp:
-            return self.default_lam
-        self._calib_stamp = stamp
-        try:
-            calib = read_calibration(path) if stamp is not None else None
+            calib = applied(self.published, self.args.state_dir())
         except CalibrationError:
-            log.exception("calibration file does not parse; still using λ = %g", self.default_lam)
+            log.exception("the applied calibration does not parse; still using λ = %g", self.default_lam)
+            return self.default_lam
+        if calib == self.calibration:
             return self.default_lam
         with self._lock:
             self.calibration = calib
@@ -604,11 +598,11 @@ class RouterCore:
 
     def apply_calibration(self, cost_weight: float | None = None, budget_per_1k: float | None = None, limit: int = 1000,
                           force: bool = False) -> float:
-        """Set the router's default λ the way ``cmr calibrate --apply`` does (``calibration.json`` in
-        the state folder, which every replica re-reads): ``cost_weight`` as given, or the λ that
+        """Set the default λ of every router replica the way ``cmr calibrate --apply`` does (a
+        setting published in the state store): ``cost_weight`` as given, or the λ that
         meets ``budget_per_1k`` on the newest ``limit`` logged queries, refused as the CLI refuses
         it (too few queries, target missed on held-out ones) unless ``force``. Returns the λ in force."""
-        from cmr.calibrate import CALIBRATION_FILE, Calibration, CalibrationError, CalibrationTarget, calibrate, doubts, write_calibration
+        from cmr.calibrate import Calibration, CalibrationError, CalibrationTarget, apply, calibrate, doubts
 
         if budget_per_1k is not None:
             scores, table, version = self._scored_traffic(limit, None)
@@ -621,7 +615,7 @@ class RouterCore:
                 raise CalibrationError(f"field 'budget_per_1k': {doubt}; nothing applied (route more traffic, or send force: true)")
         else:
             calib = Calibration.from_dict({"cost_weight": cost_weight, "source": "console"}, "body")
-        write_calibration(self.args.state_dir() / CALIBRATION_FILE, calib)
+        apply(self.published, calib)
         return self.check_calibration()
 
     def checkpoint_info(self, scan: int = 50) -> dict[str, Any]:

@@ -19,7 +19,7 @@ class RoutingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    #: None (omitted): the router's default λ — its calibration file, else ``AppArgs.cost_weight``
+    #: None (omitted): the router's default λ — the applied calibration, else ``AppArgs.cost_weight``
     cost_weight: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     domains: list[str] | None = None
     families: list[str] | None = None

@@ -1,7 +1,7 @@
 """Calibration of the cost weight λ (``cmr/calibrate.py``): targets hold on the calibration set
 exactly and on held-out prompts within tolerance; λ is the smallest that meets them; bad targets
-are one clear error; the router re-reads the calibration file and uses it for requests that give
-no cost weight."""
+are one clear error; the router applies the calibration published in the state store and uses it
+for requests that give no cost weight."""
 
 from __future__ import annotations
 
@@ -105,6 +105,39 @@ def test_calibration_file_round_trip_and_malformed(tmp_path):
         cal.read_calibration(p)
 
 
+def test_calibration_in_the_store_and_legacy_file_migrated_once(tmp_path, capsys):
+    """``apply`` checks before it stores; an older install's calibration.json is moved into the
+    store once; ``cmr calibrate --apply`` refuses a bad λ or store in one line, storing nothing."""
+    from cmr.cli import main
+    from cmr.published import open_published_store
+
+    serve = tmp_path / "serve"
+    old = cal.Calibration(cost_weight=0.75, source="old install")
+    cal.write_calibration(serve / cal.CALIBRATION_FILE, old)
+    store = open_published_store(None, serve / "published.sqlite")
+    try:
+        assert cal.applied(store) is None  # no legacy folder given: the file is not looked at
+        assert cal.applied(store, serve) == old
+        assert not (serve / cal.CALIBRATION_FILE).exists() and (serve / (cal.CALIBRATION_FILE + ".migrated")).exists()
+        cal.write_calibration(serve / cal.CALIBRATION_FILE, cal.Calibration(cost_weight=9.0))  # once: the store wins now
+        assert cal.applied(store, serve) == old
+        for bad in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(CalibrationError, match="cost_weight"):
+                cal.apply(store, cal.Calibration(cost_weight=bad))
+        with pytest.raises(CalibrationError, match="calibration"):
+            cal.apply(store, cal.Calibration(cost_weight=1.0, achieved={"x": float("nan")}))
+        assert cal.applied(store) == old
+        assert main(["calibrate", "--lambda", "-2", "--home", str(tmp_path), "--apply"]) == 2
+        assert "cost_weight" in capsys.readouterr().err
+        assert main(["calibrate", "--lambda", "2", "--home", str(tmp_path), "--apply", "--store", "mysql://x"]) == 2
+        assert "--store" in capsys.readouterr().err
+        assert cal.applied(store) == old
+        assert main(["calibrate", "--lambda", "2", "--home", str(tmp_path), "--apply", "--store", "sqlite"]) == 0
+        assert cal.applied(store).cost_weight == 2.0
+    finally:
+        store.close()
+
+
 def test_real_routerbench_share_holds_on_held_out_prompts(outcomes_small, encoder):
     """knn fitted on half of a RouterBench train slice, λ calibrated on the other half, checked
     on the test prompts (never used to choose anything)."""
@@ -179,10 +212,10 @@ def test_router_uses_the_calibrated_lambda_from_logged_traffic(tmp_path, mini_be
     assert main(cmd) == 2
     err = capsys.readouterr().err
     assert "only 50 prompts (minimum 100" in err and "--force" in err and "95% interval" in err
-    assert not (tmp_path / "serve" / cal.CALIBRATION_FILE).exists()
+    assert cal.applied(core.published) is None
     assert main(cmd + ["--force"]) == 0
     out = capsys.readouterr().out
-    assert "λ = " in out and "written:" in out and "held out: share above price" in out and "warning: only 50 prompts" in out
+    assert "λ = " in out and "applied: state store" in out and "held out: share above price" in out and "warning: only 50 prompts" in out
     lam = core.check_calibration()
     st = core.status()
     assert st["cost_weight"] == lam and st["calibration"]["source"].startswith("logged:") and st["calibration"]["n_prompts"] == 50
@@ -195,10 +228,10 @@ def test_router_uses_the_calibrated_lambda_from_logged_traffic(tmp_path, mini_be
     # an explicit cost weight still wins over the calibrated default
     explicit = core.route([RouteRequest(query=q, lam=0.0, record=False) for q in held])
     assert [d.utility for d in explicit] == [d.score for d in explicit]
-    # a manual λ, then a malformed file: the router keeps the last good λ
+    # a manual λ, then a malformed stored value: the router keeps the last good λ
     assert main(["calibrate", "--lambda", "7.5", "--home", str(tmp_path), "--apply"]) == 0
     assert core.check_calibration() == 7.5 and core.status()["calibration"]["source"] == "manual"
-    (tmp_path / "serve" / cal.CALIBRATION_FILE).write_text("{broken")
+    core.published.put_setting(cal.SETTING, {"cost_weight": -1})
     assert core.check_calibration() == 7.5
     core.close()
 

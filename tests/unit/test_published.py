@@ -84,6 +84,38 @@ def test_only_a_published_whole_version_is_loaded(tmp_path, store_dsn, root):
         b.close()
 
 
+def test_calibration_applied_on_one_replica_is_seen_by_another(tmp_path, store_dsn):
+    """``cmr.calibrate.apply`` on one replica's store reaches another within 1 s (PostgreSQL: the
+    NOTIFY wakes its watcher); a bad value is refused with nothing stored."""
+    from cmr import calibrate as cal
+
+    a, b = _replica(store_dsn, tmp_path / "published.sqlite"), _replica(store_dsn, tmp_path / "published.sqlite")
+    woke = threading.Event()
+    b.on_change(woke.set)
+    try:
+        assert cal.applied(b) is None
+        for lam in (0.5, 2.0):
+            woke.clear()
+            t0 = time.perf_counter()
+            cal.apply(a, cal.Calibration(cost_weight=lam, source=f"replica a {lam}"))
+            while (got := cal.applied(b)) is None or got.cost_weight != lam:
+                assert time.perf_counter() - t0 < 1.0, "calibration not seen within 1 s"
+                time.sleep(0.002)
+            assert got.source == f"replica a {lam}"
+            if store_dsn:
+                assert woke.wait(1.0)
+        for bad in (cal.Calibration(cost_weight=-1.0), cal.Calibration(cost_weight=1.0, held_out={"n": float("nan")})):
+            with pytest.raises(cal.CalibrationError):
+                cal.apply(a, bad)
+        with pytest.raises(ValueError, match="JSON object"):
+            a.put_setting(cal.SETTING, [1, 2])  # type: ignore[arg-type]
+        time.sleep(0.05)
+        assert cal.applied(b).cost_weight == 2.0 and cal.applied(a).cost_weight == 2.0
+    finally:
+        a.close()
+        b.close()
+
+
 def test_remote_versions_are_fetched_and_verified(tmp_path, monkeypatch):
     monkeypatch.setenv("CMR_HOME", str(tmp_path / "home"))
     root = f"memory://ckpt-{time.monotonic_ns()}/random"

@@ -60,6 +60,18 @@ def _eventually(check, timeout: float = 30.0, every: float = 0.3):
         time.sleep(every)
 
 
+def _applied(home: Path):
+    """The calibration applied in the served app's state store (SQLite here)."""
+    from cmr.calibrate import applied
+    from cmr.published import open_published_store
+
+    store = open_published_store(None, home / "serve" / "published.sqlite")
+    try:
+        return applied(store)
+    finally:
+        store.close()
+
+
 def test_console_in_a_browser(tmp_path, request):
     shots = request.config.getoption("--console-shots")
     shots = Path(shots) if shots else tmp_path / "shots"
@@ -153,7 +165,7 @@ def test_console_in_a_browser(tmp_path, request):
         for body in [{}, {"cost_weight": -1}, {"cost_weight": 1, "budget_per_1k": 2}, {"cost_weight": "x"}, {"cost_weight": 1, "extra": 1}]:
             r = http.post("/v1/admin/calibration", json=body, headers=as_admin)
             assert r.status_code == 400 and "field '" in r.json()["error"]["message"], (body, r.text)
-        assert not (tmp_path / "serve" / "calibration.json").exists()
+        assert _applied(tmp_path) is None
 
         # what-if: the predicted point moves along the curve with λ; applying sets the router's λ.
         # CMRBench's cards all cost 0: a priced model that answered every profile prompt well gives
@@ -180,7 +192,7 @@ def test_console_in_a_browser(tmp_path, request):
         page.screenshot(path=str(shots / "whatif.png"))
         page.click("#w-apply")
         pw.expect(summary).to_contain_text("applied λ = 1000")
-        assert http.get("/healthz").json()["cost_weight"] == 1000
+        assert http.get("/healthz").json()["cost_weight"] == 1000 and _applied(tmp_path).cost_weight == 1000
         r = http.post("/v1/route", json={"query": "after the new lambda"}, headers=as_admin)
         assert r.json()["cost_weight"] == 1000
 

@@ -51,7 +51,8 @@ def test_cmr_sweep_two_trials(ray_session, cmr_small, encoder, tmp_path):
 
 
 def test_llm_sweep_two_trials_and_apply(ray_session, outcomes_small, encoder, tmp_path, capsys):
-    from cmr.calibrate import CALIBRATION_FILE, read_calibration
+    from cmr.calibrate import applied, read_calibration
+    from cmr.published import open_published_store
     from cmr.cli import main
     from tune import llm_sweep
 
@@ -70,5 +71,7 @@ def test_llm_sweep_two_trials_and_apply(ray_session, outcomes_small, encoder, tm
     assert calib.cost_weight == pytest.approx(s["chosen"]["lam"]) and "test" in s
     home = tmp_path / "home"
     assert main(["calibrate", "--from-file", str(out / "chosen_lambda.json"), "--home", str(home), "--apply"]) == 0
-    assert read_calibration(home / "serve" / CALIBRATION_FILE).cost_weight == pytest.approx(calib.cost_weight)
-    assert "written:" in capsys.readouterr().out
+    store = open_published_store(None, home / "serve" / "published.sqlite")
+    assert applied(store).cost_weight == pytest.approx(calib.cost_weight)
+    store.close()
+    assert "applied: state store" in capsys.readouterr().out

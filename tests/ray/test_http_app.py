@@ -82,7 +82,7 @@ def test_cost_weight_prefers_cheaper(client):
     q["routing"]["cost_weight"] = 1000.0  # any score gap is dwarfed by the cost gap
     d = client.post("/v1/route", json=q).json()
     assert (d["model"], d["cost_weight"]) == (cheap, 1000.0)
-    del q["routing"]["cost_weight"]  # omitted: the router's default (no calibration file here: AppArgs.cost_weight)
+    del q["routing"]["cost_weight"]  # omitted: the router's default (no calibration applied here: AppArgs.cost_weight)
     assert client.post("/v1/route", json=q).json()["cost_weight"] == 0.0
 
 

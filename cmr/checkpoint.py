@@ -3,9 +3,11 @@
 Layout: ``<root>/v000001/`` with
 
 * ``weights.npz`` — every numpy array of the policy's ``state_dict()``;
-* ``state.json`` — the rest of the state, with arrays replaced by ``{"__array__": key}``;
+* ``state.json`` — the rest of the state, with arrays replaced by ``{"__array__": key}``; a fitted
+  encoder's state (the lexical part of ``minilm+tfidf``) is under ``"encoder"``;
 * ``models.json`` — the model-id table (the policy's known models, in row order);
-* ``config.json`` — policy name and config;
+* ``config.json`` — policy name and config, and the embedding it was trained with (``minilm``,
+  ``minilm+tfidf``: ``cmr.encoders.lexical``);
 * ``fingerprint.json`` — the data fingerprint (what the checkpoint was trained on) and extras;
 * ``manifest.json`` — version, policy, creation time and the SHA-256 of every file above.
 
@@ -136,9 +138,14 @@ def version_dir(root: Path | str, version: int) -> Path:
 def save(root: Path | str, policy, fingerprint: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Checkpoint:
     """Write ``policy``'s state (plus ``extra`` entries: the learner's) as the next version under
     ``root``; returns the checkpoint."""
+    from cmr.encoders.lexical import embedding_of, encoder_state
+
     root = Path(root)
     private_dir(root, own=False)
+    enc = getattr(policy, "encoder", None)
     state = {**policy.state_dict(), **(extra or {})}
+    if (enc_state := encoder_state(enc)) is not None:
+        state["encoder"] = enc_state
     arrays: dict[str, np.ndarray] = {}
     skeleton = _split_arrays(state, arrays)
     models = list(getattr(policy, "_models", None) or state.get("card_ids") or [])
@@ -154,7 +161,7 @@ def save(root: Path | str, policy, fingerprint: dict[str, Any] | None = None, ex
                 os.fsync(f.fileno())
             _write(tmp / "state.json", _json(skeleton))
             _write(tmp / "models.json", _json(models))
-            _write(tmp / "config.json", _json({"policy": policy.name, "config": policy.config.to_dict()}))
+            _write(tmp / "config.json", _json({"policy": policy.name, "config": policy.config.to_dict(), "embedding": embedding_of(enc)}))
             _write(tmp / "fingerprint.json", _json(fingerprint))
             manifest = {
                 "format": FORMAT,
@@ -326,22 +333,27 @@ def resolve(path: Path | str) -> Path:
 
 
 def stored_config(path: Path | str) -> dict[str, Any]:
-    """``{"policy": name, "config": {...}}`` of the checkpoint folder ``path``."""
+    """``{"policy": name, "config": {...}, "embedding": name}`` of the checkpoint folder ``path``
+    (``embedding`` is ``minilm`` for checkpoints written before it was recorded)."""
     try:
-        return json.loads((Path(path) / "config.json").read_text())
+        return {"embedding": "minilm", **json.loads((Path(path) / "config.json").read_text())}
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable config.json ({e})") from None
 
 
 def load_policy(path: Path | str, encoder=None):
-    """Rebuild the registered policy stored at ``path`` (a version folder or a root: latest)."""
+    """Rebuild the registered policy stored at ``path`` (a version folder or a root: latest).
+
+    ``encoder``: the dense encoder to run (or an encoder over it); the policy gets the encoder the
+    checkpoint was trained with, its fitted lexical part restored (``policy.encoder``)."""
+    from cmr.encoders.lexical import restore_encoder
     from cmr.policies.registry import make_policy
 
     path = resolve(path)
     with reading(path):
         cfg = stored_config(path)
         state = read_state(path)
-    policy = make_policy(cfg["policy"], encoder=encoder, config=cfg["config"])
+    policy = make_policy(cfg["policy"], encoder=restore_encoder(state.pop("encoder", None), encoder), config=cfg["config"])
     policy.load_state_dict(state)
     return policy
 

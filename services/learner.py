@@ -135,7 +135,7 @@ class LearnerActor:
             upto = int(events[-1].offset)
             if start < upto:
                 ck = self.learner.checkpoint({"offset": upto, "applied": [start, upto], "base": self.base,
-                                              "events": n, "created": time.time(), "learner": self.instance, "encoder": self.encoder.name})
+                                              "events": n, "created": time.time(), "learner": self.instance, "encoder": self.policy.encoder.name})
                 self.version = self.base = ck.version
             self.offset = upto  # after the checkpoint: status() never shows the offset ahead of the version
             self.store.set_cursor("learner", self.offset)

@@ -122,15 +122,22 @@ def checkpoint_root(args: AppArgs) -> Path:
 
 
 def check_checkpoint_config(args: AppArgs) -> None:
-    """Refuse a ``policy_config`` that the served router would ignore.
+    """Refuse a ``policy_config`` (or an explicit ``embedding``) that the served router would ignore.
 
     Once a checkpoint exists the router is restored from it, config included; an option set in
     ``policy_config`` (a tuned ``chosen_serve.yaml``) that differs from the checkpoint's would
     silently not apply. Raises ``ConfigError`` naming the options and what to do instead.
     """
     root = checkpoint_root(args)
-    ck = checkpoint.latest(root) if args.policy_config else None
+    ck = checkpoint.latest(root) if args.policy_config or "embedding" in args.model_fields_set else None
     if ck is None:
+        return
+    made_with = checkpoint.stored_config(ck.path)["embedding"]
+    if "embedding" in args.model_fields_set and args.embedding != made_with:
+        raise ConfigError(
+            f"field 'embedding': {args.embedding!r} differs from checkpoint v{ck.version} under {root} ({made_with!r}), which the "
+            f"router is restored from; to serve it retrain (move {root} away: the next start trains with it), or drop embedding")
+    if not args.policy_config:
         return
     cls = policy_class(args.policy).Config
     want = cls.from_dict(args.policy_config).to_dict()
@@ -228,14 +235,21 @@ def bootstrap(args: AppArgs, encoder) -> None:
         root = checkpoint_root(args)
         if checkpoint.latest(root) is None:
             from cmr.continual.learner import Learner
+            from cmr.encoders.lexical import fit_encoder
 
+            if args.bench_path() is not None and bench_data is None:
+                from cmr.data import load_cmrbench
+
+                bench_data = load_cmrbench(args.bench_path())
+            if args.embedding != "minilm":
+                if bench_data is None:
+                    raise ConfigError(f"field 'embedding': {args.embedding!r} is fitted on the bench's train prompts; set bench")
+                # fitted once, on every train prompt and the hub's cards (labels unused), as `cmr bench cmr` does
+                encoder = fit_encoder(args.embedding, encoder, [t for e in bench_data.experiences for t in e.train.texts]
+                                      + [c.text() for c in hub.list()])
             policy = make_policy(args.policy, encoder=encoder, config=args.policy_config or None)
             learner = Learner(policy)  # in-memory checkpoints per experience; one written at the end
             if args.bench_path() is not None:
-                if bench_data is None:
-                    from cmr.data import load_cmrbench
-
-                    bench_data = load_cmrbench(args.bench_path())
                 if args.profile_size:
                     _set_profile_prompts(args, policy, bench_data, encoder)
                 rng = np.random.default_rng(0)
@@ -264,9 +278,6 @@ class RouterCore:
         from cmr.encoders import MemoryCachedEncoder
 
         self.args = args
-        self.encoder = encoder  # cards, profile prompts, first-start training: the persistent cache
-        # routed queries: an in-memory LRU over the encoder itself (no disk write per batch)
-        self.query_encoder = MemoryCachedEncoder(self.query_view(getattr(encoder, "inner", encoder)), args.query_cache_size)
         bootstrap(args, encoder)
         self.store = open_decisions(args)
         self.profile_prompts = read_profile_prompts(args)
@@ -274,12 +285,18 @@ class RouterCore:
         self._hub_store = open_hub(args)
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
+        self.encoder = encoder
+        self.policy, self.version = self._load_policy(None)
+        # what the checkpoint embeds with (MiniLM, or MiniLM fused with its fitted TF-IDF): cards,
+        # profile prompts, first-start training, through the persistent cache
+        self.encoder = self.policy.encoder
+        # routed queries: an in-memory LRU over the encoder itself (no disk write per batch)
+        self.query_encoder = MemoryCachedEncoder(self.query_view(self._uncached()), args.query_cache_size)
         from cmr.index import ModelIndex
 
-        self.index = ModelIndex(encoder.dim, precision=args.index_precision)
+        self.index = ModelIndex(self.encoder.dim, precision=args.index_precision)
         self.hub = ModelHub(self._hub_store)
         self._emb: dict[str, np.ndarray] = {}
-        self.policy, self.version = self._load_policy(None)
         self._newest_seen = self.version
         self._rebuild()
         self._closed = threading.Event()
@@ -290,10 +307,22 @@ class RouterCore:
 
     # -- state -------------------------------------------------------------------------------
     def query_view(self, encoder):
-        """``encoder`` as routed queries see it: truncated to ``AppArgs.query_max_tokens`` where the
-        encoder supports it (onnx), else unchanged."""
-        n = self.args.query_max_tokens
-        return encoder.with_max_tokens(n) if n and hasattr(encoder, "with_max_tokens") else encoder
+        """``encoder`` as routed queries see it: its dense part truncated to
+        ``AppArgs.query_max_tokens`` where the encoder supports it (onnx), else unchanged."""
+        from cmr.encoders.lexical import dense_part
+
+        n, dense = self.args.query_max_tokens, dense_part(encoder)
+        if not (n and hasattr(dense, "with_max_tokens")):
+            return encoder
+        return encoder.with_dense(dense.with_max_tokens(n)) if dense is not encoder else dense.with_max_tokens(n)
+
+    def _uncached(self):
+        """The router's encoder without the persistent cache (queries must not be written to disk)."""
+        from cmr.encoders.lexical import dense_part
+
+        dense = dense_part(self.encoder)
+        inner = getattr(dense, "inner", dense)  # CachedEncoder: the encoder itself
+        return self.encoder.with_dense(inner) if dense is not self.encoder else inner
 
     def _load_policy(self, version: int | None):
         """The policy of checkpoint ``version`` (None: the newest that verifies)."""
@@ -304,7 +333,12 @@ class RouterCore:
         if made_with and made_with != self.encoder.name:  # served: measured harmless exact -> int8 (services/README.md)
             log.info("checkpoint v%d was trained with encoder %s, the router encodes with %s (cmr train --encoder)",
                      ck.version, made_with, self.encoder.name)
-        return checkpoint.load_policy(ck.path, encoder=self.encoder), ck.version
+        policy = checkpoint.load_policy(ck.path, encoder=self.encoder)
+        if getattr(self, "policy", None) is not None and policy.encoder.name != self.encoder.name:
+            # query vectors, card index and recorded decisions live in the served embedding space
+            raise checkpoint.CheckpointError(f"checkpoint v{ck.version} embeds with {policy.encoder.name}, this router with "
+                                             f"{self.encoder.name}: restart the router to serve it")
+        return policy, ck.version
 
     def _embed_cards(self, cards: Sequence[ModelCard]) -> None:
         new = [c for c in cards if c.id not in self._emb]
@@ -380,7 +414,7 @@ class RouterCore:
         import time
 
         t0 = time.perf_counter()
-        inner = getattr(self.encoder, "inner", self.encoder)  # CachedEncoder: the encoder itself must run
+        inner = self._uncached()  # the encoder itself must run
         texts = [" ".join(["Which model should answer this routing question?"] * n) for n in (1, 3, 8, 24, 64)]
         batch = (texts * self.args.max_batch_size)[: self.args.max_batch_size]
         for group in [[t] for t in texts] + [batch]:

@@ -34,14 +34,10 @@ _WORD = {"ngram_range": (1, 2), "min_df": 2, "sublinear_tf": True, "max_features
 _CHAR = {"analyzer": "char_wb", "ngram_range": (3, 5), "min_df": 3, "sublinear_tf": True, "max_features": 20_000}
 
 
-def _vectorizer(params: dict, terms: Sequence[str] | None = None, idf: np.ndarray | None = None):
+def _vectorizer(params: dict):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    if terms is None:
-        return TfidfVectorizer(**params)
-    v = TfidfVectorizer(**params, vocabulary={t: i for i, t in enumerate(terms)})
-    v.idf_ = idf  # a fixed vocabulary plus its idf is a fitted vectorizer
-    return v
+    return TfidfVectorizer(**params)
 
 
 class LexicalEncoder:
@@ -50,8 +46,15 @@ class LexicalEncoder:
     def __init__(self, word: tuple[list[str], np.ndarray], char: tuple[list[str], np.ndarray], codes: np.ndarray, scales: np.ndarray):
         """``word``/``char``: (terms in column order, idf); ``codes`` int8 ``[n_terms, dim]`` and
         ``scales`` float32 ``[n_terms]``: the SVD components, ``codes * scales[:, None]``."""
-        self._word, self._char = _vectorizer(_WORD, *word), _vectorizer(_CHAR, *char)
         self._parts = (word, char)
+        # encoding runs the analyzers and a sparse weighted sum by hand: sklearn's transform costs
+        # ~3 ms of input checks per call, and a routed query is one call
+        self._views = []
+        offset = 0
+        for params, (terms, idf) in ((_WORD, word), (_CHAR, char)):
+            self._views.append((_vectorizer(params).build_analyzer(), {t: offset + i for i, t in enumerate(terms)},
+                                np.concatenate([np.zeros(offset), np.asarray(idf, np.float64)])))
+            offset += len(terms)
         self.codes, self.scales = codes, scales
         self.components = codes.astype(np.float32) * scales[:, None]
         self.dim = int(codes.shape[1])
@@ -78,14 +81,16 @@ class LexicalEncoder:
         return cls((terms(word), word.idf_.astype(np.float64)), (terms(char), char.idf_.astype(np.float64)), codes, scales)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        import scipy.sparse as sp
-
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        x = sp.hstack([self._word.transform(texts), self._char.transform(texts)]).tocsr()
-        e = np.asarray(x @ self.components, dtype=np.float32)
-        return e / np.clip(np.linalg.norm(e, axis=1, keepdims=True), 1e-12, None)
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for r, text in enumerate(texts):
+            for analyze, vocab, idf in self._views:
+                # sklearn's TfidfVectorizer.transform, for one text: counts of known terms,
+                # sublinear tf × idf, l2-normalised per part; then the SVD projection
+                cols, counts = np.unique(np.fromiter((j for t in analyze(text) if (j := vocab.get(t)) is not None), np.int64), return_counts=True)
+                if cols.size:
+                    w = (1.0 + np.log(counts)) * idf[cols]
+                    out[r] += (w / np.linalg.norm(w)) @ self.components[cols]
+        return out / np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
 
     def state_dict(self) -> dict[str, Any]:
         (wt, wi), (ct, ci) = self._parts

@@ -43,7 +43,8 @@ class PackagedSentenceEncoder:
         self.model.max_seq_length = 256
         self.model.tokenizer.truncation_side = "left"
         self.name, self.batch_size = f"{name}:tail", batch_size
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension  # renamed in 6.x
+        self.dim = int(dim())
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if len(texts) == 0:

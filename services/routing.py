@@ -329,11 +329,11 @@ class RouterCore:
         ck = checkpoint.latest(self.ckpt_root) if version is None else checkpoint.open_checkpoint(checkpoint.version_dir(self.ckpt_root, version))
         if ck is None:
             raise checkpoint.CheckpointError(f"{self.ckpt_root}: no valid checkpoint")
-        made_with = ck.fingerprint.get("encoder")
-        if made_with and made_with != self.encoder.name:  # served: measured harmless exact -> int8 (services/README.md)
-            log.info("checkpoint v%d was trained with encoder %s, the router encodes with %s (cmr train --encoder)",
-                     ck.version, made_with, self.encoder.name)
         policy = checkpoint.load_policy(ck.path, encoder=self.encoder)
+        made_with = ck.fingerprint.get("encoder")
+        if made_with and made_with != policy.encoder.name:  # served: measured harmless exact -> int8 (services/README.md)
+            log.info("checkpoint v%d was trained with encoder %s, the router encodes with %s (cmr train --encoder)",
+                     ck.version, made_with, policy.encoder.name)
         if getattr(self, "policy", None) is not None and policy.encoder.name != self.encoder.name:
             # query vectors, card index and recorded decisions live in the served embedding space
             raise checkpoint.CheckpointError(f"checkpoint v{ck.version} embeds with {policy.encoder.name}, this router with "

@@ -6,10 +6,10 @@ Prints one line per weight and writes ``DIR/fused-{validation,test}.{json,md}``.
 
 The CMRBench protocol (``cmr_protocol.evaluate``) on the validation split of
 ``cmr bench cmr --policy carve --validation 0.15 --per-model`` (continual e1..e4), with carve's input features replaced by
-``normalize([MiniLM(x) ; W · normalize(SVD(TF-IDF(x)))])``: TF-IDF (word 1–2-grams + char 3–5-grams)
-and its SVD are fitted on the hub's card texts and the non-held-out train prompts only.
-``--weight 0`` is MiniLM alone through the same code path. The router interface passes query
-embeddings, so the serving path would need this as an encoder; this script only measures the gain.
+``normalize([MiniLM(x) ; W · normalize(SVD(TF-IDF(x)))])``: the served ``minilm+tfidf`` encoder
+(``cmr.encoders.lexical``) with weight W, fitted on the hub's card texts and the non-held-out train
+prompts only. ``--weight 0`` is MiniLM alone through the same code path. The weight it chose
+(0.75) is ``LEXICAL_WEIGHT``; ``cmr bench cmr --embedding minilm+tfidf`` runs that setting.
 ``--test`` (once, for the weight chosen on validation): fit on the whole train splits, report on
 the test splits.
 """
@@ -28,30 +28,11 @@ from cmr.bench import common
 from cmr.bench.cmr_protocol import evaluate, validation_split
 from cmr.data import load_cmrbench
 from cmr.encoders import default_encoder
+from cmr.encoders.lexical import FusedEncoder, LexicalEncoder
 from cmr.policies.registry import make_policy
 
 
-class FusedEncoder:
-    """MiniLM ⊕ weighted lexical SVD features (unit norm); same ``encode``/``dim``/``name`` as an encoder."""
-
-    def __init__(self, base, vec, svd, weight: float):
-        self.base, self.vec, self.svd, self.w = base, vec, svd, weight
-        self.dim = base.dim + svd.n_components
-        self.name = f"{base.name}+tfidf-svd{svd.n_components}x{weight}"
-
-    def encode(self, texts):
-        from sklearn.preprocessing import normalize
-
-        a = self.base.encode(list(texts))
-        b = normalize(self.svd.transform(self.vec.transform(list(texts))))
-        return normalize(np.hstack([a, self.w * b])).astype(np.float32)
-
-
 def main() -> int:
-    from sklearn.decomposition import TruncatedSVD
-
-    from bench.cmrbench_limits import _tfidf
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--weight", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--svd", type=int, default=256)
@@ -63,11 +44,10 @@ def main() -> int:
     if not a.test:
         bench = validation_split(bench, 0.15, seed=0, per_model=True)
     fit_texts = [t for e in bench.experiences for t in e.train.texts] + [c.text() for c in bench.cards]
-    vec = _tfidf().fit(fit_texts)
-    svd = TruncatedSVD(a.svd, random_state=0).fit(vec.transform(fit_texts))
+    lexical = LexicalEncoder.fit(fit_texts, dim=a.svd)
     rows = []
     for w in a.weight:
-        fenc = FusedEncoder(enc, vec, svd, w)
+        fenc = FusedEncoder(enc, lexical, w)
         parts = [p for e in bench.experiences for p in (e.train, e.test)]
         for p in parts:
             p.emb = None

@@ -136,11 +136,13 @@ def _encoder_label(backend: str, threads: int, single: int | None) -> str:
 def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retrieve_k: int, distinct: int,
                      batch: int = 16, home: Path, encoder: str = "onnx", encoder_threads: int = 1,
                      encoder_single_threads: int | None = None, query_max_tokens: int | None = None,
-                     other_encoders: Sequence[tuple[str, int, int | None]] = ()) -> dict[str, Any]:
+                     other_encoders: Sequence[tuple[str, int, int | None]] = (), embedding: str = "minilm") -> dict[str, Any]:
     """p50/p99 of ``RouterCore.route`` (encode + retrieve + score + select) per request and per batch,
     with the router's query encoder (``AppArgs.encoder``) after its start-up warm-up; then the same
     for each of ``other_encoders`` (``(backend, threads, single_threads)``) on the same hub, under
-    ``variants``. The router's in-memory query LRU is off: every phase re-sends the same prompts."""
+    ``variants``. The router's in-memory query LRU is off: every phase re-sends the same prompts.
+    ``embedding="minilm+tfidf"``: the router embeds with MiniLM fused with TF-IDF fitted on
+    CMRBench's train prompts and the hub's cards (as its first start would), through its checkpoint."""
     from cmr.encoders import make_encoder
     from services.config import AppArgs
     from services.routing import RouteRequest, RouterCore
@@ -149,6 +151,14 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
     cards = synthetic_cards(n_models)
     bank, d = card_bank(cards, distinct)
     enc = CardBankEncoder(make_encoder(encoder, encoder_threads, encoder_single_threads), bank)  # queries: real MiniLM, no cache
+    if embedding != "minilm":
+        from cmr.data import load_cmrbench
+        from cmr.encoders.lexical import fit_encoder
+
+        if other_encoders:
+            raise BenchServeError("--decision-encoders: compare query encoders with the default --embedding minilm")
+        texts = [t for e in load_cmrbench(AppArgs().bench_path()).experiences for t in e.train.texts]
+        enc = fit_encoder(embedding, enc, texts + [c.text() for c in cards])  # saved with the first checkpoint, as served
     args = AppArgs(home=str(home), policy=policy, bench=None, tiny_models=False, retrieve_k=retrieve_k, query_cache_size=0,
                    learner={"enabled": False}, encoder=encoder, encoder_threads=encoder_threads, encoder_single_threads=encoder_single_threads,
                    query_max_tokens=query_max_tokens)
@@ -190,7 +200,7 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
                 "retrieve_score_select_only": _pcts(rest_ms), f"batch{batch}": _pcts(batched) if batched else None,
                 f"batch{batch}_per_request_p50_ms": (float(np.median(batched)) / batch) if batched else None}
 
-    res = {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy,
+    res = {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy, "embedding": embedding,
            "retrieve_k": retrieve_k, "encoder": encoder, "encoder_threads": encoder_threads,
            "encoder_single_threads": encoder_single_threads, "query_max_tokens": query_max_tokens, "setup_s": round(setup_s, 1),
            **measure(), "variants": {}}
@@ -832,6 +842,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decision-encoders", nargs="*", default=["onnx-int8:1:2", "onnx:1:1", "torch:1"],
                    help="BACKEND:THREADS[:SINGLE_THREADS] query encoders also measured on each hub (beside --encoder)")
     p.add_argument("--encoder-prompts", type=int, default=160, help="prompts for the encoder-variant comparison (0 = skip it)")
+    p.add_argument("--embedding", choices=("minilm", "minilm+tfidf"), default="minilm",
+                   help="decision latency: what the router embeds with (AppArgs.embedding; minilm+tfidf: give --decision-encoders nothing)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--quality", action="store_true", help="also measure the routing quality of the encoder settings (CMRBench; ~10 min)")
     p.add_argument("--proxy", choices=("haproxy", "serve"), default=None,
@@ -897,7 +909,7 @@ def run(a: argparse.Namespace) -> int:
             d = decision_latency(n, prompts[: a.decision_requests], policy=a.policy, retrieve_k=rk, distinct=a.distinct,
                                  home=Path(tmp) / f"dec{n}", encoder=a.encoder, encoder_threads=a.encoder_threads,
                                  encoder_single_threads=a.encoder_single_threads, query_max_tokens=a.query_max_tokens,
-                                 other_encoders=others)
+                                 other_encoders=others, embedding=a.embedding)
             report["decision"].append(d)
             print(f"decision {n:>7,} models  rk={rk:<4} single p50 {d['single']['p50_ms']:.1f} p99 {d['single']['p99_ms']:.1f} ms"
                   f"  (encode p50 {d['encode_only']['p50_ms']:.1f})  batch16 p50 {(d['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms"

@@ -511,11 +511,11 @@ def _prompt_set(args, serve_dir: Path):
         cards, train = list(data.cards), data.train
     if args.limit:
         train = train.subset(np.arange(min(args.limit, len(train))))
-    common.embed(encoder, [train])
     if args.checkpoint:
         ck = checkpoint.open_checkpoint(checkpoint.resolve(args.checkpoint))
         version = ck.version
         policy = checkpoint.load_policy(ck.path, encoder=encoder)
+        common.embed(policy.encoder, [train])  # as the checkpoint embeds (MiniLM, or fused with its TF-IDF)
     elif args.policy:
         from cmr.policies.registry import make_policy
 
@@ -525,6 +525,7 @@ def _prompt_set(args, serve_dir: Path):
             raise CalibrationError(f"--set for policy {args.policy!r}: {e}") from None
         from cmr.continual.learner import Learner
 
+        common.embed(encoder, [train])
         policy.add_models(cards)
         Learner(policy).fit(train, cards)
     else:

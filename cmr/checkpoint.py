@@ -3,9 +3,11 @@
 Layout: ``<root>/v000001/`` with
 
 * ``weights.npz`` — every numpy array of the policy's ``state_dict()``;
-* ``state.json`` — the rest of the state, with arrays replaced by ``{"__array__": key}``;
+* ``state.json`` — the rest of the state, with arrays replaced by ``{"__array__": key}``; a fitted
+  encoder's state (the lexical part of ``minilm+tfidf``) is under ``"encoder"``;
 * ``models.json`` — the model-id table (the policy's known models, in row order);
-* ``config.json`` — policy name and config;
+* ``config.json`` — policy name and config, and the embedding it was trained with (``minilm``,
+  ``minilm+tfidf``: ``cmr.encoders.lexical``);
 * ``fingerprint.json`` — the data fingerprint (what the checkpoint was trained on) and extras;
 * ``manifest.json`` — version, policy, creation time and the SHA-256 of every file above.
 
@@ -208,6 +210,7 @@ def manifest_digest(path: Path | str) -> str:
 
 def _write_folder(tmp: Path, version: int, policy, skeleton: Any, arrays: dict[str, np.ndarray], models: list, fingerprint: dict) -> None:
     """Every file of one version into ``tmp``, each fsynced; the manifest last."""
+    from cmr.encoders.lexical import embedding_of
     private_dir(tmp)
     with open(private_file(tmp / "weights.npz"), "wb") as f:
         np.savez(f, **arrays)
@@ -215,7 +218,7 @@ def _write_folder(tmp: Path, version: int, policy, skeleton: Any, arrays: dict[s
         os.fsync(f.fileno())
     _write(tmp / "state.json", _json(skeleton))
     _write(tmp / "models.json", _json(models))
-    _write(tmp / "config.json", _json({"policy": policy.name, "config": policy.config.to_dict()}))
+    _write(tmp / "config.json", _json({"policy": policy.name, "config": policy.config.to_dict(), "embedding": embedding_of(getattr(policy, "encoder", None))}))
     _write(tmp / "fingerprint.json", _json(fingerprint))
     manifest = {"format": FORMAT, "version": version, "policy": policy.name, "created": time.time(),
                 "files": {name: _sha256(tmp / name) for name in _FILES}}
@@ -227,7 +230,12 @@ def save(root: Path | str, policy, fingerprint: dict[str, Any] | None = None, ex
     """Write ``policy``'s state (plus ``extra`` entries: the learner's) as the next version under
     ``root`` (a local folder or a URI); returns the checkpoint (``path``: its local folder, for a
     URI the staged copy, which stays as the node's cache of it)."""
+    from cmr.encoders.lexical import encoder_state
+
+    enc = getattr(policy, "encoder", None)
     state = {**policy.state_dict(), **(extra or {})}
+    if (enc_state := encoder_state(enc)) is not None:
+        state["encoder"] = enc_state
     arrays: dict[str, np.ndarray] = {}
     skeleton = _split_arrays(state, arrays)
     models = list(getattr(policy, "_models", None) or state.get("card_ids") or [])
@@ -546,22 +554,27 @@ def _latest_path(root: str) -> Path:
 
 
 def stored_config(path: Path | str) -> dict[str, Any]:
-    """``{"policy": name, "config": {...}}`` of the checkpoint folder ``path``."""
+    """``{"policy": name, "config": {...}, "embedding": name}`` of the checkpoint folder ``path``
+    (``embedding`` is ``minilm`` for checkpoints written before it was recorded)."""
     try:
-        return json.loads((Path(path) / "config.json").read_text())
+        return {"embedding": "minilm", **json.loads((Path(path) / "config.json").read_text())}
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable config.json ({e})") from None
 
 
 def load_policy(path: Path | str, encoder=None):
-    """Rebuild the registered policy stored at ``path`` (a version folder or a root: latest)."""
+    """Rebuild the registered policy stored at ``path`` (a version folder or a root: latest).
+
+    ``encoder``: the dense encoder to run (or an encoder over it); the policy gets the encoder the
+    checkpoint was trained with, its fitted lexical part restored (``policy.encoder``)."""
+    from cmr.encoders.lexical import restore_encoder
     from cmr.policies.registry import make_policy
 
     path = resolve(path)
     with reading(path):
         cfg = stored_config(path)
         state = read_state(path)
-    policy = make_policy(cfg["policy"], encoder=encoder, config=cfg["config"])
+    policy = make_policy(cfg["policy"], encoder=restore_encoder(state.pop("encoder", None), encoder), config=cfg["config"])
     policy.load_state_dict(state)
     return policy
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from cmr import constants
 from cmr.continual.learner import CONSOLIDATE_EVERY, EVENTS_PER_STEP
+from cmr.encoders.lexical import Embedding
 from cmr.errors import ConfigError, validation_line
 from services.pools.base import BackendPolicy
 
@@ -208,6 +209,11 @@ class AppArgs(_Strict):
     #: fp32, the same embeddings as ``torch``), ``torch`` (sentence-transformers). Measured trade:
     #: services/README.md, "Query encoder". A checkpoint is trained with the encoder it is served with
     encoder: Literal["onnx", "torch", "onnx-int8"] = "onnx-int8"
+    #: what texts are embedded with: ``minilm`` (the encoder above alone) or ``minilm+tfidf`` (fused
+    #: with TF-IDF fitted at first start on the bench's train prompts and the cards, saved in every
+    #: checkpoint: ``cmr.encoders.lexical``). A served checkpoint keeps the embedding it was trained
+    #: with; set explicitly, it must agree with it (else refused, as ``policy_config``)
+    embedding: Embedding = "minilm"
     #: intra-op threads of the router's encoder for batches (1: on a busy 2-core host a second
     #: thread waits for a core)
     encoder_threads: int = Field(default=1, ge=1)

@@ -163,7 +163,7 @@ class LearnerActor:
             if due:
                 ck = self.learner.checkpoint({"offset": self.offset, "applied": [self.saved_offset, self.offset], "base": self.base,
                                               "events": self._unsaved, "created": time.time(), "learner": self.instance,
-                                              "encoder": self.encoder.name})
+                                              "encoder": self.policy.encoder.name})
                 written = self._saved(ck)
             if written is not None:
                 self.store.set_cursor("learner", self.saved_offset)

@@ -137,7 +137,7 @@ def served_checkpoint(args: AppArgs) -> checkpoint.Checkpoint | None:
 
 
 def check_checkpoint_config(args: AppArgs) -> None:
-    """Refuse a ``policy_config`` that the served router would ignore.
+    """Refuse a ``policy_config`` (or an explicit ``embedding``) that the served router would ignore.
 
     Once a checkpoint exists the router is restored from it, config included; an option set in
     ``policy_config`` (a tuned ``chosen_serve.yaml``) that differs from the checkpoint's would
@@ -145,8 +145,15 @@ def check_checkpoint_config(args: AppArgs) -> None:
     """
     root = checkpoint_root(args)
     # nothing published yet: the newest whole version, which the first start publishes
-    ck = (served_checkpoint(args) or checkpoint.latest(root)) if args.policy_config else None
+    ck = (served_checkpoint(args) or checkpoint.latest(root)) if args.policy_config or "embedding" in args.model_fields_set else None
     if ck is None:
+        return
+    made_with = checkpoint.stored_config(ck.path)["embedding"]
+    if "embedding" in args.model_fields_set and args.embedding != made_with:
+        raise ConfigError(
+            f"field 'embedding': {args.embedding!r} differs from checkpoint v{ck.version} under {root} ({made_with!r}), which the "
+            f"router is restored from; to serve it retrain (move {root} away: the next start trains with it), or drop embedding")
+    if not args.policy_config:
         return
     cls = policy_class(args.policy).Config
     want = cls.from_dict(args.policy_config).to_dict()
@@ -246,14 +253,21 @@ def bootstrap(args: AppArgs, encoder) -> None:
         ck = load_served(published, args.policy, adopt=root)
         if ck is None:
             from cmr.continual.learner import Learner
+            from cmr.encoders.lexical import fit_encoder
 
+            if args.bench_path() is not None and bench_data is None:
+                from cmr.data import load_cmrbench
+
+                bench_data = load_cmrbench(args.bench_path())
+            if args.embedding != "minilm":
+                if bench_data is None:
+                    raise ConfigError(f"field 'embedding': {args.embedding!r} is fitted on the bench's train prompts; set bench")
+                # fitted once, on every train prompt and the hub's cards (labels unused), as `cmr bench cmr` does
+                encoder = fit_encoder(args.embedding, encoder, [t for e in bench_data.experiences for t in e.train.texts]
+                                      + [c.text() for c in hub.list()])
             policy = make_policy(args.policy, encoder=encoder, config=args.policy_config or None)
             learner = Learner(policy)  # in-memory checkpoints per experience; one written at the end
             if args.bench_path() is not None:
-                if bench_data is None:
-                    from cmr.data import load_cmrbench
-
-                    bench_data = load_cmrbench(args.bench_path())
                 if args.profile_size:
                     _set_profile_prompts(args, policy, bench_data, encoder)
                 rng = np.random.default_rng(0)
@@ -284,9 +298,6 @@ class RouterCore:
         from cmr.encoders import MemoryCachedEncoder
 
         self.args = args
-        self.encoder = encoder  # cards, profile prompts, first-start training: the persistent cache
-        # routed queries: an in-memory LRU over the encoder itself (no disk write per batch)
-        self.query_encoder = MemoryCachedEncoder(self.query_view(getattr(encoder, "inner", encoder)), args.query_cache_size)
         bootstrap(args, encoder)
         #: names this router in the request ids it issues: decisions of every replica, on every
         #: node, share one store and stay attributable
@@ -298,12 +309,18 @@ class RouterCore:
         self._hub_store = open_hub(args)
         self._lock = threading.RLock()
         self._reload_lock = threading.Lock()
+        self.encoder = encoder
+        self.policy, self.version = self._load_policy(None)
+        # what the checkpoint embeds with (MiniLM, or MiniLM fused with its fitted TF-IDF): cards,
+        # profile prompts, first-start training, through the persistent cache
+        self.encoder = self.policy.encoder
+        # routed queries: an in-memory LRU over the encoder itself (no disk write per batch)
+        self.query_encoder = MemoryCachedEncoder(self.query_view(self._uncached()), args.query_cache_size)
         from cmr.index import ModelIndex
 
-        self.index = ModelIndex(encoder.dim, precision=args.index_precision)
+        self.index = ModelIndex(self.encoder.dim, precision=args.index_precision)
         self.hub = ModelHub(self._hub_store)
         self._emb: dict[str, np.ndarray] = {}
-        self.policy, self.version = self._load_policy(None)
         self._seen = self.published.current(args.policy)
         self._rebuild()
         self._closed = threading.Event()
@@ -315,21 +332,38 @@ class RouterCore:
 
     # -- state -------------------------------------------------------------------------------
     def query_view(self, encoder):
-        """``encoder`` as routed queries see it: truncated to ``AppArgs.query_max_tokens`` where the
-        encoder supports it (onnx), else unchanged."""
-        n = self.args.query_max_tokens
-        return encoder.with_max_tokens(n) if n and hasattr(encoder, "with_max_tokens") else encoder
+        """``encoder`` as routed queries see it: its dense part truncated to
+        ``AppArgs.query_max_tokens`` where the encoder supports it (onnx), else unchanged."""
+        from cmr.encoders.lexical import dense_part
+
+        n, dense = self.args.query_max_tokens, dense_part(encoder)
+        if not (n and hasattr(dense, "with_max_tokens")):
+            return encoder
+        return encoder.with_dense(dense.with_max_tokens(n)) if dense is not encoder else dense.with_max_tokens(n)
+
+    def _uncached(self):
+        """The router's encoder without the persistent cache (queries must not be written to disk)."""
+        from cmr.encoders.lexical import dense_part
+
+        dense = dense_part(self.encoder)
+        inner = getattr(dense, "inner", dense)  # CachedEncoder: the encoder itself
+        return self.encoder.with_dense(inner) if dense is not self.encoder else inner
 
     def _load_policy(self, pub: Published | None):
         """The policy of publication ``pub`` (None: the newest published version that verifies)."""
         ck = load_served(self.published, self.args.policy) if pub is None else open_publication(pub)
         if ck is None:
             raise checkpoint.CheckpointError(f"{self.ckpt_root}: no published checkpoint of {self.args.policy} verifies")
+        policy = checkpoint.load_policy(ck.path, encoder=self.encoder)
         made_with = ck.fingerprint.get("encoder")
-        if made_with and made_with != self.encoder.name:  # served: measured harmless exact -> int8 (services/README.md)
+        if made_with and made_with != policy.encoder.name:  # served: measured harmless exact -> int8 (services/README.md)
             log.info("checkpoint v%d was trained with encoder %s, the router encodes with %s (cmr train --encoder)",
-                     ck.version, made_with, self.encoder.name)
-        return checkpoint.load_policy(ck.path, encoder=self.encoder), ck.version
+                     ck.version, made_with, policy.encoder.name)
+        if getattr(self, "policy", None) is not None and policy.encoder.name != self.encoder.name:
+            # query vectors, card index and recorded decisions live in the served embedding space
+            raise checkpoint.CheckpointError(f"checkpoint v{ck.version} embeds with {policy.encoder.name}, this router with "
+                                             f"{self.encoder.name}: restart the router to serve it")
+        return policy, ck.version
 
     def _embed_cards(self, cards: Sequence[ModelCard]) -> None:
         new = [c for c in cards if c.id not in self._emb]
@@ -408,7 +442,7 @@ class RouterCore:
         FAISS, the policy's first call) happens here instead of in the first requests, which would
         otherwise set the p99. Returns the seconds it took."""
         t0 = time.perf_counter()
-        inner = getattr(self.encoder, "inner", self.encoder)  # CachedEncoder: the encoder itself must run
+        inner = self._uncached()  # the encoder itself must run
         texts = [" ".join(["Which model should answer this routing question?"] * n) for n in (1, 3, 8, 24, 64)]
         batch = (texts * self.args.max_batch_size)[: self.args.max_batch_size]
         for group in [[t] for t in texts] + [batch]:

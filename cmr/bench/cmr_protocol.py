@@ -29,6 +29,7 @@ METRICS = (("m", "M-Acc"), ("f", "F-Acc"), ("d", "D-Acc"))
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``cmr bench cmr``."""
     common.add_common_arguments(parser)
+    common.add_embedding_argument(parser)
     parser.add_argument(
         "--feedback",
         choices=("full", "partial"),
@@ -213,7 +214,6 @@ def run(args: argparse.Namespace) -> int:
 
     from cmr.bench import plots
     from cmr.data.cmrbench import load_cmrbench
-    from cmr.encoders import default_encoder
 
     if args.batch_size < 1 or args.eval_batch < 1:
         raise common.BenchConfigError("--batch-size/--eval-batch: must be >= 1")
@@ -222,10 +222,13 @@ def run(args: argparse.Namespace) -> int:
     cls, config = common.policy_spec(args)  # fail fast on a bad policy name or option
     if args.validation is not None:
         bench = validation_split(bench, args.validation, args.seed, args.per_model)
-    encoder = default_encoder()
+    # labels unused: the lexical part (if any) is fitted on every train split's prompts and the hub's
+    # cards, as the router's first start, which trains on all experiences, does
+    encoder = common.fitted_encoder(args, [t for e in bench.experiences for t in e.train.texts], bench.cards)
     common.embed(encoder, [p for e in bench.experiences for p in (e.train, e.test)])
     policy = cls(encoder=encoder, config=config)
-    tag = "-".join(t for t in ("" if args.feedback == "full" else "partial", "" if args.validation is None else "validation") if t)
+    tag = "-".join(t for t in ("" if args.feedback == "full" else "partial", "" if args.validation is None else "validation",
+                               "" if args.embedding == "minilm" else args.embedding.replace("+", "-")) if t)
     out = common.out_dir(args.out, "cmr", root.name, args.policy, tag)
 
     t0 = time.perf_counter()
@@ -239,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
         "split": "test" if args.validation is None else {"validation": args.validation, "per_model": args.per_model},
         "seed": args.seed,
         "config": policy.config.to_dict(),
+        "embedding": args.embedding,
+        "encoder": encoder.name,
         **res,
         "wall_s": time.perf_counter() - t0,
         **common.run_info(),

@@ -49,6 +49,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="FILE.json", help="policy config as a JSON object (--set wins)")
 
 
+def add_embedding_argument(parser: argparse.ArgumentParser) -> None:
+    """``--embedding``: what texts are embedded with (``cmr.encoders.lexical.EMBEDDINGS``)."""
+    from cmr.encoders.lexical import EMBEDDINGS
+
+    parser.add_argument("--embedding", choices=EMBEDDINGS, default="minilm",
+                        help="minilm: MiniLM alone; minilm+tfidf: MiniLM fused with TF-IDF fitted on the train prompts and cards "
+                             "(saved with a checkpoint, as the router runs it)")
+
+
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     """``["k=3", "name=abc"]`` -> ``{"k": 3, "name": "abc"}``; values are JSON when they parse."""
     out: dict[str, Any] = {}
@@ -157,6 +166,15 @@ def encode(encoder, texts: Sequence[str], desc: str = "embed", chunk: int = 2048
             vecs.append(encoder.encode(texts[i : i + chunk]))
             bar.update(len(texts[i : i + chunk]))
     return np.concatenate(vecs)
+
+
+def fitted_encoder(args: argparse.Namespace, train_texts: Sequence[str], cards: Sequence = ()):
+    """The encoder of ``--embedding`` over the cached MiniLM, fitted (where it needs fitting) on
+    ``train_texts`` and the card texts: the same call as ``cmr train`` and the router's first start."""
+    from cmr.encoders import default_encoder
+    from cmr.encoders.lexical import fit_encoder
+
+    return fit_encoder(getattr(args, "embedding", "minilm"), default_encoder(), [*train_texts, *(c.text() for c in cards)])
 
 
 def embed(encoder, parts: Sequence, chunk: int = 2048) -> None:

@@ -20,6 +20,7 @@ from cmr.bench import common
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``cmr bench llm``."""
     common.add_common_arguments(parser)
+    common.add_embedding_argument(parser)
     parser.add_argument("--unseen", type=float, default=0.0, metavar="FRACTION", help="fraction of models hidden at training time (0 = none)")
     parser.add_argument("--profile-size", type=int, default=None, metavar="N", help="profile prompts held out of train for --unseen (default: 10%% of train)")
     parser.add_argument("--lambdas", type=int, default=80, metavar="N", help="points of the λ sweep (0 plus N-1 log-spaced values)")
@@ -164,7 +165,6 @@ def run(args: argparse.Namespace) -> int:
     """``cmr bench llm``: load, embed, train, sweep, write report.json / report.md / curve.png."""
     from cmr.bench import plots
     from cmr.data.outcomes import load_outcomes
-    from cmr.encoders import default_encoder
 
     if not 0.0 <= args.unseen < 1.0:
         raise common.BenchConfigError(f"--unseen {args.unseen}: must be in [0, 1)")
@@ -173,10 +173,10 @@ def run(args: argparse.Namespace) -> int:
     root = common.resolve_outcome_dir(args.data)
     data = load_outcomes(root)
     cls, config = common.policy_spec(args)  # fail fast on a bad policy name or option
-    encoder = default_encoder()
+    encoder = common.fitted_encoder(args, data.train.texts, data.cards)
     common.embed(encoder, [data.train, data.test])
     policy = cls(encoder=encoder, config=config)
-    tag = f"unseen{args.unseen:g}" if args.unseen else ""
+    tag = "-".join(t for t in (f"unseen{args.unseen:g}" if args.unseen else "", "" if args.embedding == "minilm" else args.embedding.replace("+", "-")) if t)
     out = common.out_dir(args.out, "llm", root.name, args.policy, tag)
 
     encode_s = common.embed_cards(policy, data.cards)  # up front: the training clock is training only
@@ -195,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         "unseen": args.unseen,
         "seed": args.seed,
         "config": policy.config.to_dict(),
+        "embedding": args.embedding,
+        "encoder": encoder.name,
         **res,
         **split,
         "timings": {"encode_s": encode_s, "train_s": t_train, "eval_s": t_eval},

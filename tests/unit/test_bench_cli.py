@@ -101,6 +101,14 @@ def test_llm_random_and_unseen_models(tmp_path, capsys, oc_dir):
     assert rep["n_models"] == 4  # evaluated on the full pool
 
 
+def test_llm_embedding_option(tmp_path, capsys, oc_dir):
+    rep, _, _ = _bench(tmp_path, capsys, "llm", "--policy", "knn", "--data", str(oc_dir), "--embedding", "minilm+tfidf")
+    assert rep["embedding"] == "minilm+tfidf" and "+tfidf-svd" in rep["encoder"] and 0.0 <= rep["aiq"] <= 1.0
+    with pytest.raises(SystemExit) as e:  # argparse: one usage line, exit 2
+        main(["bench", "llm", "--policy", "knn", "--data", str(oc_dir), "--embedding", "bm25"])
+    assert e.value.code == 2 and "--embedding" in capsys.readouterr().err
+
+
 def test_llm_equal_cost_curve_is_one_point(tmp_path, capsys):
     root = write_outcomes(tmp_path / "nocost", with_cost=False)
     rep, out, stdout = _bench(tmp_path, capsys, "llm", "--policy", "oracle", "--data", str(root))

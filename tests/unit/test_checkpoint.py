@@ -127,6 +127,12 @@ def test_cmr_train_in_process_writes_a_version_per_experience(tmp_path, data_roo
     assert main(["train", "--policy", "knn", "--data", str(data_root / "cmrbench"), "--out", str(out8), "--experiences", "1",
                  "--limit", "20", "--encoder", "onnx-int8"]) == 0
     assert "int8" in ckpt.open_checkpoint(out8 / "v000001").fingerprint["encoder"]
+    # fused with TF-IDF: the fitted lexical part is in the checkpoint, and loading restores it
+    outl = tmp_path / "ckl"
+    assert main(["train", "--policy", "knn", "--data", str(data_root / "cmrbench"), "--out", str(outl), "--experiences", "1",
+                 "--limit", "20", "--embedding", "minilm+tfidf"]) == 0
+    assert ckpt.stored_config(outl / "v000001")["embedding"] == "minilm+tfidf"
+    assert "+tfidf-svd" in ckpt.load_policy(outl, encoder=encoder).encoder.name
     capsys.readouterr()
     # a bad option is one clear line and exit 2, not a traceback
     assert main(["train", "--data", str(data_root / "cmrbench"), "--out", str(out), "--set", "nope=1"]) == 2

@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         "split": "test" if args.validation is None else {"validation": args.validation, "per_model": args.per_model},
         "seed": args.seed,
         "config": policy.config.to_dict(),
+        "choice": policy.describe(),
         **res,
         "wall_s": time.perf_counter() - t0,
         **common.run_info(),
@@ -258,5 +259,7 @@ def run(args: argparse.Namespace) -> int:
         f"forgetting M {rep['forgetting']['m']:.3f}  train {rep['timings']['train_total_s']:.1f}s  "
         f"card encoding {rep['timings']['encode_s']:.1f}s"
     )
+    if rep["choice"]:
+        print(common.choice_line(rep["choice"]))
     print(f"report: {Path(out) / 'report.json'}", file=sys.stdout)
     return 0

@@ -13,9 +13,10 @@ from cmr.types import ModelCard
 
 # elements gathered per chunk of queries ([b, k, n_c] floats): bounds the scoring memory
 _CHUNK_ELEMENTS = 1 << 22
-#: shrinkage tried when it is tuned, largest first (ties keep the more cautious one);
+#: shrinkage tried when it is tuned, largest first (ties keep the more cautious one; 1e6 is the
+#: prior alone, the zero router, kept where the neighbours predict nothing better);
 #: SHRINK_START before the first tuning
-SHRINK_GRID = (1.0, 0.3, 0.1, 0.03)
+SHRINK_GRID = (1e6, 10.0, 1.0, 0.3, 0.1, 0.03)
 SHRINK_START = 1.0
 
 

@@ -213,28 +213,34 @@ def tune_prior_weight(est: np.ndarray, card_sim: np.ndarray, truth: np.ndarray, 
 
 
 def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarray, grid: Sequence[float] = PRIOR_GRID) -> tuple[int, float]:
-    """(index into ``ests``, card weight of ``grid``) by the routing quality of
-    ``tune_prior_weight``, with the one-standard-error rule: the earliest pair (``ests`` and
-    ``grid`` are ordered most cautious first) whose quality is within one standard error of the
-    best pair's. Picking the best of many pairs on few noisy rows would otherwise pick noise
-    (e.g. a card weight on bare model names) over the prior."""
+    """Best (index into ``ests``, card weight of ``grid``) by the routing quality of
+    ``tune_prior_weight``; ties go to the earlier estimate and the smaller weight. The first pair
+    (``ests[0]``, ``grid[0]``: the most cautious, the prior alone where the grids reach it) is
+    kept unless the best beats it by more than one standard error of their paired difference:
+    the best of many pairs on few noisy rows would otherwise be noise (e.g. a card weight on bare
+    model names) preferred to the prior."""
     from cmr.decide import choose
 
     rows = np.arange(len(card_sim))
     sim = np.clip(card_sim, 0.0, 1.0)
     zero = np.zeros(card_sim.shape[1])
-    tried: list[tuple[int, float, float, float]] = []
+    tried: list[tuple[int, float, np.ndarray]] = []  # (estimate, weight, outcome of each row's choice)
     for i, est in enumerate(ests):
         for w in grid:
             # the choice under with_card_term(est, card_sim, w): its positive 1/(1 + w) changes none
-            got = truth[rows, choose(est + w * sim if w > 0 else est, zero, 0.0)]
-            got = got[~np.isnan(got)]
-            mean = float(got.mean()) if got.size else -np.inf
-            se = float(got.std() / np.sqrt(got.size)) if got.size > 1 else 0.0
-            tried.append((i, float(w), mean, se))
-    top = max(tried, key=lambda t: t[2])
-    i, w, _, _ = next(t for t in tried if t[2] >= top[2] - top[3] - 1e-12)
-    return i, w
+            tried.append((i, float(w), truth[rows, choose(est + w * sim if w > 0 else est, zero, 0.0)]))
+
+    def quality(got: np.ndarray) -> float:
+        ok = ~np.isnan(got)
+        return float(got[ok].mean()) if ok.any() else -np.inf
+
+    means = [quality(t[2]) for t in tried]
+    top = int(np.argmax(means))  # the first of ties
+    diff = tried[top][2] - tried[0][2]
+    diff = diff[~np.isnan(diff)]
+    se = float(diff.std() / np.sqrt(diff.size)) if diff.size > 1 else np.inf
+    pick = tried[top] if means[top] - means[0] > se else tried[0]
+    return pick[0], pick[1]
 
 
 class MemoryPolicy(RoutingPolicy):

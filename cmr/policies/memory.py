@@ -216,30 +216,39 @@ def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarra
     """Best (index into ``ests``, card weight of ``grid``) by the routing quality of
     ``tune_prior_weight``; ties go to the earlier estimate and the smaller weight. The first pair
     (``ests[0]``, ``grid[0]``: the most cautious, the prior alone where the grids reach it) is
-    kept unless the best beats it by more than one standard error of their paired difference:
-    the best of many pairs on few noisy rows would otherwise be noise (e.g. a card weight on bare
-    model names) preferred to the prior."""
+    kept unless the best beats it by more than one standard error of their paired per-row
+    difference, either in routing quality or in the squared error of the scores over every known
+    outcome (what the cost-aware choices of a λ sweep rest on): the best of many pairs on few
+    noisy rows would otherwise be noise (e.g. a card weight on bare model names) preferred to
+    the prior."""
     from cmr.decide import choose
 
     rows = np.arange(len(card_sim))
     sim = np.clip(card_sim, 0.0, 1.0)
     zero = np.zeros(card_sim.shape[1])
-    tried: list[tuple[int, float, np.ndarray]] = []  # (estimate, weight, outcome of each row's choice)
+    known = ~np.isnan(truth)
+    tried: list[tuple[int, float, np.ndarray, np.ndarray]] = []  # (estimate, weight, choice's outcome, -squared error) per row
     for i, est in enumerate(ests):
         for w in grid:
             # the choice under with_card_term(est, card_sim, w): its positive 1/(1 + w) changes none
-            tried.append((i, float(w), truth[rows, choose(est + w * sim if w > 0 else est, zero, 0.0)]))
+            got = truth[rows, choose(est + w * sim if w > 0 else est, zero, 0.0)]
+            err = np.where(known, (with_card_term(est, card_sim, w) - np.nan_to_num(truth)) ** 2, 0.0).sum(axis=1)
+            tried.append((i, float(w), got, -err / np.maximum(known.sum(axis=1), 1)))
 
-    def quality(got: np.ndarray) -> float:
-        ok = ~np.isnan(got)
-        return float(got[ok].mean()) if ok.any() else -np.inf
+    def mean(x: np.ndarray) -> float:
+        ok = ~np.isnan(x)
+        return float(x[ok].mean()) if ok.any() else -np.inf
 
-    means = [quality(t[2]) for t in tried]
+    means = [mean(t[2]) for t in tried]
     top = int(np.argmax(means))  # the first of ties
-    diff = tried[top][2] - tried[0][2]
-    diff = diff[~np.isnan(diff)]
-    se = float(diff.std() / np.sqrt(diff.size)) if diff.size > 1 else np.inf
-    pick = tried[top] if means[top] - means[0] > se else tried[0]
+
+    def beats(a: np.ndarray, b: np.ndarray) -> bool:
+        d = a - b
+        d = d[~np.isnan(d)]
+        return d.size > 1 and float(d.mean()) > float(d.std() / np.sqrt(d.size))
+
+    best, base = tried[top], tried[0]
+    pick = best if beats(best[2], base[2]) or beats(best[3], base[3]) else base
     return pick[0], pick[1]
 
 

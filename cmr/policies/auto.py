@@ -19,6 +19,9 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     "cluster": ("cluster", {}),
     "knn": ("knn", {}),
     "knn-k20": ("knn", {"k": 20}),
+    "uniroute": ("uniroute", {}),
+    "uniroute-map": ("uniroute-map", {}),
+    "linucb": ("linucb", {}),
 }
 
 

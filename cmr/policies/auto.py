@@ -34,7 +34,8 @@ class AutoConfig(PolicyConfig):
         cv_rows: training rows sampled (seeded) for the cross-validation; the chosen candidate
             is then fitted on all of them.
         margin: how much a learned candidate's mean fold score must exceed the zero router's
-            (``prior``) to be chosen over it: the noise a choice must beat.
+            (``prior``), beyond one standard error of their paired fold differences, to be
+            chosen over it.
         min_rows: fewest training rows to choose on; a smaller first fit keeps the zero router
             and chooses at the next fit.
     """
@@ -64,7 +65,9 @@ class AutoPolicy(RoutingPolicy):
 
     The choice: each candidate is fitted on k−1 folds of (a sample of) the training rows and
     scored on the held-out fold by :func:`fold_score`; the best mean wins if it beats the zero
-    router by ``margin``, else the zero router stays. Later fits, feedback and new models go to
+    router by ``margin`` plus one standard error, else the zero router stays. Where models join
+    by profile answers (profile prompts set), each fold hides a third of the profiled models
+    from training and adds them after, so the choice is measured on how the workload grows. Later fits, feedback and new models go to
     the chosen policy (it keeps learning; the choice is not revisited). What was chosen and why
     (every candidate's fold scores) is :meth:`describe`, kept in the state (so in checkpoints).
     """
@@ -126,26 +129,39 @@ class AutoPolicy(RoutingPolicy):
         cand_cards = cards + [ModelCard(id=m) for m in data.model_ids if m not in card_of]
         names = list(CANDIDATES)
         per: dict[str, list[float]] = {n: [] for n in names}
+        # models join by their profile answers here (the policy was given profile prompts): each
+        # fold hides a third of the profiled models from training and adds them afterwards, as
+        # the workload will
+        profiled = [m for m in data.model_ids if m in card_of and card_of[m].profile] if self._profile_ids else []
         for i, held in enumerate(folds):
             part = data.subset(np.concatenate([f for j, f in enumerate(folds) if j != i]))
             test = data.subset(held)
             test_cards = [card_of.get(m) or ModelCard(id=m) for m in test.model_ids]
+            hide = set(rng.choice(profiled, max(1, round(len(profiled) / 3)), replace=False)) if len(profiled) > 1 else set()
+            if hide:
+                part = part.select_models([m for m in part.model_ids if m not in hide])
+            fit_cards = [c for c in cand_cards if c.id not in hide]
             for n in names:
                 cand = self._candidate(n)
-                cand.add_models(cand_cards)
-                cand.fit(part, cand_cards)
+                cand.add_models(fit_cards)
+                cand.fit(part, fit_cards)
+                cand.add_models([card_of[m] for m in hide])
                 pred = np.asarray(cand.score(test.emb, test_cards), dtype=np.float64)
                 per[n].append(fold_score(pred, test.scores.astype(np.float64), None if test.costs is None else test.costs.astype(np.float64), card_costs))
         means = {n: float(np.mean(v)) for n, v in per.items()}
         best = max(names, key=lambda n: means[n])  # max keeps the earliest among ties
-        chosen = best if means[best] > means["prior"] + cfg.margin else "prior"
+        # beyond noise: the margin and one standard error of the paired fold differences
+        d = np.array(per[best]) - np.array(per["prior"])
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        chosen = best if means[best] > means["prior"] + cfg.margin + se else "prior"
         policy, ccfg = CANDIDATES[chosen]
         self._choice = {
             "chosen": chosen,
             "policy": policy,
             "config": {**ccfg, "seed": cfg.seed},
             "why": f"best mean {'AIQ' if np.ptp(card_costs) > 0 and data.costs is not None else 'quality'} over {len(folds)} folds of {len(rows)} training rows"
-            + ("" if chosen == best else f" ({best} within margin {cfg.margin} of the zero router)"),
+            + (f", {len(hide)} of {len(profiled)} models joining by profile in each" if profiled else "")
+            + ("" if chosen == best else f" ({best} not beyond the zero router by margin {cfg.margin} + one standard error {se:.3g})"),
             "mean": means,
             "folds": per,
         }

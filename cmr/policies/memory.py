@@ -216,11 +216,11 @@ def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarra
     """Best (index into ``ests``, card weight of ``grid``) by the routing quality of
     ``tune_prior_weight``; ties go to the earlier estimate and the smaller weight. The first pair
     (``ests[0]``, ``grid[0]``: the most cautious, the prior alone where the grids reach it) is
-    kept unless the best beats it by more than one standard error of their paired per-row
+    kept unless some pair beats it by more than one standard error of their paired per-row
     difference, either in routing quality or in the squared error of the scores over every known
-    outcome (what the cost-aware choices of a λ sweep rest on): the best of many pairs on few
-    noisy rows would otherwise be noise (e.g. a card weight on bare model names) preferred to
-    the prior."""
+    outcome (what the cost-aware choices of a λ sweep rest on); the best of those is taken. The
+    best of many pairs on few noisy rows would otherwise be noise (e.g. a card weight on bare
+    model names) preferred to the prior."""
     from cmr.decide import choose
 
     rows = np.arange(len(card_sim))
@@ -239,16 +239,14 @@ def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarra
         ok = ~np.isnan(x)
         return float(x[ok].mean()) if ok.any() else -np.inf
 
-    means = [mean(t[2]) for t in tried]
-    top = int(np.argmax(means))  # the first of ties
-
     def beats(a: np.ndarray, b: np.ndarray) -> bool:
         d = a - b
         d = d[~np.isnan(d)]
         return d.size > 1 and float(d.mean()) > float(d.std() / np.sqrt(d.size))
 
-    best, base = tried[top], tried[0]
-    pick = best if beats(best[2], base[2]) or beats(best[3], base[3]) else base
+    base = tried[0]
+    ok = [t for t in tried if beats(t[2], base[2]) or beats(t[3], base[3])] or [base]
+    pick = max(ok, key=lambda t: mean(t[2]))  # the first of ties
     return pick[0], pick[1]
 
 

@@ -11,7 +11,7 @@ from cmr.policies.auto import CANDIDATES
 from cmr.types import ModelCard
 
 
-def _data(signal: bool, n: int = 400, seed: int = 0, cost: bool = True) -> tuple[Examples, list[ModelCard]]:
+def _data(signal: bool, n: int = 240, seed: int = 0, cost: bool = True) -> tuple[Examples, list[ModelCard]]:
     """Two prompt topics (random unit vectors around two centres), four models, binary outcomes:
     with ``signal`` model 0 is right on topic 0 and model 1 on topic 1; without, every model is
     right at its own rate whatever the prompt (model 3 best)."""

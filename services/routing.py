@@ -573,6 +573,8 @@ class RouterCore:
         calib = self.calibration
         return {"checkpoint_version": self.version, "hub_version": self._hub_version, "models": len(self._table.cards),
                 "servable": int(self._table.servable.sum()), "policy": self.args.policy, "feedback_offset": self.store.last_offset(),
+                # what a self-configuring policy (auto) chose and why; {} for the others
+                "policy_choice": self.policy.describe() if self.policy is not None else {},
                 # the λ used for requests that give no cost_weight, and where it came from
                 "cost_weight": self.default_lam,
                 "calibration": None if calib is None else {k: calib.to_dict()[k] for k in ("target", "achieved", "held_out", "source", "n_prompts", "checkpoint_version", "created")}}

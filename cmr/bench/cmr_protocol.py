@@ -244,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         "config": policy.config.to_dict(),
         "embedding": args.embedding,
         "encoder": encoder.name,
+        "choice": policy.describe(),
         **res,
         "wall_s": time.perf_counter() - t0,
         **common.run_info(),
@@ -263,5 +264,7 @@ def run(args: argparse.Namespace) -> int:
         f"forgetting M {rep['forgetting']['m']:.3f}  train {rep['timings']['train_total_s']:.1f}s  "
         f"card encoding {rep['timings']['encode_s']:.1f}s"
     )
+    if rep["choice"]:
+        print(common.choice_line(rep["choice"]))
     print(f"report: {Path(out) / 'report.json'}", file=sys.stdout)
     return 0

@@ -219,6 +219,12 @@ def reveal_if_needed(policy, data) -> None:
         policy.reveal(data)
 
 
+def choice_line(choice: dict[str, Any]) -> str:
+    """One line of what a self-configuring policy chose (``RoutingPolicy.describe``) and why."""
+    means = "  ".join(f"{n} {v:.3f}" for n, v in choice.get("mean", {}).items())
+    return f"chose {choice.get('chosen')}: {choice.get('why', '')}; {means}"
+
+
 def check_scores(scores, n_rows: int, n_cols: int, policy_name: str):
     """A policy's score matrix must be ``[n_rows, n_cols]``; anything else is a policy bug."""
     import numpy as np

@@ -197,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         "config": policy.config.to_dict(),
         "embedding": args.embedding,
         "encoder": encoder.name,
+        "choice": policy.describe(),
         **res,
         **split,
         "timings": {"encode_s": encode_s, "train_s": t_train, "eval_s": t_eval},
@@ -216,5 +217,7 @@ def run(args: argparse.Namespace) -> int:
             f"{title}: AIQ {rep['aiq']:.3f}  zero router {rep['zero_router_aiq']:.3f}  oracle {rep['oracle_aiq']:.3f}  "
             f"max quality {rep['max_quality']:.3f}  best single {b['quality']:.3f} ({b['model']})  QNC {qnc}{took}"
         )
+    if rep["choice"]:
+        print(common.choice_line(rep["choice"]))
     print(f"report: {out / 'report.json'}")
     return 0

@@ -155,6 +155,11 @@ class RoutingPolicy(ABC):
     def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
         """Predicted quality ``[n_q, n_c]`` of each candidate for each query embedding."""
 
+    def describe(self) -> dict[str, Any]:
+        """What the policy chose while learning and why (JSON-able), for reports and health
+        checks; empty for a policy that makes no such choice."""
+        return {}
+
     # -- helpers -----------------------------------------------------------------------------
     def card_embeddings(self, cards: Sequence[ModelCard]) -> np.ndarray:
         """Unit-norm card-text embeddings ``[n, dim]``, memoised by model id."""

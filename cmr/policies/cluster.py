@@ -8,9 +8,13 @@ import numpy as np
 
 from cmr.data.examples import Examples
 from cmr.policies.base import Count, NonNegative, PolicyConfig, Positive, config_dataclass
-from cmr.policies.memory import PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, tune_prior_weight, tuning_sample
+from cmr.policies.memory import PRIOR_GRID, PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, tune_grid, tuning_sample
 from cmr.types import ModelCard
 
+#: smoothing pseudo-counts tried when it is tuned, largest first (ties keep the more cautious
+#: one; 1e6 is the global mean alone); SMOOTH_START before the first tuning
+SMOOTH_GRID = (1e6, 30.0, 10.0, 3.0, 1.0)
+SMOOTH_START = 1.0
 # card-term weight before any tuning (too few rows yet): enough to rank models nothing is known of
 
 
@@ -24,7 +28,10 @@ class ClusterConfig(PolicyConfig):
         soft: score with a softmax over centroid similarities instead of the nearest centroid.
         temperature: softmax temperature for ``soft``.
         smoothing: pseudo-count pulling each cluster's mean towards the model's global mean
-            (a cluster with no known outcome of a model falls back to the global mean).
+            (a cluster with no known outcome of a model falls back to the global mean). None:
+            tuned with ``prior_weight`` by the same leave-one-out (``SMOOTH_GRID``, whose
+            largest value is the global mean alone: the zero router where clusters predict
+            nothing better).
         prior_weight: weight of the cosine(query, card text) term added to every score; None:
             tuned as the memory grows (``tune_min_rows``) by leave-one-out routing quality
             over a sample of the stored prompts (as in kNN).
@@ -37,7 +44,7 @@ class ClusterConfig(PolicyConfig):
     niter: Count = 25
     soft: bool = False
     temperature: Positive = 0.05
-    smoothing: NonNegative = 1.0
+    smoothing: NonNegative | None = None
     prior_weight: NonNegative | None = None
     tune_min_rows: Count = 50
     tune_max_rows: Count = 1000
@@ -64,6 +71,7 @@ class ClusterPolicy(MemoryPolicy):
         self._assign = np.zeros(0, dtype=np.int64)
         self._sum = np.zeros((0, 0), dtype=np.float64)  # [K, M] sum of known scores
         self._cnt = np.zeros((0, 0), dtype=np.float64)  # [K, M] number of known scores
+        self._tuned_smoothing = SMOOTH_START
 
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
@@ -74,37 +82,48 @@ class ClusterPolicy(MemoryPolicy):
         if len(self._mem):
             self._recluster()
             self._recount()
-            if self.config.prior_weight is None and self._tune_due():
-                self._tune_prior_weight()
+            if (self.config.prior_weight is None or self.config.smoothing is None) and self._tune_due():
+                self._tune()
 
-    def _per_cluster(self, kc: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    @property
+    def smoothing(self) -> float:
+        """The smoothing pseudo-count in use: the configured one, else the last tuned one."""
+        return float(self.config.smoothing) if self.config.smoothing is not None else self._tuned_smoothing
+
+    def _per_cluster(self, kc: np.ndarray, prior: np.ndarray, a: float | None = None) -> np.ndarray:
         """``[K, len(kc)]`` smoothed per-cluster mean of columns ``kc`` (``prior`` where unknown)."""
-        a = self.config.smoothing
+        a = self.smoothing if a is None else a
         p = prior[None, :]
         tot = self._cnt[:, kc] + a
         ok = tot > 0
         return np.where(ok, (self._sum[:, kc] + a * p) / np.where(ok, tot, 1.0), p)
 
-    def _tune_prior_weight(self) -> None:
+    def _tune(self) -> None:
         """Leave-one-out: each sampled prompt is scored with its own outcomes taken out of its
-        cluster's counts; keep the card weight under which routing them picks the best outcomes."""
+        cluster's counts; keep the card weight and smoothing (those not configured) under which
+        routing them picks the best outcomes."""
         rows, cols, cmat = tuning_sample(self._mem, self._card_emb, self.config.seed, self.config.tune_max_rows)
         if len(rows) < 2 or not len(cols):
             return
         x = self._mem.emb[rows]
         prior = candidate_prior(self._mem, cols)
-        full = self._per_cluster(cols, prior)  # [K, n_c]
         w = self.cluster_weights(x)  # [n, K]
         own = self._assign[rows]
         s = self._mem.scores[np.ix_(rows, cols)]
         known = ~np.isnan(s)
-        a, p = self.config.smoothing, prior[None, :]
-        tot = self._cnt[np.ix_(own, cols)] - known + a
-        ok = tot > 0
-        loo = np.where(ok, (self._sum[np.ix_(own, cols)] - np.where(known, s, 0.0) + a * p) / np.where(ok, tot, 1.0), p)
+        p = prior[None, :]
         wo = w[np.arange(len(rows)), own][:, None]
-        est = w @ full + wo * (loo - full[own])  # swap the own cluster's estimate for its LOO one
-        self._tuned_weight = tune_prior_weight(est, x @ cmat.T, s)
+        smooths = SMOOTH_GRID if self.config.smoothing is None else (self.smoothing,)
+        ests = []
+        for a in smooths:
+            full = self._per_cluster(cols, prior, a)  # [K, n_c]
+            tot = self._cnt[np.ix_(own, cols)] - known + a
+            ok = tot > 0
+            loo = np.where(ok, (self._sum[np.ix_(own, cols)] - np.where(known, s, 0.0) + a * p) / np.where(ok, tot, 1.0), p)
+            ests.append(w @ full + wo * (loo - full[own]))  # swap the own cluster's estimate for its LOO one
+        grid = PRIOR_GRID if self.config.prior_weight is None else (self.prior_weight,)
+        i, self._tuned_weight = tune_grid(ests, x @ cmat.T, s, grid)
+        self._tuned_smoothing = float(smooths[i])
         self._tuned_at = len(self._mem)
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
@@ -170,6 +189,7 @@ class ClusterPolicy(MemoryPolicy):
             cluster_sum=self._sum.copy(),
             cluster_count=self._cnt.copy(),
             tuned_prior_weight=self._tuned_weight,
+            tuned_smoothing=self._tuned_smoothing,
             tuned_at=self._tuned_at,
         )
         return state
@@ -184,4 +204,5 @@ class ClusterPolicy(MemoryPolicy):
         self._sum = np.asarray(state["cluster_sum"], dtype=np.float64).copy()
         self._cnt = np.asarray(state["cluster_count"], dtype=np.float64).copy()
         self._tuned_weight = float(state.get("tuned_prior_weight", PRIOR_START))
+        self._tuned_smoothing = float(state.get("tuned_smoothing", SMOOTH_START))
         self._tuned_at = int(state.get("tuned_at", len(self._mem)))

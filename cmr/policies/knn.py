@@ -13,9 +13,11 @@ from cmr.types import ModelCard
 
 # elements gathered per chunk of queries ([b, k, n_c] floats): bounds the scoring memory
 _CHUNK_ELEMENTS = 1 << 22
-#: shrinkage tried when it is tuned, largest first (ties keep the more cautious one);
+#: shrinkage tried when it is tuned, largest first (ties keep the more cautious one; 10 ranks by
+#: the prior, the zero router, where the neighbours predict nothing better, while a reward still
+#: counts most near where it was gathered: the prior alone would carry one reward everywhere);
 #: SHRINK_START before the first tuning
-SHRINK_GRID = (1.0, 0.3, 0.1, 0.03)
+SHRINK_GRID = (10.0, 1.0, 0.3, 0.1, 0.03)
 SHRINK_START = 1.0
 
 

@@ -214,22 +214,40 @@ def tune_prior_weight(est: np.ndarray, card_sim: np.ndarray, truth: np.ndarray, 
 
 def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarray, grid: Sequence[float] = PRIOR_GRID) -> tuple[int, float]:
     """Best (index into ``ests``, card weight of ``grid``) by the routing quality of
-    ``tune_prior_weight``; ties go to the earlier estimate and the smaller weight."""
+    ``tune_prior_weight``; ties go to the earlier estimate and the smaller weight. The first pair
+    (``ests[0]``, ``grid[0]``: the most cautious, the prior alone where the grids reach it) is
+    kept unless some pair beats it by more than one standard error of their paired per-row
+    difference, either in routing quality or in the squared error of the scores over every known
+    outcome (what the cost-aware choices of a λ sweep rest on); the best of those is taken. The
+    best of many pairs on few noisy rows would otherwise be noise (e.g. a card weight on bare
+    model names) preferred to the prior."""
     from cmr.decide import choose
 
-    best, best_v = (0, float(grid[0])), -np.inf
     rows = np.arange(len(card_sim))
     sim = np.clip(card_sim, 0.0, 1.0)
     zero = np.zeros(card_sim.shape[1])
+    known = ~np.isnan(truth)
+    tried: list[tuple[int, float, np.ndarray, np.ndarray]] = []  # (estimate, weight, choice's outcome, -squared error) per row
     for i, est in enumerate(ests):
         for w in grid:
             # the choice under with_card_term(est, card_sim, w): its positive 1/(1 + w) changes none
             got = truth[rows, choose(est + w * sim if w > 0 else est, zero, 0.0)]
-            ok = ~np.isnan(got)
-            v = float(got[ok].mean()) if ok.any() else -np.inf
-            if v > best_v + 1e-12:
-                best, best_v = (i, float(w)), v
-    return best
+            err = np.where(known, (with_card_term(est, card_sim, w) - np.nan_to_num(truth)) ** 2, 0.0).sum(axis=1)
+            tried.append((i, float(w), got, -err / np.maximum(known.sum(axis=1), 1)))
+
+    def mean(x: np.ndarray) -> float:
+        ok = ~np.isnan(x)
+        return float(x[ok].mean()) if ok.any() else -np.inf
+
+    def beats(a: np.ndarray, b: np.ndarray) -> bool:
+        d = a - b
+        d = d[~np.isnan(d)]
+        return d.size > 1 and float(d.mean()) > float(d.std() / np.sqrt(d.size))
+
+    base = tried[0]
+    ok = [t for t in tried if beats(t[2], base[2]) or beats(t[3], base[3])] or [base]
+    pick = max(ok, key=lambda t: mean(t[2]))  # the first of ties
+    return pick[0], pick[1]
 
 
 class MemoryPolicy(RoutingPolicy):

@@ -25,6 +25,7 @@ _REGISTRY: dict[str, str] = {
     "uniroute-map": "cmr.policies.uniroute_map:UniRouteMapPolicy",
     "linucb": "cmr.policies.linucb:LinUCBPolicy",
     "thompson": "cmr.policies.thompson:ThompsonPolicy",
+    "auto": "cmr.policies.auto:AutoPolicy",
 }
 
 

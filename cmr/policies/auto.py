@@ -1,0 +1,191 @@
+"""``auto``: picks a policy and its configuration per workload by k-fold cross-validation on the
+training data it is given, the zero router (each model's global prior) among the candidates."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from cmr.data.examples import Examples
+from cmr.policies.base import Count, NonNegative, PolicyConfig, RoutingPolicy, config_dataclass
+from cmr.types import ModelCard
+
+#: the candidates, simplest first (ties go to the earlier): name -> (policy, config).
+#: ``prior`` is the zero router: every prompt scored by each model's global (empirical-Bayes)
+#: mean, so its λ sweep walks the single models' quality–cost hull; the rest shrink towards it.
+CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
+    "prior": ("knn", {"k": 1, "prior_weight": 0.0, "shrinkage": 1e9}),
+    "cluster": ("cluster", {}),
+    "knn": ("knn", {}),
+    "knn-k20": ("knn", {"k": 20}),
+    "uniroute": ("uniroute", {}),
+    "uniroute-map": ("uniroute-map", {}),
+    "linucb": ("linucb", {}),
+}
+
+
+@config_dataclass
+class AutoConfig(PolicyConfig):
+    """Options of :class:`AutoPolicy`.
+
+    Attributes:
+        folds: cross-validation folds over the training rows.
+        cv_rows: training rows sampled (seeded) for the cross-validation; the chosen candidate
+            is then fitted on all of them.
+        margin: how much a learned candidate's mean fold score must exceed the zero router's
+            (``prior``), beyond one standard error of their paired fold differences, to be
+            chosen over it.
+        min_rows: fewest training rows to choose on; a smaller first fit keeps the zero router
+            and chooses at the next fit.
+    """
+
+    folds: Count = 3
+    cv_rows: Count = 4000
+    margin: NonNegative = 0.002
+    min_rows: Count = 30
+
+
+def fold_score(pred: np.ndarray, scores: np.ndarray, costs: np.ndarray | None, card_costs: np.ndarray) -> float:
+    """The benchmark's figure of a router on held-out rows: AIQ of its λ sweep over the single
+    models' cost range (``cmr.bench.metrics``), or its quality where every model costs the same."""
+    from cmr.bench import metrics
+
+    if costs is None or np.ptp(card_costs) == 0:
+        return float(metrics.sweep(pred, scores, np.zeros_like(scores), card_costs, [0.0])[0, 2])
+    costs = np.where(np.isnan(costs), card_costs[None, :], costs)
+    lams = metrics.lambda_grid(card_costs, float(np.ptp(pred)), 40)
+    curve = metrics.sweep(pred, scores, costs, card_costs, lams)
+    sc = np.array([s["cost"] for s in metrics.single_models(scores, costs, list(range(scores.shape[1])))])
+    return metrics.aiq(curve[:, 1], curve[:, 2], float(sc.min()), float(sc.max()))
+
+
+class AutoPolicy(RoutingPolicy):
+    """Chooses among :data:`CANDIDATES` on the first fit with enough rows, then is that policy.
+
+    The choice: each candidate is fitted on k−1 folds of (a sample of) the training rows and
+    scored on the held-out fold by :func:`fold_score`; the best mean wins if it beats the zero
+    router by ``margin`` plus one standard error, else the zero router stays. Where models join
+    by profile answers (profile prompts set), each fold hides a third of the profiled models
+    from training and adds them after, so the choice is measured on how the workload grows. Later fits, feedback and new models go to
+    the chosen policy (it keeps learning; the choice is not revisited). What was chosen and why
+    (every candidate's fold scores) is :meth:`describe`, kept in the state (so in checkpoints).
+    """
+
+    name = "auto"
+    Config = AutoConfig
+
+    def __init__(self, encoder=None, config=None):
+        super().__init__(encoder, config)
+        self._choice: dict[str, Any] = {}
+        self._cards: dict[str, ModelCard] = {}
+        self._inner = self._candidate("prior")
+
+    def _candidate(self, name: str) -> RoutingPolicy:
+        from cmr.policies.registry import make_policy
+
+        policy, cfg = CANDIDATES[name]
+        inner = make_policy(policy, self.encoder, {**cfg, "seed": self.config.seed})
+        if self._profile_ids:
+            inner.set_profile_prompts(self._profile_ids, self._profile_emb)
+        return inner
+
+    def describe(self) -> dict[str, Any]:
+        """What was chosen and why: ``chosen``, its ``policy`` and ``config``, and each
+        candidate's mean and per-fold scores (empty before the choice)."""
+        return dict(self._choice)
+
+    # -- learning ----------------------------------------------------------------------------
+    def set_profile_prompts(self, ids, emb) -> None:
+        super().set_profile_prompts(ids, emb)
+        self._inner.set_profile_prompts(ids, emb)
+
+    def add_models(self, cards: Sequence[ModelCard]) -> None:
+        """Keep the cards (candidates are built from them) and pass them on."""
+        if not self._choice:
+            self._cards.update((c.id, c) for c in cards)
+        self._inner.add_models(cards)
+
+    def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
+        self.add_models(cards)
+        if not self._choice and len(data) >= self.config.min_rows:
+            self._choose(data)
+        self._inner.fit(data, cards)
+
+    def update(self, events) -> None:
+        if self._choice:
+            self._inner.update(events)
+        else:
+            super().update(events)  # as labelled rows through fit: may choose
+
+    def _choose(self, data: Examples) -> None:
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed)
+        rows = rng.permutation(len(data))[: cfg.cv_rows]
+        folds = np.array_split(rows, min(cfg.folds, len(rows)))
+        cards = list(self._cards.values())
+        card_of = {c.id: c for c in cards}
+        card_costs = np.array([card_of[m].cost if m in card_of else 0.0 for m in data.model_ids], dtype=np.float64)
+        cand_cards = cards + [ModelCard(id=m) for m in data.model_ids if m not in card_of]
+        names = list(CANDIDATES)
+        per: dict[str, list[float]] = {n: [] for n in names}
+        # models join by their profile answers here (the policy was given profile prompts): each
+        # fold hides a third of the profiled models from training and adds them afterwards, as
+        # the workload will
+        profiled = [m for m in data.model_ids if m in card_of and card_of[m].profile] if self._profile_ids else []
+        for i, held in enumerate(folds):
+            part = data.subset(np.concatenate([f for j, f in enumerate(folds) if j != i]))
+            test = data.subset(held)
+            test_cards = [card_of.get(m) or ModelCard(id=m) for m in test.model_ids]
+            hide = set(rng.choice(profiled, max(1, round(len(profiled) / 3)), replace=False)) if len(profiled) > 1 else set()
+            if hide:
+                part = part.select_models([m for m in part.model_ids if m not in hide])
+            fit_cards = [c for c in cand_cards if c.id not in hide]
+            for n in names:
+                cand = self._candidate(n)
+                cand.add_models(fit_cards)
+                cand.fit(part, fit_cards)
+                cand.add_models([card_of[m] for m in hide])
+                pred = np.asarray(cand.score(test.emb, test_cards), dtype=np.float64)
+                per[n].append(fold_score(pred, test.scores.astype(np.float64), None if test.costs is None else test.costs.astype(np.float64), card_costs))
+        means = {n: float(np.mean(v)) for n, v in per.items()}
+        best = max(names, key=lambda n: means[n])  # max keeps the earliest among ties
+        # beyond noise: the margin and one standard error of the paired fold differences
+        d = np.array(per[best]) - np.array(per["prior"])
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        chosen = best if means[best] > means["prior"] + cfg.margin + se else "prior"
+        policy, ccfg = CANDIDATES[chosen]
+        self._choice = {
+            "chosen": chosen,
+            "policy": policy,
+            "config": {**ccfg, "seed": cfg.seed},
+            "why": f"best mean {'AIQ' if np.ptp(card_costs) > 0 and data.costs is not None else 'quality'} over {len(folds)} folds of {len(rows)} training rows"
+            + (f", {len(hide)} of {len(profiled)} models joining by profile in each" if profiled else "")
+            + ("" if chosen == best else f" ({best} not beyond the zero router by margin {cfg.margin} + one standard error {se:.3g})"),
+            "mean": means,
+            "folds": per,
+        }
+        inner = self._candidate(chosen)
+        inner.add_models(cards)
+        self._inner = inner
+        self._cards = {}
+
+    # -- scoring -----------------------------------------------------------------------------
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+        """The chosen policy's scores (the zero router's before the choice)."""
+        return self._inner.score(q, candidates)
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["choice"] = self._choice
+        state["cards"] = [c.to_dict() for c in self._cards.values()]
+        state["inner"] = self._inner.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._choice = dict(state.get("choice") or {})
+        self._cards = {c.id: c for c in (ModelCard.from_dict(dict(d)) for d in state.get("cards", []))}
+        self._inner = self._candidate(self._choice.get("chosen", "prior"))
+        self._inner.load_state_dict(state["inner"])

@@ -48,7 +48,7 @@ RUN pip install "torch==${TORCH_VERSION}" \
  && pip uninstall -y faiss-cpu \
  && pip install --force-reinstall --no-deps "faiss-gpu-cu12==${FAISS_GPU}" \
  && python -c "import ray, torch, vllm, faiss; assert ray.__version__ == '2.60.0', ray.__version__; print('ray', ray.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__, 'faiss gpus', faiss.get_num_gpus())" \
- && python -c "from cmr import constants as c; p = c.haproxy_problem(); assert p is None, p; print('haproxy', c.haproxy_binary(), c.haproxy_version(c.haproxy_binary()))"
+ && python -c "from services import proxy as c; p = c.haproxy_problem(); assert p is None, p; print('haproxy', c.haproxy_binary(), c.haproxy_version(c.haproxy_binary()))"
 RUN mkdir -p /var/lib/cmr /data /models
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["cmr", "serve", "--host", "0.0.0.0"]
@@ -61,7 +61,7 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
  && pip install /opt/cmr \
  && python -c "import ray, torch, faiss, cmr, services.app; assert ray.__version__ == '2.60.0', ray.__version__; print('ray', ray.__version__, 'torch', torch.__version__)" \
- && python -c "from cmr import constants as c; p = c.haproxy_problem(); assert p is None, p; print('haproxy', c.haproxy_binary(), c.haproxy_version(c.haproxy_binary()))"
+ && python -c "from services import proxy as c; p = c.haproxy_problem(); assert p is None, p; print('haproxy', c.haproxy_binary(), c.haproxy_version(c.haproxy_binary()))"
 RUN mkdir -p /var/lib/cmr /data /models
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["cmr", "serve", "--host", "0.0.0.0"]

@@ -219,7 +219,9 @@ def test_node_losses_under_load_lose_no_feedback(cluster):
     assert a["learnt"] + a["before_chain"] == a["accepted"] == len(stored), a
     # decisions of every router replica (the lost one, the survivor, the replacement) in the one store
     assert len(routers) == 3, routers
-    # the losses cost a bounded share of calls and a bounded time
+    # the losses cost a bounded share of calls and a bounded time: measured over the 5 s after each
+    # loss and over the whole run (the calls up to the last failure alone can be just that failure)
     for loss in (router_loss, learner_loss):
-        assert loss["recover_s"] < 60 and loss["error_rate_until_recovered"] <= 0.5, loss
+        assert loss["recover_s"] < 60 and loss["error_rate_first_5s"] <= 0.5, loss
+    assert figures["error_rate_after_ready"] <= 0.1, figures
     assert learner_loss["errors"] == 0, learner_loss  # losing the learner costs no request

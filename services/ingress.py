@@ -263,6 +263,7 @@ class Ingress(GrpcServicerMixin):
             loc = ".".join(str(x) for x in first["loc"])
             raise APIError(400, f"field '{loc}': {first['msg']} (a card is a JSON object; several go in 'cards')", loc) from None
         res = _check(await self.router.register.remote(body.cards), "id")
+        await self.refresh_local()
         return JSONResponse(res, status_code=201)
 
     @app.get("/v1/admin/profile")
@@ -272,11 +273,22 @@ class Ingress(GrpcServicerMixin):
 
     @app.delete("/v1/admin/models/{model_id:path}")
     async def retire_one(self, model_id: str) -> dict[str, Any]:
-        return _check(await self.router.retire.remote([model_id]), "id")
+        res = _check(await self.router.retire.remote([model_id]), "id")
+        await self.refresh_local()
+        return res
 
     @app.delete("/v1/admin/models")
     async def retire(self, body: RetireBody) -> dict[str, Any]:
-        return _check(await self.router.retire.remote(body.ids), "ids")
+        res = _check(await self.router.retire.remote(body.ids), "ids")
+        await self.refresh_local()
+        return res
+
+    async def refresh_local(self) -> None:
+        """route_in_ingress: a change made through this ingress (hub, calibration) is in force for
+        its next request at once; other replicas pick it up from the store (their watcher)."""
+        if self._local_router is not None:
+            core = self._local_router.core
+            await asyncio.to_thread(lambda: (core.sync(), core.check_calibration()))
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -524,4 +536,6 @@ class Ingress(GrpcServicerMixin):
     @app.post("/v1/admin/calibration")
     async def apply_calibration(self, body: CalibrationBody) -> dict[str, Any]:
         """Set the router's default λ (what ``cmr calibrate --apply`` writes)."""
-        return _check(await self.router.apply_calibration.remote(body.cost_weight, body.budget_per_1k, body.limit, body.force), "cost_weight")
+        res = _check(await self.router.apply_calibration.remote(body.cost_weight, body.budget_per_1k, body.limit, body.force), "cost_weight")
+        await self.refresh_local()
+        return res

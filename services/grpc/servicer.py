@@ -175,6 +175,7 @@ class GrpcServicerMixin:
         if "error" in res:
             _fail(grpc_context, int(res["status"]), res["error"])
             return pb.RegisterModelReply()
+        await self.refresh_local()
         return pb.RegisterModelReply(hub_version=res["hub_version"], registered=res["registered"])
 
     async def ListModels(self, request: "pb.ListModelsRequest", grpc_context=None) -> "pb.ListModelsReply":

@@ -13,7 +13,9 @@ from tests.ray.test_coalescing import test_concurrent_routes_each_get_their_own_
 
 pytestmark = pytest.mark.ray
 
-APP_ARGS = {"learner": {"enabled": False}, "batch_wait_timeout_s": 0.05, "max_batch_size": 16, "route_in_ingress": True}
+APP_ARGS = {"learner": {"enabled": False}, "batch_wait_timeout_s": 0.05, "max_batch_size": 16, "route_in_ingress": True,
+            # the watcher would pick a change up only after this: what this ingress applied must not wait
+            "reload_check_s": 30}
 
 
 def test_auto_chat_routed_in_the_ingress(served):
@@ -27,3 +29,14 @@ def test_auto_chat_routed_in_the_ingress(served):
         assert fb.status_code == 200 and fb.json()["accepted"], fb.text
         # the Router deployment still serves the hub: it lists the model the ingress chose
         assert d["model"] in {m["id"] for m in c.get("/v1/models").json()["data"]}
+
+
+
+def test_a_change_made_through_this_ingress_routes_at_once(served):
+    with httpx.Client(base_url=served.url, timeout=120) as c:
+        before = c.post("/v1/route", json={"query": "Summarise this report."}).json()["cost_weight"]
+        r = c.post("/v1/admin/calibration", json={"cost_weight": before + 7.5})
+        assert r.status_code == 200, r.text
+        assert c.post("/v1/route", json={"query": "Summarise this report, again."}).json()["cost_weight"] == before + 7.5
+        r = c.post("/v1/admin/calibration", json={"cost_weight": before})  # leave the module's router as it was
+        assert r.status_code == 200, r.text

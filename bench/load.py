@@ -361,16 +361,10 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    a = p.parse_args(argv)
+    from bench import cli
     from cmr.errors import CMRError
 
-    try:
-        return run(a)
-    except CMRError as e:
-        print(f"loadtest: error: {e}", file=sys.stderr)
-        return 2
+    return cli("python -m bench.load", __doc__, add_arguments, run, CMRError, "loadtest", argv)
 
 
 if __name__ == "__main__":

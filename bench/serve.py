@@ -946,17 +946,9 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
+    from bench import cli
 
-    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    a = p.parse_args(argv)
-    a.command_line = "python -m bench.serve " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        return run(a)
-    except BenchServeError as e:
-        print(f"bench_serve: error: {e}", file=sys.stderr)
-        return 2
+    return cli("python -m bench.serve", __doc__, add_arguments, run, BenchServeError, "bench_serve", argv)
 
 
 if __name__ == "__main__":

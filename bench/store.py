@@ -325,15 +325,9 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.store", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    a = p.parse_args(argv)
-    a.command_line = "python -m bench.store " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        return run(a)
-    except BenchStoreError as e:
-        print(f"bench_store: error: {e}", file=sys.stderr)
-        return 2
+    from bench import cli
+
+    return cli("python -m bench.store", __doc__, add_arguments, run, BenchStoreError, "bench_store", argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -373,6 +373,8 @@ def _cpu_by_role(servers: dict[str, str] | None = None) -> dict[str, float]:
             role = title.split(":")[-1].split(".")[0] if title.startswith("ServeReplica") else title.split(".")[0]
         elif "bench.fake_upstream" in cmd:  # the fake remote model: not the app
             role = "upstream"
+        elif "litellm" in cmd:  # the second gateway of the comparison (gateway_cpu_per_request)
+            role = "litellm"
         elif os.path.basename(cmd.split()[0] if cmd.split() else "") == "haproxy":  # Serve's front door (HAProxyManager's child)
             role = "haproxy"
         elif "raylet" in cmd or "gcs_server" in cmd:
@@ -555,16 +557,17 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
 
 # -- server CPU per request against a fake instant upstream ------------------------------------
 #: roles of ``_cpu_by_role`` that are not the app: the load generator and the fake remote model
-_NOT_APP = ("client", "upstream")
+_NOT_APP = ("client", "upstream", "litellm")
 
 
 #: name -> (AppArgs overrides, Serve LoggingConfig) of the app variants the server-CPU cells can compare
 CPU_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
     "served": ({}, None),
     "no_access_log": ({}, {"enable_access_log": False}),
-    "route_in_ingress": ({"route_in_ingress": True}, None),
-    "lean": ({"route_in_ingress": True}, {"enable_access_log": False}),
-    "in_ingress": ({"route_in_ingress": True, "remote_in_ingress": True}, None),
+    # routing in the Router deployment (the KubeRay sample's choice: routers spread over nodes)
+    "router_hop": ({"route_in_ingress": False}, None),
+    # the defaults before issue 17: a Serve call to the router and one to the pool per request
+    "hops": ({"route_in_ingress": False, "remote_in_ingress": False}, None),
 }
 
 
@@ -587,6 +590,110 @@ def _start_fake_upstream() -> tuple[Any, str]:
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("the fake upstream did not answer within 30 s")
+
+
+def _cpu_cells(url: str, kinds: dict[str, Callable[[], dict]], levels: Sequence[int], n_requests: int,
+               idle: dict[str, float], roles: Callable[[str], bool] = lambda r: r not in _NOT_APP) -> dict[str, Any]:
+    """At each concurrency, each kind of request in two halves (A B C C B A); per cell the latency
+    figures and the CPU per request of the processes whose role ``roles`` accepts, their idle rate
+    (``idle``, per second) over the part's wall time subtracted."""
+    cells: dict[str, Any] = {}
+    half = max(1, n_requests // 2)
+    for c in levels:
+        parts: dict[str, list[dict[str, Any]]] = {}
+        cpu: dict[str, dict[str, float]] = {}
+        for name in (*kinds, *reversed(kinds)):
+            a0 = _cpu_by_role()
+            part = asyncio.run(_load(url, "/v1/chat/completions", [kinds[name]() for _ in range(half)], c))
+            a1 = _cpu_by_role()
+            parts.setdefault(name, []).append(part)
+            acc = cpu.setdefault(name, {})
+            for k in a1:
+                if roles(k):  # background subtracted: the idle rate over this part's wall time
+                    acc[k] = acc.get(k, 0.0) + a1[k] - a0.get(k, 0.0) - idle.get(k, 0.0) * part["wall_s"]
+        for name in kinds:
+            cell = _merge(parts[name])
+            cell.pop("models")
+            n = cell.get("n") or 0
+            by = {k: round(v * 1e3 / n, 2) for k, v in cpu[name].items() if n and abs(v) * 1e3 / n >= 0.05}
+            cell["server_cpu_ms_per_request"] = round(sum(cpu[name].values()) * 1e3 / n, 2) if n else None
+            cell["cpu_ms_per_request_by_role"] = dict(sorted(by.items(), key=lambda kv: -kv[1]))
+            cells[f"{name}@{c}"] = cell
+        print("cpu " + "  ".join(f"{k}@{c} {cells[f'{k}@{c}']['server_cpu_ms_per_request']} ms "
+                                 f"(p50 {cells[f'{k}@{c}'].get('p50_ms', float('nan')):.1f})" for k in kinds), flush=True)
+    return cells
+
+
+def _idle_rates(idle_s: float, roles: Callable[[str], bool]) -> dict[str, float]:
+    """CPU seconds per second of each accepted role with no traffic (its background)."""
+    time.sleep(1.0)
+    c0, t0 = _cpu_by_role(), time.perf_counter()
+    time.sleep(idle_s)
+    c1, wall = _cpu_by_role(), time.perf_counter() - t0
+    return {k: max(0.0, c1[k] - c0.get(k, 0.0)) / wall for k in c1 if roles(k)}
+
+
+def gateway_cpu_per_request(levels: Sequence[int], n_requests: int, *, litellm: str, home: Path, idle_s: float = 8.0) -> dict[str, Any]:
+    """The same cells for a second gateway in front of the same FAKE upstream: LiteLLM's proxy
+    (``litellm`` is its command, from its own environment), one model group of two deployments
+    (simple shuffle, no database), every prompt new. Its CPU is that of its process tree."""
+    import subprocess
+
+    upstream, base = _start_fake_upstream()
+    port = _free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "litellm.yaml"
+    dep = {"model": "openai/fake", "api_base": base, "api_key": "none"}
+    cfg.write_text(json.dumps({"model_list": [{"model_name": "group", "litellm_params": dep}] * 2,
+                               "router_settings": {"routing_strategy": "simple-shuffle"},
+                               # no keys, as the cmr app of the cells (auth open); LiteLLM refuses that unless told
+                               "general_settings": {"dangerously_permit_weak_or_unset_master_key": True}}))  # JSON is YAML
+    env = {**os.environ, "LITELLM_LOG": "ERROR"}
+    proc = subprocess.Popen([litellm, "--config", str(cfg), "--port", str(port), "--num_workers", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, cwd=home)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        body = lambda: {"model": "group", "messages": [{"role": "user", "content": q()}], "max_tokens": 8}  # noqa: E731
+        pool, seq, run_id = test_prompts(10**9, seed=2), iter(range(10**9)), os.urandom(4).hex()
+
+        def q() -> str:
+            k = next(seq)
+            return pool[k] if k < len(pool) else f"{pool[k % len(pool)]} (#{run_id}-{k})"
+
+        t0 = time.monotonic()
+        while True:
+            try:
+                if asyncio.run(_load(url, "/v1/chat/completions", [body()], 1)).get("n"):
+                    break
+            except Exception:
+                pass
+            if proc.poll() is not None or time.monotonic() - t0 > 180:
+                raise RuntimeError(f"LiteLLM's proxy ({litellm}) did not answer within 180 s")
+            time.sleep(1.0)
+        asyncio.run(_load(url, "/v1/chat/completions", [body() for _ in range(32)], 8))  # warm-up
+        mine = lambda r: r == "litellm"  # noqa: E731
+        idle = _idle_rates(idle_s, mine)
+        out: dict[str, Any] = {"gateway": "litellm", "version": _litellm_version(litellm), "loadavg_start": list(os.getloadavg()),
+                               "idle_cpu_ms_per_s": {k: round(v * 1e3, 2) for k, v in idle.items()}}
+        out["cells"] = _cpu_cells(url, {"group": body}, levels, n_requests, idle, mine)
+        out["loadavg_end"] = list(os.getloadavg())
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        upstream.kill()
+        upstream.wait()
+
+
+def _litellm_version(litellm: str) -> str | None:
+    import subprocess
+
+    py = Path(litellm).with_name("python")
+    r = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('litellm'))"], capture_output=True, text=True)
+    return r.stdout.strip() or None
 
 
 def cpu_per_request(levels: Sequence[int], n_requests: int, *, home: Path, train_limit: int, app: dict[str, Any] | None = None,
@@ -632,37 +739,11 @@ def cpu_per_request(levels: Sequence[int], n_requests: int, *, home: Path, train
                 # the upstream alone, from the same client: what the app adds to a lone request's p50
                 direct = asyncio.run(_load(base.removesuffix("/v1"), "/v1/chat/completions",
                                            [body("fake") for _ in range(50)], 1))
-                time.sleep(1.0)
-                c0, t0 = _cpu_by_role(), time.perf_counter()
-                time.sleep(idle_s)
-                c1, idle_wall = _cpu_by_role(), time.perf_counter() - t0
-                idle = {k: max(0.0, c1[k] - c0.get(k, 0.0)) / idle_wall for k in c1 if k not in _NOT_APP}
+                idle = _idle_rates(idle_s, lambda r: r not in _NOT_APP)
                 out: dict[str, Any] = {"upstream": "fake (bench.fake_upstream), instant", "models": [m.id for m in models],
                                        "proxy": proxy, "loadavg_start": list(os.getloadavg()), "idle_cpu_ms_per_s": {k: round(v * 1e3, 2) for k, v in idle.items() if v > 0},
                                        "upstream_direct_p50_ms": direct.get("p50_ms"), "cells": {}}
-                half = max(1, n_requests // 2)
-                for c in levels:
-                    parts: dict[str, list[dict[str, Any]]] = {}
-                    cpu: dict[str, dict[str, float]] = {}
-                    for name in ("auto", "named", "pool", "pool", "named", "auto"):
-                        a0 = _cpu_by_role()
-                        part = asyncio.run(_load(url, "/v1/chat/completions", [kinds[name]() for _ in range(half)], c))
-                        a1 = _cpu_by_role()
-                        parts.setdefault(name, []).append(part)
-                        acc = cpu.setdefault(name, {})
-                        for k in a1:
-                            if k not in _NOT_APP:  # background subtracted: the idle rate over this part's wall time
-                                acc[k] = acc.get(k, 0.0) + a1[k] - a0.get(k, 0.0) - idle.get(k, 0.0) * part["wall_s"]
-                    for name in kinds:
-                        cell = _merge(parts[name])
-                        cell.pop("models")
-                        n = cell.get("n") or 0
-                        by = {k: round(v * 1e3 / n, 2) for k, v in cpu[name].items() if n and abs(v) * 1e3 / n >= 0.05}
-                        cell["server_cpu_ms_per_request"] = round(sum(cpu[name].values()) * 1e3 / n, 2) if n else None
-                        cell["cpu_ms_per_request_by_role"] = dict(sorted(by.items(), key=lambda kv: -kv[1]))
-                        out["cells"][f"{name}@{c}"] = cell
-                    print("cpu " + "  ".join(f"{k}@{c} {out['cells'][f'{k}@{c}']['server_cpu_ms_per_request']} ms "
-                                             f"(p50 {out['cells'][f'{k}@{c}'].get('p50_ms', float('nan')):.1f})" for k in kinds), flush=True)
+                out["cells"] = _cpu_cells(url, kinds, levels, n_requests, idle)
                 out["loadavg_end"] = list(os.getloadavg())
                 return out
             finally:
@@ -805,6 +886,20 @@ def render_md(report: dict[str, Any]) -> str:
             cells = [v["cells"].get(f"{k}@{c}", {}) for c in levels for k in ("auto", "named", "pool")]
             lines.append(f"| {name} | " + " | ".join(f"{x.get('server_cpu_ms_per_request', float('nan')):.1f} ({x.get('p50_ms', float('nan')):.0f})" for x in cells)
                          + f" | {sum(v['idle_cpu_ms_per_s'].values()):.0f} | {v['loadavg_start'][0]:.1f} |")
+    gw = report.get("cpu_gateway")
+    if gw:
+        levels = sorted({int(k.split("@")[1]) for k in gw["cells"]})
+        served = (report.get("cpu") or {}).get("cells", {})
+        lines += ["", f"### A second gateway in the same run: LiteLLM {gw.get('version') or ''} proxy, same fake upstream", "",
+                  "Its own process tree's CPU per request (idle subtracted), one model group of two deployments, simple shuffle, "
+                  "no database; beside it the first cmr variant's cells. CPU ms per request (p50 ms):", "",
+                  "| concurrency | LiteLLM | cmr `auto` | cmr named | cmr pool direct | ratio cmr `auto` / LiteLLM |", "|---|---|---|---|---|---|"]
+        for c in levels:
+            g = gw["cells"].get(f"group@{c}", {})
+            a, nm, pl = (served.get(f"{k}@{c}", {}) for k in ("auto", "named", "pool"))
+            f = lambda x: f"{x['server_cpu_ms_per_request']:.1f} ({x.get('p50_ms', float('nan')):.0f})" if x.get("server_cpu_ms_per_request") is not None else "-"  # noqa: E731
+            ratio = a["server_cpu_ms_per_request"] / g["server_cpu_ms_per_request"] if a.get("server_cpu_ms_per_request") and g.get("server_cpu_ms_per_request") else float("nan")
+            lines.append(f"| {c} | {f(g)} | {f(a)} | {f(nm)} | {f(pl)} | {ratio:.2f} |")
     lines += ["", "## Floors", "", "| floor | measured | limit | met |", "|---|---|---|---|"]
     for k, v in report["floors"].items():
         lines.append(f"| {k} | {v['measured']:.3g} | {v['floor']:g} | {'yes' if v['met'] else 'NO'} |")
@@ -854,6 +949,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-requests", type=int, default=160, help="requests per server-CPU cell")
     p.add_argument("--cpu-variants", nargs="*", choices=tuple(CPU_VARIANTS), default=None,
                    help="app variants measured one after the other by the server-CPU cells (default: served, the app as served)")
+    p.add_argument("--compare-litellm", default=None, metavar="COMMAND",
+                   help="also run the server-CPU cells against LiteLLM's proxy (its `litellm` command, installed in an environment of its own)")
     p.add_argument("--cpu-only", action="store_true", help="only the server-CPU cells (no encoder, decision or e2e sections)")
     p.add_argument("--out", type=Path, default=None)
 
@@ -875,6 +972,14 @@ def run(a: argparse.Namespace) -> int:
     proxy = a.proxy or px.resolve_proxy("auto")
     if proxy == "haproxy" and px.haproxy_problem():
         raise BenchServeError(f"--proxy haproxy: {px.haproxy_problem()} (or --proxy serve)")
+    if a.compare_litellm:
+        import shutil
+
+        if not shutil.which(a.compare_litellm) or Path(a.compare_litellm).name != "litellm":
+            raise BenchServeError(f"--compare-litellm: {a.compare_litellm!r} is not a `litellm` command here "
+                                  "(install it in an environment of its own: pip install 'litellm[proxy]')")
+        if not a.cpu_levels:
+            raise BenchServeError("--compare-litellm: needs --cpu-levels")
     started = datetime.now(timezone.utc)
     out = a.out or Path("runs") / f"serve-{started.strftime('%Y%m%dT%H%M%SZ')}"
     import platform
@@ -936,6 +1041,10 @@ def run(a: argparse.Namespace) -> int:
                 if i == 0:
                     report["cpu"] = res  # the floors' measure: the first variant
                 report.setdefault("cpu_variants", {})[name] = res
+            if a.compare_litellm:
+                print("cpu gateway litellm", flush=True)
+                report["cpu_gateway"] = gateway_cpu_per_request(a.cpu_levels, a.cpu_requests, litellm=a.compare_litellm,
+                                                                home=Path(tmp) / "litellm")
     report["loadavg_end"] = list(os.getloadavg())  # the CPU is shared: how busy it was
     report["floors"] = verdicts(report)
     report["wall_s"] = round((datetime.now(timezone.utc) - started).total_seconds(), 1)

@@ -245,12 +245,14 @@ class AppArgs(_Strict):
     router_replicas: int = Field(default=1, ge=1)
     #: each ingress replica routes with a RouterCore of its own (the same ``RouterDeployment``
     #: code, in its process) instead of calling the Router deployment: no hop, no serialisation
-    #: per batch. The Router deployment still serves the hub, feedback and the console
-    route_in_ingress: bool = False
+    #: per batch; routing then scales with the ingress replicas. The Router deployment still
+    #: serves the hub, feedback and the console. False: routing in the Router replicas, scaled
+    #: and placed on their own (``router_replicas``; the KubeRay sample's choice)
+    route_in_ingress: bool = True
     #: each ingress replica generates for the pools whose models are all remote (``openai``
     #: engine: nothing local to hold) with the Pool deployment's own class in its process: no hop
     #: per request. Retries and fallbacks as for a pool replica
-    remote_in_ingress: bool = False
+    remote_in_ingress: bool = True
     router_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     ingress_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
     learner: LearnerArgs = Field(default_factory=LearnerArgs)

@@ -177,6 +177,9 @@ class Ingress(GrpcServicerMixin):
         self.pool_of = {m.id: p.name for p in effective_pools(self.args) for m in p.models}
         # models registered at runtime with a backend are served by the first pool
         self.default_pool = next(iter(pools), None)
+        # requests of this replica deciding / generating now: a decision with no company does not
+        # wait for a batch to fill (``_decide``)
+        self._deciding = self._generating = 0
         # concurrent decisions of this replica go to the router as one handle call (``_route_coalesced``)
         self._route_coalesced.set_max_batch_size(self.args.max_batch_size)
         self._route_coalesced.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
@@ -193,14 +196,26 @@ class Ingress(GrpcServicerMixin):
                 raise APIError(400, f"field '{name}': prompt of {len(text)} characters is longer than the limit of {cap}", name)
 
     # -- routing -----------------------------------------------------------------------------
-    async def _decide(self, query: str, opts, servable_only: bool, model: str | None = None, record: bool = True) -> dict[str, Any]:
+    async def _decide(self, query: str, opts, servable_only: bool, model: str | None = None, record: bool = True,
+                      beside: bool = False) -> dict[str, Any]:
+        """The decision for one request (``beside``: made while the request's own generation runs)."""
         filters = opts.filters()
         if model is not None and model != AUTO:
             filters = {**filters, "allow": [model]}  # a concrete model bypasses the choice, still recorded
         who = auth.current_principal() or auth.OPEN
         t0 = time.perf_counter()
-        res = await self._route_coalesced({"query": query, "lam": opts.cost_weight, "filters": filters, "k": opts.k,
-                                           "servable_only": servable_only, "record": record, "key_id": who.key_id, "tenant": who.tenant})
+        req = {"query": query, "lam": opts.cost_weight, "filters": filters, "k": opts.k,
+               "servable_only": servable_only, "record": record, "key_id": who.key_id, "tenant": who.tenant}
+        self._deciding += 1
+        try:
+            if self._local_router is not None and self._deciding + self._generating - beside <= 1:
+                # routed here and nothing else in flight: waiting for a batch to fill would only add
+                # its timeout to this request; with company, batches form and share the encoder call
+                res = (await self._local_router.route_many([req]))[0]
+            else:
+                res = await self._route_coalesced(req)
+        finally:
+            self._deciding -= 1
         metrics.routing_latency(time.perf_counter() - t0, "generate" if servable_only else "route")
         if "error" in res and model not in (None, AUTO):
             raise APIError(404, f"field 'model': model {model!r} is not served here", "model")
@@ -325,7 +340,7 @@ class Ingress(GrpcServicerMixin):
             # a concrete model of a configured pool bypasses the choice: generation starts at once
             # and the decision (recorded, so that feedback can be posted for it) is made beside it,
             # off the request's critical path
-            decision = asyncio.ensure_future(self._decide(body.query(), body.routing, servable_only=True, model=body.model))
+            decision = asyncio.ensure_future(self._decide(body.query(), body.routing, servable_only=True, model=body.model, beside=True))
             try:
                 first_try = await self._open({"model": body.model, "pool": self.pool_of[body.model]}, gen, collect)
             except _REPLICA_FAILURES as e:
@@ -375,6 +390,13 @@ class Ingress(GrpcServicerMixin):
 
     async def _open(self, d: dict[str, Any], gen: dict[str, Any], collect: bool) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
         """Open the pool stream for ``d``'s model; the first chunk read (or all of them with ``collect``)."""
+        self._generating += 1
+        try:
+            return await self._open_pool(d, gen, collect)
+        finally:
+            self._generating -= 1
+
+    async def _open_pool(self, d: dict[str, Any], gen: dict[str, Any], collect: bool) -> tuple[AsyncIterator[dict[str, Any]], dict[str, Any]]:
         pool = self._pool(d["model"], d.get("pool"))
         local = self._local_pools.get(self.pool_of.get(d["model"], ""))
         if local is not None:  # remote_in_ingress: the same PoolDeployment methods, called here

@@ -64,7 +64,9 @@ class GenChunk:
 
 @runtime_checkable
 class Engine(Protocol):
-    """A model that generates: stream chunks for a request; raise if unhealthy."""
+    """A model that generates: stream chunks for a request; raise if unhealthy. An engine may also
+    have ``async complete(request) -> list[GenChunk]``, the same generation in one call, which
+    the pool uses for non-streaming requests when it is cheaper than a stream (a remote API)."""
 
     def generate(self, request: GenRequest) -> AsyncIterator[GenChunk]: ...
 

@@ -69,35 +69,52 @@ class PoolDeployment:
         warm = self._warm.pop(model_id, None)
         return warm if warm is not None else await asyncio.to_thread(self.engine_factory, model_id, card.backend)
 
+    async def _engine(self, req: GenRequest) -> tuple[Any, dict[str, Any] | None]:
+        """The engine of ``req.model``, or ``(None, {"error", "status"})`` when it cannot be had."""
+        try:
+            return await self.get_engine(req.model), None
+        except _NotFound as e:
+            return None, {"error": str(e), "status": 404}
+        except EngineError as e:  # e.g. vllm not installed: the server cannot serve it, the request was fine
+            return None, {"error": f"model {req.model!r} cannot be served here: {e}", "status": 503}
+        except CMRError as e:
+            return None, {"error": str(e), "status": 400}
+
+    def _failed(self, req: GenRequest, e: Exception) -> GenerationError:
+        # counted here (the ingress retries it, then falls back to a runner-up model); re-raised
+        # as a GenerationError, which always reaches the ingress as a RayTaskError
+        metrics.pool_error(self.pool)
+        log.warning("generation of %s failed: %s: %s", req.model, type(e).__name__, e)
+        return GenerationError(f"model {req.model!r}: {type(e).__name__}: {e}")
+
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream ``GenChunk`` dicts; a failure to load the model is one ``{"error"}`` item."""
         req = GenRequest.from_dict(request)
-        try:
-            engine = await self.get_engine(req.model)
-        except _NotFound as e:
-            yield {"error": str(e), "status": 404}
-            return
-        except EngineError as e:  # e.g. vllm not installed: the server cannot serve it, the request was fine
-            yield {"error": f"model {req.model!r} cannot be served here: {e}", "status": 503}
-            return
-        except CMRError as e:
-            yield {"error": str(e), "status": 400}
+        engine, err = await self._engine(req)
+        if err is not None:
+            yield err
             return
         try:
             async for chunk in engine.generate(req):
                 yield chunk.to_dict()
         except Exception as e:
-            # counted here (the ingress retries it, then falls back to a runner-up model); re-raised
-            # as a GenerationError, which always reaches the ingress as a RayTaskError
-            metrics.pool_error(self.pool)
-            log.warning("generation of %s failed: %s: %s", req.model, type(e).__name__, e)
-            raise GenerationError(f"model {req.model!r}: {type(e).__name__}: {e}") from None
+            raise self._failed(req, e) from None
 
     async def generate_all(self, request: dict[str, Any]) -> list[dict[str, Any]]:
         """The whole generation as one list of ``GenChunk`` dicts (what ``generate`` streams), for
         callers that answer only once it is done (non-streaming requests): one handle reply
-        instead of one streamed object per chunk, each of which costs both processes CPU."""
-        return [chunk async for chunk in self.generate(request)]
+        instead of one streamed object per chunk, each of which costs both processes CPU. An
+        engine with a non-streaming call of its own (``Engine.complete``) is asked through it."""
+        req = GenRequest.from_dict(request)
+        engine, err = await self._engine(req)
+        if err is not None:
+            return [err]
+        try:
+            if hasattr(engine, "complete"):
+                return [c.to_dict() for c in await engine.complete(req)]
+            return [chunk.to_dict() async for chunk in engine.generate(req)]
+        except Exception as e:
+            raise self._failed(req, e) from None
 
     async def check_health(self) -> None:
         # engines are checked by their own generate path; a pool with a dead hub store is unhealthy

@@ -69,9 +69,19 @@ def test_cmr_bench_serve_refuses_a_bad_option_in_one_line(capsys, tmp_path):
     assert not (tmp_path / "r").exists()  # refused before any work or output
 
 
+def test_compare_litellm_refuses_what_is_not_a_litellm_command(capsys, tmp_path):
+    from cmr.cli import main
+
+    assert main(["bench", "serve", "--cpu-only", "--compare-litellm", "/bin/true", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compare-litellm" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
 def test_fake_upstream_answers_the_openai_engine():
     """The FAKE upstream of the server-CPU cells speaks what the real ``openai`` engine sends:
-    streamed chat and completions with usage, and ``/v1/models`` (its health check)."""
+    streamed and whole (``complete``, for non-streaming requests) chat and completions with usage,
+    and ``/v1/models`` (its health check); both calls give the same text, finish and counts."""
     import asyncio
 
     from services.pools.base import GenRequest, OpenAIConfig
@@ -84,12 +94,14 @@ def test_fake_upstream_answers_the_openai_engine():
 
         async def run(reqs: list) -> list:  # one loop: the client's connections belong to it
             await eng.check_health()
-            return [[c async for c in eng.generate(r)] for r in reqs]
+            return [([c async for c in eng.generate(r)], await eng.complete(r)) for r in reqs]
 
-        for chunks in asyncio.run(run([GenRequest(model="remote-a", messages=[{"role": "user", "content": "hi"}], max_tokens=8),
-                                       GenRequest(model="remote-a", prompt="hi", max_tokens=8)])):
-            assert "".join(c.text for c in chunks) == TEXT
-            assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens > 0
+        for streamed, whole in asyncio.run(run([GenRequest(model="remote-a", messages=[{"role": "user", "content": "hi"}], max_tokens=8),
+                                                GenRequest(model="remote-a", prompt="hi", max_tokens=8)])):
+            for chunks in (streamed, whole):
+                assert "".join(c.text for c in chunks) == TEXT
+                assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens > 0
+            assert (whole[-1].prompt_tokens, whole[-1].completion_tokens) == (streamed[-1].prompt_tokens, streamed[-1].completion_tokens)
     finally:
         proc.kill()
         proc.wait()
@@ -102,9 +114,11 @@ def test_cpu_cells_render_and_judge_the_floors():
            "upstream_direct_p50_ms": 0.5, "cells": {"auto@1": cell(9.0, 20.0), "named@1": cell(8.0, 9.0), "pool@1": cell(6.0, 8.0),
                                                     "auto@16": cell(7.0, 90.0)}}
     report = {"started_utc": "t", "command": "c", "machine": "m", "loadavg_start": [1, 1, 1], "cpu": cpu,
-              "cpu_variants": {"served": cpu, "lean": cpu}}
+              "cpu_variants": {"served": cpu, "lean": cpu},
+              "cpu_gateway": {"gateway": "litellm", "version": "1.0", "cells": {"group@1": cell(6.0, 10.0)}}}
     report["floors"] = f = bench_serve.verdicts(report)
     assert f["auto_cpu_ms_lone"]["met"] and not f["auto_cpu_ms_at16"]["met"]
     assert f["auto_added_p50_ms_lone"]["measured"] == 19.5 and not f["auto_added_p50_ms_lone"]["met"]
     md = bench_serve.render_md(report)
     assert "| 1 | 9.0 | 8.0 | 6.0 |" in md and "| lean | 9.0 (20)" in md and "auto@16: Ingress 3.50, Router 3.50" in md
+    assert "| 1 | 6.0 (10) | 9.0 (20) | 8.0 (9) | 6.0 (8) | 1.50 |" in md  # LiteLLM beside cmr, and their ratio

@@ -250,12 +250,16 @@ def test_corrupt_checkpoint_skipped_by_restarted_router(served, client):
     card = {"id": "faults/added-before-restart", "description": "a card registered before the router restart", "cost": 0.5}
     assert client.post("/v1/admin/models", json=card).status_code == 201
     pending = client.post("/v1/route", json={"query": "A decision made before the restart."}).json()["request_id"]
-    routers = _replicas("Router")
+    # every process that routes: the Router replicas and, routing in the ingress (the default), the
+    # ingress replicas with their own router
+    routing = ["Router"] + (["Ingress"] if served.args.route_in_ingress else [])
+    routers = [r for d in routing for r in _replicas(d)]
     for r in routers:
         ray.kill(r)
     # the replacement comes back with the newest checkpoint that verifies, the hub and the decision store
-    _wait(lambda: (h := _safe_health(client)) and h.get("checkpoint_version") == good, "a restarted router", 180, 1.0)
-    assert not {a._actor_id for a in routers} & {a._actor_id for a in _replicas("Router")}
+    _wait(lambda: (h := _safe_health(client)) and h.get("checkpoint_version") == good
+          and (_safe_route_version(client) == good), "a restarted router", 180, 1.0)
+    assert not {a._actor_id for a in routers} & {a._actor_id for d in routing for a in _replicas(d)}
     models = {m["id"] for m in client.get("/v1/models").json()["data"]}
     assert card["id"] in models
     r = client.post("/v1/route", json={"query": "Translate to French."})
@@ -268,6 +272,14 @@ def test_corrupt_checkpoint_skipped_by_restarted_router(served, client):
     _wait(lambda: (_safe_health(client) or {}).get("checkpoint_version", 0) > newest, "the router on the learner's next checkpoint")
     a = audit(served.args)
     assert a["n_lost"] == 0 and a["n_duplicated"] == 0 and a["waiting"] == 0, a
+
+
+def _safe_route_version(client) -> int | None:
+    try:
+        r = client.post("/v1/route", json={"query": "Is the router back?", "routing": {"record": False}}, timeout=10)
+        return r.json().get("checkpoint_version") if r.status_code == 200 else None
+    except Exception:
+        return None
 
 
 def _safe_health(client) -> dict | None:

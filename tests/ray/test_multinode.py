@@ -163,7 +163,7 @@ def test_node_losses_under_load_lose_no_feedback(cluster):
     c, nodes, node, dsn, tmp = cluster
     t_start = time.monotonic()
     args = AppArgs(store=dsn, checkpoints=str(tmp / "shared-checkpoints"), train_limit=20, tiny_models=False, profile_size=0,
-                   auth={"open": True}, router_replicas=2, router_actor_options={"num_cpus": 0, "resources": {"router": 1}},
+                   auth={"open": True}, router_replicas=2, route_in_ingress=False, router_actor_options={"num_cpus": 0, "resources": {"router": 1}},
                    ingress_actor_options={"num_cpus": 0, "resources": {"head": 1}},
                    learner={"poll_s": 0.5, "checkpoint_every_s": 1.0, "actor_options": {"resources": {"learner": 1}}})
     bootstrap(args, default_encoder(backend=args.encoder))  # once, before the replicas start: hub seeded, v1 published

@@ -13,7 +13,8 @@ from tests.ray.test_coalescing import test_concurrent_routes_each_get_their_own_
 
 pytestmark = pytest.mark.ray
 
-APP_ARGS = {"learner": {"enabled": False}, "batch_wait_timeout_s": 0.05, "max_batch_size": 16, "route_in_ingress": True,
+# a long batch wait: a lone request that sat through it would show (test_a_lone_request_does_not_wait_for_a_batch)
+APP_ARGS = {"learner": {"enabled": False}, "batch_wait_timeout_s": 0.5, "max_batch_size": 16, "route_in_ingress": True,
             # the watcher would pick a change up only after this: what this ingress applied must not wait
             "reload_check_s": 30}
 
@@ -30,6 +31,21 @@ def test_auto_chat_routed_in_the_ingress(served):
         # the Router deployment still serves the hub: it lists the model the ingress chose
         assert d["model"] in {m["id"] for m in c.get("/v1/models").json()["data"]}
 
+
+
+def test_a_lone_request_does_not_wait_for_a_batch(served):
+    """Routed in the ingress with nothing else in flight, a request is decided at once instead of
+    waiting ``batch_wait_timeout_s`` for company (which only concurrent requests can give)."""
+    import statistics
+    import time
+
+    with httpx.Client(base_url=served.url, timeout=120) as c:
+        took = []
+        for i in range(5):
+            t0 = time.perf_counter()
+            assert c.post("/v1/route", json={"query": f"Summarise report number {i}."}).status_code == 200
+            took.append(time.perf_counter() - t0)
+    assert statistics.median(took) < 0.4, took  # each would take > 0.5 s through the batch wait
 
 
 def test_a_change_made_through_this_ingress_routes_at_once(served):

@@ -390,7 +390,7 @@ def test_router_replicas_spread_over_worker_pods(overlay):
     (svc,) = of_kind(built(overlay), "RayService")
     (app,) = serve_config(svc)["applications"]
     args = load_args(app["args"])
-    assert args.router_replicas >= 2
+    assert args.router_replicas >= 2 and not args.route_in_ingress  # routed by the spread Router replicas
     (router,) = [d for d in app.get("deployments", []) if d["name"] == "Router"]
     assert router["max_replicas_per_node"] == 1
     # an override of a deployment the app does not build would be ignored: Router is build_app's name

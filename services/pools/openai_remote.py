@@ -42,16 +42,22 @@ class OpenAIEngine:
                         completion_tokens=usage.completion_tokens if usage else 0)
 
     async def complete(self, request: GenRequest) -> list[GenChunk]:
-        """The whole generation in one non-streaming call: ``[text chunk, last chunk]``."""
-        if request.messages is not None:
-            r = await self.client.chat.completions.create(messages=request.messages, **self._common(request))
-            c = r.choices[0] if r.choices else None
-            text, reason = (c.message.content or "", c.finish_reason) if c else ("", None)
-        else:
-            r = await self.client.completions.create(prompt=request.prompt or "", **self._common(request))
-            c = r.choices[0] if r.choices else None
-            text, reason = (c.text or "", c.finish_reason) if c else ("", None)
-        return ([GenChunk(text=text)] if text else []) + [self._last(reason, r.usage)]
+        """The whole generation in one non-streaming call: ``[text chunk, last chunk]``. Sent with
+        the client's plain ``post`` (the SDK's way to a raw endpoint: same base URL, key, timeouts,
+        retries and transport), its JSON read as is: the typed ``create`` spends about as much CPU
+        again on transforming the parameters and building the reply's models."""
+        chat = request.messages is not None
+        body = {k: v for k, v in self._common(request).items() if v is not None}
+        body.update({"messages": request.messages} if chat else {"prompt": request.prompt or ""})
+        r = await self.client.post("/chat/completions" if chat else "/completions", cast_to=object, body=body)
+        if not isinstance(r, dict):
+            raise TypeError(f"the endpoint answered {type(r).__name__}, not a JSON object")
+        c = (r.get("choices") or [{}])[0]
+        text = (c.get("message") or {}).get("content") if chat else c.get("text")
+        usage = r.get("usage") or {}
+        last = GenChunk(text="", finish_reason=c.get("finish_reason") or "stop", prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                        completion_tokens=int(usage.get("completion_tokens") or 0))
+        return ([GenChunk(text=text)] if text else []) + [last]
 
     async def generate(self, request: GenRequest) -> AsyncIterator[GenChunk]:
         common = {**self._common(request), "stream": True}

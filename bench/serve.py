@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cmr.encoders.cache import ENCODER_BACKENDS
 from cmr.errors import CMRError
 
 # the issue's floors on the 2-core machine
@@ -136,10 +137,10 @@ def _encoder_label(backend: str, threads: int, single: int | None) -> str:
 def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retrieve_k: int, distinct: int,
                      batch: int = 16, home: Path, encoder: str = "onnx", encoder_threads: int = 1,
                      encoder_single_threads: int | None = None, query_max_tokens: int | None = None,
-                     other_encoders: Sequence[tuple[str, int, int | None]] = (), embedding: str = "minilm") -> dict[str, Any]:
+                     other_encoders: Sequence[tuple] = (), embedding: str = "minilm") -> dict[str, Any]:
     """p50/p99 of ``RouterCore.route`` (encode + retrieve + score + select) per request and per batch,
     with the router's query encoder (``AppArgs.encoder``) after its start-up warm-up; then the same
-    for each of ``other_encoders`` (``(backend, threads, single_threads)``) on the same hub, under
+    for each of ``other_encoders`` (``(backend, threads, single_threads[, query_max_tokens])``) on the same hub, under
     ``variants``. The router's in-memory query LRU is off: every phase re-sends the same prompts.
     ``embedding="minilm+tfidf"``: the router embeds with MiniLM fused with TF-IDF fitted on
     CMRBench's train prompts and the hub's cards (as its first start would), through its checkpoint."""
@@ -172,11 +173,12 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
 
     def measure() -> dict[str, Any]:
         warmup_s = core.warm_up()  # what the Router deployment does at replica start
-        single = []
+        single, single_cpu = [], []
         for r in reqs:
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             out = core.route([r])
             single.append((time.perf_counter() - t) * 1e3)
+            single_cpu.append((time.process_time() - c) * 1e3)  # the decision's CPU: robust to the machine's load
             if isinstance(out[0], Exception):
                 raise out[0]
         batched = []
@@ -196,7 +198,7 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
             t = time.perf_counter()
             core.route([r], emb=e)
             rest_ms.append((time.perf_counter() - t) * 1e3)
-        return {"warmup_s": round(warmup_s, 2), "single": _pcts(single), "encode_only": _pcts(enc_ms), "encode_only_cpu": _pcts(enc_cpu),
+        return {"warmup_s": round(warmup_s, 2), "single": _pcts(single), "single_cpu": _pcts(single_cpu), "encode_only": _pcts(enc_ms), "encode_only_cpu": _pcts(enc_cpu),
                 "retrieve_score_select_only": _pcts(rest_ms), f"batch{batch}": _pcts(batched) if batched else None,
                 f"batch{batch}_per_request_p50_ms": (float(np.median(batched)) / batch) if batched else None}
 
@@ -204,12 +206,15 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
            "retrieve_k": retrieve_k, "encoder": encoder, "encoder_threads": encoder_threads,
            "encoder_single_threads": encoder_single_threads, "query_max_tokens": query_max_tokens, "setup_s": round(setup_s, 1),
            **measure(), "variants": {}}
-    for backend, threads, single in other_encoders:
-        # the router's query encoder, swapped under the same hub (its query path wraps the same one)
+    for backend, threads, single, *max_tokens in other_encoders:
+        # the router's query encoder, swapped under the same hub (its query path wraps the same one);
+        # a fourth item: this variant's own query truncation instead of the router's
         enc.inner = make_encoder(backend, threads, single)
-        core.query_encoder.inner = core.query_view(enc.inner)
-        res["variants"][_encoder_label(backend, threads, single)] = {"encoder": backend, "encoder_threads": threads,
-                                                                     "encoder_single_threads": single, **measure()}
+        view = enc.inner.with_max_tokens(max_tokens[0]) if max_tokens and max_tokens[0] else core.query_view(enc.inner)
+        core.query_encoder.inner = view
+        label = _encoder_label(backend, threads, single) + (f" queries {max_tokens[0]} tokens" if max_tokens and max_tokens[0] else "")
+        res["variants"][label] = {"encoder": backend, "encoder_threads": threads, "encoder_single_threads": single,
+                                  "query_max_tokens": max_tokens[0] if max_tokens and max_tokens[0] else query_max_tokens, **measure()}
     core.close()
     return res
 
@@ -927,7 +932,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieve-k", type=int, default=256, help="FAISS pre-selection above this many models (0 = never)")
     p.add_argument("--train-limit", type=int, default=40, help="end-to-end app: knn trained on this many requests per experience")
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--encoder", default=None, choices=("onnx", "torch", "onnx-int8"), help="the router's query encoder (default: AppArgs.encoder)")
+    p.add_argument("--encoder", default=None, choices=ENCODER_BACKENDS, help="the router's query encoder (default: AppArgs.encoder)")
     p.add_argument("--encoder-threads", type=int, default=None, help="its intra-op threads (default: AppArgs.encoder_threads)")
     p.add_argument("--encoder-single-threads", type=int, default=None, help="its threads for a lone query (default: AppArgs.encoder_single_threads)")
     p.add_argument("--query-max-tokens", type=int, default=None, help="routed-query truncation (default: AppArgs.query_max_tokens; 256 = none)")
@@ -992,7 +997,7 @@ def run(a: argparse.Namespace) -> int:
         others = []
         for x in a.decision_encoders:
             b, t, *single = x.split(":")
-            if b not in ("onnx", "torch", "onnx-int8") or int(t) < 1 or len(single) > 1 or (single and int(single[0]) < 1):
+            if b not in ENCODER_BACKENDS or int(t) < 1 or len(single) > 1 or (single and int(single[0]) < 1):
                 raise ValueError
             others.append((b, int(t), int(single[0]) if single else None))
     except ValueError:

@@ -20,6 +20,7 @@ BENCH: dict[str, str] = {
     "online": "cmr.bench.online",
     "load": "bench.load",  # the served app under load while a replica and the learner are killed
     "serve": "bench.serve",  # issue 4: decision latency, end-to-end req/s and router overhead
+    "exactness": "bench.exactness",  # issue 17: the exact and the faster query encoders, quality and decision latency
     "store": "bench.store",  # issue 13: SQLite vs PostgreSQL: durable feedback/s, route p50/p99, CPU per request
 }
 

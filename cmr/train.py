@@ -58,9 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", action="store_true", help="run inside a Ray Train TorchTrainer (1 CPU worker, local Ray)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="policy config options")
     p.add_argument("--config", default=None, metavar="FILE.json", help="policy config as a JSON object, e.g. `cmr tune cmr`'s chosen_config.json (--set wins)")
+    from cmr.encoders.cache import ENCODER_BACKENDS
+
     p.add_argument("--experiences", type=int, default=None, help="train only the first N experiences")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training requests of each experience (smoke runs)")
-    p.add_argument("--encoder", choices=("torch", "onnx", "onnx-int8"), default="torch",
+    p.add_argument("--encoder", choices=ENCODER_BACKENDS, default="torch",
                    help="MiniLM backend that embeds prompts and cards (default torch, exact); a checkpoint a router will serve "
                         "should use the router's (AppArgs.encoder, onnx-int8 by default), whose query vectors it is compared with")
     from cmr.encoders.lexical import EMBEDDINGS

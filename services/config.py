@@ -208,7 +208,7 @@ class AppArgs(_Strict):
     #: 2k models on 2 cores; CMRBench test quality 0.2-0.6 points below exact), ``onnx`` (exact
     #: fp32, the same embeddings as ``torch``), ``torch`` (sentence-transformers). Measured trade:
     #: services/README.md, "Query encoder". A checkpoint is trained with the encoder it is served with
-    encoder: Literal["onnx", "torch", "onnx-int8"] = "onnx-int8"
+    encoder: Literal["onnx", "torch", "onnx-int8", "onnx-int8-fp32ffn"] = "onnx-int8"
     #: what texts are embedded with: ``minilm`` (the encoder above alone) or ``minilm+tfidf`` (fused
     #: with TF-IDF fitted at first start on the bench's train prompts and the cards, saved in every
     #: checkpoint: ``cmr.encoders.lexical``). A served checkpoint keeps the embedding it was trained

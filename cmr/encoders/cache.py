@@ -116,7 +116,9 @@ class MemoryCachedEncoder:
         return out
 
 
-ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
+ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int8-fp32ffn")
+# onnx backend -> quantisation of its graph (cmr.encoders.onnx.QUANTIZATIONS)
+_ONNX_QUANTIZE = {"onnx": None, "onnx-int8": "int8", "onnx-int8-fp32ffn": "int8-fp32ffn"}
 
 _DEFAULT: dict[tuple, CachedEncoder] = {}
 
@@ -128,7 +130,8 @@ def make_encoder(backend: str = "torch", threads: int | None = None, single_thre
     ``torch``: sentence-transformers (training, benchmarks; GPU when available). ``onnx``: ONNX
     Runtime on CPU, the same embeddings (to ~1e-6, same name) and faster per query. ``onnx-int8``:
     per-channel int8 weights, faster still but different embeddings (its own name and cache keys):
-    the router's default (``AppArgs.encoder``). ``threads``: intra-op threads (torch: process-wide); ``single_threads``
+    the router's default (``AppArgs.encoder``). ``onnx-int8-fp32ffn``: the same with the FFN
+    output projections kept fp32 (closer to exact, slower; its own name). ``threads``: intra-op threads (torch: process-wide); ``single_threads``
     (onnx): threads for a call with a single text. ``max_tokens`` (onnx): truncate texts to this
     many tokens, keeping their end (default 256, as the model was trained; a different value is a
     different encoder name).
@@ -137,10 +140,10 @@ def make_encoder(backend: str = "torch", threads: int | None = None, single_thre
         from cmr.encoders.minilm import MiniLMEncoder
 
         return MiniLMEncoder(threads=threads)
-    if backend in ("onnx", "onnx-int8"):
+    if backend in _ONNX_QUANTIZE:
         from cmr.encoders.onnx import OnnxMiniLMEncoder
 
-        return OnnxMiniLMEncoder(threads=threads or 1, quantize="int8" if backend == "onnx-int8" else None, single_threads=single_threads,
+        return OnnxMiniLMEncoder(threads=threads or 1, quantize=_ONNX_QUANTIZE[backend], single_threads=single_threads,
                                  max_seq_length=max_tokens or 256)
     raise ValueError(f"unknown encoder backend {backend!r}; known: {', '.join(ENCODER_BACKENDS)}")
 

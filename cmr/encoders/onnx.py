@@ -11,8 +11,10 @@ The ONNX graph is exported from the packaged weights once, on first use, into
 ``$CMR_CACHE/onnx/`` (``torch.onnx.export``; needs the ``onnx`` package), under a file lock and
 through a temporary file + rename, so that replicas starting together export it once and never
 read a half-written file. ``quantize="int8"`` adds ONNX Runtime's dynamic int8 quantisation of the
-weights: faster still, but the embeddings differ, so it has its own name (its own cache keys) and
-is opt-in.
+weights: faster still, but the embeddings differ, so it has its own name (its own cache keys).
+``quantize="int8-fp32ffn"`` quantises the same way but keeps the six FFN output projections in
+fp32: the most quantisation-sensitive MatMuls (they carry the large GELU outputs), about half the
+int8 error for about a third more time per query (docs/results/encoder-exactness/).
 """
 
 from __future__ import annotations
@@ -99,15 +101,28 @@ def export_fp32(model_dir: Path, out: Path) -> None:
                           output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=17, dynamo=False)
 
 
-def export_int8(fp32: Path, out: Path) -> None:
-    """ONNX Runtime's dynamic quantisation: int8 weights of the MatMuls, activations quantised per call.
+#: quantisation -> (file suffix, encoder-name suffix); each has its own embeddings, so its own name
+QUANTIZATIONS = {"int8": "int8pc", "int8-fp32ffn": "int8pc-fp32ffn"}
+
+
+def ffn_output_matmuls(fp32: Path) -> list[str]:
+    """The MatMul nodes of the FFN output projections (``layer.N/output/dense``) in the exported graph."""
+    import onnx
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "MatMul" and "/output/dense/" in n.name and "/attention/" not in n.name]
+
+
+def export_int8(fp32: Path, out: Path, exclude: Sequence[str] = ()) -> None:
+    """ONNX Runtime's dynamic quantisation: int8 weights of the MatMuls, activations quantised per
+    call; the MatMuls named in ``exclude`` stay fp32.
 
     Per-channel weight scales: one scale per output column instead of one per matrix. Measured on
     300 CMRBench test prompts (docs/results/serve/report.md): mean cosine to the exact embedding
     0.965 per-tensor → 0.993 per-channel (worst 0.88 → 0.98), at the same speed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=list(exclude))
 
 
 def onnx_model_path(quantize: str | None = None, cache_dir: Path | None = None) -> Path:
@@ -117,10 +132,11 @@ def onnx_model_path(quantize: str | None = None, cache_dir: Path | None = None) 
     fp32 = _atomic_export(root / f"all-MiniLM-L6-v2-{_weights_digest(model_dir)}.onnx", lambda p: export_fp32(model_dir, p))
     if quantize is None:
         return fp32
-    if quantize != "int8":
-        raise EncoderBackendError(f"encoder 'onnx': unknown quantisation {quantize!r} (known: int8)")
+    if quantize not in QUANTIZATIONS:
+        raise EncoderBackendError(f"encoder 'onnx': unknown quantisation {quantize!r} (known: {', '.join(QUANTIZATIONS)})")
+    exclude = ffn_output_matmuls(fp32) if quantize == "int8-fp32ffn" else ()
     # "-int8pc": per-channel scales; a file from the earlier per-tensor export is not reused
-    return _atomic_export(fp32.with_name(fp32.stem + "-int8pc.onnx"), lambda p: export_int8(fp32, p))
+    return _atomic_export(fp32.with_name(f"{fp32.stem}-{QUANTIZATIONS[quantize]}.onnx"), lambda p: export_int8(fp32, p, exclude))
 
 
 class OnnxMiniLMEncoder:
@@ -149,7 +165,7 @@ class OnnxMiniLMEncoder:
 
         # the quantised graph's embeddings differ: its own name, so its own cache keys ("int8pc":
         # per-channel; cached vectors of the earlier per-tensor int8 are not mixed in)
-        self._base_name = MiniLMEncoder.name if quantize is None else f"{MiniLMEncoder.name}:{quantize}pc"
+        self._base_name = MiniLMEncoder.name if quantize is None else f"{MiniLMEncoder.name}:{QUANTIZATIONS.get(quantize, quantize)}"
         self.name = self._name_for(max_seq_length)
         self.threads, self.batch_size, self.max_seq_length, self.max_pad = threads, batch_size, max_seq_length, max_pad
         self.path = onnx_model_path(quantize, cache_dir)

@@ -147,3 +147,34 @@ def test_onnx_query_truncation_view_shares_sessions_and_has_its_own_name():
     np.testing.assert_allclose(a[1], b[1], atol=1e-5)  # short texts: untouched
     assert a[0] @ b[0] < 0.999  # long ones: only their last 16 tokens
     np.testing.assert_allclose(b[0], short.encode([" ".join(long_text.split()[-12:])])[0], atol=0.05)
+
+
+def test_int8_with_fp32_ffn_is_its_own_encoder_and_closer_to_exact():
+    """The mixed-precision variant: its own graph and name (its own cache keys), and on real
+    CMRBench prompts nearer the exact embeddings than plain int8."""
+    from bench.serve import test_prompts
+    from cmr.encoders import make_encoder
+    from cmr.encoders.onnx import ffn_output_matmuls
+
+    exact, int8, mixed = make_encoder("onnx", 1), make_encoder("onnx-int8", 1), make_encoder("onnx-int8-fp32ffn", 1)
+    assert len({exact.name, int8.name, mixed.name, mixed.with_max_tokens(64).name, int8.with_max_tokens(64).name}) == 5
+    assert mixed.path != int8.path and len(ffn_output_matmuls(exact.path)) == 6  # one per layer
+    prompts = test_prompts(60)
+    ref = exact.encode(prompts)
+    err_int8 = 1 - (int8.encode(prompts) * ref).sum(axis=1)
+    err_mixed = 1 - (mixed.encode(prompts) * ref).sum(axis=1)
+    assert err_mixed.max() < 0.02 and 0 < err_mixed.mean() < err_int8.mean()
+
+
+def test_bench_exactness_tiny_latency_and_refused_variant(tmp_path, capsys):
+    from bench import exactness
+
+    assert exactness.main(["--variants", "onnx:256", "torch:64"]) == 2
+    assert "--variants 'torch:64'" in capsys.readouterr().err
+    assert exactness.main(["--variants", "onnx-int8:64"]) == 2  # the exact encoder is the reference: required
+    lat = exactness.latency([("onnx", 256), ("onnx-int8", 32)], 50, ["what is 2+2?", "translate 'hello' into French"], tmp_path, 20)
+    assert list(lat) == ["onnx:256", "onnx-int8:32", "onnx:256 again"]
+    assert lat["onnx-int8:32"]["single_cpu"]["n"] == 2
+    md = exactness.render_md({"started_utc": "t", "machine": "m", "loadavg_start": [0], "served_default": "onnx-int8:64",
+                              "exact": "onnx:256", "quality": {}, "latency": {"50": lat}})
+    assert "| `onnx-int8:32` |" in md

@@ -204,10 +204,12 @@ class AppArgs(_Strict):
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     #: the router's encoder (queries, cards, first-start training): ``onnx-int8`` (ONNX Runtime,
-    #: per-channel int8 weights: the default, the only one that meets the 15 ms decision p99 at
-    #: 2k models on 2 cores; CMRBench test quality 0.2-0.6 points below exact), ``onnx`` (exact
-    #: fp32, the same embeddings as ``torch``), ``torch`` (sentence-transformers). Measured trade:
-    #: services/README.md, "Query encoder". A checkpoint is trained with the encoder it is served with
+    #: per-channel int8 weights: the default; with 64-token queries the only setting measured with
+    #: a decision p99 under 10 ms at 2k models on 2 cores, and within 0.5 points of exact for
+    #: ``knn``, not for ``carve``), ``onnx`` (exact fp32, the same embeddings as ``torch``),
+    #: ``onnx-int8-fp32ffn`` (int8 with the FFN output projections in fp32: nearer exact, slower),
+    #: ``torch`` (sentence-transformers). Measured side by side: docs/results/encoder-exactness/.
+    #: A checkpoint is trained with the encoder it is served with
     encoder: Literal["onnx", "torch", "onnx-int8", "onnx-int8-fp32ffn"] = "onnx-int8"
     #: what texts are embedded with: ``minilm`` (the encoder above alone) or ``minilm+tfidf`` (fused
     #: with TF-IDF fitted at first start on the bench's train prompts and the cards, saved in every
@@ -233,8 +235,9 @@ class AppArgs(_Strict):
     native_threads: int = Field(default=1, ge=1)
     #: routed queries are truncated to this many tokens, keeping their end (onnx encoders; None:
     #: the encoder's 256). The longest prompts set the decision p99 (p99 length 126 tokens, a
-    #: 64-token query costs ~2x a median one); 3.7 % of CMRBench prompts are longer than 64, and
-    #: truncating them cost < 0.4 points of test quality. Cards and training data are not truncated
+    #: 64-token query costs ~2x a median one); 3.8 % of CMRBench prompts are longer than 64, and
+    #: truncating them costs ~0.4 points of CMRBench test D accuracy (96 or 128 tokens: less, but
+    #: a p99 over 10 ms; docs/results/encoder-exactness/). Cards and training data are not truncated
     query_max_tokens: int | None = Field(default=64, ge=8, le=256)
     #: routed query embeddings kept in an in-memory LRU (repeated prompts skip the encoder); query
     #: embeddings are never written to the persistent embedding cache. 0: off

@@ -13,8 +13,8 @@ through a temporary file + rename, so that replicas starting together export it 
 read a half-written file. ``quantize="int8"`` adds ONNX Runtime's dynamic int8 quantisation of the
 weights: faster still, but the embeddings differ, so it has its own name (its own cache keys).
 ``quantize="int8-fp32ffn"`` quantises the same way but keeps the six FFN output projections in
-fp32: the most quantisation-sensitive MatMuls (they carry the large GELU outputs), about half the
-int8 error for about a third more time per query (docs/results/encoder-exactness/).
+fp32: the most quantisation-sensitive MatMuls (they take the GELU outputs), about half the int8
+error for about 1.6x its CPU per query (docs/results/encoder-exactness/).
 """
 
 from __future__ import annotations

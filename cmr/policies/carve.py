@@ -94,7 +94,11 @@ class CarveConfig(PolicyConfig):
     proto_card_weight: NonNegative = 1.0  # weight of the card in a model's prototype (queries weigh 1)
     card_examples: bool = False  # card text of every live model is a training example for it
     card_weight: NonNegative = 0.5
-    card_text: Literal["rich", "plain"] = "rich"  # "rich": + api_call; "plain": ModelCard.text()
+    card_text: Literal["rich", "plain", "full"] = "rich"  # "rich": + api_call; "plain": ModelCard.text(); "full": rich + family, framework, performance
+    # popularity priors at scoring: each model's logit gains prior × log(1 + its positive training
+    # rows) and domain_prior × log(1 + its domain's); 0 = off
+    prior: NonNegative = 0.0
+    domain_prior: NonNegative = 0.0
     # continual
     replay: Fraction = 0.2  # coreset budget as a fraction of the data seen (0 = no replay)
     replay_cap: Count = 4  # coreset rows per model at most
@@ -147,6 +151,7 @@ class CarvePolicy(RoutingPolicy):
         self._drow: dict[str, int] = {}
         self._doc_emb: dict[str, np.ndarray] = {}
         self._proto = np.zeros((0, 0), np.float32)  # per-model prototype sums (raw feature space)
+        self._count = np.zeros(0, np.float64)  # per-model positive training weight absorbed (the priors)
         self._bias_done: set[str] = set()  # sigmoid head: models whose bias was initialised
         self._params: dict[str, Any] | None = None  # torch tensors, built lazily
         self._live: list[str] = []
@@ -171,6 +176,8 @@ class CarvePolicy(RoutingPolicy):
         words = " ".join(w for w in _ID_SPLIT.split(card.id) if w)
         api = str(card.metadata.get("api_call") or "")
         parts = [words, card.domain or "", card.description or "", api]
+        if self.config.card_text == "full":
+            parts += [card.family or "", str(card.metadata.get("framework") or ""), str(card.metadata.get("performance") or "")]
         return ". ".join(p.strip() for p in parts if p and p.strip())
 
     def _doc_embeddings(self, cards: Sequence[ModelCard]) -> np.ndarray:
@@ -249,6 +256,7 @@ class CarvePolicy(RoutingPolicy):
             p["E"] = torch.cat([p["E"].detach(), torch.zeros_like(e)]).requires_grad_(True)
             self._proto = np.concatenate([self._proto, self.config.proto_card_weight * emb]) if len(self._proto) else self.config.proto_card_weight * emb
             p["bias"] = torch.cat([p["bias"].detach(), torch.zeros(len(new))]).requires_grad_(True)
+            self._count = np.concatenate([self._count, np.zeros(len(new))])
             if rows:
                 p["D"] = torch.cat([p["D"].detach(), torch.stack(rows)]).requires_grad_(True)
 
@@ -295,6 +303,7 @@ class CarvePolicy(RoutingPolicy):
         rows = np.array([self._row[m] for m, k in zip(items.model, keep) if k], dtype=np.int64)
         w = (items.reward * items.weight)[keep]
         np.add.at(self._proto, rows, items.emb[keep] * w[:, None])
+        np.add.at(self._count, rows, np.maximum(w, 0.0))
 
     def _domain_logp(self, z, p):
         import torch
@@ -365,6 +374,7 @@ class CarvePolicy(RoutingPolicy):
             self.add_models([c for c in candidates if c.id not in self._row])
         p = self._params
         rows = torch.as_tensor([self._row[c.id] for c in candidates], dtype=torch.long)
+        prior = self._prior(rows.numpy())
         out = []
         with torch.no_grad():
             for i in range(0, len(q), 1024):
@@ -372,9 +382,27 @@ class CarvePolicy(RoutingPolicy):
                 if self._mode == "sigmoid":
                     s = torch.sigmoid(self._sig_logit(z, rows, p))
                 else:
-                    s = torch.exp(self._log_scores(z, rows, p))
+                    lg = self._logits(z, rows, p)
+                    if prior is not None:
+                        lg = lg + prior
+                    s = torch.exp(self._log_scores(z, rows, p, lg))
                 out.append(s.numpy().astype(np.float32))
         return np.concatenate(out)
+
+    def _prior(self, rows: np.ndarray):
+        """Popularity log-prior per candidate row ``[C]`` (None when both priors are off)."""
+        import torch
+
+        c: CarveConfig = self.config
+        if c.prior <= 0 and c.domain_prior <= 0:
+            return None
+        n = self._count[rows] if len(self._count) == len(self._models) else np.zeros(len(rows))
+        out = c.prior * np.log1p(n)
+        if c.domain_prior > 0:
+            dom = self._mdom().numpy()
+            per_dom = np.bincount(dom, weights=self._count if len(self._count) == len(self._models) else None, minlength=len(self._domains))
+            out = out + c.domain_prior * np.log1p(per_dom[dom[rows]])
+        return torch.from_numpy(out.astype(np.float32))
 
     def _sig_cos(self, z, rows, p):
         return self._logits(z, rows, p) / p["scale"]
@@ -402,14 +430,14 @@ class CarvePolicy(RoutingPolicy):
             # upper reference: forget the parameters, keep the data, restart from the cards
             known = [ModelCard(id=m, domain=d or None) for m, d in zip(self._models, self._model_domain)]
             docs = dict(self._doc_emb)
-            proto = self._proto
+            proto, count = self._proto, self._count
             self._params, self._models, self._row, self._model_domain = None, [], {}, []
-            self._proto = np.zeros((0, 0), np.float32)
+            self._proto, self._count = np.zeros((0, 0), np.float32), np.zeros(0, np.float64)
             self._domains, self._drow = [], {}
             self._doc_emb = docs
             self._mdom_cache = None
             self.add_models(known)
-            self._proto = proto
+            self._proto, self._count = proto, count
         if cards is not None:
             self.add_models(cards)
             self._live = [card.id for card in cards]
@@ -690,6 +718,7 @@ class CarvePolicy(RoutingPolicy):
             doc_ids=ids,
             doc_emb=np.stack([self._doc_emb[i] for i in ids]) if ids else np.zeros((0, 0), np.float32),
             proto=self._proto,
+            count=self._count,
             bias_done=sorted(self._bias_done),
             params={} if self._params is None else {k: v.detach().numpy().copy() for k, v in self._params.items()},
         )
@@ -709,6 +738,7 @@ class CarvePolicy(RoutingPolicy):
         self._live = list(state["live"])
         self._doc_emb = {m: np.asarray(v, np.float32) for m, v in zip(state["doc_ids"], state["doc_emb"])}
         self._proto = np.array(state["proto"], dtype=np.float32)
+        self._count = np.array(state.get("count", np.zeros(len(self._models))), dtype=np.float64)
         self._bias_done = set(state.get("bias_done", []))
         params = state["params"]
         self._params = {k: torch.from_numpy(np.array(v, dtype=np.float32)).requires_grad_(True) for k, v in params.items()} or None

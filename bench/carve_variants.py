@@ -6,7 +6,7 @@ A VARIANT is ``name:key=value,...``: ``svd=N`` and ``w=W`` set the lexical part 
 fusion weight; defaults ``LEXICAL_DIM`` / ``LEXICAL_WEIGHT``), ``knn=A`` mixes knn's z-scored
 scores into carve's (weight A, 0 = carve alone), every other key is a carve option (``--set``).
 Each variant runs the CMRBench continual protocol (``cmr_protocol.evaluate``) on the validation
-split of ``cmr bench cmr --validation 0.15 --per-model`` (seed 0), or with ``--test`` (once, for
+split of ``cmr bench cmr --validation 0.15 --per-model`` (``--split-seed``, 0), or with ``--test`` (once, for
 the variants chosen on validation) on the test splits; one JSON line per variant is appended to
 ``DIR/variants-{validation,test}.jsonl`` as it finishes.
 """
@@ -57,17 +57,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--test", action="store_true")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (a second split checks a choice)")
     ap.add_argument("--out", default="docs/results/carve-variants")
     a = ap.parse_args()
     dense = default_encoder()
     bench = load_cmrbench(constants.data_root() / "cmrbench")
     if not a.test:
-        bench = validation_split(bench, 0.15, seed=0, per_model=True)
+        bench = validation_split(bench, 0.15, seed=a.split_seed, per_model=True)
     fit_texts = [t for e in bench.experiences for t in e.train.texts] + [c.text() for c in bench.cards]
     lex: dict[int, LexicalEncoder] = {}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    split = "test" if a.test else "validation"
+    split = "test" if a.test else f"validation{a.split_seed or ''}"
     for spec in a.variants:
         name, kv = parse(spec)
         dim, w, alpha = int(kv.pop("svd", LEXICAL_DIM)), float(kv.pop("w", LEXICAL_WEIGHT)), float(kv.pop("knn", 0))

@@ -99,6 +99,10 @@ class CarveConfig(PolicyConfig):
     # rows) and domain_prior × log(1 + its domain's); 0 = off
     prior: NonNegative = 0.0
     domain_prior: NonNegative = 0.0
+    # softmax head: a candidate's score is (1 - domain_vote) × its probability + domain_vote × the
+    # summed probability of the candidates of its domain (the top model of the most probable
+    # domain wins as domain_vote → 1); 0 = off
+    domain_vote: Fraction = 0.0
     # continual
     replay: Fraction = 0.2  # coreset budget as a fraction of the data seen (0 = no replay)
     replay_cap: Count = 4  # coreset rows per model at most
@@ -386,8 +390,19 @@ class CarvePolicy(RoutingPolicy):
                     if prior is not None:
                         lg = lg + prior
                     s = torch.exp(self._log_scores(z, rows, p, lg))
+                    if self.config.domain_vote > 0:
+                        s = self._vote(s, rows)
                 out.append(s.numpy().astype(np.float32))
         return np.concatenate(out)
+
+    def _vote(self, s, rows):
+        """``(1 - v)·p(m) + v·Σ_{m' in domain(m)} p(m')`` over the candidates (``s [B, C]``)."""
+        import torch
+
+        v = self.config.domain_vote
+        dom = self._mdom()[rows]
+        mass = torch.zeros((s.shape[0], len(self._domains)), dtype=s.dtype).index_add(1, dom, s)
+        return (1 - v) * s + v * mass[:, dom]
 
     def _prior(self, rows: np.ndarray):
         """Popularity log-prior per candidate row ``[C]`` (None when both priors are off)."""

@@ -8,7 +8,8 @@ scores into carve's (weight A, 0 = carve alone), every other key is a carve opti
 Each variant runs the CMRBench continual protocol (``cmr_protocol.evaluate``) on the validation
 split of ``cmr bench cmr --validation 0.15 --per-model`` (``--split-seed``, 0), or with ``--test`` (once, for
 the variants chosen on validation) on the test splits; one JSON line per variant is appended to
-``DIR/variants-{validation,test}.jsonl`` as it finishes.
+``DIR/variants-{validation,validation1,test}.jsonl`` as it finishes, and ``DIR/variants.md``
+tabulates every line written so far.
 """
 
 from __future__ import annotations
@@ -94,7 +95,23 @@ def main() -> int:
               + "/".join(f"{fg[m] * 100:.1f}" for m in "mfd") + f" s={row['s']:.0f}", flush=True)
         with open(out / f"variants-{split}.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        common.write_text(out / "variants.md", render(out))
     return 0
+
+
+def render(out: Path) -> str:
+    """Markdown tables of every ``variants-*.jsonl`` in ``out``."""
+    md = ["# carve variants on the fused embedding (CMRBench, continual e1..e4)", "",
+          "`python -m bench.carve_variants` rows; validation = 15% of each train split held out (one row per model with",
+          "≥ 2 rows), split seed 0 or 1; test = the test splits (only for variants chosen on validation).", ""]
+    for f in sorted(out.glob("variants-*.jsonl")):
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        md += [f"## {f.stem.removeprefix('variants-')}", "", "| variant | spec | M-Acc | F-Acc | D-Acc | forgetting M / F / D (points) | s | commit |",
+               "|---|---|---|---|---|---|---|---|"]
+        md += [f"| {r['name']} | `{r['spec']}` | {r['m_acc']:.3f} | {r['f_acc']:.3f} | {r['d_acc']:.3f} | "
+               + " / ".join(f"{r['forgetting'][m] * 100:.1f}" for m in "mfd") + f" | {r['s']:.0f} | {(r.get('commit') or '')[:7]} |" for r in rows]
+        md.append("")
+    return "\n".join(md)
 
 
 def _evaluate_mix(bench, carve, enc, alpha):

@@ -202,3 +202,12 @@ def test_popularity_prior_favours_models_with_more_training_rows(cmr_small, enco
     again = make_policy("carve", encoder=encoder, config=p.config.to_dict())
     again.load_state_dict(p.state_dict())
     np.testing.assert_allclose(again.score(q, live), s, atol=1e-6)
+
+
+def test_full_card_text_adds_family_framework_and_performance():
+    card = ModelCard(id="org/tiny-bert", family="bert", domain="Natural Language Processing Fill-Mask", description="A small BERT.",
+                     metadata={"api_call": "pipeline('fill-mask', model='org/tiny-bert')", "framework": "Transformers",
+                               "performance": '{"dataset": "glue", "accuracy": 0.81}'})
+    rich = make_policy("carve", config={})._card_doc(card)
+    full = make_policy("carve", config={"card_text": "full"})._card_doc(card)
+    assert full.startswith(rich) and "glue" in full and "Transformers" in full and "glue" not in rich

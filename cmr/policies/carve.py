@@ -161,6 +161,9 @@ class CarvePolicy(RoutingPolicy):
         self._live: list[str] = []
         self._hard: np.ndarray | None = None
         self._epoch_items: Interactions | None = None
+        # every model's embedding, for scoring without gradients: a routed query would otherwise
+        # re-project every prototype; dropped whenever the parameters or prototypes change
+        self._emb_cache = None
 
     # ---------------------------------------------------------------- structure
     def continual_parts(self) -> tuple[Replay, Anchor | None]:
@@ -237,6 +240,7 @@ class CarvePolicy(RoutingPolicy):
         if self._params is None:
             self._init_params(self._dim())
         emb = self._doc_embeddings(new)
+        self._emb_cache = None
         new_doms: dict[str, list[int]] = {}
         for i, c in enumerate(new):
             d = c.domain or _NO_DOMAIN
@@ -288,9 +292,18 @@ class CarvePolicy(RoutingPolicy):
         import torch
 
         flat = rows.reshape(-1)
+        if not torch.is_grad_enabled():
+            if self._emb_cache is None or len(self._emb_cache) != len(self._models):
+                self._emb_cache = self._model_emb_of(torch.arange(len(self._models)), p)
+            return self._emb_cache[flat].reshape(*rows.shape, -1)
+        return self._model_emb_of(flat, p).reshape(*rows.shape, -1)
+
+    def _model_emb_of(self, flat, p):
+        import torch
+
         proto = torch.from_numpy(self._proto[flat.numpy()])
         e = self._project(torch.nn.functional.normalize(proto, dim=-1), p) + p["E"][flat]
-        return torch.nn.functional.normalize(e, dim=-1).reshape(*rows.shape, -1)
+        return torch.nn.functional.normalize(e, dim=-1)
 
     def model_embeddings(self, ids: Sequence[str]) -> np.ndarray:
         """Current unit embeddings ``[n, d]`` of known models (projected space)."""
@@ -307,6 +320,7 @@ class CarvePolicy(RoutingPolicy):
         rows = np.array([self._row[m] for m, k in zip(items.model, keep) if k], dtype=np.int64)
         w = (items.reward * items.weight)[keep]
         np.add.at(self._proto, rows, items.emb[keep] * w[:, None])
+        self._emb_cache = None
         np.add.at(self._count, rows, np.maximum(w, 0.0))
 
     def _domain_logp(self, z, p):
@@ -462,6 +476,7 @@ class CarvePolicy(RoutingPolicy):
                 self._init_bias(new)
         self._hard = None
         self._opt = None
+        self._emb_cache = None
 
     def _init_bias(self, new: Interactions) -> None:
         """Sigmoid head: a model met for the first time starts at its mean measured quality
@@ -506,8 +521,12 @@ class CarvePolicy(RoutingPolicy):
     def train_epoch(self, items: Interactions, epoch: int, rng: np.random.Generator, penalty=None) -> dict[str, float]:
         """One pass over ``items`` (new data + replay) plus the card examples, in ``rng``'s order;
         ``penalty(params)`` (the anchor) joins every batch's loss."""
-        with _torch_threads(self.config.torch_threads):
-            return self._train_epoch(items, epoch, rng, penalty)
+        self._emb_cache = None
+        try:
+            with _torch_threads(self.config.torch_threads):
+                return self._train_epoch(items, epoch, rng, penalty)
+        finally:
+            self._emb_cache = None
 
     def _train_epoch(self, items: Interactions, epoch: int, rng: np.random.Generator, penalty) -> dict[str, float]:
         import torch
@@ -685,6 +704,7 @@ class CarvePolicy(RoutingPolicy):
         A reward-1 event pulls the query towards the chosen model, a reward-0 one pushes it away."""
         with _torch_threads(self.config.torch_threads):
             out = self._online_step(items, replay, penalty)
+        self._emb_cache = None
         self.absorb(items)
         return out
 
@@ -750,6 +770,7 @@ class CarvePolicy(RoutingPolicy):
         self._domains = list(state["domains"])
         self._drow = {d: i for i, d in enumerate(self._domains)}
         self._mdom_cache = None
+        self._emb_cache = None
         self._live = list(state["live"])
         self._doc_emb = {m: np.asarray(v, np.float32) for m, v in zip(state["doc_ids"], state["doc_emb"])}
         self._proto = np.array(state["proto"], dtype=np.float32)

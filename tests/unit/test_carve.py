@@ -211,3 +211,24 @@ def test_full_card_text_adds_family_framework_and_performance():
     rich = make_policy("carve", config={})._card_doc(card)
     full = make_policy("carve", config={"card_text": "full"})._card_doc(card)
     assert full.startswith(rich) and "glue" in full and "Transformers" in full and "glue" not in rich
+
+
+def test_scoring_cache_matches_the_model_embeddings_and_follows_training(cmr_small, encoder):
+    import torch
+
+    lr, exp, live = _fit_e1(cmr_small, encoder, epochs=1)
+    p, q = lr.policy, exp.test.emb[:8]
+    rows = torch.as_tensor([p._row[c.id] for c in live])
+    s = p.score(q, live)
+    assert p._emb_cache is not None  # scoring filled it
+    with torch.enable_grad():
+        fresh = p._model_emb(rows, p._params).detach().numpy()  # the training path, no cache
+    np.testing.assert_allclose(p.model_embeddings([c.id for c in live]), fresh, atol=1e-6)
+    # a training epoch moves the projection: the next scores are those of the new parameters
+    lr.fit(exp.train, live)
+    assert p._emb_cache is None
+    s2 = p.score(q, live)
+    with torch.enable_grad():
+        again = p._model_emb(rows, p._params).detach().numpy()
+    np.testing.assert_allclose(p.model_embeddings([c.id for c in live]), again, atol=1e-6)
+    assert not np.allclose(s, s2)

@@ -137,7 +137,8 @@ def _encoder_label(backend: str, threads: int, single: int | None) -> str:
 def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retrieve_k: int, distinct: int,
                      batch: int = 16, home: Path, encoder: str = "onnx", encoder_threads: int = 1,
                      encoder_single_threads: int | None = None, query_max_tokens: int | None = None,
-                     other_encoders: Sequence[tuple] = (), embedding: str = "minilm") -> dict[str, Any]:
+                     other_encoders: Sequence[tuple] = (), embedding: str = "minilm",
+                     policy_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """p50/p99 of ``RouterCore.route`` (encode + retrieve + score + select) per request and per batch,
     with the router's query encoder (``AppArgs.encoder``) after its start-up warm-up; then the same
     for each of ``other_encoders`` (``(backend, threads, single_threads[, query_max_tokens])``) on the same hub, under
@@ -160,7 +161,7 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
             raise BenchServeError("--decision-encoders: compare query encoders with the default --embedding minilm")
         texts = [t for e in load_cmrbench(AppArgs().bench_path()).experiences for t in e.train.texts]
         enc = fit_encoder(embedding, enc, texts + [c.text() for c in cards])  # saved with the first checkpoint, as served
-    args = AppArgs(home=str(home), policy=policy, bench=None, tiny_models=False, retrieve_k=retrieve_k, query_cache_size=0,
+    args = AppArgs(home=str(home), policy=policy, policy_config=policy_config or {}, bench=None, tiny_models=False, retrieve_k=retrieve_k, query_cache_size=0,
                    learner={"enabled": False}, encoder=encoder, encoder_threads=encoder_threads, encoder_single_threads=encoder_single_threads,
                    query_max_tokens=query_max_tokens)
     core = RouterCore(args, encoder=enc)
@@ -202,7 +203,8 @@ def decision_latency(n_models: int, prompts: Sequence[str], *, policy: str, retr
                 "retrieve_score_select_only": _pcts(rest_ms), f"batch{batch}": _pcts(batched) if batched else None,
                 f"batch{batch}_per_request_p50_ms": (float(np.median(batched)) / batch) if batched else None}
 
-    res = {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy, "embedding": embedding,
+    res = {"models": n_models, "hub_models": len(core.models()), "distinct_embedded_cards": d, "policy": policy,
+           "policy_config": policy_config or {}, "embedding": embedding,
            "retrieve_k": retrieve_k, "encoder": encoder, "encoder_threads": encoder_threads,
            "encoder_single_threads": encoder_single_threads, "query_max_tokens": query_max_tokens, "setup_s": round(setup_s, 1),
            **measure(), "variants": {}}
@@ -929,6 +931,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decision-requests", type=int, default=600, help="single requests per hub size (batches: the same prompts)")
     p.add_argument("--distinct", type=int, default=1000, help="card texts really embedded per hub (the rest reuse their vectors)")
     p.add_argument("--policy", default="zeroshot", help="policy for the synthetic hubs (no outcomes exist for synthetic models)")
+    p.add_argument("--policy-config", type=json.loads, default=None, metavar="JSON",
+                   help="decision latency: the policy's options as a JSON object (AppArgs.policy_config)")
     p.add_argument("--retrieve-k", type=int, default=256, help="FAISS pre-selection above this many models (0 = never)")
     p.add_argument("--train-limit", type=int, default=40, help="end-to-end app: knn trained on this many requests per experience")
     p.add_argument("--max-tokens", type=int, default=8)
@@ -1019,7 +1023,7 @@ def run(a: argparse.Namespace) -> int:
             d = decision_latency(n, prompts[: a.decision_requests], policy=a.policy, retrieve_k=rk, distinct=a.distinct,
                                  home=Path(tmp) / f"dec{n}", encoder=a.encoder, encoder_threads=a.encoder_threads,
                                  encoder_single_threads=a.encoder_single_threads, query_max_tokens=a.query_max_tokens,
-                                 other_encoders=others, embedding=a.embedding)
+                                 other_encoders=others, embedding=a.embedding, policy_config=a.policy_config)
             report["decision"].append(d)
             print(f"decision {n:>7,} models  rk={rk:<4} single p50 {d['single']['p50_ms']:.1f} p99 {d['single']['p99_ms']:.1f} ms"
                   f"  (encode p50 {d['encode_only']['p50_ms']:.1f})  batch16 p50 {(d['batch16'] or {}).get('p50_ms', float('nan')):.1f} ms"

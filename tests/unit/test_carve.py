@@ -153,3 +153,82 @@ def test_outcome_matrices_use_a_sigmoid_quality_head(outcomes_small, encoder):
     true = np.nanmean(data.train.scores, 0)
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     assert np.corrcoef(rank(pred), rank(true))[0, 1] > 0.7
+
+
+def test_domain_vote_routes_to_the_most_probable_domain(cmr_small, encoder):
+    import dataclasses
+
+    lr, exp, live = _fit_e1(cmr_small, encoder, epochs=2)
+    p, q = lr.policy, exp.test.emb
+    base = p.score(q, live)
+    dom = np.array([c.domain or "" for c in live], dtype=object)
+    doms = sorted(set(dom))
+    mass = np.stack([base[:, dom == d].sum(1) for d in doms], axis=1)  # [B, n_domains]
+    p.config = dataclasses.replace(p.config, domain_vote=0.5)
+    s = p.score(q, live)
+    col = {d: i for i, d in enumerate(doms)}
+    expect = 0.5 * base + 0.5 * mass[:, [col[d] for d in dom]]
+    np.testing.assert_allclose(s, expect, atol=1e-5)
+    p.config = dataclasses.replace(p.config, domain_vote=0.99)
+    top = p.score(q, live).argmax(1)
+    best = np.array(doms, dtype=object)[mass.argmax(1)]
+    # the chosen model is in the query's most probable domain, on (almost) every row: a row where
+    # two domains' masses tie within the 1% left to the model term may go either way
+    assert np.mean(dom[top] == best) > 0.95
+    # off (0) is the softmax as before
+    p.config = dataclasses.replace(p.config, domain_vote=0.0)
+    np.testing.assert_allclose(p.score(q, live), base, atol=1e-6)
+
+
+def test_popularity_prior_favours_models_with_more_training_rows(cmr_small, encoder):
+    import dataclasses
+
+    lr, exp, live = _fit_e1(cmr_small, encoder, epochs=2)
+    p, q = lr.policy, exp.test.emb
+    ids = [c.id for c in live]
+    n = np.bincount(exp.train.labels, minlength=len(exp.train.model_ids))
+    per_model = dict(zip(exp.train.model_ids, n))
+    counts = np.array([per_model.get(m, 0) for m in ids], dtype=np.float64)
+    assert counts.max() >= 2
+    base = p.score(q, live)
+    p.config = dataclasses.replace(p.config, prior=1.0)
+    s = p.score(q, live)
+    np.testing.assert_allclose(s.sum(1), 1.0, atol=1e-4)
+    # p'(m) ∝ p(m) · (1 + n_m): the ratio to the base score is (1 + n_m) up to the row's normaliser
+    ratio = s / np.clip(base, 1e-30, None)
+    rel = ratio / ratio[:, :1]
+    np.testing.assert_allclose(rel[0], (1 + counts) / (1 + counts[0]), rtol=1e-3)
+    # the counts travel with the policy's state
+    again = make_policy("carve", encoder=encoder, config=p.config.to_dict())
+    again.load_state_dict(p.state_dict())
+    np.testing.assert_allclose(again.score(q, live), s, atol=1e-6)
+
+
+def test_full_card_text_adds_family_framework_and_performance():
+    card = ModelCard(id="org/tiny-bert", family="bert", domain="Natural Language Processing Fill-Mask", description="A small BERT.",
+                     metadata={"api_call": "pipeline('fill-mask', model='org/tiny-bert')", "framework": "Transformers",
+                               "performance": '{"dataset": "glue", "accuracy": 0.81}'})
+    rich = make_policy("carve", config={})._card_doc(card)
+    full = make_policy("carve", config={"card_text": "full"})._card_doc(card)
+    assert full.startswith(rich) and "glue" in full and "Transformers" in full and "glue" not in rich
+
+
+def test_scoring_cache_matches_the_model_embeddings_and_follows_training(cmr_small, encoder):
+    import torch
+
+    lr, exp, live = _fit_e1(cmr_small, encoder, epochs=1)
+    p, q = lr.policy, exp.test.emb[:8]
+    rows = torch.as_tensor([p._row[c.id] for c in live])
+    s = p.score(q, live)
+    assert p._emb_cache is not None  # scoring filled it
+    with torch.enable_grad():
+        fresh = p._model_emb(rows, p._params).detach().numpy()  # the training path, no cache
+    np.testing.assert_allclose(p.model_embeddings([c.id for c in live]), fresh, atol=1e-6)
+    # a training epoch moves the projection: the next scores are those of the new parameters
+    lr.fit(exp.train, live)
+    assert p._emb_cache is None
+    s2 = p.score(q, live)
+    with torch.enable_grad():
+        again = p._model_emb(rows, p._params).detach().numpy()
+    np.testing.assert_allclose(p.model_embeddings([c.id for c in live]), again, atol=1e-6)
+    assert not np.allclose(s, s2)

@@ -222,7 +222,7 @@ def reveal_if_needed(policy, data) -> None:
 def choice_line(choice: dict[str, Any]) -> str:
     """One line of what a self-configuring policy chose (``RoutingPolicy.describe``) and why."""
     means = "  ".join(f"{n} {v:.3f}" for n, v in choice.get("mean", {}).items())
-    return f"chose {choice.get('chosen')}: {choice.get('why', '')}; {means}"
+    return f"chose {choice.get('chosen')}: {choice.get('why', '')}" + (f"; {means}" if means else "")
 
 
 def check_scores(scores, n_rows: int, n_cols: int, policy_name: str):

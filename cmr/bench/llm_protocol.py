@@ -90,7 +90,7 @@ def evaluate(policy, data, n_lambdas: int = 80) -> dict[str, Any]:
 
     test, cards = data.test, data.cards
     common.reveal_if_needed(policy, test)
-    pred = common.check_scores(policy.score(test.emb, cards), len(test), len(cards), policy.name).astype(np.float64)
+    pred = common.check_scores(policy.score(test.emb, cards, tasks=test.meta.get("task")), len(test), len(cards), policy.name).astype(np.float64)
     card_costs = np.array([c.cost for c in cards], dtype=np.float64)
     finite = pred[np.isfinite(pred)]
     spread = float(finite.max() - finite.min()) if finite.size else 1.0

@@ -14,8 +14,11 @@ from cmr.types import ModelCard
 #: the candidates, simplest first (ties go to the earlier): name -> (policy, config).
 #: ``prior`` is the zero router: every prompt scored by each model's global (empirical-Bayes)
 #: mean, so its λ sweep walks the single models' quality–cost hull; the rest shrink towards it.
+#: ``task-prior`` scores by each model's prior within the query's task (the global one for a
+#: query naming no task, or one the training rows never named: then it is ``prior``).
 CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
-    "prior": ("knn", {"k": 1, "prior_weight": 0.0, "shrinkage": 1e9}),
+    "prior": ("knn", {"k": 1, "prior_weight": 0.0, "shrinkage": 1e9, "task_prior": False}),
+    "task-prior": ("knn", {"k": 1, "prior_weight": 0.0, "shrinkage": 1e9, "task_prior": True}),
     "cluster": ("cluster", {}),
     "knn": ("knn", {}),
     "knn-k20": ("knn", {"k": 20}),
@@ -146,7 +149,7 @@ class AutoPolicy(RoutingPolicy):
                 cand.add_models(fit_cards)
                 cand.fit(part, fit_cards)
                 cand.add_models([card_of[m] for m in hide])
-                pred = np.asarray(cand.score(test.emb, test_cards), dtype=np.float64)
+                pred = np.asarray(cand.score(test.emb, test_cards, tasks=test.meta.get("task")), dtype=np.float64)
                 per[n].append(fold_score(pred, test.scores.astype(np.float64), None if test.costs is None else test.costs.astype(np.float64), card_costs))
         means = {n: float(np.mean(v)) for n, v in per.items()}
         best = max(names, key=lambda n: means[n])  # max keeps the earliest among ties
@@ -171,9 +174,9 @@ class AutoPolicy(RoutingPolicy):
         self._cards = {}
 
     # -- scoring -----------------------------------------------------------------------------
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """The chosen policy's scores (the zero router's before the choice)."""
-        return self._inner.score(q, candidates)
+        return self._inner.score(q, candidates, tasks)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -278,7 +278,7 @@ class LinearBanditPolicy(RoutingPolicy):
         return base + self.config.card_weight * self._card_term(C - self._cache["card_mean"])
 
     # -- scoring -----------------------------------------------------------------------------
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         q = as_queries(q)
         n_q, n_c = len(q), len(candidates)
         if n_c == 0:

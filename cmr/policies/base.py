@@ -152,8 +152,13 @@ class RoutingPolicy(ABC):
 
     # -- scoring -----------------------------------------------------------------------------
     @abstractmethod
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
-        """Predicted quality ``[n_q, n_c]`` of each candidate for each query embedding."""
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
+        """Predicted quality ``[n_q, n_c]`` of each candidate for each query embedding.
+
+        ``tasks``: each query's task (``""``/None where it names none), the same vocabulary as
+        the training rows' ``meta["task"]``; None: no query names one. Policies that learn from
+        tasks (knn) use them; the others ignore them, and every policy scores a query that names
+        no task, or a task it never saw, as it would without tasks."""
 
     def describe(self) -> dict[str, Any]:
         """What the policy chose while learning and why (JSON-able), for reports and health

@@ -388,7 +388,7 @@ class CarvePolicy(RoutingPolicy):
         return self._mdom_cache
 
     # ---------------------------------------------------------------- scoring
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """Softmax head: probability of each candidate being the right model (over the candidate
         set). Sigmoid head: predicted quality of each candidate. Unknown candidates are embedded
         from their card first."""

@@ -167,7 +167,7 @@ class ClusterPolicy(MemoryPolicy):
         p[np.arange(len(sims)), sims.argmax(axis=1)] = 1.0
         return p
 
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """Cluster estimate (smoothed, backed off) + card weight × cosine(query, card) ``[n_q, n_c]``."""
         q = as_queries(q)
         cols = self._mem.columns([c.id for c in candidates])

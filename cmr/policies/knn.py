@@ -19,6 +19,8 @@ _CHUNK_ELEMENTS = 1 << 22
 #: SHRINK_START before the first tuning
 SHRINK_GRID = (10.0, 1.0, 0.3, 0.1, 0.03)
 SHRINK_START = 1.0
+#: shrinkage tried towards the per-task prior (largest: the task prior, the neighbours breaking ties)
+TASK_SHRINK_GRID = (100.0, 10.0, 1.0, 0.3)
 
 
 @config_dataclass
@@ -40,6 +42,12 @@ class KNNConfig(PolicyConfig):
             known on few rows is measured on the same scale as one known on all of them, and its
             evidence counts where it was gathered. None: tuned with ``prior_weight`` by the same
             leave-one-out.
+        task_prior: shrink towards each model's prior within the query's task
+            (:class:`~cmr.policies.memory.TaskPrior`) instead of its global prior, for queries
+            that name a task the stored rows name (others keep the global prior). None: tuned
+            with the rest by the same leave-one-out (task-aware settings are tried after the
+            task-blind ones, and kept only beyond one standard error); no effect where no stored
+            row names a task.
         tune_min_rows: fewest rows stored since the last tuning that re-tune (and a ``RETUNE_GROWTH``
             fraction of the memory: tunings follow the memory's growth, whatever the step size).
         tune_max_rows: stored prompts sampled for that tuning.
@@ -50,6 +58,7 @@ class KNNConfig(PolicyConfig):
     temperature: Positive = 0.05
     prior_weight: NonNegative | None = None
     shrinkage: Positive | None = None
+    task_prior: bool | None = None
     tune_min_rows: Count = 50
     tune_max_rows: Count = 1000
 
@@ -77,20 +86,41 @@ class KNNPolicy(MemoryPolicy):
         super().__init__(encoder, config)
         self._index = None  # faiss.IndexFlatIP over self._mem.emb, rebuilt whenever rows change
         self._tuned_shrinkage = SHRINK_START
+        self._tuned_task_prior = False
+
+    @property
+    def task_prior(self) -> bool:
+        """Whether estimates shrink towards the per-task prior: configured, else tuned."""
+        return bool(self.config.task_prior) if self.config.task_prior is not None else self._tuned_task_prior
 
     @property
     def shrinkage(self) -> float:
         """The shrinkage pseudo-count in use: the configured one, else the last tuned one."""
         return float(self.config.shrinkage) if self.config.shrinkage is not None else self._tuned_shrinkage
 
+    def describe(self) -> dict[str, Any]:
+        """The settings in use (``shrinkage``, ``prior_weight``, ``task_prior``) and whether each
+        was tuned; empty before any tuning when something is left to tune."""
+        tuned = [n for n in ("shrinkage", "prior_weight", "task_prior") if getattr(self.config, n) is None]
+        if tuned and not self._tuned_at:
+            return {}
+        got = {"shrinkage": self.shrinkage, "prior_weight": self.prior_weight, "task_prior": self.task_prior}
+        return {
+            "chosen": ", ".join(f"{n} {v}" for n, v in got.items()),
+            "why": f"{', '.join(tuned)} tuned by leave-one-out on {min(self._tuned_at, self.config.tune_max_rows)} of {self._tuned_at} stored rows"
+            " (the most cautious setting unless another beats it by one standard error)" if tuned else "configured",
+            **got,
+        }
+
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
-        """Add ``data``'s labelled prompts to the neighbour set (keeps all earlier ones)."""
+        """Add ``data``'s labelled prompts to the neighbour set (keeps all earlier ones), with
+        their tasks (``data.meta["task"]``) where given."""
         check_examples(data, "knn.fit")
         self.add_models(cards)
-        if self._mem.add(data.emb, data.model_ids, data.scores):
+        if self._mem.add(data.emb, data.model_ids, data.scores, data.meta.get("task")):
             self._rebuild_index()
-        if (self.config.prior_weight is None or self.config.shrinkage is None) and self._tune_due():
+        if (self.config.prior_weight is None or self.config.shrinkage is None or self.config.task_prior is None) and self._tune_due():
             self._tune()
 
     def _tune(self) -> None:
@@ -114,12 +144,18 @@ class KNNPolicy(MemoryPolicy):
         prior = candidate_prior(self._mem, cols)
         w = self._weights(sims.astype(np.float32))
         num, den = self._sums(idx, w, cols)
-        shrinks = SHRINK_GRID if self.config.shrinkage is None else (self.shrinkage,)
+        truth = self._mem.scores[np.ix_(rows, cols)]
+        # (shrinkage, towards the task prior?) pairs, the task-blind ones first (more cautious)
+        tp = self._mem.task_prior()
+        uses = [u for u in (False, True) if (self.config.task_prior in (None, u)) and (not u or tp is not None)] or [False]
+        pairs = [(a, u) for u in uses for a in ((self.shrinkage,) if self.config.shrinkage is not None else TASK_SHRINK_GRID if u else SHRINK_GRID)]
+        task_prior = tp.of(self._mem, [self._mem.tasks[r] for r in rows], cols, drop=truth) if True in uses else None
         grid = PRIOR_GRID if self.config.prior_weight is None else (self.prior_weight,)
         total = w.sum(axis=1, keepdims=True)
-        ests = [shrink(num, den, prior, a * total) for a in shrinks]
-        i, w = tune_grid(ests, x @ cmat.T, self._mem.scores[np.ix_(rows, cols)], grid)
-        self._tuned_shrinkage, self._tuned_weight = float(shrinks[i]), w
+        ests = [shrink(num, den, task_prior if u else prior, a * total) for a, u in pairs]
+        i, w = tune_grid(ests, x @ cmat.T, truth, grid)
+        (a, u), self._tuned_weight = pairs[i], w
+        self._tuned_shrinkage, self._tuned_task_prior = float(a), u
         self._tuned_at = len(self._mem)
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
@@ -144,11 +180,17 @@ class KNNPolicy(MemoryPolicy):
         z = (sims - sims.max(axis=1, keepdims=True)) / self.config.temperature
         return np.exp(z)
 
-    def neighbour_estimate(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
-        """The neighbour estimate alone (no card term) ``[n_q, n_c]``, with the back-off applied."""
+    def neighbour_estimate(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
+        """The neighbour estimate alone (no card term) ``[n_q, n_c]``, with the back-off applied
+        (each query's task prior where ``task_prior`` is in use and its task is known)."""
         q = as_queries(q)
         cols = self._columns(candidates)
         prior = candidate_prior(self._mem, cols)
+        tp = self._mem.task_prior() if tasks is not None and self.task_prior else None
+        if tp is not None:
+            if len(tasks) != len(q):
+                raise ValueError(f"field 'task': expected {len(q)} tasks, got {len(tasks)}")
+            prior = tp.of(self._mem, tasks, cols)
         est = np.broadcast_to(prior, (len(q), len(cols))).copy()
         seen = np.flatnonzero(cols >= 0)
         if self._index is None or not len(seen) or not len(q):
@@ -157,7 +199,7 @@ class KNNPolicy(MemoryPolicy):
         sims, idx = self._index.search(q, k)
         w = self._weights(sims.astype(np.float32))
         num, den = self._sums(idx, w, cols[seen])
-        est[:, seen] = shrink(num, den, prior[seen], self.shrinkage * w.sum(axis=1, keepdims=True))
+        est[:, seen] = shrink(num, den, prior[..., seen], self.shrinkage * w.sum(axis=1, keepdims=True))
         return est
 
     def _columns(self, candidates: Sequence[ModelCard]) -> np.ndarray:
@@ -202,11 +244,11 @@ class KNNPolicy(MemoryPolicy):
             den[s : s + step] = wm @ known[sel]
         return num, den
 
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """Neighbour estimate mixed with the card similarity ``[n_q, n_c]`` (in [0, 1] where the
-        outcomes are)."""
+        outcomes are); ``tasks``: each query's task, if named (see ``task_prior``)."""
         q = as_queries(q)
-        return self.with_card_term(self.neighbour_estimate(q, candidates), q, candidates)
+        return self.with_card_term(self.neighbour_estimate(q, candidates, tasks), q, candidates)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -215,6 +257,7 @@ class KNNPolicy(MemoryPolicy):
         state["profiled"] = sorted(self._profiled)
         state["tuned_prior_weight"] = self._tuned_weight
         state["tuned_shrinkage"] = self._tuned_shrinkage
+        state["tuned_task_prior"] = self._tuned_task_prior
         state["tuned_at"] = self._tuned_at
         return state
 
@@ -225,6 +268,7 @@ class KNNPolicy(MemoryPolicy):
         self._profiled = set(state.get("profiled", []))
         self._tuned_weight = float(state.get("tuned_prior_weight", PRIOR_START))
         self._tuned_shrinkage = float(state.get("tuned_shrinkage", SHRINK_START))
+        self._tuned_task_prior = bool(state.get("tuned_task_prior", False))
         self._tuned_at = int(state.get("tuned_at", len(self._mem)))
         self._index = None
         if len(self._mem):

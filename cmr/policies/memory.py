@@ -8,6 +8,7 @@ neighbour gathers plain numpy fancy indexing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -59,18 +60,23 @@ class OutcomeMemory:
         self.emb = np.zeros((0, 0), dtype=np.float32)
         self.scores = np.zeros((0, 0), dtype=np.float32)
         self.model_ids: list[str] = []
+        self.tasks: list[str] = []  # per row; "" = none named
         self._col: dict[str, int] = {}
         self._prior: tuple[np.ndarray, float] | None = None  # derived; cleared whenever rows change
+        self._task_prior: TaskPrior | None = None  # derived, as _prior
 
     def __len__(self) -> int:
         return len(self.emb)
 
-    def add(self, emb: np.ndarray, model_ids: Sequence[str], scores: np.ndarray) -> int:
-        """Append rows; returns how many were kept."""
+    def add(self, emb: np.ndarray, model_ids: Sequence[str], scores: np.ndarray, tasks: Sequence[str] | None = None) -> int:
+        """Append rows (``tasks``: each row's task, "" or None for none); returns how many were kept."""
         emb = np.asarray(emb, dtype=np.float32)
         scores = np.asarray(scores, dtype=np.float32)
+        if tasks is not None and len(tasks) != len(scores):
+            raise ValueError(f"field 'task': expected {len(scores)} tasks, got {len(tasks)}")
         keep = ~np.isnan(scores).all(axis=1) if scores.shape[1] else np.zeros(len(scores), bool)
         emb, scores = emb[keep], scores[keep]
+        tasks = [str(t or "") for t, k in zip(tasks, keep) if k] if tasks is not None else [""] * len(emb)
         if not len(emb):
             return 0
         if len(self.emb) and emb.shape[1] != self.emb.shape[1]:
@@ -87,7 +93,8 @@ class OutcomeMemory:
         block[:, [self._col[m] for m in model_ids]] = scores
         self.scores = np.concatenate([self.scores, block]) if len(self.scores) else block
         self.emb = np.ascontiguousarray(np.concatenate([self.emb, emb]) if len(self.emb) else emb)
-        self._prior = None
+        self.tasks = self.tasks + tasks  # a new list: memos keyed on the old one see the change
+        self._prior = self._task_prior = None
         return int(len(emb))
 
     def columns(self, model_ids: Sequence[str]) -> np.ndarray:
@@ -122,15 +129,26 @@ class OutcomeMemory:
             return mean, 0.0
         shrunk, pop = eb_shrink(mean, n, (vals * vals).sum(axis=0))
         return np.where(has, shrunk, np.nan), pop
+
+    def task_prior(self) -> "TaskPrior | None":
+        """Each model's prior within each task named by the stored rows (:class:`TaskPrior`), or
+        None when no row names a task. Memoised as :meth:`model_prior`."""
+        if self._task_prior is None and any(self.tasks):
+            self._task_prior = TaskPrior.fit(self)
+        return self._task_prior
+
     def state_dict(self) -> dict[str, Any]:
-        return {"emb": self.emb.copy(), "scores": self.scores.copy(), "model_ids": list(self.model_ids)}
+        return {"emb": self.emb.copy(), "scores": self.scores.copy(), "model_ids": list(self.model_ids), "tasks": list(self.tasks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.emb = np.ascontiguousarray(np.asarray(state["emb"], dtype=np.float32))
         self.scores = np.asarray(state["scores"], dtype=np.float32).copy()
         self.model_ids = list(state["model_ids"])
+        self.tasks = [str(t) for t in state.get("tasks", [""] * len(self.emb))]
         self._col = {m: i for i, m in enumerate(self.model_ids)}
-        self._prior = None
+        self._prior = self._task_prior = None
+        if len(self.tasks) != len(self.emb):
+            raise ValueError(f"field 'tasks': {len(self.tasks)} tasks for {len(self.emb)} rows")
         if self.scores.shape != (len(self.emb), len(self.model_ids)) and len(self.emb):
             raise ValueError(f"field 'scores': shape {self.scores.shape} does not match {len(self.emb)} rows x {len(self.model_ids)} models")
 
@@ -142,6 +160,15 @@ def eb_shrink(mean: np.ndarray, n: np.ndarray, sumsq: np.ndarray) -> tuple[np.nd
     one outcome hardly moves them), the population mean weighted by precision, and each mean
     pulled towards it with pseudo-count σ²/τ². Returns (shrunk means, population mean); no
     spread between models beyond what sampling explains gives every model the population mean."""
+    b, pop = eb_fit(mean, n, sumsq)
+    if not np.isfinite(b):
+        return np.full(len(mean), pop), pop
+    return (np.where(n > 0, mean, pop) * n + b * pop) / (n + b), pop
+
+
+def eb_fit(mean: np.ndarray, n: np.ndarray, sumsq: np.ndarray) -> tuple[float, float]:
+    """The pseudo-count σ²/τ² and the population mean of :func:`eb_shrink` (pseudo-count
+    infinite where the means spread no more than sampling explains)."""
     has = n > 0
     nm, xm = n[has], mean[has]
     big_n, m = float(nm.sum()), int(has.sum())
@@ -152,18 +179,17 @@ def eb_shrink(mean: np.ndarray, n: np.ndarray, sumsq: np.ndarray) -> tuple[np.nd
         ssb = float((nm * (xm - grand) ** 2).sum())
         tau2 = max(0.0, (ssb - (m - 1) * sigma2) / (big_n - float((nm**2).sum()) / big_n))
     if tau2 <= 0.0:
-        return np.full(len(mean), grand), grand
+        return float("inf"), grand
     wts = 1.0 / (tau2 + sigma2 / nm)
-    pop = float((wts * xm).sum() / wts.sum())
-    b = sigma2 / tau2
-    return (np.where(has, mean, pop) * n + b * pop) / (n + b), pop
+    return sigma2 / tau2, float((wts * xm).sum() / wts.sum())
 
 
 def shrink(num: np.ndarray, den: np.ndarray, prior: np.ndarray, a: float | np.ndarray) -> np.ndarray:
     """``(num + a·prior) / (den + a)``: weighted sums of known outcomes (``num``) and of their
     weights (``den``) pulled towards ``prior`` ``[n_c]`` by pseudo-weight ``a`` (a scalar or one
-    per query, ``[n_q, 1]``); no evidence (``den`` = 0) gives the prior."""
-    p = prior[None, :]
+    per query, ``[n_q, 1]``; ``prior`` may be one row per query, ``[n_q, n_c]``); no evidence
+    (``den`` = 0) gives the prior."""
+    p = prior if prior.ndim == 2 else prior[None, :]
     tot = den + a
     ok = tot > 0
     return np.where(ok, (num + a * p) / np.where(ok, tot, 1.0), p)
@@ -179,6 +205,66 @@ def candidate_prior(memory: OutcomeMemory, cols: np.ndarray) -> np.ndarray:
         m = mean[cols[seen]]
         out[seen] = np.where(np.isnan(m), avg, m)
     return out
+
+
+@dataclass
+class TaskPrior:
+    """Each model's prior within each task: its mean known score over the stored rows of that
+    task, pulled towards its global prior (:meth:`OutcomeMemory.model_prior`) with the model's
+    empirical-Bayes pseudo-count ``b`` across tasks (:func:`eb_fit`: tasks on which a model does
+    no differently than sampling explains, or a single task, give its global prior). Rows that
+    name no task do not count.
+
+    Attributes:
+        index: task -> row of ``n``/``s``.
+        n: ``[T, M]`` known outcomes per task and model column.
+        s: ``[T, M]`` their sum.
+        b: ``[M]`` pseudo-count per model (inf: the global prior alone).
+    """
+
+    index: dict[str, int]
+    n: np.ndarray
+    s: np.ndarray
+    b: np.ndarray
+
+    @classmethod
+    def fit(cls, memory: "OutcomeMemory") -> "TaskPrior":
+        names = sorted({t for t in memory.tasks if t})
+        index = {t: i for i, t in enumerate(names)}
+        rows = np.array([i for i, t in enumerate(memory.tasks) if t], dtype=np.int64)
+        onehot = np.zeros((len(names), len(rows)))
+        onehot[[index[memory.tasks[i]] for i in rows], np.arange(len(rows))] = 1.0
+        scores = memory.scores[rows].astype(np.float64)
+        known = ~np.isnan(scores)
+        vals = np.where(known, scores, 0.0)
+        n, s, ss = onehot @ known, onehot @ vals, onehot @ (vals * vals)
+        b = np.full(n.shape[1], np.inf)
+        for j in np.flatnonzero((n > 0).sum(axis=0) > 1):
+            b[j] = eb_fit(s[:, j] / np.maximum(n[:, j], 1.0), n[:, j], ss[:, j])[0]
+        return cls(index, n, s, b)
+
+    def of(self, memory: "OutcomeMemory", tasks: Sequence[str | None], cols: np.ndarray, drop: np.ndarray | None = None) -> np.ndarray:
+        """Prior ``[n_q, n_c]`` of candidate columns ``cols`` (-1: never met) for queries of
+        ``tasks``: the task's where the memory knows the task, else the global one
+        (:func:`candidate_prior`). ``drop`` ``[n_q, n_c]``: the queries' own known scores, left
+        out of their task's sums (leave-one-out tuning on stored rows)."""
+        glob = candidate_prior(memory, cols)
+        out = np.broadcast_to(glob, (len(tasks), len(cols))).copy()
+        ti = np.array([self.index.get(t or "", -1) for t in tasks], dtype=np.int64)
+        hit, seen = np.flatnonzero(ti >= 0), np.flatnonzero(cols >= 0)
+        if not len(hit) or not len(seen):
+            return out
+        c = cols[seen]
+        n, s = self.n[np.ix_(ti[hit], c)], self.s[np.ix_(ti[hit], c)]
+        if drop is not None:
+            d = drop[np.ix_(hit, seen)]
+            k = ~np.isnan(d)
+            n, s = n - k, s - np.where(k, d, 0.0)
+        b, g = self.b[c][None, :], glob[seen][None, :]
+        fin = np.isfinite(b) & (n + np.where(np.isfinite(b), b, 0.0) > 0)
+        bb = np.where(fin, b, 1.0)
+        out[np.ix_(hit, seen)] = np.where(fin, (s + bb * g) / np.where(fin, n + bb, 1.0), g)
+        return out
 
 
 #: card-term weights tried when a policy tunes its own (``prior_weight=None``)

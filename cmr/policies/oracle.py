@@ -106,7 +106,7 @@ class OraclePolicy(RoutingPolicy):
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Nothing to prepare: models without revealed outcomes score ``unknown_score``."""
 
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """True scores ``[n_q, n_c]``; ``unknown_score`` where the outcome was not revealed."""
         q = as_queries(q)
         rows = self._lookup(q)

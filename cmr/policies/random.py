@@ -63,7 +63,7 @@ class RandomPolicy(RoutingPolicy):
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Any card is routable as it is: nothing to prepare."""
 
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """Uniform [0, 1) scores ``[n_q, n_c]``; advances the generator by one draw per call."""
         q = as_queries(q)
         key = self._rng.integers(0, np.iinfo(np.int64).max, dtype=np.int64, endpoint=True)

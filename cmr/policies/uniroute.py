@@ -186,7 +186,7 @@ class UniRoutePolicy(RoutingPolicy):
     # UniRoute that is exactly "count the revealed score in the query's cluster".
 
     # -- scoring -----------------------------------------------------------------------------
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """Σ_k p(k|x)·Ψ_h[k] (+ ``card_weight``·cosine(x, card)) ``[n_q, n_c]``."""
         q = as_queries(q)
         ids = [c.id for c in candidates]

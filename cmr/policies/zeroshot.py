@@ -33,7 +33,7 @@ class ZeroShotPolicy(RoutingPolicy):
     def update(self, events: Sequence[FeedbackEvent]) -> None:
         """Feedback is not used (the policy has nothing to learn)."""
 
-    def score(self, q: np.ndarray, candidates: Sequence[ModelCard]) -> np.ndarray:
+    def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """Cosine similarity ``[n_q, n_c]`` (embeddings are unit-norm)."""
         q = as_queries(q)
         if not len(candidates):

@@ -22,11 +22,12 @@ from cmr.cli import main
 WORDS = "apple river engine violin theorem harbor pixel glacier lantern circuit meadow saddle quartz orbit falcon ledger".split()
 
 
-def write_set(root, *, n_models: int, n: int, near_duplicates: bool, costs: str | None, seed: int = 0):
+def write_set(root, *, n_models: int, n: int, near_duplicates: bool, costs: str | None, n_tasks: int = 1, seed: int = 0):
     """A synthetic outcome-matrix folder: ``n`` train and ``n`` test prompts, binary outcomes
     drawn per model from its own rate (no prompt predicts them; one model clearly best, so the
     best single model on test is the one a prior finds on train), a model's cost ``skewed`` (the
-    best model 300x the cheapest) or absent."""
+    best model 300x the cheapest) or absent, and ``n_tasks`` task names drawn at random (they
+    predict nothing either)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
     rates = np.append(np.linspace(0.3, 0.6, n_models - 1), 0.75)
@@ -35,7 +36,7 @@ def write_set(root, *, n_models: int, n: int, near_duplicates: bool, costs: str 
     prompts = []
     for i in range(2 * n):
         text = f"Please answer question number {i}." if near_duplicates else " ".join(rng.choice(WORDS, 6)) + f" ({i})"
-        prompts.append({"id": f"p{i}", "prompt": text, "task": "t", "split": "train" if i % 2 else "test"})
+        prompts.append({"id": f"p{i}", "prompt": text, "task": f"t{rng.integers(n_tasks)}" if n_tasks > 1 else "t", "split": "train" if i % 2 else "test"})
     lines = ["prompt_id,model,score,cost"]
     for p in prompts:
         for j, m in enumerate(models):
@@ -50,6 +51,7 @@ SETS = {
     "many-binary-skewed-costs": dict(n_models=29, n=300, near_duplicates=False, costs="skewed"),
     "near-duplicates": dict(n_models=12, n=300, near_duplicates=True, costs="skewed"),
     "no-cost": dict(n_models=20, n=300, near_duplicates=False, costs=None),
+    "tasks-that-say-nothing": dict(n_models=29, n=300, near_duplicates=False, costs="skewed", n_tasks=8),
 }
 POLICIES = {"knn": [], "knn-few-neighbours": ["--set", "k=3"], "cluster": [], "auto": []}
 

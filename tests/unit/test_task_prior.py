@@ -1,0 +1,120 @@
+"""A query's task as a feature (issue 15): knn may shrink each model's estimate towards the
+model's prior within the query's task instead of its global prior, as its leave-one-out decides.
+
+The prompts' embeddings here carry no signal (random unit vectors), so only the task can tell
+the models apart; the cards are embedded by the real MiniLM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cmr.data.examples import Examples
+from cmr.policies import make_policy
+from cmr.types import ModelCard
+
+N_MODELS = 4
+CARDS = [ModelCard(id=f"m{j}", cost=1.0) for j in range(N_MODELS)]
+
+
+def make_set(n: int, rates: np.ndarray, seed: int) -> Examples:
+    """``n`` prompts over ``len(rates)`` tasks (rows of ``rates``: each model's success rate in
+    that task), binary outcomes, random unit embeddings."""
+    rng = np.random.default_rng(seed)
+    task = rng.integers(len(rates), size=n)
+    scores = (rng.random((n, N_MODELS)) < rates[task]).astype(np.float32)
+    emb = rng.normal(size=(n, 384)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return Examples(texts=[f"q{i}" for i in range(n)], model_ids=[c.id for c in CARDS], scores=scores,
+                    meta={"task": [f"t{t}" for t in task]}, emb=emb)
+
+
+#: each model best on one task: the global prior is nearly flat, the task prior is not
+TASKS_MATTER = np.array([[0.9, 0.3, 0.3, 0.3], [0.3, 0.9, 0.3, 0.3], [0.3, 0.3, 0.9, 0.3], [0.3, 0.3, 0.3, 0.9]])
+
+
+def fitted(encoder, train: Examples, **config):
+    pol = make_policy("knn", encoder, config)
+    pol.add_models(CARDS)
+    pol.fit(train, CARDS)
+    return pol
+
+
+def routed(pol, test: Examples, tasks) -> float:
+    pick = pol.score(test.emb, CARDS, tasks).argmax(axis=1)
+    return float(test.scores[np.arange(len(test)), pick].mean())
+
+
+@pytest.fixture(scope="module")
+def matter():
+    return make_set(800, TASKS_MATTER, seed=1), make_set(400, TASKS_MATTER, seed=2)
+
+
+def test_task_aware_beats_task_blind_where_tasks_matter(encoder, matter):
+    train, test = matter
+    aware = fitted(encoder, train)
+    blind = fitted(encoder, train, task_prior=False)
+    assert aware.describe()["task_prior"] is True
+    assert routed(aware, test, test.meta["task"]) > routed(blind, test, test.meta["task"]) + 0.2
+
+
+def test_no_task_unseen_task_and_no_tasks_in_training_are_task_blind(encoder, matter):
+    train, test = matter
+    aware = fitted(encoder, train)
+    plain = aware.score(test.emb, CARDS)
+    assert np.array_equal(aware.score(test.emb, CARDS, [""] * len(test)), plain)
+    assert np.array_equal(aware.score(test.emb, CARDS, ["never-seen"] * len(test)), plain)
+    # a data set without tasks: exactly the task-blind policy, tasks at scoring or not
+    bare = Examples(texts=train.texts, model_ids=train.model_ids, scores=train.scores, emb=train.emb)
+    untasked = fitted(encoder, bare)
+    blind = fitted(encoder, bare, task_prior=False)
+    settings = ("shrinkage", "prior_weight", "task_prior")
+    assert [untasked.describe()[k] for k in settings] == [blind.describe()[k] for k in settings]
+    assert np.array_equal(untasked.score(test.emb, CARDS, test.meta["task"]), blind.score(test.emb, CARDS))
+
+
+def test_mixed_queries_use_the_task_prior_only_where_known(encoder, matter):
+    train, test = matter
+    aware = fitted(encoder, train)
+    tasks = [t if i % 2 else "unseen" for i, t in enumerate(test.meta["task"])]
+    got = aware.score(test.emb, CARDS, tasks)
+    assert np.allclose(got[1::2], aware.score(test.emb, CARDS, test.meta["task"])[1::2])
+    assert np.allclose(got[0::2], aware.score(test.emb, CARDS)[0::2])
+    with pytest.raises(ValueError, match="'task'"):
+        aware.score(test.emb, CARDS, tasks[:-1])
+
+
+def test_tasks_that_say_nothing_keep_the_global_prior(encoder):
+    flat = np.tile([0.6, 0.5, 0.5, 0.4], (6, 1))
+    pol = fitted(encoder, make_set(800, flat, seed=3))
+    assert pol.describe()["task_prior"] is False
+
+
+def test_state_round_trip_keeps_tasks(encoder, matter):
+    train, test = matter
+    aware = fitted(encoder, train)
+    again = make_policy("knn", encoder)
+    again.load_state_dict(aware.state_dict())
+    assert again._mem.tasks == aware._mem.tasks == train.meta["task"]
+    assert again.describe() == aware.describe()
+    assert np.array_equal(again.score(test.emb, CARDS, test.meta["task"]), aware.score(test.emb, CARDS, test.meta["task"]))
+
+
+def test_task_prior_leave_one_out_and_single_task():
+    from cmr.policies.memory import OutcomeMemory
+
+    mem = OutcomeMemory()
+    a = [1, 1, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 1]
+    scores = np.array([[v, 1 - v] for v in a[:-1]] + [[1, np.nan]], dtype=np.float32)
+    mem.add(np.eye(13, dtype=np.float32), ["a", "b"], scores, ["x"] * 6 + ["y"] * 6 + [""])
+    tp = mem.task_prior()
+    cols = mem.columns(["a", "b", "new"])
+    got = tp.of(mem, ["x", "y", "z"], cols)
+    glob = mem.model_prior()
+    assert got[2, 0] == pytest.approx(glob[0][0]) and got[0, 2] == pytest.approx(glob[1])  # unseen task; unseen model
+    assert got[0, 0] > got[1, 0] and got[1, 1] > got[0, 1]
+    loo = tp.of(mem, ["x"], cols, drop=np.array([[1.0, 0.0, np.nan]]))
+    assert loo[0, 0] < got[0, 0]  # its own success left out
+    one = OutcomeMemory()
+    one.add(np.eye(2, dtype=np.float32), ["a"], np.array([[1], [0]], dtype=np.float32), ["x", "x"])
+    assert one.task_prior().of(one, ["x"], one.columns(["a"]))[0, 0] == pytest.approx(one.model_prior()[0][0])

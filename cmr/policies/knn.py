@@ -8,7 +8,7 @@ import numpy as np
 
 from cmr.data.examples import Examples
 from cmr.policies.base import Count, NonNegative, PolicyConfig, Positive, config_dataclass
-from cmr.policies.memory import PRIOR_GRID, PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, shrink, tune_grid, tuning_sample
+from cmr.policies.memory import PRIOR_GRID, PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, shrink, tune_grid, tuning_sample, with_card_term
 from cmr.types import ModelCard
 
 # elements gathered per chunk of queries ([b, k, n_c] floats): bounds the scoring memory
@@ -42,12 +42,12 @@ class KNNConfig(PolicyConfig):
             known on few rows is measured on the same scale as one known on all of them, and its
             evidence counts where it was gathered. None: tuned with ``prior_weight`` by the same
             leave-one-out.
-        task_prior: shrink towards each model's prior within the query's task
-            (:class:`~cmr.policies.memory.TaskPrior`) instead of its global prior, for queries
-            that name a task the stored rows name (others keep the global prior). None: tuned
-            with the rest by the same leave-one-out (task-aware settings are tried after the
-            task-blind ones, and kept only beyond one standard error); no effect where no stored
-            row names a task.
+        task_prior: for queries that name a task the stored rows name, shrink towards each
+            model's prior within that task (:class:`~cmr.policies.memory.TaskPrior`) instead of
+            its global prior, with a shrinkage and card weight of their own; every other query
+            is scored task-blind, exactly as without tasks. None: chosen by the same
+            leave-one-out after the task-blind settings, and kept only where it beats them by
+            one standard error; no effect where no stored row names a task.
         tune_min_rows: fewest rows stored since the last tuning that re-tune (and a ``RETUNE_GROWTH``
             fraction of the memory: tunings follow the memory's growth, whatever the step size).
         tune_max_rows: stored prompts sampled for that tuning.
@@ -86,12 +86,18 @@ class KNNPolicy(MemoryPolicy):
         super().__init__(encoder, config)
         self._index = None  # faiss.IndexFlatIP over self._mem.emb, rebuilt whenever rows change
         self._tuned_shrinkage = SHRINK_START
-        self._tuned_task_prior = False
+        self._tuned_task: tuple[float, float] | None = None  # (shrinkage, card weight) with a known task
 
     @property
-    def task_prior(self) -> bool:
-        """Whether estimates shrink towards the per-task prior: configured, else tuned."""
-        return bool(self.config.task_prior) if self.config.task_prior is not None else self._tuned_task_prior
+    def task_settings(self) -> tuple[float, float] | None:
+        """(shrinkage, card weight) of queries whose task the memory knows, or None where they
+        are scored task-blind (``task_prior`` false, or not chosen by the tuning)."""
+        c = self.config
+        if c.task_prior is False:
+            return None
+        if c.task_prior and c.shrinkage is not None and c.prior_weight is not None:
+            return float(c.shrinkage), float(c.prior_weight)
+        return self._tuned_task
 
     @property
     def shrinkage(self) -> float:
@@ -99,12 +105,16 @@ class KNNPolicy(MemoryPolicy):
         return float(self.config.shrinkage) if self.config.shrinkage is not None else self._tuned_shrinkage
 
     def describe(self) -> dict[str, Any]:
-        """The settings in use (``shrinkage``, ``prior_weight``, ``task_prior``) and whether each
-        was tuned; empty before any tuning when something is left to tune."""
+        """The settings in use (``shrinkage``, ``prior_weight``; ``task_prior``, and with it
+        ``task_shrinkage`` and ``task_prior_weight``, of queries naming a known task) and which
+        were tuned; empty before any tuning when something is left to tune."""
         tuned = [n for n in ("shrinkage", "prior_weight", "task_prior") if getattr(self.config, n) is None]
         if tuned and not self._tuned_at:
             return {}
-        got = {"shrinkage": self.shrinkage, "prior_weight": self.prior_weight, "task_prior": self.task_prior}
+        st = self.task_settings
+        got = {"shrinkage": self.shrinkage, "prior_weight": self.prior_weight, "task_prior": st is not None}
+        if st is not None:
+            got.update(task_shrinkage=st[0], task_prior_weight=st[1])
         return {
             "chosen": ", ".join(f"{n} {v}" for n, v in got.items()),
             "why": f"{', '.join(tuned)} tuned by leave-one-out on {min(self._tuned_at, self.config.tune_max_rows)} of {self._tuned_at} stored rows"
@@ -145,17 +155,26 @@ class KNNPolicy(MemoryPolicy):
         w = self._weights(sims.astype(np.float32))
         num, den = self._sums(idx, w, cols)
         truth = self._mem.scores[np.ix_(rows, cols)]
-        # (shrinkage, towards the task prior?) pairs, the task-blind ones first (more cautious)
-        tp = self._mem.task_prior()
-        uses = [u for u in (False, True) if (self.config.task_prior in (None, u)) and (not u or tp is not None)] or [False]
-        pairs = [(a, u) for u in uses for a in ((self.shrinkage,) if self.config.shrinkage is not None else TASK_SHRINK_GRID if u else SHRINK_GRID)]
-        task_prior = tp.of(self._mem, [self._mem.tasks[r] for r in rows], cols, drop=truth) if True in uses else None
-        grid = PRIOR_GRID if self.config.prior_weight is None else (self.prior_weight,)
+        sim = x @ cmat.T
+        c = self.config
+        shrinks = SHRINK_GRID if c.shrinkage is None else (float(c.shrinkage),)
+        grid = PRIOR_GRID if c.prior_weight is None else (float(c.prior_weight),)
         total = w.sum(axis=1, keepdims=True)
-        ests = [shrink(num, den, task_prior if u else prior, a * total) for a, u in pairs]
-        i, w = tune_grid(ests, x @ cmat.T, truth, grid)
-        (a, u), self._tuned_weight = pairs[i], w
-        self._tuned_shrinkage, self._tuned_task_prior = float(a), u
+        blind = [shrink(num, den, prior, a * total) for a in shrinks]
+        i, wb = tune_grid(blind, sim, truth, grid)
+        self._tuned_shrinkage, self._tuned_weight = float(shrinks[i]), wb
+        # then the task-aware settings, against the task-blind choice (kept unless beaten), on
+        # each row's task prior without that row
+        tp = self._mem.task_prior()
+        self._tuned_task = None
+        if tp is not None and c.task_prior is not False:
+            tprior = tp.of(self._mem, [self._mem.tasks[r] for r in rows], cols, drop=truth)
+            tshrinks = TASK_SHRINK_GRID if c.shrinkage is None else shrinks
+            ests = [shrink(num, den, tprior, a * total) for a in tshrinks]
+            first = [] if c.task_prior else [blind[i]]
+            j, wt = tune_grid(first + ests, sim, truth, (wb, *(g for g in grid if g != wb)))
+            if j >= len(first):
+                self._tuned_task = (float(tshrinks[j - len(first)]), wt)
         self._tuned_at = len(self._mem)
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
@@ -180,17 +199,31 @@ class KNNPolicy(MemoryPolicy):
         z = (sims - sims.max(axis=1, keepdims=True)) / self.config.temperature
         return np.exp(z)
 
+    def _task_rows(self, tasks: Sequence[str | None] | None, n_q: int) -> np.ndarray | None:
+        """Which queries are scored with the task prior (they name a task the memory knows and
+        :attr:`task_settings` is set), or None where none is."""
+        if tasks is None:
+            return None
+        if len(tasks) != n_q:
+            raise ValueError(f"field 'task': expected {n_q} tasks (one per query), got {len(tasks)}")
+        tp = self._mem.task_prior() if self.task_settings is not None else None
+        if tp is None:
+            return None
+        use = np.fromiter(((t or "") in tp.index for t in tasks), dtype=bool, count=n_q)
+        return use if use.any() else None
+
     def neighbour_estimate(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """The neighbour estimate alone (no card term) ``[n_q, n_c]``, with the back-off applied
-        (each query's task prior where ``task_prior`` is in use and its task is known)."""
+        (towards the task prior for queries of a known task, see ``task_prior``)."""
         q = as_queries(q)
         cols = self._columns(candidates)
         prior = candidate_prior(self._mem, cols)
-        tp = self._mem.task_prior() if tasks is not None and self.task_prior else None
-        if tp is not None:
-            if len(tasks) != len(q):
-                raise ValueError(f"field 'task': expected {len(q)} tasks, got {len(tasks)}")
-            prior = tp.of(self._mem, tasks, cols)
+        a: float | np.ndarray = self.shrinkage
+        use = self._task_rows(tasks, len(q))
+        if use is not None:
+            prior = self._mem.task_prior().of(self._mem, [t if u else "" for t, u in zip(tasks, use)], cols)
+            # float32 as the weights: a task-blind row's figures are then exactly the task-blind path's
+            a = np.where(use, self.task_settings[0], self.shrinkage).astype(np.float32)[:, None]
         est = np.broadcast_to(prior, (len(q), len(cols))).copy()
         seen = np.flatnonzero(cols >= 0)
         if self._index is None or not len(seen) or not len(q):
@@ -199,7 +232,7 @@ class KNNPolicy(MemoryPolicy):
         sims, idx = self._index.search(q, k)
         w = self._weights(sims.astype(np.float32))
         num, den = self._sums(idx, w, cols[seen])
-        est[:, seen] = shrink(num, den, prior[..., seen], self.shrinkage * w.sum(axis=1, keepdims=True))
+        est[:, seen] = shrink(num, den, prior[..., seen], a * w.sum(axis=1, keepdims=True))
         return est
 
     def _columns(self, candidates: Sequence[ModelCard]) -> np.ndarray:
@@ -248,7 +281,18 @@ class KNNPolicy(MemoryPolicy):
         """Neighbour estimate mixed with the card similarity ``[n_q, n_c]`` (in [0, 1] where the
         outcomes are); ``tasks``: each query's task, if named (see ``task_prior``)."""
         q = as_queries(q)
-        return self.with_card_term(self.neighbour_estimate(q, candidates, tasks), q, candidates)
+        est = self.neighbour_estimate(q, candidates, tasks)
+        use = self._task_rows(tasks, len(q))
+        if use is None:
+            return self.with_card_term(est, q, candidates)
+        cw = self.task_settings[1] if self.encoder is not None or self._card_emb else 0.0
+        if max(cw, self.prior_weight) <= 0 or not len(candidates):
+            return est
+        sim = q @ self.card_embeddings(candidates).T
+        # each group with its own scalar weight: the task-blind rows exactly as the task-blind path
+        est[use] = with_card_term(est[use], sim[use], cw)
+        est[~use] = with_card_term(est[~use], sim[~use], self.prior_weight)
+        return est
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -257,7 +301,7 @@ class KNNPolicy(MemoryPolicy):
         state["profiled"] = sorted(self._profiled)
         state["tuned_prior_weight"] = self._tuned_weight
         state["tuned_shrinkage"] = self._tuned_shrinkage
-        state["tuned_task_prior"] = self._tuned_task_prior
+        state["tuned_task"] = list(self._tuned_task) if self._tuned_task is not None else None
         state["tuned_at"] = self._tuned_at
         return state
 
@@ -268,7 +312,8 @@ class KNNPolicy(MemoryPolicy):
         self._profiled = set(state.get("profiled", []))
         self._tuned_weight = float(state.get("tuned_prior_weight", PRIOR_START))
         self._tuned_shrinkage = float(state.get("tuned_shrinkage", SHRINK_START))
-        self._tuned_task_prior = bool(state.get("tuned_task_prior", False))
+        tuned_task = state.get("tuned_task")
+        self._tuned_task = (float(tuned_task[0]), float(tuned_task[1])) if tuned_task is not None else None
         self._tuned_at = int(state.get("tuned_at", len(self._mem)))
         self._index = None
         if len(self._mem):

@@ -62,6 +62,7 @@ def test_no_task_unseen_task_and_no_tasks_in_training_are_task_blind(encoder, ma
     train, test = matter
     aware = fitted(encoder, train)
     plain = aware.score(test.emb, CARDS)
+    assert np.array_equal(plain, fitted(encoder, train, task_prior=False).score(test.emb, CARDS, test.meta["task"]))
     assert np.array_equal(aware.score(test.emb, CARDS, [""] * len(test)), plain)
     assert np.array_equal(aware.score(test.emb, CARDS, ["never-seen"] * len(test)), plain)
     # a data set without tasks: exactly the task-blind policy, tasks at scoring or not
@@ -78,8 +79,8 @@ def test_mixed_queries_use_the_task_prior_only_where_known(encoder, matter):
     aware = fitted(encoder, train)
     tasks = [t if i % 2 else "unseen" for i, t in enumerate(test.meta["task"])]
     got = aware.score(test.emb, CARDS, tasks)
-    assert np.allclose(got[1::2], aware.score(test.emb, CARDS, test.meta["task"])[1::2])
-    assert np.allclose(got[0::2], aware.score(test.emb, CARDS)[0::2])
+    assert np.array_equal(got[1::2], aware.score(test.emb, CARDS, test.meta["task"])[1::2])
+    assert np.array_equal(got[0::2], aware.score(test.emb, CARDS)[0::2])
     with pytest.raises(ValueError, match="'task'"):
         aware.score(test.emb, CARDS, tasks[:-1])
 

@@ -42,8 +42,8 @@ class SeedsError(ValueError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sets", nargs="+", default=["routerbench", "routerdc7", "cmrbench"], help="routerbench, routerdc7, cmrbench")
     p.add_argument("--policies", nargs="+", default=["knn", "cluster", "uniroute", "uniroute-map", "linucb", "carve"],
-                   help="policies for the outcome sets")
-    p.add_argument("--cmr-policies", nargs="+", default=["knn", "cluster", "carve"], help="policies for CMRBench")
+                   help="policies for the outcome sets: NAME[:KEY=VALUE,...][@EMBEDDING] (config and embedding of that row)")
+    p.add_argument("--cmr-policies", nargs="+", default=["knn", "cluster", "carve"], help="policies for CMRBench (same form)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--unseen", type=float, default=0.33, help="uniroute vs knn with this fraction of models unseen (0: skip)")
     p.add_argument("--embedding", default="minilm", choices=("minilm", "minilm+tfidf"))
@@ -60,6 +60,17 @@ def _run(cmd: list[str], out: Path) -> dict[str, Any]:
                 raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
             os.replace(tmp, out)
     return json.loads((out / "report.json").read_text())
+
+
+def _spec(spec: str, embedding: str) -> tuple[str, list[str]]:
+    """``NAME[:KEY=VALUE,...][@EMBEDDING]`` → (policy name, its benchmark options)."""
+    spec, _, emb = spec.partition("@")
+    name, _, sets = spec.partition(":")
+    if not name or (sets and not all("=" in kv for kv in sets.split(","))):
+        raise SeedsError(f"policy {spec!r}: expected NAME[:KEY=VALUE,...][@EMBEDDING]")
+    if emb and emb not in ("minilm", "minilm+tfidf"):
+        raise SeedsError(f"policy {spec!r}: unknown embedding {emb!r} (minilm, minilm+tfidf)")
+    return name, [*(x for kv in sets.split(",") if kv for x in ("--set", kv)), "--embedding", emb or embedding]
 
 
 def _stat(xs: Sequence[float]) -> dict[str, float]:
@@ -83,14 +94,16 @@ def run(a: argparse.Namespace) -> int:
     started = datetime.now(timezone.utc)
     table: dict[str, dict[str, Any]] = {}
     emb = ["--embedding", a.embedding]
+    specs = {p: _spec(p, a.embedding) for p in (*a.policies, *a.cmr_policies)}  # refused before any run
     for s in a.sets:
         llm = s in LLM_SETS
         data = root / ("routing/" + s if llm else "cmrbench")
         for pol in (a.policies if llm else a.cmr_policies):
+            name, opts = specs[pol]
             per = []
             for seed in a.seeds:
-                out = runs / f"{s}-{pol}-s{seed}"
-                rep = _run(["bench", "llm" if llm else "cmr", "--data", str(data), "--policy", pol, "--seed", str(seed), *emb], out)
+                out = runs / f"{s}-{pol.replace(':', '-').replace('@', '-').replace(',', '-').replace('=', '')}-s{seed}"
+                rep = _run(["bench", "llm" if llm else "cmr", "--data", str(data), "--policy", name, "--seed", str(seed), *opts], out)
                 per.append(rep if llm else rep["final"])
                 print(f"{s} {pol} seed {seed}: " + "  ".join(f"{lab} {per[-1].get(k, float('nan')):.4f}"
                                                           for k, lab in (LLM_FIGURES if llm else CMR_FIGURES)), flush=True)

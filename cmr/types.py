@@ -121,6 +121,8 @@ class Decision:
     cost_weight: float | None = None
     #: seconds the router took for the batch this decision was made in (encode, score, decide)
     latency_s: float | None = None
+    #: the task the request named (``RoutingOptions.task``), learnt with its feedback
+    task: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -150,6 +152,8 @@ class FeedbackEvent:
     cost: float = 0.0
     timestamp: float = field(default_factory=time.time)
     offset: int | None = None
+    #: the task the request named, if any (policies with per-task priors learn it)
+    task: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.reward, (int, float)) or isinstance(self.reward, bool) or not math.isfinite(self.reward):

@@ -204,7 +204,7 @@ class Ingress(GrpcServicerMixin):
             filters = {**filters, "allow": [model]}  # a concrete model bypasses the choice, still recorded
         who = auth.current_principal() or auth.OPEN
         t0 = time.perf_counter()
-        req = {"query": query, "lam": opts.cost_weight, "filters": filters, "k": opts.k,
+        req = {"query": query, "lam": opts.cost_weight, "filters": filters, "k": opts.k, "task": opts.task,
                "servable_only": servable_only, "record": record, "key_id": who.key_id, "tenant": who.tenant}
         self._deciding += 1
         try:
@@ -307,7 +307,10 @@ class Ingress(GrpcServicerMixin):
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", **(await self.router.status.remote())}
+        # the state of the router that routes this ingress's requests: its own when routing here
+        # (its checkpoint and hub versions are what the next answer comes from)
+        st = await self._local_router.status() if self._local_router is not None else await self.router.status.remote()
+        return {"status": "ok", **st}
 
     # -- generation --------------------------------------------------------------------------
     def _pool(self, model: str, asked: str | None = None) -> DeploymentHandle:

@@ -57,7 +57,7 @@ class RouterDeployment:
     def _parse(self, r: dict[str, Any]) -> RouteRequest:
         return RouteRequest(query=r["query"], lam=None if r.get("lam") is None else float(r["lam"]), filters=Filters(**(r.get("filters") or {})),
                             k=int(r.get("k", self.args.top_k)), servable_only=bool(r.get("servable_only", False)),
-                            record=bool(r.get("record", True)), key_id=r.get("key_id"), tenant=r.get("tenant"))
+                            record=bool(r.get("record", True)), key_id=r.get("key_id"), tenant=r.get("tenant"), task=r.get("task"))
 
     async def _route_list(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Route ``reqs`` as one batch (one encode, one score per filter group); results in order.

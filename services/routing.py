@@ -58,6 +58,8 @@ class RouteRequest:
     #: who asked (API key id, tenant): recorded with the decision, so feedback can be checked
     key_id: str | None = None
     tenant: str | None = None
+    #: the request's task or category (``RoutingOptions.task``), for policies with per-task priors
+    task: str | None = None
 
     def group_key(self) -> tuple:
         f = self.filters
@@ -531,6 +533,7 @@ class RouterCore:
                     out[i] = NoCandidateError("no model matches the request's filters (routing.domains/families/max_cost/allow)")
                 continue
             q = emb[rows]
+            tasks = [reqs[i].task for i in rows] if any(reqs[i].task for i in rows) else None
             k = max(reqs[i].k for i in rows)
             rk = self.args.retrieve_k
             if rk and cand.size > rk:
@@ -544,7 +547,7 @@ class RouterCore:
                     per = [cand[t] for t in top]
                 union = np.unique(np.concatenate(per))
                 cards = [table.cards[j] for j in union]
-                scores = policy.score(q, cards)
+                scores = policy.score(q, cards, tasks=tasks)
                 col = {int(j): c for c, j in enumerate(union)}
                 for r_i, i in enumerate(rows):
                     cols = np.array([col[int(j)] for j in per[r_i]])
@@ -552,7 +555,7 @@ class RouterCore:
                     out[i] = d
             else:
                 cards = table.cards if cand.size == len(table.cards) else [table.cards[j] for j in cand]
-                scores = policy.score(q, cards)
+                scores = policy.score(q, cards, tasks=tasks)
                 lam = np.array([reqs[i].lam for i in rows], dtype=np.float64)
                 costs = table.costs if cards is table.cards else table.costs[cand]
                 for i, d in zip(rows, decide(scores, cards, lam=lam, k=k, checkpoint_version=version, costs=costs)):
@@ -560,9 +563,10 @@ class RouterCore:
                     out[i] = d
         rec = [(i, d) for i, d in enumerate(out) if isinstance(d, Decision)]
         took = time.perf_counter() - t0
-        for _, d in rec:
+        for i, d in rec:
             d.request_id = f"cmr-{self.instance}{uuid.uuid4().hex[:24]}"
             d.latency_s = took
+            d.task = reqs[i].task
         keep = [(i, d) for i, d in rec if reqs[i].record]
         if keep:
             self.store.record([d for _, d in keep], [reqs[i].query for i, _ in keep], emb[[i for i, _ in keep]],

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cmr.types import Id
+
 AUTO = "auto"
 
 
@@ -30,6 +32,10 @@ class RoutingOptions(BaseModel):
     #: record the decision so that feedback can be posted for it. false: nothing is recorded, and
     #: a request naming a model served here goes straight to its pool without the router
     record: bool = True
+    #: the request's task or category, as the router's training data names them (a data set's
+    #: ``task`` field, e.g. ``gsm8k``): policies that learnt per-task priors use it; a task the
+    #: router never saw, or none, is routed as without it
+    task: Id | None = None
 
     def filters(self) -> dict[str, Any]:
         return {"domains": self.domains, "families": self.families, "max_cost": self.max_cost, "allow": self.allow, "deny": self.deny}

@@ -154,12 +154,14 @@ def open_published(args: "AppArgs") -> "PublishedStoreProtocol":
 
 
 def _rows_to_events(rows) -> list[FeedbackEvent]:
+    # the task travels in the decision's JSON (no column of its own: nothing to migrate)
     return [
         FeedbackEvent(
             request_id=rid, model=model, reward=reward, query=query, cost=cost, timestamp=created, offset=int(off),
             embedding=None if emb is None else np.frombuffer(emb, dtype=np.float32).tolist(),
+            task=json.loads(dec).get("task") if dec else None,
         )
-        for off, rid, reward, created, query, emb, model, cost in rows
+        for off, rid, reward, created, query, emb, model, cost, dec in rows
     ]
 
 
@@ -333,7 +335,7 @@ class DecisionStore(_FeedbackWindow):
     def events(self, after: int = 0, limit: int = 10_000) -> list[FeedbackEvent]:
         """Feedback events with offset > ``after``, oldest first, joined with their decisions."""
         q = (
-            "SELECT f.offset, f.request_id, f.reward, f.created, d.query, d.embedding, d.model, d.cost "
+            "SELECT f.offset, f.request_id, f.reward, f.created, d.query, d.embedding, d.model, d.cost, d.decision "
             "FROM feedback f JOIN decisions d ON d.request_id = f.request_id WHERE f.offset > ? ORDER BY f.offset LIMIT ?"
         )
         with self._lock:
@@ -472,7 +474,7 @@ class PgDecisionStore(_FeedbackWindow):
     def events(self, after: int = 0, limit: int = 10_000) -> list[FeedbackEvent]:
         """Feedback events with offset > ``after``, oldest first, joined with their decisions."""
         with self.db.connection() as conn:
-            rows = conn.execute('SELECT f."offset", f.request_id, f.reward, f.created, d.query, d.embedding, d.model, d.cost '
+            rows = conn.execute('SELECT f."offset", f.request_id, f.reward, f.created, d.query, d.embedding, d.model, d.cost, d.decision '
                                 'FROM feedback f JOIN decisions d ON d.request_id = f.request_id WHERE f."offset" > %s '
                                 'ORDER BY f."offset" LIMIT %s', (after, limit)).fetchall()
         return _rows_to_events(rows)

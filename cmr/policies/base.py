@@ -108,6 +108,8 @@ class RoutingPolicy(ABC):
             scores=scores,
             costs=costs,
             emb=np.asarray([e.embedding for e in events], dtype=np.float32),
+            # the task each request named: feedback teaches per-task priors too
+            meta={"task": [e.task or "" for e in events]} if any(e.task for e in events) else {},
         )
         self.fit(data, [ModelCard(id=m) for m in models if m not in self._card_emb])
 

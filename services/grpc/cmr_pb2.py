@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17services/grpc/cmr.proto\x12\x06\x63mr.v1\"\xb5\x01\n\x07Routing\x12\x18\n\x0b\x63ost_weight\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x64omains\x18\x02 \x03(\t\x12\x10\n\x08\x66\x61milies\x18\x03 \x03(\t\x12\x15\n\x08max_cost\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x61llow\x18\x05 \x03(\t\x12\x0c\n\x04\x64\x65ny\x18\x06 \x03(\t\x12\t\n\x01k\x18\x07 \x01(\x05\x12\x11\n\tno_record\x18\x08 \x01(\x08\x42\x0e\n\x0c_cost_weightB\x0b\n\t_max_cost\"R\n\x0cRouteRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12 \n\x07routing\x18\x02 \x01(\x0b\x32\x0f.cmr.v1.Routing\x12\x11\n\tno_record\x18\x03 \x01(\x08\")\n\tCandidate\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\xa6\x01\n\nRouteReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0f\n\x07utility\x18\x04 \x01(\x01\x12\'\n\x0c\x61lternatives\x18\x05 \x03(\x0b\x32\x11.cmr.v1.Candidate\x12\x1a\n\x12\x63heckpoint_version\x18\x06 \x01(\x03\x12\x10\n\x08recorded\x18\x07 \x01(\x08\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe7\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x08messages\x18\x02 \x03(\x0b\x32\x0f.cmr.v1.Message\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12 \n\x07routing\x18\x08 \x01(\x0b\x32\x0f.cmr.v1.RoutingB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xaa\x01\n\tChatChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12#\n\x07routing\x18\x07 \x01(\x0b\x32\x12.cmr.v1.RouteReply\"5\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x01\"1\n\rFeedbackReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xe3\x01\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\x12\x14\n\x0c\x62\x61\x63kend_json\x18\x06 \x01(\t\x12/\n\x07profile\x18\x07 \x03(\x0b\x32\x1e.cmr.v1.ModelCard.ProfileEntry\x12\x10\n\x08servable\x18\x08 \x01(\x08\x1a.\n\x0cProfileEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\x14RegisterModelRequest\x12 \n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x11.cmr.v1.ModelCard\"=\n\x12RegisterModelReply\x12\x13\n\x0bhub_version\x18\x01 \x01(\x03\x12\x12\n\nregistered\x18\x02 \x03(\t\"*\n\x11ListModelsRequest\x12\x15\n\rservable_only\x18\x01 \x01(\x08\"4\n\x0fListModelsReply\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.cmr.v1.ModelCard2\xb3\x02\n\x03\x43MR\x12\x31\n\x05Route\x12\x14.cmr.v1.RouteRequest\x1a\x12.cmr.v1.RouteReply\x12\x30\n\x04\x43hat\x12\x13.cmr.v1.ChatRequest\x1a\x11.cmr.v1.ChatChunk0\x01\x12:\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x17.cmr.v1.FeedbackRequest\x1a\x15.cmr.v1.FeedbackReply\x12I\n\rRegisterModel\x12\x1c.cmr.v1.RegisterModelRequest\x1a\x1a.cmr.v1.RegisterModelReply\x12@\n\nListModels\x12\x19.cmr.v1.ListModelsRequest\x1a\x17.cmr.v1.ListModelsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17services/grpc/cmr.proto\x12\x06\x63mr.v1\"\xd1\x01\n\x07Routing\x12\x18\n\x0b\x63ost_weight\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x64omains\x18\x02 \x03(\t\x12\x10\n\x08\x66\x61milies\x18\x03 \x03(\t\x12\x15\n\x08max_cost\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05\x61llow\x18\x05 \x03(\t\x12\x0c\n\x04\x64\x65ny\x18\x06 \x03(\t\x12\t\n\x01k\x18\x07 \x01(\x05\x12\x11\n\tno_record\x18\x08 \x01(\x08\x12\x11\n\x04task\x18\t \x01(\tH\x02\x88\x01\x01\x42\x0e\n\x0c_cost_weightB\x0b\n\t_max_costB\x07\n\x05_task\"R\n\x0cRouteRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12 \n\x07routing\x18\x02 \x01(\x0b\x32\x0f.cmr.v1.Routing\x12\x11\n\tno_record\x18\x03 \x01(\x08\")\n\tCandidate\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\xa6\x01\n\nRouteReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0f\n\x07utility\x18\x04 \x01(\x01\x12\'\n\x0c\x61lternatives\x18\x05 \x03(\x0b\x32\x11.cmr.v1.Candidate\x12\x1a\n\x12\x63heckpoint_version\x18\x06 \x01(\x03\x12\x10\n\x08recorded\x18\x07 \x01(\x08\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe7\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x08messages\x18\x02 \x03(\x0b\x32\x0f.cmr.v1.Message\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12 \n\x07routing\x18\x08 \x01(\x0b\x32\x0f.cmr.v1.RoutingB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xaa\x01\n\tChatChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x05\x12#\n\x07routing\x18\x07 \x01(\x0b\x32\x12.cmr.v1.RouteReply\"5\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x01\"1\n\rFeedbackReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xe3\x01\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06\x64omain\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\x12\x14\n\x0c\x62\x61\x63kend_json\x18\x06 \x01(\t\x12/\n\x07profile\x18\x07 \x03(\x0b\x32\x1e.cmr.v1.ModelCard.ProfileEntry\x12\x10\n\x08servable\x18\x08 \x01(\x08\x1a.\n\x0cProfileEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"8\n\x14RegisterModelRequest\x12 \n\x05\x63\x61rds\x18\x01 \x03(\x0b\x32\x11.cmr.v1.ModelCard\"=\n\x12RegisterModelReply\x12\x13\n\x0bhub_version\x18\x01 \x01(\x03\x12\x12\n\nregistered\x18\x02 \x03(\t\"*\n\x11ListModelsRequest\x12\x15\n\rservable_only\x18\x01 \x01(\x08\"4\n\x0fListModelsReply\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.cmr.v1.ModelCard2\xb3\x02\n\x03\x43MR\x12\x31\n\x05Route\x12\x14.cmr.v1.RouteRequest\x1a\x12.cmr.v1.RouteReply\x12\x30\n\x04\x43hat\x12\x13.cmr.v1.ChatRequest\x1a\x11.cmr.v1.ChatChunk0\x01\x12:\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x17.cmr.v1.FeedbackRequest\x1a\x15.cmr.v1.FeedbackReply\x12I\n\rRegisterModel\x12\x1c.cmr.v1.RegisterModelRequest\x1a\x1a.cmr.v1.RegisterModelReply\x12@\n\nListModels\x12\x19.cmr.v1.ListModelsRequest\x1a\x17.cmr.v1.ListModelsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELCARD_PROFILEENTRY']._loaded_options = None
   _globals['_MODELCARD_PROFILEENTRY']._serialized_options = b'8\001'
   _globals['_ROUTING']._serialized_start=36
-  _globals['_ROUTING']._serialized_end=217
-  _globals['_ROUTEREQUEST']._serialized_start=219
-  _globals['_ROUTEREQUEST']._serialized_end=301
-  _globals['_CANDIDATE']._serialized_start=303
-  _globals['_CANDIDATE']._serialized_end=344
-  _globals['_ROUTEREPLY']._serialized_start=347
-  _globals['_ROUTEREPLY']._serialized_end=513
-  _globals['_MESSAGE']._serialized_start=515
-  _globals['_MESSAGE']._serialized_end=555
-  _globals['_CHATREQUEST']._serialized_start=558
-  _globals['_CHATREQUEST']._serialized_end=789
-  _globals['_CHATCHUNK']._serialized_start=792
-  _globals['_CHATCHUNK']._serialized_end=962
-  _globals['_FEEDBACKREQUEST']._serialized_start=964
-  _globals['_FEEDBACKREQUEST']._serialized_end=1017
-  _globals['_FEEDBACKREPLY']._serialized_start=1019
-  _globals['_FEEDBACKREPLY']._serialized_end=1068
-  _globals['_MODELCARD']._serialized_start=1071
-  _globals['_MODELCARD']._serialized_end=1298
-  _globals['_MODELCARD_PROFILEENTRY']._serialized_start=1252
-  _globals['_MODELCARD_PROFILEENTRY']._serialized_end=1298
-  _globals['_REGISTERMODELREQUEST']._serialized_start=1300
-  _globals['_REGISTERMODELREQUEST']._serialized_end=1356
-  _globals['_REGISTERMODELREPLY']._serialized_start=1358
-  _globals['_REGISTERMODELREPLY']._serialized_end=1419
-  _globals['_LISTMODELSREQUEST']._serialized_start=1421
-  _globals['_LISTMODELSREQUEST']._serialized_end=1463
-  _globals['_LISTMODELSREPLY']._serialized_start=1465
-  _globals['_LISTMODELSREPLY']._serialized_end=1517
-  _globals['_CMR']._serialized_start=1520
-  _globals['_CMR']._serialized_end=1827
+  _globals['_ROUTING']._serialized_end=245
+  _globals['_ROUTEREQUEST']._serialized_start=247
+  _globals['_ROUTEREQUEST']._serialized_end=329
+  _globals['_CANDIDATE']._serialized_start=331
+  _globals['_CANDIDATE']._serialized_end=372
+  _globals['_ROUTEREPLY']._serialized_start=375
+  _globals['_ROUTEREPLY']._serialized_end=541
+  _globals['_MESSAGE']._serialized_start=543
+  _globals['_MESSAGE']._serialized_end=583
+  _globals['_CHATREQUEST']._serialized_start=586
+  _globals['_CHATREQUEST']._serialized_end=817
+  _globals['_CHATCHUNK']._serialized_start=820
+  _globals['_CHATCHUNK']._serialized_end=990
+  _globals['_FEEDBACKREQUEST']._serialized_start=992
+  _globals['_FEEDBACKREQUEST']._serialized_end=1045
+  _globals['_FEEDBACKREPLY']._serialized_start=1047
+  _globals['_FEEDBACKREPLY']._serialized_end=1096
+  _globals['_MODELCARD']._serialized_start=1099
+  _globals['_MODELCARD']._serialized_end=1326
+  _globals['_MODELCARD_PROFILEENTRY']._serialized_start=1280
+  _globals['_MODELCARD_PROFILEENTRY']._serialized_end=1326
+  _globals['_REGISTERMODELREQUEST']._serialized_start=1328
+  _globals['_REGISTERMODELREQUEST']._serialized_end=1384
+  _globals['_REGISTERMODELREPLY']._serialized_start=1386
+  _globals['_REGISTERMODELREPLY']._serialized_end=1447
+  _globals['_LISTMODELSREQUEST']._serialized_start=1449
+  _globals['_LISTMODELSREQUEST']._serialized_end=1491
+  _globals['_LISTMODELSREPLY']._serialized_start=1493
+  _globals['_LISTMODELSREPLY']._serialized_end=1545
+  _globals['_CMR']._serialized_start=1548
+  _globals['_CMR']._serialized_end=1855
 # @@protoc_insertion_point(module_scope)

@@ -38,6 +38,8 @@ def _routing(r: "pb.Routing") -> dict[str, Any]:
         d["k"] = r.k
     if r.no_record:
         d["record"] = False
+    if r.HasField("task"):
+        d["task"] = r.task
     return d
 
 

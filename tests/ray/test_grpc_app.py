@@ -45,6 +45,11 @@ def test_route_and_feedback(stub):
     with pytest.raises(grpc.RpcError) as e:
         stub.Route(pb.RouteRequest(query=""))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "query" in e.value.details()
+    # the request's task: one validator with HTTP (printable, bounded); a task no policy knows routes as without it
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Route(pb.RouteRequest(query="Translate this.", routing=pb.Routing(task="t" * 300)))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "task" in e.value.details()
+    assert stub.Route(pb.RouteRequest(query="Translate this.", routing=pb.Routing(task="translation"))).model
 
 
 def test_chat_streams(stub):

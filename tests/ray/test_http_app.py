@@ -70,6 +70,9 @@ def test_route_decision_and_filters(client):
     cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     picked = [dom.json()["model"]] + [a["model"] for a in dom.json()["alternatives"]]
     assert all(cards[m]["domain"] == "Computer Vision Object Detection" for m in picked)
+    # a task the router never learnt (its training data names none) is routed as without it
+    same = client.post("/v1/route", json={"query": "Translate this English sentence to German.", "routing": {"k": 4, "task": "translation"}})
+    assert same.status_code == 200 and same.json()["model"] == d["model"]
     # an allow-list of one decides that model
     one = client.post("/v1/route", json={"query": "anything", "routing": {"allow": ["tiny-gpt2-a"]}}).json()
     assert one["model"] == "tiny-gpt2-a" and one["alternatives"] == []
@@ -91,6 +94,8 @@ def test_bad_requests_name_the_field(client):
         ("/v1/route", {"routing": {}}, 400, "query"),
         ("/v1/route", {"query": "x", "routing": {"cost_weight": -1}}, 400, "routing.cost_weight"),
         ("/v1/route", {"query": "x", "routing": {"domains": ["no such domain"]}}, 400, "filters"),
+        ("/v1/route", {"query": "x", "routing": {"task": "a\u0000b"}}, 400, "routing.task"),
+        ("/v1/route", {"query": "x", "routing": {"task": "t" * 300}}, 400, "routing.task"),
         ("/v1/chat/completions", {"model": "auto"}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
         ("/v1/chat/completions", {"model": "no-such-model", "messages": CHAT}, 404, "model"),

@@ -28,3 +28,10 @@ def test_refused_options_exit_2_in_one_line(argv, field, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_policy_row_may_carry_its_config_and_embedding():
+    assert seeds._spec("carve:domain_vote=0.3@minilm+tfidf", "minilm") == ("carve", ["--set", "domain_vote=0.3", "--embedding", "minilm+tfidf"])
+    assert seeds._spec("knn", "minilm") == ("knn", ["--embedding", "minilm"])
+    with pytest.raises(seeds.SeedsError, match="NAME"):
+        seeds._spec("knn:k", "minilm")

@@ -155,3 +155,18 @@ def test_store_setting_is_validated(monkeypatch):
     monkeypatch.setenv("CMR_STORE", "redis://x")
     with pytest.raises(ConfigError, match="CMR_STORE"):
         AppArgs().store_dsn()
+
+
+def test_a_decisions_task_reaches_the_learner_with_its_feedback(tmp_path, store_dsn):
+    """The task a request named is stored with its decision and comes back on its feedback event
+    (what a policy with per-task priors learns from); a decision without one gives None."""
+    st = open_decision_store(store_dsn, tmp_path / "d.sqlite") if not store_dsn else PgDecisionStore(PgDatabase(store_dsn))
+    try:
+        ds = [Decision(model="m", score=0.5, utility=0.5, request_id=f"task-{i}", task=t) for i, t in enumerate(("gsm8k", None))]
+        st.record(ds, ["q0", "q1"], np.zeros((2, 4), np.float32), [0.1, 0.1])
+        for d in ds:
+            st.add_feedback(d.request_id, 1.0)
+        got = {e.request_id: e.task for e in st.events() if e.request_id.startswith("task-")}
+        assert got == {"task-0": "gsm8k", "task-1": None}
+    finally:
+        st.close()

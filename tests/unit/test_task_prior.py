@@ -119,3 +119,26 @@ def test_task_prior_leave_one_out_and_single_task():
     one = OutcomeMemory()
     one.add(np.eye(2, dtype=np.float32), ["a"], np.array([[1], [0]], dtype=np.float32), ["x", "x"])
     assert one.task_prior().of(one, ["x"], one.columns(["a"]))[0, 0] == pytest.approx(one.model_prior()[0][0])
+
+
+def test_feedback_that_names_tasks_teaches_the_task_prior(encoder):
+    """The served learning path: partial feedback whose decisions named a task (``FeedbackEvent.task``,
+    from ``routing.task``) is learnt with it, and a query naming that task then ranks by it."""
+    from cmr.types import FeedbackEvent
+
+    train = make_set(1200, TASKS_MATTER, seed=5)
+    rng = np.random.default_rng(6)
+    events = []
+    for i in range(len(train)):  # one chosen model per prompt, as feedback would have it
+        j = int(rng.integers(N_MODELS))
+        events.append(FeedbackEvent(request_id=f"r{i}", model=CARDS[j].id, reward=float(train.scores[i, j]),
+                                    embedding=train.emb[i].tolist(), task=train.meta["task"][i]))
+    pol = make_policy("knn", encoder, {"task_prior": True, "shrinkage": 1.0, "prior_weight": 0.0})
+    pol.add_models(CARDS)
+    pol.update(events)
+    assert sorted(set(pol._mem.tasks)) == ["t0", "t1", "t2", "t3"]
+    q = make_set(400, TASKS_MATTER, seed=7)
+    best = pol.score(q.emb, CARDS, tasks=q.meta["task"]).argmax(axis=1)
+    assert (best == np.array([int(t[1:]) for t in q.meta["task"]])).mean() > 0.8
+    blind = pol.score(q.emb, CARDS).argmax(axis=1)
+    assert (blind == np.array([int(t[1:]) for t in q.meta["task"]])).mean() < 0.5

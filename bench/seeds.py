@@ -116,12 +116,19 @@ def run(a: argparse.Namespace) -> int:
             diffs = [u - k for u, k in zip(got["uniroute"], got["knn"])]
             table[f"{s}/unseen{a.unseen}"] = {"knn": _stat(got["knn"]), "uniroute": _stat(got["uniroute"]), "margin": _stat(diffs)}
             print(f"{s} unseen {a.unseen}: uniroute − knn AIQ {np.mean(diffs):+.4f} ± {np.std(diffs, ddof=1):.4f}", flush=True)
-    report = {"started_utc": started.isoformat(timespec="seconds"), "command": getattr(a, "command_line", None) or "python -m bench.seeds",
-              "seeds": a.seeds, "embedding": a.embedding, "machine": f"{os.cpu_count()} CPUs", "table": table}
-    (a.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (a.out / "report.md").write_text(render_md(report))
+        report = _write(a, started, table)  # after each set: a long sweep cut short keeps what it measured
     print(render_md(report))
     return 0
+
+
+def _write(a: argparse.Namespace, started: datetime, table: dict[str, Any]) -> dict[str, Any]:
+    report = {"started_utc": started.isoformat(timespec="seconds"), "command": getattr(a, "command_line", None) or "python -m bench.seeds",
+              "seeds": a.seeds, "embedding": a.embedding, "machine": f"{os.cpu_count()} CPUs", "table": table}
+    for name, text in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", render_md(report))):
+        tmp = a.out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, a.out / name)
+    return report
 
 
 def render_md(report: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,11 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _run(cmd: list[str], out: Path) -> dict[str, Any]:
     """One benchmark run as its own process; its report (the command's own ``report.json``)."""
     if not (out / "report.json").is_file():  # a finished run is kept: an interrupted sweep resumes
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-            r = subprocess.run([sys.executable, "-m", "cmr.cli", *cmd, "--out", tmp], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-            os.replace(tmp, out)
+        tmp = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")  # moved into place only once complete
+        r = subprocess.run([sys.executable, "-m", "cmr.cli", *cmd, "--out", tmp], capture_output=True, text=True)
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, out)
     return json.loads((out / "report.json").read_text())
 
 

@@ -124,6 +124,19 @@ def test_prompts(n: int, seed: int = 0) -> list[str]:
     return [texts[i] for i in rng.choice(len(texts), min(n, len(texts)), replace=False)]
 
 
+def fresh_prompts(seed: int) -> Callable[[], str]:
+    """A source of real test prompts, each call a new one: the router keeps routed query embeddings
+    only in its in-memory LRU (empty at start), so none is answered from a cache. Past the data
+    set's size a unique suffix keeps them distinct (and ~8 tokens longer)."""
+    pool, seq, run = test_prompts(10**9, seed=seed), iter(range(10**9)), os.urandom(4).hex()
+
+    def q() -> str:
+        k = next(seq)
+        return pool[k] if k < len(pool) else f"{pool[k % len(pool)]} (#{run}-{k})"
+
+    return q
+
+
 def _pcts(ms: Sequence[float]) -> dict[str, float]:
     a = np.asarray(ms, dtype=np.float64)
     return {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
@@ -482,16 +495,10 @@ def end_to_end(concurrencies: Sequence[int], n_requests: int, *, home: Path,
             deploy(args, port=port)
             startup_s = time.perf_counter() - t0
             url = f"http://127.0.0.1:{port}"
-            seq = iter(range(10**9))
-            run = os.urandom(4).hex()
-            # every request a different real test prompt, unaltered: the router keeps routed query
-            # embeddings only in its in-memory LRU (empty at start), so none is answered from a cache.
-            # Past the data set's size a unique suffix keeps them distinct (and ~8 tokens longer).
-            pool = test_prompts(10**9, seed=1)
+            new_prompt = fresh_prompts(seed=1)  # every request a different real test prompt
 
             def q(i: int) -> str:
-                k = next(seq)
-                return pool[k] if k < len(pool) else f"{pool[k % len(pool)]} (#{run}-{k})"
+                return new_prompt()
 
             def route_body(i): return {"query": q(i), "record": False}
             def auto_body(i): return {"model": "auto", "messages": [{"role": "user", "content": q(i)}], "max_tokens": max_tokens}
@@ -660,12 +667,8 @@ def gateway_cpu_per_request(levels: Sequence[int], n_requests: int, *, litellm: 
                             stderr=subprocess.DEVNULL, env=env, cwd=home)
     try:
         url = f"http://127.0.0.1:{port}"
+        q = fresh_prompts(seed=2)
         body = lambda: {"model": "group", "messages": [{"role": "user", "content": q()}], "max_tokens": 8}  # noqa: E731
-        pool, seq, run_id = test_prompts(10**9, seed=2), iter(range(10**9)), os.urandom(4).hex()
-
-        def q() -> str:
-            k = next(seq)
-            return pool[k] if k < len(pool) else f"{pool[k % len(pool)]} (#{run_id}-{k})"
 
         t0 = time.monotonic()
         while True:
@@ -729,12 +732,7 @@ def cpu_per_request(levels: Sequence[int], n_requests: int, *, home: Path, train
             try:
                 deploy(args, port=port, logging_config=logging_config)
                 url = f"http://127.0.0.1:{port}"
-                run_id, seq = os.urandom(4).hex(), iter(range(10**9))
-                pool = test_prompts(10**9, seed=2)
-
-                def q() -> str:  # every prompt new: no cache answers for the encoder
-                    k = next(seq)
-                    return pool[k] if k < len(pool) else f"{pool[k % len(pool)]} (#{run_id}-{k})"
+                q = fresh_prompts(seed=2)  # every prompt new: no cache answers for the encoder
 
                 def body(model: str, record: bool = True) -> dict:
                     b = {"model": model, "messages": [{"role": "user", "content": q()}], "max_tokens": 8}

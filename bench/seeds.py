@@ -59,7 +59,8 @@ def _run(cmd: list[str], out: Path) -> dict[str, Any]:
         r = subprocess.run([sys.executable, "-m", "cmr.cli", *cmd, "--out", tmp], capture_output=True, text=True)
         if r.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+            # exit 2: the command refused its input (e.g. a --set key the policy does not have)
+            raise (SeedsError if r.returncode == 2 else RuntimeError)(f"{' '.join(cmd)}: exit {r.returncode}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
         os.replace(tmp, out)
     return json.loads((out / "report.json").read_text())
 
@@ -70,6 +71,10 @@ def _spec(spec: str, embedding: str) -> tuple[str, list[str]]:
     name, _, sets = spec.partition(":")
     if not name or (sets and not all("=" in kv for kv in sets.split(","))):
         raise SeedsError(f"policy {spec!r}: expected NAME[:KEY=VALUE,...][@EMBEDDING]")
+    from cmr.policies import policy_names
+
+    if name not in policy_names():
+        raise SeedsError(f"policy {spec!r}: unknown policy {name!r} (known: {', '.join(policy_names())})")
     if emb and emb not in ("minilm", "minilm+tfidf"):
         raise SeedsError(f"policy {spec!r}: unknown embedding {emb!r} (minilm, minilm+tfidf)")
     return name, [*(x for kv in sets.split(",") if kv for x in ("--set", kv)), "--embedding", emb or embedding]
@@ -90,13 +95,13 @@ def run(a: argparse.Namespace) -> int:
         raise SeedsError("--seeds: at least 2 seeds for a standard deviation")
     if not 0 <= a.unseen < 1:
         raise SeedsError("--unseen: a fraction in [0, 1)")
+    specs = {p: _spec(p, a.embedding) for p in (*a.policies, *a.cmr_policies)}  # refused before anything is written
     root = a.data_root or constants.data_root()
     runs = a.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
     table: dict[str, dict[str, Any]] = {}
     emb = ["--embedding", a.embedding]
-    specs = {p: _spec(p, a.embedding) for p in (*a.policies, *a.cmr_policies)}  # refused before any run
     for s in a.sets:
         llm = s in LLM_SETS
         data = root / ("routing/" + s if llm else "cmrbench")

@@ -22,7 +22,8 @@ def test_tables_show_mean_and_sample_sd_and_the_paired_margin():
     assert "| carve | 0.224 ± 0.002 | 0.284 ± 0.003 | 0.640 ± 0.004 |" in md
 
 
-@pytest.mark.parametrize("argv, field", [(["--sets", "nope"], "--sets"), (["--seeds", "0"], "--seeds"), (["--unseen", "1.5"], "--unseen")])
+@pytest.mark.parametrize("argv, field", [(["--sets", "nope"], "--sets"), (["--seeds", "0"], "--seeds"), (["--unseen", "1.5"], "--unseen"),
+                                         (["--policies", "nope"], "policy 'nope'")])
 def test_refused_options_exit_2_in_one_line(argv, field, capsys, tmp_path):
     assert seeds.main([*argv, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -35,3 +36,5 @@ def test_a_policy_row_may_carry_its_config_and_embedding():
     assert seeds._spec("knn", "minilm") == ("knn", ["--embedding", "minilm"])
     with pytest.raises(seeds.SeedsError, match="NAME"):
         seeds._spec("knn:k", "minilm")
+    with pytest.raises(seeds.SeedsError, match="unknown policy 'nope'"):
+        seeds._spec("nope", "minilm")

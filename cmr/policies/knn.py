@@ -42,12 +42,15 @@ class KNNConfig(PolicyConfig):
             known on few rows is measured on the same scale as one known on all of them, and its
             evidence counts where it was gathered. None: tuned with ``prior_weight`` by the same
             leave-one-out.
-        task_prior: for queries that name a task the stored rows name, shrink towards each
-            model's prior within that task (:class:`~cmr.policies.memory.TaskPrior`) instead of
-            its global prior, with a shrinkage and card weight of their own; every other query
-            is scored task-blind, exactly as without tasks. None: chosen by the same
-            leave-one-out after the task-blind settings, and kept only where it beats them by
-            one standard error; no effect where no stored row names a task.
+        task_prior: where stored rows name tasks, shrink towards each model's prior within a
+            task (:class:`~cmr.policies.memory.TaskPrior`) instead of its global prior: for a
+            query that names a task the stored rows name, that task's; for any other query
+            (no task, or one never stored), the tasks of its neighbours, each neighbour standing
+            for its task's prior (:meth:`~cmr.policies.memory.TaskPrior.votes`); each of the
+            two kinds of query with a shrinkage and card weight of its own. None: chosen by the
+            same leave-one-out after the task-blind settings, for each kind of query apart, and
+            kept only where it beats them by one standard error (else that kind is scored
+            task-blind, exactly as without tasks); no effect where no stored row names a task.
         tune_min_rows: fewest rows stored since the last tuning that re-tune (and a ``RETUNE_GROWTH``
             fraction of the memory: tunings follow the memory's growth, whatever the step size).
         tune_max_rows: stored prompts sampled for that tuning.
@@ -87,17 +90,28 @@ class KNNPolicy(MemoryPolicy):
         self._index = None  # faiss.IndexFlatIP over self._mem.emb, rebuilt whenever rows change
         self._tuned_shrinkage = SHRINK_START
         self._tuned_task: tuple[float, float] | None = None  # (shrinkage, card weight) with a known task
+        self._tuned_mix: tuple[float, float] | None = None  # the same, towards the neighbours' tasks
 
     @property
     def task_settings(self) -> tuple[float, float] | None:
         """(shrinkage, card weight) of queries whose task the memory knows, or None where they
         are scored task-blind (``task_prior`` false, or not chosen by the tuning)."""
+        return self._task_config(self._tuned_task)
+
+    @property
+    def mixture_settings(self) -> tuple[float, float] | None:
+        """(shrinkage, card weight) of the other queries (no task, or one the memory does not
+        know), shrunk towards their neighbours' task priors; None where they are scored
+        task-blind."""
+        return self._task_config(self._tuned_mix)
+
+    def _task_config(self, tuned: tuple[float, float] | None) -> tuple[float, float] | None:
         c = self.config
         if c.task_prior is False:
             return None
         if c.task_prior and c.shrinkage is not None and c.prior_weight is not None:
             return float(c.shrinkage), float(c.prior_weight)
-        return self._tuned_task
+        return tuned
 
     @property
     def shrinkage(self) -> float:
@@ -111,10 +125,13 @@ class KNNPolicy(MemoryPolicy):
         tuned = [n for n in ("shrinkage", "prior_weight", "task_prior") if getattr(self.config, n) is None]
         if tuned and not self._tuned_at:
             return {}
-        st = self.task_settings
+        st, sm = self.task_settings, self.mixture_settings
         got = {"shrinkage": self.shrinkage, "prior_weight": self.prior_weight, "task_prior": st is not None}
         if st is not None:
             got.update(task_shrinkage=st[0], task_prior_weight=st[1])
+        got["neighbour_tasks"] = sm is not None
+        if sm is not None:
+            got.update(neighbour_tasks_shrinkage=sm[0], neighbour_tasks_prior_weight=sm[1])
         return {
             "chosen": ", ".join(f"{n} {v}" for n, v in got.items()),
             "why": f"{', '.join(tuned)} tuned by leave-one-out on {min(self._tuned_at, self.config.tune_max_rows)} of {self._tuned_at} stored rows"
@@ -166,15 +183,23 @@ class KNNPolicy(MemoryPolicy):
         # then the task-aware settings, against the task-blind choice (kept unless beaten), on
         # each row's task prior without that row
         tp = self._mem.task_prior()
-        self._tuned_task = None
+        self._tuned_task = self._tuned_mix = None
         if tp is not None and c.task_prior is not False:
             tprior = tp.of(self._mem, [self._mem.tasks[r] for r in rows], cols, drop=truth)
+            # the same rows as queries that name no task: their neighbours' task priors, the
+            # row's own outcome left out of its task's (neighbours sharing it use tprior)
+            table = tp.table(self._mem, cols)
+            own = tp.row_task[rows]
+            vote = tp.votes(idx, w)
+            mix = vote @ table + vote[np.arange(len(rows)), own][:, None] * (tprior - table[own])
             tshrinks = TASK_SHRINK_GRID if c.shrinkage is None else shrinks
-            ests = [shrink(num, den, tprior, a * total) for a in tshrinks]
             first = [] if c.task_prior else [blind[i]]
-            j, wt = tune_grid(first + ests, sim, truth, (wb, *(g for g in grid if g != wb)))
-            if j >= len(first):
-                self._tuned_task = (float(tshrinks[j - len(first)]), wt)
+            cgrid = (wb, *(g for g in grid if g != wb))
+            for prior_of, attr in ((tprior, "_tuned_task"), (mix, "_tuned_mix")):
+                ests = [shrink(num, den, prior_of, a * total) for a in tshrinks]
+                j, wt = tune_grid(first + ests, sim, truth, cgrid)
+                if j >= len(first):
+                    setattr(self, attr, (float(tshrinks[j - len(first)]), wt))
         self._tuned_at = len(self._mem)
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
@@ -199,38 +224,50 @@ class KNNPolicy(MemoryPolicy):
         z = (sims - sims.max(axis=1, keepdims=True)) / self.config.temperature
         return np.exp(z)
 
-    def _task_rows(self, tasks: Sequence[str | None] | None, n_q: int) -> np.ndarray | None:
-        """Which queries are scored with the task prior (they name a task the memory knows and
-        :attr:`task_settings` is set), or None where none is."""
-        if tasks is None:
-            return None
-        if len(tasks) != n_q:
+    def _task_groups(self, tasks: Sequence[str | None] | None, n_q: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Which queries are scored with their own task's prior (they name a task the memory
+        knows and :attr:`task_settings` is set) and which with their neighbours' tasks (the
+        rest, where :attr:`mixture_settings` is set); None for a group with no query."""
+        if tasks is not None and len(tasks) != n_q:
             raise ValueError(f"field 'task': expected {n_q} tasks (one per query), got {len(tasks)}")
-        tp = self._mem.task_prior() if self.task_settings is not None else None
-        if tp is None:
-            return None
-        use = np.fromiter(((t or "") in tp.index for t in tasks), dtype=bool, count=n_q)
-        return use if use.any() else None
+        st, sm = self.task_settings, self.mixture_settings
+        tp = self._mem.task_prior() if st is not None or sm is not None else None
+        if tp is None or not n_q:
+            return None, None
+        named = np.zeros(n_q, dtype=bool)
+        if tasks is not None and st is not None:
+            named = np.fromiter(((t or "") in tp.index for t in tasks), dtype=bool, count=n_q)
+        mixed = ~named if sm is not None else np.zeros(n_q, dtype=bool)
+        return (named if named.any() else None), (mixed if mixed.any() else None)
 
     def neighbour_estimate(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
         """The neighbour estimate alone (no card term) ``[n_q, n_c]``, with the back-off applied
-        (towards the task prior for queries of a known task, see ``task_prior``)."""
+        (towards a task prior where one is used, see ``task_prior``)."""
         q = as_queries(q)
         cols = self._columns(candidates)
         prior = candidate_prior(self._mem, cols)
-        a: float | np.ndarray = self.shrinkage
-        use = self._task_rows(tasks, len(q))
-        if use is not None:
-            prior = self._mem.task_prior().of(self._mem, [t if u else "" for t, u in zip(tasks, use)], cols)
-            # float32 as the weights: a task-blind row's figures are then exactly the task-blind path's
-            a = np.where(use, self.task_settings[0], self.shrinkage).astype(np.float32)[:, None]
-        est = np.broadcast_to(prior, (len(q), len(cols))).copy()
+        named, mixed = self._task_groups(tasks, len(q))
         seen = np.flatnonzero(cols >= 0)
-        if self._index is None or not len(seen) or not len(q):
+        searched = self._index is not None and len(seen) and len(q)
+        if searched:
+            k = min(self.config.k, len(self._mem))
+            sims, idx = self._index.search(q, k)
+            w = self._weights(sims.astype(np.float32))
+        a: float | np.ndarray = self.shrinkage
+        if named is not None or (mixed is not None and searched):
+            tp = self._mem.task_prior()
+            prior = np.broadcast_to(prior, (len(q), len(cols))).copy()
+            # float32 as the weights: a task-blind row's figures are then exactly the task-blind path's
+            a = np.full((len(q), 1), self.shrinkage, dtype=np.float32)
+            if named is not None:
+                prior[named] = tp.of(self._mem, [t for t, u in zip(tasks, named) if u], cols)
+                a[named] = self.task_settings[0]
+            if mixed is not None and searched:
+                prior[mixed] = tp.votes(idx[mixed], w[mixed]) @ tp.table(self._mem, cols)
+                a[mixed] = self.mixture_settings[0]
+        est = np.broadcast_to(prior, (len(q), len(cols))).copy()
+        if not searched:
             return est
-        k = min(self.config.k, len(self._mem))
-        sims, idx = self._index.search(q, k)
-        w = self._weights(sims.astype(np.float32))
         num, den = self._sums(idx, w, cols[seen])
         est[:, seen] = shrink(num, den, prior[..., seen], a * w.sum(axis=1, keepdims=True))
         return est
@@ -282,16 +319,20 @@ class KNNPolicy(MemoryPolicy):
         outcomes are); ``tasks``: each query's task, if named (see ``task_prior``)."""
         q = as_queries(q)
         est = self.neighbour_estimate(q, candidates, tasks)
-        use = self._task_rows(tasks, len(q))
-        if use is None:
+        named, mixed = self._task_groups(tasks, len(q))
+        if named is None and mixed is None:
             return self.with_card_term(est, q, candidates)
-        cw = self.task_settings[1] if self.encoder is not None or self._card_emb else 0.0
-        if max(cw, self.prior_weight) <= 0 or not len(candidates):
+        cards = self.encoder is not None or self._card_emb
+        groups = [(g, s[1] if cards else 0.0) for g, s in ((named, self.task_settings), (mixed, self.mixture_settings)) if g is not None]
+        blind = ~np.logical_or.reduce([g for g, _ in groups])
+        groups.append((blind, self.prior_weight))
+        if max(cw for _, cw in groups) <= 0 or not len(candidates):
             return est
         sim = q @ self.card_embeddings(candidates).T
         # each group with its own scalar weight: the task-blind rows exactly as the task-blind path
-        est[use] = with_card_term(est[use], sim[use], cw)
-        est[~use] = with_card_term(est[~use], sim[~use], self.prior_weight)
+        for g, cw in groups:
+            if g.any():
+                est[g] = with_card_term(est[g], sim[g], cw)
         return est
 
     # -- state -------------------------------------------------------------------------------
@@ -302,6 +343,7 @@ class KNNPolicy(MemoryPolicy):
         state["tuned_prior_weight"] = self._tuned_weight
         state["tuned_shrinkage"] = self._tuned_shrinkage
         state["tuned_task"] = list(self._tuned_task) if self._tuned_task is not None else None
+        state["tuned_mix"] = list(self._tuned_mix) if self._tuned_mix is not None else None
         state["tuned_at"] = self._tuned_at
         return state
 
@@ -314,6 +356,8 @@ class KNNPolicy(MemoryPolicy):
         self._tuned_shrinkage = float(state.get("tuned_shrinkage", SHRINK_START))
         tuned_task = state.get("tuned_task")
         self._tuned_task = (float(tuned_task[0]), float(tuned_task[1])) if tuned_task is not None else None
+        tuned_mix = state.get("tuned_mix")  # absent in checkpoints from before it
+        self._tuned_mix = (float(tuned_mix[0]), float(tuned_mix[1])) if tuned_mix is not None else None
         self._tuned_at = int(state.get("tuned_at", len(self._mem)))
         self._index = None
         if len(self._mem):

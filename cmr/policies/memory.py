@@ -220,12 +220,14 @@ class TaskPrior:
         n: ``[T, M]`` known outcomes per task and model column.
         s: ``[T, M]`` their sum.
         b: ``[M]`` pseudo-count per model (inf: the global prior alone).
+        row_task: ``[N]`` each stored row's task (its row of ``n``; ``T`` where it names none).
     """
 
     index: dict[str, int]
     n: np.ndarray
     s: np.ndarray
     b: np.ndarray
+    row_task: np.ndarray
 
     @classmethod
     def fit(cls, memory: "OutcomeMemory") -> "TaskPrior":
@@ -241,7 +243,28 @@ class TaskPrior:
         b = np.full(n.shape[1], np.inf)
         for j in np.flatnonzero((n > 0).sum(axis=0) > 1):
             b[j] = eb_fit(s[:, j] / np.maximum(n[:, j], 1.0), n[:, j], ss[:, j])[0]
-        return cls(index, n, s, b)
+        row_task = np.full(len(memory.tasks), len(names), dtype=np.int64)
+        row_task[rows] = [index[memory.tasks[i]] for i in rows]
+        return cls(index, n, s, b, row_task)
+
+    def table(self, memory: "OutcomeMemory", cols: np.ndarray) -> np.ndarray:
+        """``[T + 1, n_c]``: every task's prior of candidate columns ``cols`` (row ``t`` of
+        :attr:`index`), then the global one (rows naming no task)."""
+        return self.of(memory, [*self.index, ""], cols)
+
+    def votes(self, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """``[n_q, T + 1]``: the share of each task (columns as :meth:`table`'s rows) in the
+        weight of each query's neighbours (stored rows ``idx`` with weights ``w``, ``[n_q, k]``
+        each). ``votes @ table`` is the prior of a query whose own task is not known: each
+        neighbour stands for its task's prior rather than its own noisy outcomes, so the
+        neighbourhood says which task the query is like and the task's many rows say how each
+        model does there."""
+        vote = np.zeros((len(idx), len(self.index) + 1), dtype=np.float64)
+        np.add.at(vote, (np.repeat(np.arange(len(idx)), idx.shape[1]), self.row_task[idx].ravel()), w.ravel())
+        tot = vote.sum(axis=1, keepdims=True)
+        vote /= np.where(tot > 0, tot, 1.0)
+        vote[tot[:, 0] <= 0, -1] = 1.0  # no weight at all: the global prior
+        return vote
 
     def of(self, memory: "OutcomeMemory", tasks: Sequence[str | None], cols: np.ndarray, drop: np.ndarray | None = None) -> np.ndarray:
         """Prior ``[n_q, n_c]`` of candidate columns ``cols`` (-1: never met) for queries of
@@ -304,9 +327,10 @@ def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarra
     (``ests[0]``, ``grid[0]``: the most cautious, the prior alone where the grids reach it) is
     kept unless some pair beats it by more than one standard error of their paired per-row
     difference, either in routing quality or in the squared error of the scores over every known
-    outcome (what the cost-aware choices of a λ sweep rest on); the best of those is taken. The
-    best of many pairs on few noisy rows would otherwise be noise (e.g. a card weight on bare
-    model names) preferred to the prior."""
+    outcome (what the cost-aware choices of a λ sweep rest on); of those, the first that the best
+    of them does not beat in routing quality by one standard error is taken. The best of many
+    pairs on few noisy rows would otherwise be noise (e.g. a card weight on bare model names, or
+    a small shrinkage) preferred to the more cautious settings."""
     from cmr.decide import choose
 
     rows = np.arange(len(card_sim))
@@ -328,11 +352,13 @@ def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarra
     def beats(a: np.ndarray, b: np.ndarray) -> bool:
         d = a - b
         d = d[~np.isnan(d)]
-        return d.size > 1 and float(d.mean()) > float(d.std() / np.sqrt(d.size))
+        return d.size > 1 and float(d.mean()) > float(d.std(ddof=1) / np.sqrt(d.size))
 
     base = tried[0]
     ok = [t for t in tried if beats(t[2], base[2]) or beats(t[3], base[3])] or [base]
-    pick = max(ok, key=lambda t: mean(t[2]))  # the first of ties
+    best = max(ok, key=lambda t: mean(t[2]))  # the first of ties
+    # the one-standard-error rule: the first (most cautious) of them that the best does not beat
+    pick = next(t for t in ok if t is best or not beats(best[2], t[2]))
     return pick[0], pick[1]
 
 

@@ -142,3 +142,53 @@ def test_feedback_that_names_tasks_teaches_the_task_prior(encoder):
     assert (best == np.array([int(t[1:]) for t in q.meta["task"]])).mean() > 0.8
     blind = pol.score(q.emb, CARDS).argmax(axis=1)
     assert (blind == np.array([int(t[1:]) for t in q.meta["task"]])).mean() < 0.5
+
+
+def make_clustered(n: int, rates: np.ndarray, seed: int, spread: float = 2.0) -> Examples:
+    """As :func:`make_set`, but each task's prompts lie around a centre of their own, so a
+    prompt's neighbours tell which task it is like (the outcomes stay coin flips at the task's
+    rates: a neighbour's own outcome says little, its task's many rows say much)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(len(rates), 384))
+    data = make_set(n, rates, seed)
+    task = np.array([int(t[1:]) for t in data.meta["task"]])
+    emb = centres[task] + spread * rng.normal(size=(n, 384)) * np.sqrt(len(rates))
+    data.emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    return data
+
+
+def test_a_query_naming_no_task_takes_its_neighbours_task_priors(encoder):
+    """Served requests rarely name a task: knn then shrinks towards the task priors of the
+    query's neighbours, chosen by its leave-one-out where that beats the task-blind settings;
+    a query naming a task never stored is scored the same way."""
+    rates = np.array([[0.7, 0.5, 0.5, 0.5], [0.5, 0.7, 0.5, 0.5], [0.5, 0.5, 0.7, 0.5], [0.5, 0.5, 0.5, 0.7]])
+    train, test = make_clustered(400, rates, seed=11), make_clustered(800, rates, seed=12)
+    aware = fitted(encoder, train)
+    blind = fitted(encoder, train, task_prior=False)
+    assert aware.describe()["neighbour_tasks"] is True
+    unnamed = routed(aware, test, None)
+    assert unnamed > routed(blind, test, None) + 0.03
+    assert unnamed > routed(aware, test, test.meta["task"]) - 0.02  # nearly what naming the task gives
+    assert np.array_equal(aware.score(test.emb, CARDS, ["never-seen"] * len(test)), aware.score(test.emb, CARDS))
+
+
+def test_the_neighbours_task_prior_is_their_tasks_priors_weighted_as_the_neighbours():
+    """With the neighbours' own outcomes shrunk away, an unnamed query's scores are exactly the
+    task priors of its k neighbours, weighted as knn weighs those neighbours."""
+    train = make_clustered(300, TASKS_MATTER, seed=13)
+    pol = make_policy("knn", None, {"task_prior": True, "shrinkage": 1e12, "prior_weight": 0.0, "k": 7, "weighting": "similarity"})
+    pol.add_models(CARDS)
+    pol.fit(train, CARDS)
+    q = make_clustered(20, TASKS_MATTER, seed=14).emb
+    mem = pol._mem
+    tp = mem.task_prior()
+    cols = mem.columns([c.id for c in CARDS])
+    sims = q @ mem.emb.T
+    want = np.zeros((len(q), N_MODELS))
+    for i in range(len(q)):
+        nb = np.argsort(-sims[i])[:7]
+        w = np.maximum(sims[i, nb], 0.0)
+        want[i] = sum(wj * tp.of(mem, [mem.tasks[j]], cols)[0] for j, wj in zip(nb, w)) / w.sum()
+    assert np.allclose(pol.score(q, CARDS), want, atol=1e-5)
+    # a named task: that task's prior alone
+    assert np.allclose(pol.score(q, CARDS, ["t2"] * len(q)), tp.of(mem, ["t2"], cols)[0], atol=1e-5)

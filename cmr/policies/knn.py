@@ -46,7 +46,7 @@ class KNNConfig(PolicyConfig):
             task (:class:`~cmr.policies.memory.TaskPrior`) instead of its global prior: for a
             query that names a task the stored rows name, that task's; for any other query
             (no task, or one never stored), the tasks of its neighbours, each neighbour standing
-            for its task's prior (:meth:`~cmr.policies.memory.TaskPrior.votes`); each of the
+            for its task's prior (:meth:`~cmr.policies.memory.TaskPrior.mixture`); each of the
             two kinds of query with a shrinkage and card weight of its own. None: chosen by the
             same leave-one-out after the task-blind settings, for each kind of query apart, and
             kept only where it beats them by one standard error (else that kind is scored
@@ -188,10 +188,11 @@ class KNNPolicy(MemoryPolicy):
             tprior = tp.of(self._mem, [self._mem.tasks[r] for r in rows], cols, drop=truth)
             # the same rows as queries that name no task: their neighbours' task priors, the
             # row's own outcome left out of its task's (neighbours sharing it use tprior)
-            table = tp.table(self._mem, cols)
-            own = tp.row_task[rows]
-            vote = tp.votes(idx, w)
-            mix = vote @ table + vote[np.arange(len(rows)), own][:, None] * (tprior - table[own])
+            mix = tp.mixture(self._mem, idx, w, cols)
+            present, vote = tp.votes(idx, w)
+            own = np.minimum(np.searchsorted(present, tp.row_task[rows]), len(present) - 1)
+            share = np.where(present[own] == tp.row_task[rows], vote[np.arange(len(rows)), own], 0.0)
+            mix += share[:, None] * (tprior - tp.of(self._mem, tp.names(present[own]), cols))
             tshrinks = TASK_SHRINK_GRID if c.shrinkage is None else shrinks
             first = [] if c.task_prior else [blind[i]]
             cgrid = (wb, *(g for g in grid if g != wb))
@@ -263,7 +264,7 @@ class KNNPolicy(MemoryPolicy):
                 prior[named] = tp.of(self._mem, [t for t, u in zip(tasks, named) if u], cols)
                 a[named] = self.task_settings[0]
             if mixed is not None and searched:
-                prior[mixed] = tp.votes(idx[mixed], w[mixed]) @ tp.table(self._mem, cols)
+                prior[mixed] = tp.mixture(self._mem, idx[mixed], w[mixed], cols)
                 a[mixed] = self.mixture_settings[0]
         est = np.broadcast_to(prior, (len(q), len(cols))).copy()
         if not searched:

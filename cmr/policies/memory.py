@@ -247,24 +247,35 @@ class TaskPrior:
         row_task[rows] = [index[memory.tasks[i]] for i in rows]
         return cls(index, n, s, b, row_task)
 
-    def table(self, memory: "OutcomeMemory", cols: np.ndarray) -> np.ndarray:
-        """``[T + 1, n_c]``: every task's prior of candidate columns ``cols`` (row ``t`` of
-        :attr:`index`), then the global one (rows naming no task)."""
-        return self.of(memory, [*self.index, ""], cols)
+    def names(self, ids: np.ndarray) -> list[str]:
+        """The task of each row id of ``n``/``s`` (``T``, a row naming none: "")."""
+        names = list(self.index)
+        return [names[i] if i < len(names) else "" for i in ids]
 
-    def votes(self, idx: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """``[n_q, T + 1]``: the share of each task (columns as :meth:`table`'s rows) in the
-        weight of each query's neighbours (stored rows ``idx`` with weights ``w``, ``[n_q, k]``
-        each). ``votes @ table`` is the prior of a query whose own task is not known: each
-        neighbour stands for its task's prior rather than its own noisy outcomes, so the
-        neighbourhood says which task the query is like and the task's many rows say how each
-        model does there."""
-        vote = np.zeros((len(idx), len(self.index) + 1), dtype=np.float64)
-        np.add.at(vote, (np.repeat(np.arange(len(idx)), idx.shape[1]), self.row_task[idx].ravel()), w.ravel())
+    def votes(self, idx: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tasks of the neighbours ``idx`` (stored rows, weights ``w``, ``[n_q, k]`` each):
+        ``(present [u], share [n_q, u])``, the task ids among them (``T``: a row naming none) and
+        each one's share of a query's neighbour weight (a row of zeros where the weights sum to
+        0). Only the tasks present are kept: clients name tasks, and a table over all of them
+        per request would grow with whatever they named."""
+        present, inv = np.unique(self.row_task[idx], return_inverse=True)
+        vote = np.zeros((len(idx), len(present)), dtype=np.float64)
+        np.add.at(vote, (np.repeat(np.arange(len(idx)), idx.shape[1]), inv.ravel()), w.ravel())
         tot = vote.sum(axis=1, keepdims=True)
-        vote /= np.where(tot > 0, tot, 1.0)
-        vote[tot[:, 0] <= 0, -1] = 1.0  # no weight at all: the global prior
-        return vote
+        return present, vote / np.where(tot > 0, tot, 1.0)
+
+    def mixture(self, memory: "OutcomeMemory", idx: np.ndarray, w: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``[n_q, n_c]``: the prior of queries whose own task is not known, their neighbours'
+        task priors weighted as the neighbours (:meth:`votes`; the global prior where the
+        weights sum to 0). Each neighbour stands for its task's prior rather than its own noisy
+        outcomes: the neighbourhood says which task the query is like, the task's many rows how
+        each model does there."""
+        present, vote = self.votes(idx, w)
+        out = vote @ self.of(memory, self.names(present), cols)
+        none = vote.sum(axis=1) <= 0
+        if none.any():
+            out[none] = candidate_prior(memory, cols)
+        return out
 
     def of(self, memory: "OutcomeMemory", tasks: Sequence[str | None], cols: np.ndarray, drop: np.ndarray | None = None) -> np.ndarray:
         """Prior ``[n_q, n_c]`` of candidate columns ``cols`` (-1: never met) for queries of

@@ -1,6 +1,7 @@
 """How far can routing go on an outcome set by the task alone, and what do the prompts add?
 
-    python -m bench.task_bound [--sets routerbench routerdc7] [--embedding minilm] [--out docs/results/task-bound]
+    python -m bench.task_bound [--sets routerbench routerdc7] [--embedding minilm] [--model-dir DIR]
+                               [--out docs/results/task-bound]
 
 For each set (test split, the benchmark's own metric: AIQ where models cost differently, else
 quality), side by side in one run:
@@ -16,6 +17,8 @@ quality), side by side in one run:
 
 A per-prompt learner above the task ceiling is what a router needs to go beyond task-level
 routing; below the per-task prior, the embedding's per-prompt signal is noise at this data size.
+``--model-dir`` measures the same with another sentence encoder (a sentence-transformers folder, as
+``python -m bench.encoders`` takes; its embeddings go to the shared cache under its folder name).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sets", nargs="+", default=["routerbench", "routerdc7"], help="outcome sets under the data root's routing/")
     p.add_argument("--embedding", default="minilm", choices=("minilm", "minilm+tfidf"))
     p.add_argument("--data-root", type=Path, default=None, help="folder holding routing/ (default: the shared data)")
+    p.add_argument("--model-dir", type=Path, default=None, help="a sentence-transformers folder to embed with instead of --embedding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("docs/results/task-bound"))
 
@@ -113,7 +117,7 @@ def figure(data, pred: np.ndarray) -> float:
     return float(llm_protocol.evaluate(Fixed(), data)["aiq"])
 
 
-def measure(name: str, root: Path, embedding: str, seed: int) -> dict[str, Any]:
+def measure(name: str, root: Path, embedding: str, seed: int, model_dir: Path | None = None) -> dict[str, Any]:
     from cmr.bench import common, llm_protocol
     from cmr.data.outcomes import load_outcomes
     from cmr.policies import make_policy
@@ -121,7 +125,14 @@ def measure(name: str, root: Path, embedding: str, seed: int) -> dict[str, Any]:
     data = load_outcomes(root)
     tr, te = data.train, data.test
     ttr, tte = list(tr.meta.get("task") or [""] * len(tr)), list(te.meta.get("task") or [""] * len(te))
-    encoder = common.fitted_encoder(argparse.Namespace(embedding=embedding), tr.texts, data.cards)
+    if model_dir is not None:
+        from bench.encoders import PackagedSentenceEncoder
+        from cmr import constants
+        from cmr.encoders import CachedEncoder, EmbeddingCache
+
+        encoder = CachedEncoder(PackagedSentenceEncoder(str(model_dir), model_dir.name, threads=None), EmbeddingCache(constants.cache_dir() / "embeddings.sqlite"))
+    else:
+        encoder = common.fitted_encoder(argparse.Namespace(embedding=embedding), tr.texts, data.cards)
     common.embed(encoder, [tr, te])
     s_tr, s_te = tr.scores.astype(np.float64), te.scores.astype(np.float64)
     glob = np.nanmean(s_tr, axis=0)
@@ -174,15 +185,18 @@ def run(a: argparse.Namespace) -> int:
     missing = [s for s, r in roots.items() if not r.is_dir()]
     if missing:
         raise TaskBoundError(f"--sets: no outcome set {', '.join(missing)} under {Path(root) / 'routing'}")
+    if a.model_dir is not None and not (a.model_dir / "modules.json").is_file():
+        raise TaskBoundError(f"--model-dir {a.model_dir}: not a sentence-transformers folder (no modules.json)")
     rows = {}
     for s, r in roots.items():
-        rows[s] = measure(s, r, a.embedding, a.seed)
+        rows[s] = measure(s, r, a.embedding, a.seed, a.model_dir)
         print(s, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[s].items()}, flush=True)
-    rep = {"command": a.command_line, "embedding": a.embedding, "seed": a.seed, "sets": rows, "info": common.run_info()}
+    enc = a.model_dir.name if a.model_dir is not None else a.embedding
+    rep = {"command": a.command_line, "embedding": enc, "seed": a.seed, "sets": rows, "info": common.run_info()}
     common.write_json(a.out / "report.json", rep)
     keys = [k for k, v in next(iter(rows.values())).items() if isinstance(v, float)]
     md = ["# Task-level routing and its ceiling", "", f"`{a.command_line}` — {rep['info']['date']}, commit {rep['info']['git_commit']}", "",
-          "Test split of each set; AIQ where models cost differently, else quality. The task ceiling uses the test outcomes (a bound, not a router).", "",
+          f"Embedding `{enc}`. Test split of each set; AIQ where models cost differently, else quality. The task ceiling uses the test outcomes (a bound, not a router).", "",
           "| router | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for k in keys:
         md.append(f"| {k} | " + " | ".join(f"{rows[s][k]:.4f}" for s in rows) + " |")

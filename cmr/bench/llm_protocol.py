@@ -69,7 +69,7 @@ def train_policy(policy, data, unseen: float, profile_size: int | None, seed: in
     prof_of = _profiles(prof, range(m))
     cards = [dataclasses.replace(c, profile=prof_of[j]) for j, c in enumerate(cards)]
     seen_cards = [cards[j] for j in seen]
-    policy.set_profile_prompts(prof.meta["id"], prof.emb)
+    policy.set_profile_prompts(prof.meta["id"], prof.emb, prof.meta.get("task"))
     policy.add_models(seen_cards)
     Learner(policy).fit(rest.select_models([c.id for c in seen_cards]), seen_cards)
     policy.add_models([cards[j] for j in hidden])

@@ -73,7 +73,7 @@ class ModelHub:
             dup = next((i for i in ids if i in self._live), None) or (len(set(ids)) < len(ids) and "duplicate in batch")
             if dup:
                 raise HubError(f"model {dup!r} is already registered")
-            v = self.store.write(cards)
+            v = self.store.add(cards)  # checks again against the store: another process may have added it
             for c in cards:
                 self._live[c.id] = c
         self._emit(HubChange("added", tuple(cards), v))

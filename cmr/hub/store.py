@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Protocol
 
+from cmr.errors import HubError
 from cmr.state import PgDatabase, SharedVersion, is_postgres, private_file
 from cmr.types import ModelCard
 
@@ -21,10 +22,15 @@ class HubStoreProtocol(Protocol):
 
     def version(self) -> int: ...
     def write(self, cards: Iterable[ModelCard], retired: bool = False) -> int: ...
+    def add(self, cards: Iterable[ModelCard]) -> int: ...
     def set_retired(self, ids: Iterable[str], retired: bool) -> int: ...
     def get(self, model_id: str) -> tuple[ModelCard, bool] | None: ...
     def load(self, include_retired: bool = False, since_version: int = 0) -> list[tuple[ModelCard, bool, int]]: ...
     def close(self) -> None: ...
+
+
+def _already(model_id: str) -> HubError:
+    return HubError(f"model {model_id!r} is already registered")
 
 
 def open_hub_store(dsn: str | None, path: Path | str) -> HubStoreProtocol:
@@ -67,6 +73,23 @@ class HubStore:
         rows = [(c.id, json.dumps(c.to_dict()), int(retired)) for c in cards]
         return self._bump(lambda cur, v: cur.executemany(
             "INSERT OR REPLACE INTO cards (id, card, retired, version) VALUES (?, ?, ?, ?)", [(*r, v) for r in rows]))
+
+    def add(self, cards: Iterable[ModelCard]) -> int:
+        """Insert new cards in one transaction, refused whole (``HubError``) when one's id is live
+        in the store, whatever the caller's view of it (another process may have added it since);
+        a retired id may return. Returns the new hub version."""
+        rows = [(c.id, json.dumps(c.to_dict()), 0) for c in cards]
+
+        def change(cur, v):
+            ids = [r[0] for r in rows]
+            for i in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+                chunk = ids[i : i + 900]
+                live = cur.execute(f"SELECT id FROM cards WHERE retired = 0 AND id IN ({','.join('?' * len(chunk))})", chunk).fetchone()
+                if live:
+                    raise _already(live[0])
+            cur.executemany("INSERT OR REPLACE INTO cards (id, card, retired, version) VALUES (?, ?, ?, ?)", [(*r, v) for r in rows])
+
+        return self._bump(change)
 
     def set_retired(self, ids: Iterable[str], retired: bool) -> int:
         """Mark cards retired (or live again) in one transaction; returns the new hub version."""
@@ -129,6 +152,21 @@ class PgHubStore:
         return self._bump(lambda cur, v: cur.executemany(
             "INSERT INTO hub_cards (id, card, retired, version) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE "
             "SET card = EXCLUDED.card, retired = EXCLUDED.retired, version = EXCLUDED.version", [(*r, v) for r in rows]))
+
+    def add(self, cards: Iterable[ModelCard]) -> int:
+        """As :meth:`HubStore.add`: refused whole when an id is live; writers are serialised by
+        the version bump's row lock, so two replicas adding one id cannot both succeed."""
+        rows = [(c.id, json.dumps(c.to_dict()), False) for c in cards]
+
+        def change(cur, v):
+            live = cur.execute("SELECT id FROM hub_cards WHERE NOT retired AND id = ANY(%s) LIMIT 1", ([r[0] for r in rows],)).fetchone()
+            if live:
+                raise _already(live[0])
+            cur.executemany(
+                "INSERT INTO hub_cards (id, card, retired, version) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE "
+                "SET card = EXCLUDED.card, retired = EXCLUDED.retired, version = EXCLUDED.version", [(*r, v) for r in rows])
+
+        return self._bump(change)
 
     def set_retired(self, ids: Iterable[str], retired: bool) -> int:
         """Mark cards retired (or live again) in one transaction; returns the new hub version."""

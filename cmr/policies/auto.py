@@ -90,7 +90,7 @@ class AutoPolicy(RoutingPolicy):
         policy, cfg = CANDIDATES[name]
         inner = make_policy(policy, self.encoder, {**cfg, "seed": self.config.seed})
         if self._profile_ids:
-            inner.set_profile_prompts(self._profile_ids, self._profile_emb)
+            inner.set_profile_prompts(self._profile_ids, self._profile_emb, self._profile_tasks)
         return inner
 
     def describe(self) -> dict[str, Any]:
@@ -99,9 +99,9 @@ class AutoPolicy(RoutingPolicy):
         return dict(self._choice)
 
     # -- learning ----------------------------------------------------------------------------
-    def set_profile_prompts(self, ids, emb) -> None:
-        super().set_profile_prompts(ids, emb)
-        self._inner.set_profile_prompts(ids, emb)
+    def set_profile_prompts(self, ids, emb, tasks=None) -> None:
+        super().set_profile_prompts(ids, emb, tasks)
+        self._inner.set_profile_prompts(ids, emb, tasks)
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Keep the cards (candidates are built from them) and pass them on."""

@@ -79,6 +79,7 @@ class RoutingPolicy(ABC):
         self._card_emb: dict[str, np.ndarray] = {}
         self._profile_ids: list[str] = []
         self._profile_emb = np.zeros((0, 0), dtype=np.float32)
+        self._profile_tasks: list[str] = []  # each profile prompt's task, "" = none
 
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
@@ -117,13 +118,17 @@ class RoutingPolicy(ABC):
         """The hub grew: make these models routable (default: embed their cards)."""
         self.card_embeddings(cards)
 
-    def set_profile_prompts(self, ids: Sequence[str], emb: np.ndarray) -> None:
+    def set_profile_prompts(self, ids: Sequence[str], emb: np.ndarray, tasks: Sequence[str | None] | None = None) -> None:
         """The representative prompts that a new model answers when it joins (UniRoute).
 
-        A card's ``profile`` maps these ids to the model's score on them.
+        A card's ``profile`` maps these ids to the model's score on them. ``tasks``: each
+        prompt's task where known (a model's profile answers then teach its per-task priors).
         """
+        if tasks is not None and len(tasks) != len(ids):
+            raise ValueError(f"field 'task': expected {len(ids)} tasks (one per profile prompt), got {len(tasks)}")
         self._profile_ids = list(ids)
         self._profile_emb = np.asarray(emb, dtype=np.float32)
+        self._profile_tasks = [str(t or "") for t in tasks] if tasks is not None else [""] * len(self._profile_ids)
 
     def profile_examples(self, cards: Sequence[ModelCard]) -> Examples | None:
         """The profile answers of ``cards`` as ``Examples`` over those cards (NaN = not answered),
@@ -148,7 +153,8 @@ class RoutingPolicy(ABC):
             model_ids=[c.id for c in cards],
             scores=scores[keep],
             costs=costs[keep],
-            meta={"id": [p for p, k in zip(self._profile_ids, keep) if k]},
+            meta={"id": [p for p, k in zip(self._profile_ids, keep) if k]}
+            | ({"task": [t for t, k in zip(self._profile_tasks, keep) if k]} if any(self._profile_tasks) else {}),
             emb=self._profile_emb[keep],
         )
 
@@ -201,6 +207,7 @@ class RoutingPolicy(ABC):
             "card_emb": np.stack([self._card_emb[i] for i in ids]) if ids else np.zeros((0, 0), np.float32),
             "profile_ids": list(self._profile_ids),
             "profile_emb": self._profile_emb,
+            "profile_tasks": list(self._profile_tasks),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,3 +215,4 @@ class RoutingPolicy(ABC):
         self._card_emb = {m: np.asarray(v, dtype=np.float32) for m, v in zip(state["card_ids"], state["card_emb"])}
         self._profile_ids = list(state.get("profile_ids", []))
         self._profile_emb = np.asarray(state.get("profile_emb", np.zeros((0, 0))), dtype=np.float32)
+        self._profile_tasks = [str(t) for t in state.get("profile_tasks", [""] * len(self._profile_ids))]  # absent before

@@ -433,4 +433,4 @@ class MemoryPolicy(RoutingPolicy):
         if prof is None:
             return False
         self._profiled.update(prof.model_ids)
-        return bool(self._mem.add(prof.emb, prof.model_ids, prof.scores))
+        return bool(self._mem.add(prof.emb, prof.model_ids, prof.scores, prof.meta.get("task")))

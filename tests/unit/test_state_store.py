@@ -170,3 +170,22 @@ def test_a_decisions_task_reaches_the_learner_with_its_feedback(tmp_path, store_
         assert got == {"task-0": "gsm8k", "task-1": None}
     finally:
         st.close()
+
+
+def test_a_model_added_by_one_replica_is_refused_by_another_that_has_not_seen_it(tmp_path, store_dsn):
+    """A replica's in-memory view of the hub may lag: the store itself refuses an id that is live
+    there (the same HubError, so HTTP 409 / gRPC ALREADY_EXISTS), and nothing of the batch is written."""
+    from cmr.errors import HubError
+
+    a, b = _replica_hub(store_dsn, tmp_path / "hub.sqlite"), _replica_hub(store_dsn, tmp_path / "hub.sqlite")
+    try:
+        hub_a, hub_b = ModelHub(a), ModelHub(b)  # b's view is taken now: it has not seen "m1"
+        v = hub_a.add(ModelCard(id="m1"))
+        with pytest.raises(HubError, match="'m1' is already registered"):
+            hub_b.add([ModelCard(id="m2"), ModelCard(id="m1", description="another")])
+        assert a.version() == v and a.get("m2") is None and a.get("m1")[0].description == ""
+        a.set_retired(["m1"], True)
+        assert hub_b.add(ModelCard(id="m1", description="back")) > v  # a retired id may return
+    finally:
+        a.close()
+        b.close()

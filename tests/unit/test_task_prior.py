@@ -213,3 +213,34 @@ def test_a_model_known_only_from_rows_naming_no_task_ranks_on_each_tasks_scale()
     got = tp.of(mem, ["easy", "hard"], mem.columns(["old", "new"]))
     assert got[1, 1] < got[1, 0] < 0.5  # on the hard task: new below old
     assert got[0, 1] > 0.75  # on the easy one: high, as every model there
+
+
+def test_profile_prompts_tasks_teach_a_joining_models_task_priors(encoder):
+    """A model that joins by answering the profile prompts learns per-task priors from them
+    when the profile prompts carry their tasks (``set_profile_prompts(..., tasks)``), and the
+    tasks survive a state round trip."""
+    import dataclasses
+
+    train = make_set(800, TASKS_MATTER, seed=21)
+    prof = make_set(200, TASKS_MATTER, seed=22)
+    ids = [f"p{i}" for i in range(len(prof))]
+    pol = make_policy("knn", encoder, {"task_prior": True, "shrinkage": 1.0, "prior_weight": 0.0})
+    pol.set_profile_prompts(ids, prof.emb, prof.meta["task"])
+    pol.add_models(CARDS)
+    pol.fit(train, CARDS)
+    # a newcomer best on t2, known only by its profile answers
+    rate = np.array([0.3, 0.3, 1.0, 0.3])[[int(t[1:]) for t in prof.meta["task"]]]
+    answers = (np.random.default_rng(23).random(len(prof)) < rate).astype(float)
+    new = dataclasses.replace(ModelCard(id="new", cost=1.0), profile={p: float(a) for p, a in zip(ids, answers)})
+    pol.add_models([new])
+    tp = pol._mem.task_prior()
+    got = tp.of(pol._mem, ["t2", "t0"], pol._mem.columns(["new", "m2"]))
+    assert got[0, 0] > got[0, 1] and got[1, 0] < 0.5  # best on t2 by its own answers there, poor on t0
+    q = make_set(200, TASKS_MATTER, seed=24)
+    again = make_policy("knn", encoder)
+    again.load_state_dict(pol.state_dict())
+    assert again._profile_tasks == pol._profile_tasks == prof.meta["task"]
+    cards = [*CARDS, new]
+    assert np.array_equal(again.score(q.emb, cards, q.meta["task"]), pol.score(q.emb, cards, q.meta["task"]))
+    with pytest.raises(ValueError, match="'task'"):
+        pol.set_profile_prompts(ids, prof.emb, prof.meta["task"][:-1])

@@ -38,6 +38,10 @@ def open_hub_store(dsn: str | None, path: Path | str) -> HubStoreProtocol:
     SQLite file ``path``."""
     return PgHubStore(dsn) if is_postgres(dsn) else HubStore(path)
 
+_UPSERT = "INSERT OR REPLACE INTO cards (id, card, retired, version) VALUES (?, ?, ?, ?)"
+_PG_UPSERT = ("INSERT INTO hub_cards (id, card, retired, version) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE "
+              "SET card = EXCLUDED.card, retired = EXCLUDED.retired, version = EXCLUDED.version")
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cards (
   id TEXT PRIMARY KEY,
@@ -71,8 +75,7 @@ class HubStore:
     def write(self, cards: Iterable[ModelCard], retired: bool = False) -> int:
         """Insert or replace cards in one transaction; returns the new hub version."""
         rows = [(c.id, json.dumps(c.to_dict()), int(retired)) for c in cards]
-        return self._bump(lambda cur, v: cur.executemany(
-            "INSERT OR REPLACE INTO cards (id, card, retired, version) VALUES (?, ?, ?, ?)", [(*r, v) for r in rows]))
+        return self._bump(lambda cur, v: cur.executemany(_UPSERT, [(*r, v) for r in rows]))
 
     def add(self, cards: Iterable[ModelCard]) -> int:
         """Insert new cards in one transaction, refused whole (``HubError``) when one's id is live
@@ -87,7 +90,7 @@ class HubStore:
                 live = cur.execute(f"SELECT id FROM cards WHERE retired = 0 AND id IN ({','.join('?' * len(chunk))})", chunk).fetchone()
                 if live:
                     raise _already(live[0])
-            cur.executemany("INSERT OR REPLACE INTO cards (id, card, retired, version) VALUES (?, ?, ?, ?)", [(*r, v) for r in rows])
+            cur.executemany(_UPSERT, [(*r, v) for r in rows])
 
         return self._bump(change)
 
@@ -149,9 +152,7 @@ class PgHubStore:
     def write(self, cards: Iterable[ModelCard], retired: bool = False) -> int:
         """Insert or replace cards in one transaction; returns the new hub version."""
         rows = [(c.id, json.dumps(c.to_dict()), bool(retired)) for c in cards]
-        return self._bump(lambda cur, v: cur.executemany(
-            "INSERT INTO hub_cards (id, card, retired, version) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE "
-            "SET card = EXCLUDED.card, retired = EXCLUDED.retired, version = EXCLUDED.version", [(*r, v) for r in rows]))
+        return self._bump(lambda cur, v: cur.executemany(_PG_UPSERT, [(*r, v) for r in rows]))
 
     def add(self, cards: Iterable[ModelCard]) -> int:
         """As :meth:`HubStore.add`: refused whole when an id is live; writers are serialised by
@@ -162,9 +163,7 @@ class PgHubStore:
             live = cur.execute("SELECT id FROM hub_cards WHERE NOT retired AND id = ANY(%s) LIMIT 1", ([r[0] for r in rows],)).fetchone()
             if live:
                 raise _already(live[0])
-            cur.executemany(
-                "INSERT INTO hub_cards (id, card, retired, version) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE "
-                "SET card = EXCLUDED.card, retired = EXCLUDED.retired, version = EXCLUDED.version", [(*r, v) for r in rows])
+            cur.executemany(_PG_UPSERT, [(*r, v) for r in rows])
 
         return self._bump(change)
 

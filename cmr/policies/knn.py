@@ -188,11 +188,11 @@ class KNNPolicy(MemoryPolicy):
             tprior = tp.of(self._mem, [self._mem.tasks[r] for r in rows], cols, drop=truth)
             # the same rows as queries that name no task: their neighbours' task priors, the
             # row's own outcome left out of its task's (neighbours sharing it use tprior)
-            mix = tp.mixture(self._mem, idx, w, cols)
             present, vote = tp.votes(idx, w)
+            mix, table = tp.blend(self._mem, present, vote, cols)
             own = np.minimum(np.searchsorted(present, tp.row_task[rows]), len(present) - 1)
             share = np.where(present[own] == tp.row_task[rows], vote[np.arange(len(rows)), own], 0.0)
-            mix += share[:, None] * (tprior - tp.of(self._mem, tp.names(present[own]), cols))
+            mix += share[:, None] * (tprior - table[own])
             tshrinks = TASK_SHRINK_GRID if c.shrinkage is None else shrinks
             first = [] if c.task_prior else [blind[i]]
             cgrid = (wb, *(g for g in grid if g != wb))
@@ -245,9 +245,11 @@ class KNNPolicy(MemoryPolicy):
         """The neighbour estimate alone (no card term) ``[n_q, n_c]``, with the back-off applied
         (towards a task prior where one is used, see ``task_prior``)."""
         q = as_queries(q)
+        return self._estimate(q, candidates, tasks, *self._task_groups(tasks, len(q)))
+
+    def _estimate(self, q, candidates, tasks, named, mixed) -> np.ndarray:
         cols = self._columns(candidates)
         prior = candidate_prior(self._mem, cols)
-        named, mixed = self._task_groups(tasks, len(q))
         seen = np.flatnonzero(cols >= 0)
         searched = self._index is not None and len(seen) and len(q)
         if searched:
@@ -319,8 +321,8 @@ class KNNPolicy(MemoryPolicy):
         """Neighbour estimate mixed with the card similarity ``[n_q, n_c]`` (in [0, 1] where the
         outcomes are); ``tasks``: each query's task, if named (see ``task_prior``)."""
         q = as_queries(q)
-        est = self.neighbour_estimate(q, candidates, tasks)
         named, mixed = self._task_groups(tasks, len(q))
+        est = self._estimate(q, candidates, tasks, named, mixed)
         if named is None and mixed is None:
             return self.with_card_term(est, q, candidates)
         cards = self.encoder is not None or self._card_emb

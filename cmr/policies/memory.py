@@ -285,12 +285,17 @@ class TaskPrior:
         weights sum to 0). Each neighbour stands for its task's prior rather than its own noisy
         outcomes: the neighbourhood says which task the query is like, the task's many rows how
         each model does there."""
-        present, vote = self.votes(idx, w)
-        out = vote @ self.of(memory, self.names(present), cols)
+        return self.blend(memory, *self.votes(idx, w), cols)[0]
+
+    def blend(self, memory: "OutcomeMemory", present: np.ndarray, vote: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`mixture` from :meth:`votes`' ``(present, share)``; also returns the present
+        tasks' priors ``[u, n_c]`` (the tuning corrects a row's own task with them)."""
+        table = self.of(memory, self.names(present), cols)
+        out = vote @ table
         none = vote.sum(axis=1) <= 0
         if none.any():
             out[none] = candidate_prior(memory, cols)
-        return out
+        return out, table
 
     def of(self, memory: "OutcomeMemory", tasks: Sequence[str | None], cols: np.ndarray, drop: np.ndarray | None = None) -> np.ndarray:
         """Prior ``[n_q, n_c]`` of candidate columns ``cols`` (-1: never met) for queries of

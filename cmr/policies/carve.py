@@ -306,7 +306,14 @@ class CarvePolicy(RoutingPolicy):
         if not torch.is_grad_enabled():
             if self._emb_cache is None or len(self._emb_cache) != len(self._models):
                 self._emb_cache = self._model_emb_of(torch.arange(len(self._models)), p)
-            return self._emb_cache[flat].reshape(*rows.shape, -1)
+            # the router scores every query against the same candidate rows: gather them once per
+            # cache (the gather of the whole hub's embeddings was most of a query's scoring time)
+            memo = self.__dict__.get("_gather_memo")
+            if memo is not None and memo[0] is rows and memo[1] is self._emb_cache:
+                return memo[2]
+            out = self._emb_cache[flat].reshape(*rows.shape, -1)
+            self._gather_memo = (rows, self._emb_cache, out)
+            return out
         return self._model_emb_of(flat, p).reshape(*rows.shape, -1)
 
     def _model_emb_of(self, flat, p):
@@ -399,10 +406,8 @@ class CarvePolicy(RoutingPolicy):
             q = q[None]
         if not candidates:
             return np.zeros((len(q), 0), np.float32)
-        if any(c.id not in self._row for c in candidates):
-            self.add_models([c for c in candidates if c.id not in self._row])
+        rows = self._candidate_rows(candidates)
         p = self._params
-        rows = torch.as_tensor([self._row[c.id] for c in candidates], dtype=torch.long)
         prior = self._prior(rows.numpy())
         out = []
         with torch.no_grad():
@@ -419,6 +424,22 @@ class CarvePolicy(RoutingPolicy):
                         s = self._vote(s, rows)
                 out.append(s.numpy().astype(np.float32))
         return np.concatenate(out)
+
+    def _candidate_rows(self, candidates: Sequence[ModelCard]):
+        """Model row of each candidate (unknown ones added from their cards first). Memoised for
+        the router's card tuple (one per hub version) while the model table is the same object
+        and length (it only appends; a load replaces it): not a Python loop over every model per query."""
+        import torch
+
+        memo = self.__dict__.get("_rows_memo")
+        if memo is not None and memo[0] is candidates and memo[1] is self._row and memo[2] == len(self._models):
+            return memo[3]
+        if any(c.id not in self._row for c in candidates):
+            self.add_models([c for c in candidates if c.id not in self._row])
+        rows = torch.as_tensor([self._row[c.id] for c in candidates], dtype=torch.long)
+        if isinstance(candidates, tuple):
+            self._rows_memo = (candidates, self._row, len(self._models), rows)
+        return rows
 
     def _vote(self, s, rows):
         """``(1 - v)·p(m) + v·Σ_{m' in domain(m)} p(m')`` over the candidates (``s [B, C]``)."""

@@ -232,3 +232,20 @@ def test_scoring_cache_matches_the_model_embeddings_and_follows_training(cmr_sma
         again = p._model_emb(rows, p._params).detach().numpy()
     np.testing.assert_allclose(p.model_embeddings([c.id for c in live]), again, atol=1e-6)
     assert not np.allclose(s, s2)
+
+
+def test_scoring_memo_for_the_routers_card_tuple_follows_training_and_new_models(cmr_small, encoder):
+    """The router scores every query against one card tuple per hub version: carve resolves its
+    rows and gathers their embeddings once for it, and the memo never serves stale scores."""
+    lr, exp, live = _fit_e1(cmr_small, encoder, epochs=1)
+    p, q = lr.policy, exp.test.emb[:8]
+    hub = tuple(live)
+    np.testing.assert_allclose(p.score(q, hub), p.score(q, list(live)), atol=1e-6)
+    assert p._rows_memo[0] is hub and p.score(q[:1], hub).shape == (1, len(hub))
+    lr.fit(exp.train, live)  # training moves the parameters: the memo must follow
+    np.testing.assert_allclose(p.score(q, hub), p.score(q, list(live)), atol=1e-6)
+    grown = hub + (ModelCard(id="memo-new", domain=live[0].domain, description="a model added after the memo"),)
+    s = p.score(q, grown)  # a new hub version: the new model is added from its card and scored
+    assert s.shape == (len(q), len(grown)) and np.isfinite(s).all()
+    np.testing.assert_allclose(s, p.score(q, list(grown)), atol=1e-6)
+    np.testing.assert_allclose(p.score(q, hub), p.score(q, list(live)), atol=1e-6)

@@ -43,7 +43,10 @@ class BanditConfig(PolicyConfig):
     dim: projected feature dimension (the bias is added on top).
     projection: "pca" (from the first ``pca_rows`` query embeddings seen) or "random".
     pca_rows: online events buffered before the projection is fixed (``fit`` fixes it at once).
-    reg: prior precision of every arm's weights (ridge strength).
+    reg: prior precision of every arm's weights (ridge strength), in observations. None: per
+        weight by empirical Bayes (``LinearBanditPolicy._reg``), at least 1: an arm known from a
+        few rewards stays near the average model until its evidence outweighs the spread
+        between arms.
     lam: cost weight folded into the learnt reward (quality − lam·cost); see module doc.
     card_weight: weight of the card-similarity prior mean.
     """
@@ -51,7 +54,7 @@ class BanditConfig(PolicyConfig):
     dim: Count = 16
     projection: Literal["pca", "random"] = "pca"
     pca_rows: Annotated[Integer, Field(ge=2)] = 64
-    reg: Positive = 1.0
+    reg: Positive | None = None
     lam: NonNegative = 0.0
     card_weight: NonNegative = 1.0
 
@@ -245,17 +248,43 @@ class LinearBanditPolicy(RoutingPolicy):
         """Per known arm: precision Cholesky factor, inverse precision and posterior mean."""
         if "post" in self._cache:
             return self._cache["post"]
-        cfg = self.config
-        f = cfg.dim + 1
-        eye = np.eye(f)
         prior = self._prior_means(self._arms)  # [M, f]
-        P = self._A + cfg.reg * eye
+        reg = self._reg()
+        P = self._A + np.diag(reg)
         L = np.linalg.cholesky(P)
         Pinv = np.linalg.inv(P)
-        theta = np.einsum("mij,mj->mi", Pinv, self._b + cfg.reg * prior)
+        theta = np.einsum("mij,mj->mi", Pinv, self._b + reg * prior)
         post = {"L": L, "Pinv": Pinv, "theta": theta}
         self._cache["post"] = post
         return post
+
+    def _reg(self) -> np.ndarray:
+        """Prior precision of each weight ``[f]`` (memoised with the posterior): ``reg`` on every
+        weight; unset, per weight by empirical Bayes, σ²/τ² with τ² the spread of that weight's
+        estimates between the arms known from at least ``f`` observations (sampling noise left
+        in: it can only widen τ², so never more cautious than the data supports) and σ² the
+        rewards' variance taken as that of 0/1 outcomes at the pooled mean (an upper bound for
+        graded ones); at least 1, and 1 until five arms (every arm, when fewer) are that well known. Where the arms do
+        not differ along a weight (one-hot data: every arm's slope near zero), an arm known from
+        a few rewards cannot move it far (issue 18: a reward counts where it was gathered);
+        where they do differ (a bias, a topic some arms are better at), it learns freely."""
+        f = self.config.dim + 1
+        if self.config.reg is not None:
+            return np.full(f, float(self.config.reg))
+        if "reg" not in self._cache:
+            n = self._A[:, -1, -1] if len(self._arms) else np.zeros(0)  # the bias feature counts rows
+            lam = np.ones(f)
+            rich = n >= f
+            if rich.sum() >= min(5, max(2, len(n))):  # a spread needs a few arms to be measured
+                est = np.linalg.solve(self._A[rich] + np.eye(f), self._b[rich][:, :, None])[:, :, 0]  # per-arm ridge
+                p = float(np.clip(self._b[:, -1].sum() / max(n.sum(), 1.0), 0.0, 1.0))
+                sigma2 = max(p * (1.0 - p), 1e-6)
+                tau2 = est.var(axis=0, ddof=1)
+                cap = max(1.0, float(n.max()))
+                with np.errstate(divide="ignore"):
+                    lam = np.clip(np.where(tau2 > 0, sigma2 / np.where(tau2 > 0, tau2, 1.0), cap), 1.0, cap)
+            self._cache["reg"] = lam
+        return self._cache["reg"]
 
     def _pooled(self) -> np.ndarray:
         """Ridge regression over all arms' data pooled: the average model."""
@@ -264,7 +293,8 @@ class LinearBanditPolicy(RoutingPolicy):
             if len(self._arms) == 0:
                 self._cache["pooled"] = np.zeros(f)
             else:
-                self._cache["pooled"] = np.linalg.solve(self._A.sum(0) + self.config.reg * np.eye(f), self._b.sum(0))
+                # a numerical ridge over every arm's rows pooled (not the per-arm prior of ``_reg``)
+                self._cache["pooled"] = np.linalg.solve(self._A.sum(0) + (self.config.reg or 1.0) * np.eye(f), self._b.sum(0))
         return self._cache["pooled"]
 
     def _prior_means(self, ids: Sequence[str]) -> np.ndarray:
@@ -306,8 +336,8 @@ class LinearBanditPolicy(RoutingPolicy):
         if (~known).any():
             unk = [m for m, kn in zip(ids, known) if not kn]
             theta[~known] = self._prior_means(unk)
-            Pinv[~known] = np.eye(f) / self.config.reg
-            L[~known] = np.eye(f) * np.sqrt(self.config.reg)
+            Pinv[~known] = np.diag(1.0 / self._reg())
+            L[~known] = np.diag(np.sqrt(self._reg()))
         out = self._arm_scores(Phi, ids, theta, Pinv, L)
         return np.nan_to_num(out, nan=0.0, posinf=1e6, neginf=-1e6).astype(np.float32)
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from cmr.data.examples import Examples
 from cmr.policies.base import Count, NonNegative, PolicyConfig, Positive, config_dataclass
-from cmr.policies.memory import PRIOR_GRID, PRIOR_START, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, tune_grid, tuning_sample
+from cmr.policies.memory import PRIOR_GRID, PRIOR_START, RETUNE_GROWTH, MemoryPolicy, OutcomeMemory, as_queries, candidate_prior, check_examples, tune_grid, tuning_sample
 from cmr.types import ModelCard
 
 #: smoothing pseudo-counts tried when it is tuned, largest first (ties keep the more cautious
@@ -72,15 +72,20 @@ class ClusterPolicy(MemoryPolicy):
         self._sum = np.zeros((0, 0), dtype=np.float64)  # [K, M] sum of known scores
         self._cnt = np.zeros((0, 0), dtype=np.float64)  # [K, M] number of known scores
         self._tuned_smoothing = SMOOTH_START
+        self._clustered_at = 0  # memory size at the last K-means
 
     # -- learning ----------------------------------------------------------------------------
     def fit(self, data: Examples, cards: Sequence[ModelCard]) -> None:
-        """Add ``data``'s prompts, re-cluster everything seen so far, recount per-cluster means."""
+        """Add ``data``'s prompts and recount per-cluster means; re-cluster everything seen so far
+        when the memory grew by ``RETUNE_GROWTH`` since the last clustering. Feedback arrives in
+        small batches: re-running K-means on each would cost a full clustering per learner step
+        and move every cluster boundary (other models' queries changing hands) for one reward."""
         check_examples(data, "cluster.fit")
         self.add_models(cards)
         self._mem.add(data.emb, data.model_ids, data.scores)
         if len(self._mem):
-            self._recluster()
+            if not len(self._centroids) or len(self._mem) - self._clustered_at >= RETUNE_GROWTH * max(self._clustered_at, 1):
+                self._recluster()
             self._recount()
             if (self.config.prior_weight is None or self.config.smoothing is None) and self._tune_due():
                 self._tune()
@@ -144,6 +149,7 @@ class ClusterPolicy(MemoryPolicy):
         )
         km.train(x)
         self._centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        self._clustered_at = len(x)
 
     def _recount(self) -> None:
         """Assign every stored prompt to its nearest centroid and sum known scores per cluster."""
@@ -191,6 +197,7 @@ class ClusterPolicy(MemoryPolicy):
             tuned_prior_weight=self._tuned_weight,
             tuned_smoothing=self._tuned_smoothing,
             tuned_at=self._tuned_at,
+            clustered_at=self._clustered_at,
         )
         return state
 
@@ -206,3 +213,4 @@ class ClusterPolicy(MemoryPolicy):
         self._tuned_weight = float(state.get("tuned_prior_weight", PRIOR_START))
         self._tuned_smoothing = float(state.get("tuned_smoothing", SMOOTH_START))
         self._tuned_at = int(state.get("tuned_at", len(self._mem)))
+        self._clustered_at = int(state.get("clustered_at", len(self._mem)))

@@ -13,8 +13,11 @@ lives in the same coordinates.
 
 Ψ of a model comes from its profile answers when it has some (``profile_only``, the paper: all
 models, seen or new, are described on the same prompts), otherwise from every labelled prompt
-it was seen on (fit data and feedback). Per cluster, Ψ is shrunk towards the model's overall
-mean (pseudo-count ``smoothing``); a model with no data at all gets the average model's Ψ.
+it was seen on (fit data and feedback). Per cluster, Ψ is shrunk towards the cluster's pooled
+mean (the average model there) by an empirical-Bayes pseudo-count (``smoothing``): a model's
+evidence counts in the clusters it was gathered in, so a few rewards in one cluster neither
+carry to the others nor outweigh what the cluster's other models are known to score; a model
+with no data at all gets the average model's Ψ.
 """
 
 from __future__ import annotations
@@ -38,7 +41,11 @@ class UniRouteConfig(PolicyConfig):
     niter: K-means iterations.
     assign: "hard" (nearest centroid, the paper's K-means router) or "soft" (softmax over
         centroid similarities at ``temperature``).
-    smoothing: pseudo-count pulling a cluster's estimate towards the model's overall mean.
+    smoothing: pseudo-count pulling a model's estimate in a cluster towards the cluster's pooled
+        mean. None: per cluster by empirical Bayes, the within-model over the between-model
+        variance of the models' means there (:func:`~cmr.policies.memory.eb_fit`; within-model
+        variance taken as that of 0/1 outcomes: exact for correctness, an upper bound for graded
+        scores in [0, 1], so never less cautious).
     profile_only: describe a model by its profile answers alone when it has any.
     card_weight: weight of cosine(query, card text) added to the score (0 = the paper's rule).
     """
@@ -48,7 +55,7 @@ class UniRouteConfig(PolicyConfig):
     niter: Count = 25
     assign: Literal["hard", "soft"] = "hard"
     temperature: Positive = 0.05
-    smoothing: NonNegative = 1.0
+    smoothing: NonNegative | None = None
     profile_only: bool = False
     card_weight: NonNegative = 0.0
 
@@ -70,6 +77,7 @@ class UniRoutePolicy(RoutingPolicy):
         self._psum = np.zeros((0, 0))  # from profile answers
         self._pcnt = np.zeros((0, 0))
         self._profiled: set[str] = set()
+        self._psi_memo: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_clusters(self) -> int:
@@ -91,6 +99,7 @@ class UniRoutePolicy(RoutingPolicy):
         M = len(self._models)
         self._sum, self._cnt = np.zeros((M, K)), np.zeros((M, K))
         self._psum, self._pcnt = np.zeros((M, K)), np.zeros((M, K))
+        self._psi_memo = None
 
     def _ensure_clusters(self, fallback: np.ndarray) -> None:
         """Cluster once: the profile prompts when known, else ``fallback`` (the first fit data)."""
@@ -121,6 +130,7 @@ class UniRoutePolicy(RoutingPolicy):
             grow = np.zeros((len(new), K))
             self._sum, self._cnt = np.concatenate([self._sum.reshape(-1, K), grow]), np.concatenate([self._cnt.reshape(-1, K), grow])
             self._psum, self._pcnt = np.concatenate([self._psum.reshape(-1, K), grow]), np.concatenate([self._pcnt.reshape(-1, K), grow])
+            self._psi_memo = None
         return np.array([self._col[m] for m in ids], dtype=np.int64)
 
     def _count(self, emb: np.ndarray, ids: Sequence[str], scores: np.ndarray, profile: bool) -> None:
@@ -134,26 +144,52 @@ class UniRoutePolicy(RoutingPolicy):
         S, C = (self._psum, self._pcnt) if profile else (self._sum, self._cnt)
         np.add.at(S, cols, add_s)
         np.add.at(C, cols, add_c)
+        self._psi_memo = None
 
-    def psi(self, ids: Sequence[str]) -> np.ndarray:
-        """Ψ ``[n, K]``: per-cluster mean score of each model (average model for unknown ids)."""
-        K = self.n_clusters
-        cols = np.fromiter((self._col.get(m, -1) for m in ids), dtype=np.int64, count=len(ids))
-        if not self._models:
-            return np.zeros((len(ids), K))
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The score sums and (assignment-weighted) counts ``[M, K]`` that Ψ is computed from:
+        each model's profile answers (``profile_only``, where it has some), else all its data."""
         use_p = self._pcnt.sum(axis=1) > 0
         if not self.config.profile_only:
             use_p = np.zeros(len(self._models), dtype=bool)
         S = np.where(use_p[:, None], self._psum, self._sum + (0.0 if self.config.profile_only else self._psum))
         C = np.where(use_p[:, None], self._pcnt, self._cnt + (0.0 if self.config.profile_only else self._pcnt))
-        tot = C.sum(axis=1)
-        has = tot > 0
-        overall = np.where(has, S.sum(axis=1) / np.where(has, tot, 1.0), 0.0)  # [M]
-        a = self.config.smoothing
-        denom = C + a
-        Q = np.where(denom > 0, (S + a * overall[:, None]) / np.where(denom > 0, denom, 1.0), overall[:, None])
+        return S, C
+
+    def _psi_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ψ of every known model ``[M, K]`` and of the average model ``[K]``; memoised until the
+        counts change (scoring is per request, counting per learner step)."""
+        if self._psi_memo is not None:
+            return self._psi_memo
+        K = self.n_clusters
+        S, C = self.counts()
+        has = C.sum(axis=1) > 0
+        # each cluster's estimate is pulled towards the cluster's pooled mean (the average model
+        # there), not the model's own overall mean: a model's evidence counts in the clusters it
+        # was gathered in, so a model known from a few rewards in one cluster stays an average
+        # model in every other (a model known everywhere, as in full-information training or
+        # profile answers, is hardly moved: its own counts dominate)
+        ctot = C.sum(axis=0)
+        pooled = np.where(ctot > 0, S.sum(axis=0) / np.where(ctot > 0, ctot, 1.0), 0.0)  # [K]
+        a = cluster_pseudo_counts(S, C) if self.config.smoothing is None else np.full(K, float(self.config.smoothing))
+        # an infinite pseudo-count (the models' means there spread no more than sampling
+        # explains): every model is the cluster's pooled mean
+        fin = np.isfinite(a)
+        a = np.where(fin, a, 0.0)
+        denom = C + a[None, :]
+        Q = np.where(fin[None, :] & (denom > 0), (S + a[None, :] * pooled[None, :]) / np.where(denom > 0, denom, 1.0), pooled[None, :])
         avg = Q[has].mean(axis=0) if has.any() else np.zeros(K)
         Q = np.where(has[:, None], Q, avg)  # a model registered without any data: average model
+        self._psi_memo = (Q, avg)
+        return self._psi_memo
+
+    def psi(self, ids: Sequence[str]) -> np.ndarray:
+        """Ψ ``[n, K]``: per-cluster mean score of each model (average model for unknown ids)."""
+        K = self.n_clusters
+        if not self._models:
+            return np.zeros((len(ids), K))
+        Q, avg = self._psi_table()
+        cols = np.fromiter((self._col.get(m, -1) for m in ids), dtype=np.int64, count=len(ids))
         out = np.broadcast_to(avg, (len(ids), K)).copy()
         seen = cols >= 0
         out[seen] = Q[cols[seen]]
@@ -217,3 +253,23 @@ class UniRoutePolicy(RoutingPolicy):
         for k in ("sum", "cnt", "psum", "pcnt"):
             setattr(self, f"_{k}", np.asarray(state[k], dtype=np.float64).copy())
         self._profiled = set(state["profiled"])
+        self._psi_memo = None
+
+
+def cluster_pseudo_counts(S: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Empirical-Bayes pseudo-count ``[K]`` of each cluster from the models' score sums ``S`` and
+    (assignment-weighted) counts ``C`` there ``[M, K]``: :func:`~cmr.policies.memory.eb_fit`'s
+    one-way ANOVA, vectorised over clusters, with 0/1 outcomes' sum of squares (= their sum).
+    Infinite where the models' means spread no more than sampling explains."""
+    n = np.where(C > 0, C, 0.0)
+    has = n > 0
+    mean = np.where(has, S / np.where(has, n, 1.0), 0.0)
+    big_n = n.sum(axis=0)
+    m = has.sum(axis=0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sigma2 = np.where(big_n > m, (np.where(has, S, 0.0).sum(axis=0) - (n * mean**2).sum(axis=0)) / (big_n - m), 0.0)
+        grand = np.where(big_n > 0, (n * mean).sum(axis=0) / np.where(big_n > 0, big_n, 1.0), 0.0)
+        ssb = (n * (mean - grand[None, :]) ** 2).sum(axis=0)
+        spread = big_n - np.where(big_n > 0, (n**2).sum(axis=0) / np.where(big_n > 0, big_n, 1.0), 0.0)
+        tau2 = np.where((m > 1) & (spread > 0), np.maximum(0.0, (ssb - (m - 1) * sigma2) / np.where(spread > 0, spread, 1.0)), 0.0)
+        return np.where(tau2 > 0, np.maximum(sigma2, 0.0) / np.where(tau2 > 0, tau2, 1.0), np.inf)

@@ -86,6 +86,7 @@ class UniRouteMapPolicy(UniRoutePolicy):
         M = len(self._models)
         self._sum, self._cnt = np.zeros((M, K)), np.zeros((M, K))
         self._psum, self._pcnt = np.zeros((M, K)), np.zeros((M, K))
+        self._psi_memo = None
         self._profiled = set()
         known_cards = [ModelCard(id=m, profile=p) for m, p in self._prof_answers.items()]
         UniRoutePolicy.add_models(self, known_cards)
@@ -155,7 +156,9 @@ class UniRouteMapPolicy(UniRoutePolicy):
         """Ψ [m, K] through the current map, smoothed towards each model's overall mean."""
         import torch
 
-        a = self.config.smoothing
+        # fitting the map on full-information rows: a light fixed pull (serving's Ψ uses the
+        # configured or empirical-Bayes pseudo-count of :meth:`psi`)
+        a = 1.0 if self.config.smoothing is None else self.config.smoothing
 
         def smoothed(Pr, S, Km):
             s = S.T @ Pr  # [m, K]

@@ -14,12 +14,12 @@ lives in the same coordinates.
 Ψ of a model comes from its profile answers when it has some (``profile_only``, the paper: all
 models, seen or new, are described on the same prompts), otherwise from every labelled prompt
 it was seen on (fit data and feedback). Per cluster, Ψ is shrunk by an empirical-Bayes
-pseudo-count (``smoothing``) towards the cluster's pooled mean (the average model there) — or,
-for a model with profile answers, towards its mean answer (the paper: described on the same
-prompts as every model, its level is known everywhere). A model's rewards and fit rows count
-in the clusters they were gathered in: a few rewards in one cluster neither carry to the others
-nor outweigh what the cluster's other models are known to score. A model with no data at all
-gets the average model's Ψ.
+pseudo-count (``smoothing``) towards the cluster's pooled mean (the average model there): a
+model's rewards and fit rows count in the clusters they were gathered in, so a few rewards in
+one cluster neither carry to the others nor outweigh what the cluster's other models are known
+to score. A model with profile answers (the paper's case: described on the same prompts as every
+model) is pulled lightly towards its own mean answer instead. A model with no data at all gets
+the average model's Ψ.
 """
 
 from __future__ import annotations
@@ -167,25 +167,29 @@ class UniRoutePolicy(RoutingPolicy):
         S, C = self.counts()
         has = C.sum(axis=1) > 0
         # each cluster's estimate is pulled towards the cluster's pooled mean (the average model
-        # there), not the model's own overall mean: a model's evidence counts in the clusters it
-        # was gathered in, so a model known from a few rewards in one cluster stays an average
-        # model in every other (a model known everywhere, as in full-information training or
-        # profile answers, is hardly moved: its own counts dominate)
+        # there), not the model's own overall mean: a model known from a few rewards in one
+        # cluster stays an average model in every other (one known everywhere, as from
+        # full-information rows, is hardly moved: its own counts dominate)
         ctot = C.sum(axis=0)
         pooled = np.where(ctot > 0, S.sum(axis=0) / np.where(ctot > 0, ctot, 1.0), 0.0)  # [K]
-        # except for a model with profile answers: the profile describes it on the same prompts as
-        # every other (the paper's setting), so its mean answer there is an informed level in
-        # every cluster (a strong model joining by profile stays strong where it answered little)
-        pc = self._pcnt.sum(axis=1)
-        prof = np.where(pc > 0, self._psum.sum(axis=1) / np.where(pc > 0, pc, 1.0), np.nan)
-        target = np.where(np.isnan(prof)[:, None], pooled[None, :], prof[:, None])  # [M, K]
         a = cluster_pseudo_counts(S, C) if self.config.smoothing is None else np.full(K, float(self.config.smoothing))
         # an infinite pseudo-count (the models' means there spread no more than sampling
-        # explains): every model is its target there
+        # explains): every model is the pooled mean there
         fin = np.isfinite(a)
         a = np.where(fin, a, 0.0)
         denom = C + a[None, :]
-        Q = np.where(fin[None, :] & (denom > 0), (S + a[None, :] * target) / np.where(denom > 0, denom, 1.0), target)
+        Q = np.where(fin[None, :] & (denom > 0), (S + a[None, :] * pooled[None, :]) / np.where(denom > 0, denom, 1.0), pooled[None, :])
+        # a model with profile answers is the paper's case: described on the same prompts as every
+        # other, its clusters are pulled lightly (``smoothing``, else one answer's worth) towards
+        # its own mean answer (a strong model joining by profile stays strong where it answered
+        # little; the empirical-Bayes pull above cost RouterDC7's unseen models 1 point)
+        pc = self._pcnt.sum(axis=1)
+        prof = pc > 0
+        if prof.any():
+            ap = 1.0 if self.config.smoothing is None else float(self.config.smoothing)
+            own = (self._psum.sum(axis=1) / np.where(prof, pc, 1.0))[:, None]
+            Qp = np.where(C + ap > 0, (S + ap * own) / np.where(C + ap > 0, C + ap, 1.0), own)
+            Q = np.where(prof[:, None], Qp, Q)
         avg = Q[has].mean(axis=0) if has.any() else np.zeros(K)
         Q = np.where(has[:, None], Q, avg)  # a model registered without any data: average model
         self._psi_memo = (Q, avg)

@@ -10,6 +10,7 @@ import pytest
 
 from cmr.decide import choose
 from cmr.policies import make_policy
+from cmr.policies.memory import eb_fit
 from cmr.policies.uniroute import cluster_pseudo_counts
 from cmr.types import FeedbackEvent
 
@@ -35,20 +36,16 @@ def test_new_model_joins_through_its_profile_vector(name, outcomes_small):
     policy.fit(rest.select_models([c.id for c in seen]), seen)
     before = policy.psi([c.id for c in seen])
     policy.add_models([new])
-    # the newcomer's Ψ is the assignment-weighted mean of its profile answers, pulled towards its
-    # mean answer by each cluster's empirical-Bayes pseudo-count ...
+    # the newcomer's Ψ is the assignment-weighted mean of its profile answers, pulled by one
+    # answer's worth towards its mean answer (the paper's smoothing) ...
     y = prof.scores[:, outcomes_small.model_ids.index(new.id)].astype(np.float64)
     known = ~np.isnan(y)
     P = policy.assignment(prof.emb[known])
-    a = cluster_pseudo_counts(*policy.counts())
-    assert (a > 0).all() and np.isfinite(a).any()
-    fin = np.isfinite(a)  # infinite: the models do not differ there beyond noise, Ψ is the target
-    af = np.where(fin, a, 0.0)
-    expected = np.where(fin, (P.T @ y[known] + af * y[known].mean()) / (P.sum(axis=0) + af), y[known].mean())
+    expected = (P.T @ y[known] + y[known].mean()) / (P.sum(axis=0) + 1.0)
     np.testing.assert_allclose(policy.psi([new.id])[0], expected, rtol=1e-9)
-    # ... the others moved only as far as the clusters' pooled means and pseudo-counts took the
-    # newcomer in (no training step), and the score is Σ_k p(k|x)·Ψ[k]
-    assert np.abs(policy.psi([c.id for c in seen]) - before).max() < 0.05
+    # ... nothing else moved (no training step: the seen models are profiled too), and the score
+    # is Σ_k p(k|x)·Ψ[k]
+    np.testing.assert_array_equal(policy.psi([c.id for c in seen]), before)
     q = outcomes_small.test.emb
     np.testing.assert_allclose(policy.score(q, [new])[:, 0], policy.assignment(q) @ expected, rtol=1e-9)
 
@@ -103,3 +100,18 @@ def test_feedback_moves_the_chosen_models_cluster_estimate(outcomes_small):
     others = np.arange(len(before)) != k
     # other clusters move only through their pooled means and pseudo-counts, far less
     assert np.abs(after[others] - before[others]).max() < after[k] - before[k]
+
+
+def test_cluster_pseudo_counts_are_eb_fit_per_cluster():
+    """The vectorised per-cluster pseudo-count is :func:`eb_fit` of each cluster's model means."""
+    rng = np.random.default_rng(0)
+    C = rng.integers(0, 30, (40, 6)).astype(float)
+    S = rng.binomial(C.astype(int), rng.uniform(0.1, 0.9, (40, 1))).astype(float)
+    a = cluster_pseudo_counts(S, C)
+    for k in range(6):
+        n = C[:, k]
+        b, _ = eb_fit(np.where(n > 0, S[:, k] / np.maximum(n, 1), 0.0), n, S[:, k])
+        assert a[k] == pytest.approx(b, rel=1e-9)
+    # models that do not differ beyond sampling: infinite (every model is the pooled mean there)
+    same = np.full((40, 1), 10.0)
+    assert np.isinf(cluster_pseudo_counts(same * 0.5, same)[0])

@@ -58,9 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{x.mean():.3f} ± {x.std(ddof=1) if len(x) > 1 else 0.0:.3f}")
             summary.append({"run": run, "policy": pol, "prior": variant, "figure": key, "mean": float(x.mean()), "values": x.tolist()})
         lines.append(f"| {run} | {pol} | {variant} | " + " | ".join(cells) + " |")
+    first = json.loads((a.out / "runs" / f"routerbench-eb-s{a.seeds[0]}" / "report.json").read_text())
+    prov = {k: first.get(k) for k in ("date", "machine", "git_commit")}  # of the runs (kept under runs/)
+    m = prov["machine"] or {}
+    where = f"{m.get('platform')}, {m.get('cpus')} CPUs" if isinstance(m, dict) else str(m)
+    lines[2:2] = [f"Runs from {prov['date']}, {where}, commit {prov['git_commit']}.", ""]
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "report.md").write_text("\n".join(lines) + "\n")
-    (a.out / "report.json").write_text(json.dumps({"seeds": a.seeds, "rows": summary}, indent=2) + "\n")
+    (a.out / "report.json").write_text(json.dumps({"seeds": a.seeds, **prov, "rows": summary}, indent=2) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -184,6 +184,28 @@ def eb_fit(mean: np.ndarray, n: np.ndarray, sumsq: np.ndarray) -> tuple[float, f
     return sigma2 / tau2, float((wts * xm).sum() / wts.sum())
 
 
+def eb_pseudo_counts(S: np.ndarray, C: np.ndarray, SS: np.ndarray | None = None) -> np.ndarray:
+    """:func:`eb_fit`'s pseudo-count σ²/τ² for every column at once: ``S``, ``C`` and ``SS``
+    ``[G, K]`` are the groups' (models', tasks') sums of outcomes, their counts (fractional counts
+    allowed) and sums of squares in each of ``K`` columns; ``SS`` None takes the sum of squares as
+    the sum (exact for 0/1 outcomes, an upper bound for graded scores in [0, 1]). Infinite where a
+    column's group means spread no more than sampling explains (or fewer than two groups have
+    outcomes there)."""
+    SS = S if SS is None else SS
+    n = np.where(C > 0, C, 0.0)
+    has = n > 0
+    mean = np.where(has, S / np.where(has, n, 1.0), 0.0)
+    big_n = n.sum(axis=0)
+    m = has.sum(axis=0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sigma2 = np.where(big_n > m, (np.where(has, SS, 0.0).sum(axis=0) - (n * mean**2).sum(axis=0)) / (big_n - m), 0.0)
+        grand = np.where(big_n > 0, (n * mean).sum(axis=0) / np.where(big_n > 0, big_n, 1.0), 0.0)
+        ssb = (n * (mean - grand[None, :]) ** 2).sum(axis=0)
+        spread = big_n - np.where(big_n > 0, (n**2).sum(axis=0) / np.where(big_n > 0, big_n, 1.0), 0.0)
+        tau2 = np.where((m > 1) & (spread > 0), np.maximum(0.0, (ssb - (m - 1) * sigma2) / np.where(spread > 0, spread, 1.0)), 0.0)
+        return np.where(tau2 > 0, np.maximum(sigma2, 0.0) / np.where(tau2 > 0, tau2, 1.0), np.inf)
+
+
 def shrink(num: np.ndarray, den: np.ndarray, prior: np.ndarray, a: float | np.ndarray) -> np.ndarray:
     """``(num + a·prior) / (den + a)``: weighted sums of known outcomes (``num``) and of their
     weights (``den``) pulled towards ``prior`` ``[n_c]`` by pseudo-weight ``a`` (a scalar or one
@@ -249,9 +271,7 @@ class TaskPrior:
         known = ~np.isnan(scores)
         vals = np.where(known, scores, 0.0)
         n, s, ss = onehot @ known, onehot @ vals, onehot @ (vals * vals)
-        b = np.full(n.shape[1], np.inf)
-        for j in np.flatnonzero((n > 0).sum(axis=0) > 1):
-            b[j] = eb_fit(s[:, j] / np.maximum(n[:, j], 1.0), n[:, j], ss[:, j])[0]
+        b = eb_pseudo_counts(s, n, ss)
         row_task = np.full(len(memory.tasks), len(names), dtype=np.int64)
         row_task[rows] = [index[memory.tasks[i]] for i in rows]
         g = memory.model_prior()[0]

@@ -30,7 +30,7 @@ import numpy as np
 
 from cmr.data.examples import Examples
 from cmr.policies.base import Count, NonNegative, PolicyConfig, Positive, RoutingPolicy, config_dataclass
-from cmr.policies.memory import as_queries, check_examples
+from cmr.policies.memory import as_queries, check_examples, eb_pseudo_counts
 from cmr.types import ModelCard
 
 
@@ -268,20 +268,8 @@ class UniRoutePolicy(RoutingPolicy):
         self._psi_memo = None
 
 
+
 def cluster_pseudo_counts(S: np.ndarray, C: np.ndarray) -> np.ndarray:
     """Empirical-Bayes pseudo-count ``[K]`` of each cluster from the models' score sums ``S`` and
-    (assignment-weighted) counts ``C`` there ``[M, K]``: :func:`~cmr.policies.memory.eb_fit`'s
-    one-way ANOVA, vectorised over clusters, with 0/1 outcomes' sum of squares (= their sum).
-    Infinite where the models' means spread no more than sampling explains."""
-    n = np.where(C > 0, C, 0.0)
-    has = n > 0
-    mean = np.where(has, S / np.where(has, n, 1.0), 0.0)
-    big_n = n.sum(axis=0)
-    m = has.sum(axis=0).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sigma2 = np.where(big_n > m, (np.where(has, S, 0.0).sum(axis=0) - (n * mean**2).sum(axis=0)) / (big_n - m), 0.0)
-        grand = np.where(big_n > 0, (n * mean).sum(axis=0) / np.where(big_n > 0, big_n, 1.0), 0.0)
-        ssb = (n * (mean - grand[None, :]) ** 2).sum(axis=0)
-        spread = big_n - np.where(big_n > 0, (n**2).sum(axis=0) / np.where(big_n > 0, big_n, 1.0), 0.0)
-        tau2 = np.where((m > 1) & (spread > 0), np.maximum(0.0, (ssb - (m - 1) * sigma2) / np.where(spread > 0, spread, 1.0)), 0.0)
-        return np.where(tau2 > 0, np.maximum(sigma2, 0.0) / np.where(tau2 > 0, tau2, 1.0), np.inf)
+    (assignment-weighted) counts ``C`` there ``[M, K]`` (:func:`~cmr.policies.memory.eb_pseudo_counts`)."""
+    return eb_pseudo_counts(S, C)

@@ -178,8 +178,10 @@ class AppArgs(_Strict):
     #: None: ``<state>/checkpoints``. Routers load the version published in ``store``
     #: (``cmr.published``), so every node serves the same one
     checkpoints: str | None = None
-    #: registered policy name (``cmr policies``); used for the router and the learner
-    policy: str = "knn"
+    #: registered policy name (``cmr policies``); used for the router and the learner. ``auto``
+    #: chooses one by cross-validation on the first start's training rows (``/healthz``
+    #: ``policy_choice`` says which and why); until a fit brings enough rows, knn routes
+    policy: str = "auto"
     policy_config: dict[str, Any] = Field(default_factory=dict)
     #: CMRBench-format folder that seeds the hub and trains the router at first start (None: no seed)
     bench: str | None = "default"

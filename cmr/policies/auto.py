@@ -36,17 +36,23 @@ class AutoConfig(PolicyConfig):
         folds: cross-validation folds over the training rows.
         cv_rows: training rows sampled (seeded) for the cross-validation; the chosen candidate
             is then fitted on all of them.
-        margin: how much a learned candidate's mean fold score must exceed the zero router's
-            (``prior``), beyond one standard error of their paired fold differences, to be
-            chosen over it.
-        min_rows: fewest training rows to choose on; a smaller first fit keeps the zero router
-            and chooses at the next fit.
+        margin: how much a candidate's mean fold score must exceed the incumbent's (knn where it
+            beats the zero router so, else the zero router ``prior``), beyond one standard error
+            of their paired fold differences, to be chosen over it.
+        min_rows: fewest rows a fit must bring to choose on (fold scores of a few dozen rows
+            are noise); until one does, :data:`BEFORE_CHOICE` routes and learns.
     """
 
     folds: Count = 3
     cv_rows: Count = 4000
     margin: NonNegative = 0.002
-    min_rows: Count = 30
+    min_rows: Count = 200
+
+
+#: what routes and learns until a fit brings ``min_rows`` rows to choose on: knn with its own
+#: defaults, whose leave-one-out shrinks towards the zero router on little data and whose
+#: estimates stay local (the zero router would let one reward for a new model move every query)
+BEFORE_CHOICE = "knn"
 
 
 def fold_score(pred: np.ndarray, scores: np.ndarray, costs: np.ndarray | None, card_costs: np.ndarray) -> float:
@@ -67,8 +73,12 @@ class AutoPolicy(RoutingPolicy):
     """Chooses among :data:`CANDIDATES` on the first fit with enough rows, then is that policy.
 
     The choice: each candidate is fitted on k−1 folds of (a sample of) the training rows and
-    scored on the held-out fold by :func:`fold_score`; the best mean wins if it beats the zero
-    router by ``margin`` plus one standard error, else the zero router stays. Where models join
+    scored on the held-out fold by :func:`fold_score`. The incumbent is :data:`BEFORE_CHOICE`
+    if it beats the zero router by ``margin`` plus one standard error of the paired fold
+    differences, else the zero router; the best mean replaces the incumbent only if it beats it
+    the same way. Until a fit
+    brings ``min_rows`` rows, :data:`BEFORE_CHOICE` routes (what it learnt is not carried into the
+    chosen policy, which is fitted on the choosing fit's rows). Where models join
     by profile answers (profile prompts set), each fold hides a third of the profiled models
     from training and adds them after, so the choice is measured on how the workload grows. Later fits, feedback and new models go to
     the chosen policy (it keeps learning; the choice is not revisited). What was chosen and why
@@ -82,7 +92,7 @@ class AutoPolicy(RoutingPolicy):
         super().__init__(encoder, config)
         self._choice: dict[str, Any] = {}
         self._cards: dict[str, ModelCard] = {}
-        self._inner = self._candidate("prior")
+        self._inner = self._candidate(BEFORE_CHOICE)
 
     def _candidate(self, name: str) -> RoutingPolicy:
         from cmr.policies.registry import make_policy
@@ -116,10 +126,8 @@ class AutoPolicy(RoutingPolicy):
         self._inner.fit(data, cards)
 
     def update(self, events) -> None:
-        if self._choice:
-            self._inner.update(events)
-        else:
-            super().update(events)  # as labelled rows through fit: may choose
+        """Feedback goes to the policy that routes (partial feedback is not chosen on)."""
+        self._inner.update(events)
 
     def _choose(self, data: Examples) -> None:
         cfg = self.config
@@ -153,10 +161,19 @@ class AutoPolicy(RoutingPolicy):
                 per[n].append(fold_score(pred, test.scores.astype(np.float64), None if test.costs is None else test.costs.astype(np.float64), card_costs))
         means = {n: float(np.mean(v)) for n, v in per.items()}
         best = max(names, key=lambda n: means[n])  # max keeps the earliest among ties
-        # beyond noise: the margin and one standard error of the paired fold differences
-        d = np.array(per[best]) - np.array(per["prior"])
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-        chosen = best if means[best] > means["prior"] + cfg.margin + se else "prior"
+
+        def beyond(a: str, b: str) -> tuple[bool, float]:
+            """Does ``a`` beat ``b`` by the margin plus one standard error of their paired fold differences?"""
+            d = np.array(per[a]) - np.array(per[b])
+            se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+            return means[a] > means[b] + cfg.margin + se, se
+
+        # the incumbent: what routed before the choice, if it beats the zero router beyond noise;
+        # the best replaces it only beyond noise too (a near-tie on one split's folds is not
+        # evidence, and the incumbent is the policy measured most widely)
+        incumbent = BEFORE_CHOICE if BEFORE_CHOICE in per and beyond(BEFORE_CHOICE, "prior")[0] else "prior"
+        wins, se = beyond(best, incumbent)
+        chosen = best if best == incumbent or wins else incumbent
         policy, ccfg = CANDIDATES[chosen]
         self._choice = {
             "chosen": chosen,
@@ -164,7 +181,7 @@ class AutoPolicy(RoutingPolicy):
             "config": {**ccfg, "seed": cfg.seed},
             "why": f"best mean {'AIQ' if np.ptp(card_costs) > 0 and data.costs is not None else 'quality'} over {len(folds)} folds of {len(rows)} training rows"
             + (f", {len(hide)} of {len(profiled)} models joining by profile in each" if profiled else "")
-            + ("" if chosen == best else f" ({best} not beyond the zero router by margin {cfg.margin} + one standard error {se:.3g})"),
+            + ("" if chosen == best else f" ({best} not beyond {'the zero router' if incumbent == 'prior' else incumbent} by margin {cfg.margin} + one standard error {se:.3g})"),
             "mean": means,
             "folds": per,
         }
@@ -175,7 +192,7 @@ class AutoPolicy(RoutingPolicy):
 
     # -- scoring -----------------------------------------------------------------------------
     def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
-        """The chosen policy's scores (the zero router's before the choice)."""
+        """The chosen policy's scores (:data:`BEFORE_CHOICE`'s before the choice)."""
         return self._inner.score(q, candidates, tasks)
 
     # -- state -------------------------------------------------------------------------------
@@ -190,5 +207,6 @@ class AutoPolicy(RoutingPolicy):
         super().load_state_dict(state)
         self._choice = dict(state.get("choice") or {})
         self._cards = {c.id: c for c in (ModelCard.from_dict(dict(d)) for d in state.get("cards", []))}
-        self._inner = self._candidate(self._choice.get("chosen", "prior"))
+        # the state's own config wins (a checkpoint from before BEFORE_CHOICE holds the zero router's)
+        self._inner = self._candidate(self._choice.get("chosen", BEFORE_CHOICE))
         self._inner.load_state_dict(state["inner"])

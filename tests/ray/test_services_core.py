@@ -47,7 +47,7 @@ def test_app_args_validation_names_fields(tmp_path):
     from services.config import AppArgs, ConfigError, load_args, read_config
 
     a = AppArgs()
-    assert a.policy == "knn" and a.learner.enabled and AppArgs.from_dict(a.to_dict()) == a
+    assert a.policy == "auto" and a.learner.enabled and AppArgs.from_dict(a.to_dict()) == a
     cases = [({"polcy": "knn"}, "polcy"), ({"policy": "nope"}, "policy"), ({"top_k": 0}, "top_k"),
              ({"pools": [{"name": "p", "models": [{"id": "m", "engine": "tgi"}]}]}, "pools.0.models.0.engine"),
              ({"pools": [{"name": "p"}, {"name": "p"}]}, "pool names")]
@@ -167,7 +167,7 @@ def test_router_core_routes_registers_and_swaps(tmp_path, mini_bench, encoder):
 
     bench, n_cards = mini_bench
     # no card term: the two new cards' texts differ only by their ids, and the check is about the answers
-    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, profile_size=5, learner={"enabled": False, "poll_s": 0},
+    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, profile_size=5, policy="knn", learner={"enabled": False, "poll_s": 0},
                    policy_config={"prior_weight": 0.0})
     core = RouterCore(args, encoder)
     assert core.version == 1 and len(core.models()) == n_cards
@@ -278,7 +278,7 @@ def test_retrieve_k_preselects_by_card_similarity(tmp_path, mini_bench, encoder)
 def test_served_router_one_reward_moves_only_nearby_queries(tmp_path, mini_bench, encoder):
     """Issue 18: through the served path (router, feedback log, learner step, checkpoint swap), a
     reward of 1.0 for a served model's answer does not make it win unrelated queries, and every
-    score stays in [0, 1]."""
+    score stays in [0, 1]. The served default, ``auto``, has too few rows here to choose: knn routes."""
     from services.config import AppArgs
     from services.learner import LearnerActor
     from services.routing import RouteRequest, RouterCore
@@ -286,6 +286,7 @@ def test_served_router_one_reward_moves_only_nearby_queries(tmp_path, mini_bench
     bench, _ = mini_bench
     args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, profile_size=0, learner={"enabled": False, "poll_s": 0})
     core = RouterCore(args, encoder)
+    assert args.policy == "auto" and core.status()["policy_choice"] == {}
     core.register([ModelCard(id="chatty", family="tiny-gpt2", domain="text-generation", description="A small chat model.")])
     chat = "Write a short friendly reply to my message: hello, how are you today?"
     d = core.route([RouteRequest(query=chat, filters=Filters(allow=["chatty"]))])[0]
@@ -317,4 +318,31 @@ def test_served_router_one_reward_moves_only_nearby_queries(tmp_path, mini_bench
         return core.route([RouteRequest(query=q, record=False, filters=Filters(allow=["chatty"]))])[0].score
     rise = chatty(chat) - d.score
     assert rise > 0.01 and all(chatty(q) - b < rise / 2 for q, b in zip(unrelated, [chatty_before[q] for q in unrelated]))
+    core.close()
+
+
+def test_served_auto_chooses_at_first_start_and_keeps_its_choice_through_learner_checkpoints(tmp_path, mini_bench, encoder):
+    """``auto``, the served default, with enough rows (``min_rows`` lowered for the mini bench)
+    chooses at first start by cross-validation; ``status()`` (``/healthz``) reports what and why,
+    and a learner step's checkpoint, swapped in by the router, keeps the choice."""
+    from cmr.policies.auto import CANDIDATES
+    from services.config import AppArgs
+    from services.learner import LearnerActor
+    from services.routing import RouteRequest, RouterCore
+
+    bench, _ = mini_bench
+    args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, profile_size=0, learner={"enabled": False, "poll_s": 0},
+                   policy_config={"min_rows": 20})
+    core = RouterCore(args, encoder)
+    choice = core.status()["policy_choice"]
+    assert choice["chosen"] in CANDIDATES and set(choice["mean"]) == set(CANDIDATES) and "folds of" in choice["why"], choice
+    d = core.route([RouteRequest(query="Transcribe this audio clip of a meeting.")])[0]
+    core.store.add_feedback(d.request_id, 1.0)
+    learner = LearnerActor(args.to_dict(), encoder=encoder)
+    try:
+        assert learner.step() is not None
+    finally:
+        learner.stop()
+    assert core.check_checkpoint() == learner.status()["checkpoint_version"]
+    assert core.status()["policy_choice"] == choice
     core.close()

@@ -31,12 +31,29 @@ def _data(signal: bool, n: int = 240, seed: int = 0, cost: bool = True) -> tuple
     return Examples(texts=[f"q{i}" for i in range(n)], model_ids=ids, scores=scores, costs=costs, emb=emb), cards
 
 
+def _check_rule(choice: dict, margin: float) -> None:
+    """The choice follows from the reported fold scores: knn is the incumbent if it beats the zero
+    router by the margin + one paired SE, and the best replaces the incumbent only the same way."""
+    from cmr.policies.auto import BEFORE_CHOICE
+
+    folds, mean = {n: np.array(v) for n, v in choice["folds"].items()}, choice["mean"]
+
+    def beyond(a, b):
+        d = folds[a] - folds[b]
+        return mean[a] > mean[b] + margin + d.std(ddof=1) / np.sqrt(len(d))
+
+    incumbent = BEFORE_CHOICE if beyond(BEFORE_CHOICE, "prior") else "prior"
+    best = max(mean, key=mean.get)
+    assert choice["chosen"] == (best if best == incumbent or beyond(best, incumbent) else incumbent), choice
+
+
 def test_chooses_the_zero_router_where_prompts_predict_nothing():
     data, cards = _data(signal=False, cost=False)
     pol = make_policy("auto", config={"folds": 3})
     pol.fit(data, cards)
     choice = pol.describe()
     assert choice["chosen"] == "prior", choice
+    _check_rule(choice, margin=pol.config.margin)
     assert set(choice["mean"]) == set(CANDIDATES) and all(len(v) == 3 for v in choice["folds"].values())
     # the zero router's scores: one ranking of the models for every prompt (the best first)
     s = pol.score(data.emb[:20], cards)
@@ -49,6 +66,7 @@ def test_chooses_a_learned_policy_where_prompts_predict_and_keeps_the_choice():
     pol.fit(data, cards)
     choice = pol.describe()
     assert choice["chosen"] != "prior" and choice["mean"][choice["chosen"]] > choice["mean"]["prior"] + 0.05, choice
+    _check_rule(choice, margin=pol.config.margin)
     again = make_policy("auto")
     again.load_state_dict(pol.state_dict())
     assert again.describe() == choice
@@ -57,3 +75,49 @@ def test_chooses_a_learned_policy_where_prompts_predict_and_keeps_the_choice():
     more, _ = _data(signal=False, seed=1)
     again.fit(more, cards)
     assert again.describe() == choice
+
+
+def _one_right(n: int = 40, m: int = 12, seed: int = 0) -> tuple[Examples, list[ModelCard]]:
+    """CMRBench's shape at the size of a small served bench: two topics, one right model per
+    prompt (one of the first half of the models on topic 0, of the second half on topic 1)."""
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, 2, n)
+    centres = rng.normal(size=(2, 16))
+    emb = centres[topic] + 0.3 * rng.normal(size=(n, 16))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    right = np.where(topic == 0, rng.integers(0, m // 2, n), rng.integers(m // 2, m, n))
+    scores = np.zeros((n, m), np.float32)
+    scores[np.arange(n), right] = 1.0
+    ids = [f"m{j}" for j in range(m)]
+    return Examples(texts=[f"q{i}" for i in range(n)], model_ids=ids, scores=scores, costs=None, emb=emb), [ModelCard(id=i) for i in ids]
+
+
+def test_before_enough_rows_knn_routes_and_learns_and_one_reward_stays_local():
+    """A fit of fewer than ``min_rows`` rows does not choose: knn (its own defaults) routes and
+    learns, so one reward for a new model changes no decision on the other topic (before, the
+    zero router routed here, and that reward moved every one of them)."""
+    from cmr.policies.auto import BEFORE_CHOICE
+    from cmr.types import FeedbackEvent
+
+    data, cards = _one_right()
+    pol = make_policy("auto", config={"folds": 3})
+    pol.fit(data, cards)
+    assert pol.describe() == {}
+    ref = make_policy(BEFORE_CHOICE)
+    ref.fit(data, cards)
+    np.testing.assert_allclose(pol.score(data.emb, cards), ref.score(data.emb, cards))
+    # a new model with no rows, one reward of 1.0 on one prompt of topic 0
+    new = ModelCard(id="new")
+    live = [*cards, new]
+    pol.add_models([new])
+    before = pol.score(data.emb, live).argmax(axis=1)
+    pol.update([FeedbackEvent(request_id="r0", model="new", reward=1.0, embedding=data.emb[0].tolist())])
+    after = pol.score(data.emb, live).argmax(axis=1)
+    far = np.linalg.norm(data.emb - data.emb[0], axis=1) > 1.0  # the other topic
+    assert far.sum() > 10 and (after[far] == before[far]).all()
+    assert after[0] == len(cards)  # where it was rewarded, the new model now leads
+    # the same through a state round trip (a checkpoint taken before the choice)
+    again = make_policy("auto")
+    again.load_state_dict(pol.state_dict())
+    assert again.describe() == {}
+    np.testing.assert_allclose(again.score(data.emb, live), pol.score(data.emb, live))

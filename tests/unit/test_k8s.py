@@ -339,6 +339,11 @@ def test_rayjob_entrypoints_are_valid_cmr_commands(overlay):
         ns = parser.parse_args(cmd)
         paths = [str(v) for k, v in vars(ns).items() if k in ("data", "out", "storage") and v is not None]
         assert paths and all(p.startswith(("/var/lib/cmr", "/data")) for p in paths), paths
+        if cmd[0] == "train":
+            # a retrain publishes a checkpoint of the policy the routers serve, under its root
+            (svc,) = of_kind(built(overlay), "RayService")
+            served = serve_config(svc)["applications"][0]["args"]["policy"]
+            assert ns.policy == served and str(ns.out).endswith(f"/serve/checkpoints/{served}"), (ns.policy, ns.out, served)
     if missing:
         pytest.skip(f"`cmr {missing[0]}` is not in the CLI yet (issue 6, part A): its RayJob's arguments are unchecked")
 

@@ -3,15 +3,17 @@ training data it is given, the zero router (each model's global prior) among the
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from cmr.data.examples import Examples
 from cmr.policies.base import Count, NonNegative, PolicyConfig, RoutingPolicy, config_dataclass
 from cmr.types import ModelCard
 
-#: the candidates, simplest first (ties go to the earlier): name -> (policy, config).
+#: the candidates, simplest first (ties go to the earlier): name -> (policy, config); ``carve``
+#: only where there is an encoder (it reads the cards' text).
 #: ``prior`` is the zero router: every prompt scored by each model's global (empirical-Bayes)
 #: mean, so its λ sweep walks the single models' quality–cost hull; the rest shrink towards it.
 #: ``task-prior`` scores by each model's prior within the query's task (the global one for a
@@ -25,7 +27,9 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     "uniroute": ("uniroute", {}),
     "uniroute-map": ("uniroute-map", {}),
     "linucb": ("linucb", {}),
+    "carve": ("carve", {}),
 }
+CandidateName = Literal[tuple(CANDIDATES)]
 
 
 @config_dataclass
@@ -41,12 +45,15 @@ class AutoConfig(PolicyConfig):
             of their paired fold differences, to be chosen over it.
         min_rows: fewest rows a fit must bring to choose on (fold scores of a few dozen rows
             are noise); until one does, :data:`BEFORE_CHOICE` routes and learns.
+        candidates: which of :data:`CANDIDATES` to choose among (the zero router ``prior`` always
+            is); e.g. leave out ``carve`` for a shorter first training.
     """
 
     folds: Count = 3
     cv_rows: Count = 4000
     margin: NonNegative = 0.002
     min_rows: Count = 200
+    candidates: list[CandidateName] = Field(default_factory=lambda: list(CANDIDATES))
 
 
 #: what routes and learns until a fit brings ``min_rows`` rows to choose on: knn with its own
@@ -79,9 +86,13 @@ class AutoPolicy(RoutingPolicy):
     the same way. Until a fit
     brings ``min_rows`` rows, :data:`BEFORE_CHOICE` routes (what it learnt is not carried into the
     chosen policy, which is fitted on the choosing fit's rows). Where models join
-    by profile answers (profile prompts set), each fold hides a third of the profiled models
-    from training and adds them after, so the choice is measured on how the workload grows. Later fits, feedback and new models go to
-    the chosen policy (it keeps learning; the choice is not revisited). What was chosen and why
+    by profile answers (profile prompts set), or else by their card's text (a description or
+    domain, read through the encoder), each fold hides a third of those models from training
+    and adds them after, so the choice is measured on how the workload grows. Later fits,
+    feedback and new models go to the chosen policy (it keeps learning; the choice is not
+    revisited); a policy trained by gradient steps (``carve``) learns through a
+    :class:`~cmr.continual.learner.Learner` of its own, in the folds as after the choice, whose
+    replay and anchor are kept in the state. What was chosen and why
     (every candidate's fold scores) is :meth:`describe`, kept in the state (so in checkpoints).
     """
 
@@ -92,7 +103,7 @@ class AutoPolicy(RoutingPolicy):
         super().__init__(encoder, config)
         self._choice: dict[str, Any] = {}
         self._cards: dict[str, ModelCard] = {}
-        self._inner = self._candidate(BEFORE_CHOICE)
+        self._set_inner(self._candidate(BEFORE_CHOICE))
 
     def _candidate(self, name: str) -> RoutingPolicy:
         from cmr.policies.registry import make_policy
@@ -102,6 +113,24 @@ class AutoPolicy(RoutingPolicy):
         if self._profile_ids:
             inner.set_profile_prompts(self._profile_ids, self._profile_emb, self._profile_tasks)
         return inner
+
+    def _set_inner(self, inner: RoutingPolicy) -> None:
+        """Route with ``inner``; one trained by gradient steps (``carve``) learns through a
+        :class:`~cmr.continual.learner.Learner` of its own, which holds its replay and anchor."""
+        from cmr.continual.learner import Learner, Trainable
+
+        self._inner = inner
+        self._learner = Learner(inner) if isinstance(inner, Trainable) else None
+
+    @staticmethod
+    def _fit(policy: RoutingPolicy, data: Examples, cards: Sequence[ModelCard]) -> None:
+        """Fit a candidate on one fold: through a fresh learner if it trains by gradient steps."""
+        from cmr.continual.learner import Learner, Trainable
+
+        if isinstance(policy, Trainable):
+            Learner(policy).fit(data, cards)
+        else:
+            policy.fit(data, cards)
 
     def describe(self) -> dict[str, Any]:
         """What was chosen and why: ``chosen``, its ``policy`` and ``config``, and each
@@ -123,13 +152,22 @@ class AutoPolicy(RoutingPolicy):
         self.add_models(cards)
         if not self._choice and len(data) >= self.config.min_rows:
             self._choose(data)
-        self._inner.fit(data, cards)
+        if self._learner is not None:
+            self._learner.fit(data, cards)
+        else:
+            self._inner.fit(data, cards)
 
     def update(self, events) -> None:
-        """Feedback goes to the policy that routes (partial feedback is not chosen on)."""
-        self._inner.update(events)
+        """Feedback goes to the policy that routes (partial feedback is not chosen on): through
+        its own learner's bounded steps and consolidations where it trains by gradient steps."""
+        if self._learner is not None:
+            self._learner.consume(events)
+        else:
+            self._inner.update(events)
 
     def _choose(self, data: Examples) -> None:
+        from cmr.policies.registry import policy_class
+
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         rows = rng.permutation(len(data))[: cfg.cv_rows]
@@ -138,24 +176,31 @@ class AutoPolicy(RoutingPolicy):
         card_of = {c.id: c for c in cards}
         card_costs = np.array([card_of[m].cost if m in card_of else 0.0 for m in data.model_ids], dtype=np.float64)
         cand_cards = cards + [ModelCard(id=m) for m in data.model_ids if m not in card_of]
-        names = list(CANDIDATES)
+        names = [n for n in CANDIDATES if (n == "prior" or n in cfg.candidates)
+                 and (self.encoder is not None or not policy_class(CANDIDATES[n][0]).needs_encoder)]
         per: dict[str, list[float]] = {n: [] for n in names}
-        # models join by their profile answers here (the policy was given profile prompts): each
-        # fold hides a third of the profiled models from training and adds them afterwards, as
-        # the workload will
-        profiled = [m for m in data.model_ids if m in card_of and card_of[m].profile] if self._profile_ids else []
+        # models join by their profile answers here (the policy was given profile prompts), or,
+        # without profiles, by their card's text (a description or domain the encoder reads):
+        # each fold hides a third of those models from training and adds them afterwards, as the
+        # workload will
+        if self._profile_ids:
+            how, joining = "profile", [m for m in data.model_ids if m in card_of and card_of[m].profile]
+        elif self.encoder is not None:
+            how, joining = "card", [m for m in data.model_ids if m in card_of and (card_of[m].description or card_of[m].domain)]
+        else:
+            how, joining = "", []
         for i, held in enumerate(folds):
             part = data.subset(np.concatenate([f for j, f in enumerate(folds) if j != i]))
             test = data.subset(held)
             test_cards = [card_of.get(m) or ModelCard(id=m) for m in test.model_ids]
-            hide = set(rng.choice(profiled, max(1, round(len(profiled) / 3)), replace=False)) if len(profiled) > 1 else set()
+            hide = set(rng.choice(joining, max(1, round(len(joining) / 3)), replace=False)) if len(joining) > 1 else set()
             if hide:
                 part = part.select_models([m for m in part.model_ids if m not in hide])
             fit_cards = [c for c in cand_cards if c.id not in hide]
             for n in names:
                 cand = self._candidate(n)
                 cand.add_models(fit_cards)
-                cand.fit(part, fit_cards)
+                self._fit(cand, part, fit_cards)
                 cand.add_models([card_of[m] for m in hide])
                 pred = np.asarray(cand.score(test.emb, test_cards, tasks=test.meta.get("task")), dtype=np.float64)
                 per[n].append(fold_score(pred, test.scores.astype(np.float64), None if test.costs is None else test.costs.astype(np.float64), card_costs))
@@ -180,14 +225,14 @@ class AutoPolicy(RoutingPolicy):
             "policy": policy,
             "config": {**ccfg, "seed": cfg.seed},
             "why": f"best mean {'AIQ' if np.ptp(card_costs) > 0 and data.costs is not None else 'quality'} over {len(folds)} folds of {len(rows)} training rows"
-            + (f", {len(hide)} of {len(profiled)} models joining by profile in each" if profiled else "")
+            + (f", {len(hide)} of {len(joining)} models joining by {how} in each" if hide else "")
             + ("" if chosen == best else f" ({best} not beyond {'the zero router' if incumbent == 'prior' else incumbent} by margin {cfg.margin} + one standard error {se:.3g})"),
             "mean": means,
             "folds": per,
         }
         inner = self._candidate(chosen)
         inner.add_models(cards)
-        self._inner = inner
+        self._set_inner(inner)
         self._cards = {}
 
     # -- scoring -----------------------------------------------------------------------------
@@ -201,6 +246,8 @@ class AutoPolicy(RoutingPolicy):
         state["choice"] = self._choice
         state["cards"] = [c.to_dict() for c in self._cards.values()]
         state["inner"] = self._inner.state_dict()
+        if self._learner is not None:
+            state["inner_learner"] = self._learner.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,5 +255,7 @@ class AutoPolicy(RoutingPolicy):
         self._choice = dict(state.get("choice") or {})
         self._cards = {c.id: c for c in (ModelCard.from_dict(dict(d)) for d in state.get("cards", []))}
         # the state's own config wins (a checkpoint from before BEFORE_CHOICE holds the zero router's)
-        self._inner = self._candidate(self._choice.get("chosen", BEFORE_CHOICE))
+        self._set_inner(self._candidate(self._choice.get("chosen", BEFORE_CHOICE)))
         self._inner.load_state_dict(state["inner"])
+        if self._learner is not None:
+            self._learner.load_state_dict(state.get("inner_learner"))

@@ -71,6 +71,8 @@ class RoutingPolicy(ABC):
     Config: ClassVar[type[PolicyConfig]] = PolicyConfig
     #: evaluation-only policies that must be shown the ground truth (the oracle)
     needs_truth: ClassVar[bool] = False
+    #: policies that read the cards' text, so cannot run on embeddings alone (no encoder)
+    needs_encoder: ClassVar[bool] = False
 
     def __init__(self, encoder: Encoder | None = None, config: PolicyConfig | dict | None = None):
         self.encoder = encoder

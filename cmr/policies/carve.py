@@ -153,6 +153,7 @@ class CarvePolicy(RoutingPolicy):
     """CARvE-style contrastive continual router (projection + per-model embeddings, replay, anchoring)."""
 
     name = "carve"
+    needs_encoder = True
     Config = CarveConfig
 
     def __init__(self, encoder=None, config=None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from cmr.data.examples import Examples
-from cmr.policies import make_policy
+from cmr.policies import make_policy, policy_class
 from cmr.policies.auto import CANDIDATES
 from cmr.types import ModelCard
 
@@ -42,7 +42,7 @@ def _check_rule(choice: dict, margin: float) -> None:
         d = folds[a] - folds[b]
         return mean[a] > mean[b] + margin + d.std(ddof=1) / np.sqrt(len(d))
 
-    incumbent = BEFORE_CHOICE if beyond(BEFORE_CHOICE, "prior") else "prior"
+    incumbent = BEFORE_CHOICE if BEFORE_CHOICE in folds and beyond(BEFORE_CHOICE, "prior") else "prior"
     best = max(mean, key=mean.get)
     assert choice["chosen"] == (best if best == incumbent or beyond(best, incumbent) else incumbent), choice
 
@@ -54,7 +54,9 @@ def test_chooses_the_zero_router_where_prompts_predict_nothing():
     choice = pol.describe()
     assert choice["chosen"] == "prior", choice
     _check_rule(choice, margin=pol.config.margin)
-    assert set(choice["mean"]) == set(CANDIDATES) and all(len(v) == 3 for v in choice["folds"].values())
+    # every candidate but those that read the cards' text (no encoder here)
+    assert set(choice["mean"]) == {n for n, (p, _) in CANDIDATES.items() if not policy_class(p).needs_encoder} == set(CANDIDATES) - {"carve"}
+    assert all(len(v) == 3 for v in choice["folds"].values())
     # the zero router's scores: one ranking of the models for every prompt (the best first)
     s = pol.score(data.emb[:20], cards)
     assert (s.argmax(axis=1) == 3).all()
@@ -121,3 +123,48 @@ def test_before_enough_rows_knn_routes_and_learns_and_one_reward_stays_local():
     again.load_state_dict(pol.state_dict())
     assert again.describe() == {}
     np.testing.assert_allclose(again.score(data.emb, live), pol.score(data.emb, live))
+
+
+def test_a_chosen_carve_learns_through_its_own_learner(cmr_small, encoder):
+    """Where cards carry text, each fold hides a third of the models, which join by their cards;
+    carve (trained by gradient steps) then learns through a learner of its own: experiences with
+    its replay and anchor, feedback in bounded steps, all of it kept through a state round trip."""
+    from cmr.continual.learner import Learner
+
+    e1, e2 = cmr_small.experiences
+    pol = make_policy("auto", encoder=encoder, config={"candidates": ["carve"], "min_rows": 50})
+    pol.add_models(cmr_small.cards_of(1))
+    pol.fit(e1.train, cmr_small.cards_upto(1))
+    choice = pol.describe()
+    assert set(choice["mean"]) == {"prior", "carve"} and "joining by card" in choice["why"], choice
+    _check_rule(choice, margin=pol.config.margin)
+    assert choice["chosen"] == "carve", choice
+    # the same as carve trained by a learner on the same experiences
+    ref = Learner(make_policy("carve", encoder=encoder))
+    ref.policy.add_models(cmr_small.cards_of(1))
+    ref.fit(e1.train, cmr_small.cards_upto(1))
+    for p in (pol, ref.policy):
+        p.add_models(cmr_small.cards_of(2))
+    pol.fit(e2.train, cmr_small.cards_upto(2))
+    ref.fit(e2.train, cmr_small.cards_upto(2))
+    live = cmr_small.cards_upto(2)
+    np.testing.assert_allclose(pol.score(e2.test.emb, live), ref.policy.score(e2.test.emb, live), rtol=1e-5, atol=1e-6)
+    state = pol.state_dict()
+    assert state["inner_learner"]["experiences"] == 2  # e2 trained over e1's replay, as ref's did
+    # feedback: bounded online steps through the learner (replay sampled from its own generator)
+    from cmr.types import FeedbackEvent
+
+    right = [e2.test.model_ids[i] for i in e2.test.labels[:8]]
+    events = [FeedbackEvent(request_id=f"r{i}", model=m, reward=1.0, embedding=e2.test.emb[i].tolist()) for i, m in enumerate(right)]
+    again = make_policy("auto", encoder=encoder)
+    again.load_state_dict(state)
+    assert again.describe() == choice
+    np.testing.assert_allclose(again.score(e2.test.emb, live), pol.score(e2.test.emb, live), rtol=1e-5, atol=1e-6)
+    before = pol.score(e2.test.emb[:8], live)
+    pol.update(events)
+    again.update(events)
+    ref.consume(events)
+    after = pol.score(e2.test.emb[:8], live)
+    assert not np.allclose(after, before)
+    np.testing.assert_allclose(again.score(e2.test.emb, live), pol.score(e2.test.emb, live), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.policy.score(e2.test.emb, live), pol.score(e2.test.emb, live), rtol=1e-5, atol=1e-6)

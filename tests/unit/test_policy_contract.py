@@ -132,9 +132,10 @@ def test_every_config_field_is_typed(name):
     for f in fields(cls):
         kind = _kind(hints[f.name])
         bad = {"float": ["fast", float("nan"), float("inf")], "int": ["3", 2.5, True], "bool": ["yes", 1],
-               "literal": ["no-such-choice"], "str": [3]}[kind]
+               "literal": ["no-such-choice"], "str": [3], "list": ["knn", [3], ["no-such-choice"]]}[kind]
         for v in bad:
-            with pytest.raises(ConfigError, match=f"field '{f.name}'"):
+            # a list's bad item is named by its index: field 'name.0'
+            with pytest.raises(ConfigError, match=rf"field '{f.name}(\.\d+)?'"):
                 cls.from_dict({f.name: v})
     with pytest.raises(ConfigError, match="must be an object"):
         cls.from_dict(["seed", 1])

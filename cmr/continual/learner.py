@@ -106,6 +106,10 @@ class Learner:
         self.consolidate_epochs = consolidate_epochs
         self.fingerprint = dict(fingerprint or {})
         self.rng = np.random.default_rng(getattr(policy.config, "seed", 0))
+        # a policy that trains its choice through a learner of its own (auto) takes these settings
+        configure = getattr(policy, "configure_learner", None)
+        if configure is not None:
+            configure(events_per_step=self.events_per_step, consolidate_every=consolidate_every, consolidate_epochs=consolidate_epochs)
         self.experiences = 0  # anchor points so far (experiences and consolidations)
         self._since_consolidation = 0
         self._version = 0

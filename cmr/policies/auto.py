@@ -103,6 +103,7 @@ class AutoPolicy(RoutingPolicy):
         super().__init__(encoder, config)
         self._choice: dict[str, Any] = {}
         self._cards: dict[str, ModelCard] = {}
+        self._learner_options: dict[str, int] = {}
         self._set_inner(self._candidate(BEFORE_CHOICE))
 
     def _candidate(self, name: str) -> RoutingPolicy:
@@ -120,7 +121,16 @@ class AutoPolicy(RoutingPolicy):
         from cmr.continual.learner import Learner, Trainable
 
         self._inner = inner
-        self._learner = Learner(inner) if isinstance(inner, Trainable) else None
+        self._learner = Learner(inner, **self._learner_options) if isinstance(inner, Trainable) else None
+
+    def configure_learner(self, **options: int) -> None:
+        """The settings of the learner that drives this policy (events per step, consolidation),
+        passed on to the chosen policy's own learner; called by :class:`~cmr.continual.learner.Learner`."""
+        self._learner_options = dict(options)
+        if self._learner is not None:
+            self._learner.events_per_step = max(1, options.get("events_per_step", self._learner.events_per_step))
+            self._learner.consolidate_every = options.get("consolidate_every", self._learner.consolidate_every)
+            self._learner.consolidate_epochs = options.get("consolidate_epochs", self._learner.consolidate_epochs)
 
     @staticmethod
     def _fit(policy: RoutingPolicy, data: Examples, cards: Sequence[ModelCard]) -> None:

@@ -168,3 +168,8 @@ def test_a_chosen_carve_learns_through_its_own_learner(cmr_small, encoder):
     assert not np.allclose(after, before)
     np.testing.assert_allclose(again.score(e2.test.emb, live), pol.score(e2.test.emb, live), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ref.policy.score(e2.test.emb, live), pol.score(e2.test.emb, live), rtol=1e-5, atol=1e-6)
+    # the driving learner's settings reach auto's own: 8 events, a consolidation every 4
+    outer = Learner(again, events_per_step=2, consolidate_every=4)
+    n0 = again.state_dict()["inner_learner"]["experiences"]
+    outer.consume(events)
+    assert again.state_dict()["inner_learner"]["experiences"] == n0 + 2

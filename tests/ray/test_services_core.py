@@ -4,7 +4,6 @@ config files, the CLI's validation, engines, and the router's vectorised candida
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import numpy as np
@@ -280,7 +279,6 @@ def test_served_router_one_reward_moves_only_nearby_queries(tmp_path, mini_bench
     reward of 1.0 for a served model's answer does not make it win unrelated queries, and every
     score stays in [0, 1]. The served default, ``auto``, has too few rows here to choose: knn routes."""
     from services.config import AppArgs
-    from services.learner import LearnerActor
     from services.routing import RouteRequest, RouterCore
 
     bench, _ = mini_bench
@@ -297,12 +295,7 @@ def test_served_router_one_reward_moves_only_nearby_queries(tmp_path, mini_bench
     before = core.route([RouteRequest(query=q, record=False) for q in unrelated])
     chatty_before = {q: core.route([RouteRequest(query=q, record=False, filters=Filters(allow=["chatty"]))])[0].score for q in unrelated}
     core.store.add_feedback(d.request_id, 1.0)
-    learner = LearnerActor(args.to_dict(), encoder=encoder)
-    try:
-        assert learner.step() is not None
-    finally:
-        learner.stop()
-    assert core.check_checkpoint() == learner.status()["checkpoint_version"]
+    _learn_one_step(args, encoder, core)
     after = core.route([RouteRequest(query=q, record=False) for q in unrelated])
     # no unrelated query goes to chatty that did not before (a hub this small may give it one by its
     # card alone); another change of hands is a near tie between two other models (the new row
@@ -321,13 +314,24 @@ def test_served_router_one_reward_moves_only_nearby_queries(tmp_path, mini_bench
     core.close()
 
 
+def _learn_one_step(args, encoder, core) -> None:
+    """One learner step over the feedback so far, whose checkpoint the router swaps in."""
+    from services.learner import LearnerActor
+
+    learner = LearnerActor(args.to_dict(), encoder=encoder)
+    try:
+        assert learner.step() is not None
+    finally:
+        learner.stop()
+    assert core.check_checkpoint() == learner.status()["checkpoint_version"]
+
+
 def test_served_auto_chooses_at_first_start_and_keeps_its_choice_through_learner_checkpoints(tmp_path, mini_bench, encoder):
     """``auto``, the served default, with enough rows (``min_rows`` lowered for the mini bench)
     chooses at first start by cross-validation; ``status()`` (``/healthz``) reports what and why,
     and a learner step's checkpoint, swapped in by the router, keeps the choice."""
     from cmr.policies.auto import CANDIDATES
     from services.config import AppArgs
-    from services.learner import LearnerActor
     from services.routing import RouteRequest, RouterCore
 
     bench, _ = mini_bench
@@ -338,11 +342,6 @@ def test_served_auto_chooses_at_first_start_and_keeps_its_choice_through_learner
     assert choice["chosen"] in CANDIDATES and set(choice["mean"]) == set(CANDIDATES) and "folds of" in choice["why"], choice
     d = core.route([RouteRequest(query="Transcribe this audio clip of a meeting.")])[0]
     core.store.add_feedback(d.request_id, 1.0)
-    learner = LearnerActor(args.to_dict(), encoder=encoder)
-    try:
-        assert learner.step() is not None
-    finally:
-        learner.stop()
-    assert core.check_checkpoint() == learner.status()["checkpoint_version"]
+    _learn_one_step(args, encoder, core)
     assert core.status()["policy_choice"] == choice
     core.close()

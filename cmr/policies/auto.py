@@ -189,16 +189,13 @@ class AutoPolicy(RoutingPolicy):
         names = [n for n in CANDIDATES if (n == "prior" or n in cfg.candidates)
                  and (self.encoder is not None or not policy_class(CANDIDATES[n][0]).needs_encoder)]
         per: dict[str, list[float]] = {n: [] for n in names}
-        # models join by their profile answers here (the policy was given profile prompts), or,
-        # without profiles, by their card's text (a description or domain the encoder reads):
-        # each fold hides a third of those models from training and adds them afterwards, as the
-        # workload will
-        if self._profile_ids:
-            how, joining = "profile", [m for m in data.model_ids if m in card_of and card_of[m].profile]
-        elif self.encoder is not None:
+        # models join by their profile answers here (the policy was given profile prompts and
+        # some cards carry answers), or else by their card's text (a description or domain the
+        # encoder reads): each fold hides a third of those models from training and adds them
+        # afterwards, as the workload will
+        how, joining = "profile", [m for m in data.model_ids if m in card_of and card_of[m].profile] if self._profile_ids else []
+        if not joining and self.encoder is not None:
             how, joining = "card", [m for m in data.model_ids if m in card_of and (card_of[m].description or card_of[m].domain)]
-        else:
-            how, joining = "", []
         for i, held in enumerate(folds):
             part = data.subset(np.concatenate([f for j, f in enumerate(folds) if j != i]))
             test = data.subset(held)

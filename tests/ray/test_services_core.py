@@ -326,22 +326,34 @@ def _learn_one_step(args, encoder, core) -> None:
     assert core.check_checkpoint() == learner.status()["checkpoint_version"]
 
 
-def test_served_auto_chooses_at_first_start_and_keeps_its_choice_through_learner_checkpoints(tmp_path, mini_bench, encoder):
+@pytest.mark.parametrize("candidates", [None, ["carve"]])
+def test_served_auto_chooses_at_first_start_and_keeps_its_choice_through_learner_checkpoints(tmp_path, mini_bench, encoder, candidates):
     """``auto``, the served default, with enough rows (``min_rows`` lowered for the mini bench)
     chooses at first start by cross-validation; ``status()`` (``/healthz``) reports what and why,
-    and a learner step's checkpoint, swapped in by the router, keeps the choice."""
+    and a learner step's checkpoint, swapped in by the router, keeps the choice. Narrowed to
+    carve, the served learner's feedback reaches carve through auto's own learner, whose state
+    the checkpoint carries."""
+    from cmr import checkpoint
     from cmr.policies.auto import CANDIDATES
     from services.config import AppArgs
-    from services.routing import RouteRequest, RouterCore
+    from services.routing import RouteRequest, RouterCore, checkpoint_root
 
     bench, _ = mini_bench
     args = AppArgs(home=str(tmp_path), bench=str(bench), tiny_models=False, profile_size=0, learner={"enabled": False, "poll_s": 0},
-                   policy_config={"min_rows": 20})
+                   policy_config={"min_rows": 20, **({"candidates": candidates} if candidates else {})})
     core = RouterCore(args, encoder)
     choice = core.status()["policy_choice"]
-    assert choice["chosen"] in CANDIDATES and set(choice["mean"]) == set(CANDIDATES) and "folds of" in choice["why"], choice
+    names = set(CANDIDATES) if candidates is None else {"prior", *candidates}
+    assert choice["chosen"] in names and set(choice["mean"]) == names and "folds of" in choice["why"], choice
+    if candidates:
+        assert choice["chosen"] == "carve", choice
+        state = checkpoint.load_policy(checkpoint_root(args), encoder=encoder).state_dict()
+        steps = state["inner_learner"]["since_consolidation"]
     d = core.route([RouteRequest(query="Transcribe this audio clip of a meeting.")])[0]
     core.store.add_feedback(d.request_id, 1.0)
     _learn_one_step(args, encoder, core)
     assert core.status()["policy_choice"] == choice
+    if candidates:  # the reward went through carve's own learner: one more event since its last consolidation
+        state = checkpoint.load_policy(checkpoint_root(args), encoder=encoder).state_dict()
+        assert state["inner_learner"]["since_consolidation"] == steps + 1
     core.close()

@@ -127,20 +127,8 @@ class AutoPolicy(RoutingPolicy):
         """The settings of the learner that drives this policy (events per step, consolidation),
         passed on to the chosen policy's own learner; called by :class:`~cmr.continual.learner.Learner`."""
         self._learner_options = dict(options)
-        if self._learner is not None:
-            self._learner.events_per_step = max(1, options.get("events_per_step", self._learner.events_per_step))
-            self._learner.consolidate_every = options.get("consolidate_every", self._learner.consolidate_every)
-            self._learner.consolidate_epochs = options.get("consolidate_epochs", self._learner.consolidate_epochs)
-
-    @staticmethod
-    def _fit(policy: RoutingPolicy, data: Examples, cards: Sequence[ModelCard]) -> None:
-        """Fit a candidate on one fold: through a fresh learner if it trains by gradient steps."""
-        from cmr.continual.learner import Learner, Trainable
-
-        if isinstance(policy, Trainable):
-            Learner(policy).fit(data, cards)
-        else:
-            policy.fit(data, cards)
+        for name, value in options.items() if self._learner is not None else ():
+            setattr(self._learner, name, value)
 
     def describe(self) -> dict[str, Any]:
         """What was chosen and why: ``chosen``, its ``policy`` and ``config``, and each
@@ -176,6 +164,7 @@ class AutoPolicy(RoutingPolicy):
             self._inner.update(events)
 
     def _choose(self, data: Examples) -> None:
+        from cmr.continual.learner import Learner
         from cmr.policies.registry import policy_class
 
         cfg = self.config
@@ -207,7 +196,7 @@ class AutoPolicy(RoutingPolicy):
             for n in names:
                 cand = self._candidate(n)
                 cand.add_models(fit_cards)
-                self._fit(cand, part, fit_cards)
+                Learner(cand).fit(part, fit_cards)  # the one learning path: plain fit, or carve's epochs
                 cand.add_models([card_of[m] for m in hide])
                 pred = np.asarray(cand.score(test.emb, test_cards, tasks=test.meta.get("task")), dtype=np.float64)
                 per[n].append(fold_score(pred, test.scores.astype(np.float64), None if test.costs is None else test.costs.astype(np.float64), card_costs))

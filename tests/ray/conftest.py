@@ -8,18 +8,13 @@ CMRBench card and prompt texts are not re-encoded.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import pytest
 
+from tests.ray.serve_process import free_port
+
 pytestmark = pytest.mark.ray
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -44,8 +39,8 @@ def served(ray_session, tmp_path_factory, request):
     from services.app import deploy, undeploy
     from services.config import AppArgs
 
-    port = _free_port()
-    grpc_port = _free_port() if getattr(request.module, "GRPC", False) else None
+    port = free_port()
+    grpc_port = free_port() if getattr(request.module, "GRPC", False) else None
     home = tmp_path_factory.mktemp("cmr_home")
     # API keys are on by default in the server; these tests run in explicit open mode unless the
     # module's APP_ARGS says otherwise (tests/ray/test_security.py)

@@ -4,6 +4,7 @@ with SIGTERM and check it exits 0. Shared by the tests that need a process-level
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,10 +17,31 @@ from typing import Iterator
 from cmr import constants
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, for a server a test starts later. Not from the kernel's ephemeral range:
+    a port from there (bind to 0, close) can be taken by any outgoing connection or port-0 bind
+    (Ray opens many as it starts) before the server binds it. Not from Ray's worker ports either
+    (10002-19999 by default). Never the same port twice in one test process."""
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(20000, max(low, 20001))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port between 20000 and the ephemeral range")
 
 
 class Lines(list):

@@ -158,7 +158,7 @@ def test_node_losses_under_load_lose_no_feedback(cluster):
     from services.config import AppArgs
     from services.learner import audit, learner_handle
     from services.routing import bootstrap
-    from tests.ray.conftest import _free_port
+    from tests.ray.serve_process import free_port
 
     c, nodes, node, dsn, tmp = cluster
     t_start = time.monotonic()
@@ -167,7 +167,7 @@ def test_node_losses_under_load_lose_no_feedback(cluster):
                    ingress_actor_options={"num_cpus": 0, "resources": {"head": 1}},
                    learner={"poll_s": 0.5, "checkpoint_every_s": 1.0, "actor_options": {"resources": {"learner": 1}}})
     bootstrap(args, default_encoder(backend=args.encoder))  # once, before the replicas start: hub seeded, v1 published
-    port = _free_port()
+    port = free_port()
     deploy(args, port=port, proxy_location="HeadOnly")
     url = f"http://127.0.0.1:{port}"
     # each router replica takes the one "router" unit of its node: one replica on each router node

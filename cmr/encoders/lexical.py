@@ -30,6 +30,9 @@ EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
 #: (docs/results/limits/fused-validation.md)
 LEXICAL_WEIGHT = 0.75
 LEXICAL_DIM = 256
+#: the lexical part reads a text's last this many characters (its end, as the dense part keeps):
+#: its analysers cost time linear in the text, and a routed prompt may be megabytes
+LEXICAL_CHARS = 8192
 _WORD = {"ngram_range": (1, 2), "min_df": 2, "sublinear_tf": True, "max_features": 30_000}
 _CHAR = {"analyzer": "char_wb", "ngram_range": (3, 5), "min_df": 3, "sublinear_tf": True, "max_features": 20_000}
 
@@ -70,7 +73,7 @@ class LexicalEncoder:
         import scipy.sparse as sp
         from sklearn.decomposition import TruncatedSVD
 
-        texts = list(texts)
+        texts = [t[-LEXICAL_CHARS:] for t in texts]
         word, char = _vectorizer(_WORD).fit(texts), _vectorizer(_CHAR).fit(texts)
         x = sp.hstack([word.transform(texts), char.transform(texts)]).tocsr()
         k = max(1, min(dim, x.shape[1] - 1, len(texts) - 1))
@@ -83,6 +86,7 @@ class LexicalEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), np.float32)
         for r, text in enumerate(texts):
+            text = text[-LEXICAL_CHARS:]
             for analyze, vocab, idf in self._views:
                 # sklearn's TfidfVectorizer.transform, for one text: counts of known terms,
                 # sublinear tf × idf, l2-normalised per part; then the SVD projection

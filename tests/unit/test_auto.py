@@ -55,7 +55,7 @@ def test_chooses_the_zero_router_where_prompts_predict_nothing():
     assert choice["chosen"] == "prior", choice
     _check_rule(choice, margin=pol.config.margin)
     # every candidate but those that read the cards' text (no encoder here)
-    assert set(choice["mean"]) == {n for n, (p, _) in CANDIDATES.items() if not policy_class(p).needs_encoder} == set(CANDIDATES) - {"carve"}
+    assert set(choice["mean"]) == {n for n, (p, _) in CANDIDATES.items() if not policy_class(p).needs_encoder} == set(CANDIDATES) - {"carve", "carve-vote"}
     assert all(len(v) == 3 for v in choice["folds"].values())
     # the zero router's scores: one ranking of the models for every prompt (the best first)
     s = pol.score(data.emb[:20], cards)
@@ -137,6 +137,7 @@ def test_a_chosen_carve_learns_through_its_own_learner(cmr_small, encoder):
     pol.fit(e1.train, cmr_small.cards_upto(1))
     choice = pol.describe()
     assert set(choice["mean"]) == {"prior", "carve"} and "joining by card" in choice["why"], choice
+    assert choice["why"].startswith("best mean M/F/D accuracy"), choice  # labelled rows: the continual benchmark's figures
     _check_rule(choice, margin=pol.config.margin)
     assert choice["chosen"] == "carve", choice
     # the same as carve trained by a learner on the same experiences
@@ -173,3 +174,22 @@ def test_a_chosen_carve_learns_through_its_own_learner(cmr_small, encoder):
     n0 = again.state_dict()["inner_learner"]["experiences"]
     outer.consume(events)
     assert again.state_dict()["inner_learner"]["experiences"] == n0 + 2
+
+
+def test_labelled_rows_are_scored_as_the_continual_benchmark_scores_them():
+    """Rows naming one correct model and its family and domain: the fold score is the mean of the
+    benchmark's M, F and D accuracy (``metrics.routing_hits``), so landing in the right domain counts."""
+    from cmr.bench import metrics
+    from cmr.policies.auto import labelled_fold_score
+
+    cards = [ModelCard(id="a", family="fa", domain="d1"), ModelCard(id="b", family="fb", domain="d1"),
+             ModelCard(id="c", family="fc", domain="d2", cost=1.0)]
+    ids = [c.id for c in cards]
+    data = Examples(texts=["x", "y", "z"], model_ids=ids, scores=np.eye(3, dtype=np.float32)[[0, 0, 2]], labels=np.array([0, 0, 2]),
+                    meta={"family": ["fa", "fa", "fc"], "domain": ["d1", "d1", "d2"]}, emb=np.zeros((3, 4), np.float32))
+    # row 0: the target (M, F, D); row 1: a sibling of its domain, another family (D only);
+    # row 2: a tie between the target and a cheaper wrong model, which the decision rule takes (none)
+    pred = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.5, 0.0, 0.5]])
+    acc = metrics.accuracies(np.array([0, 1, 0]), cards, data)
+    assert acc == {"m": 1 / 3, "f": 1 / 3, "d": 2 / 3}
+    assert labelled_fold_score(pred, data, cards) == np.mean(list(acc.values()))

@@ -26,6 +26,18 @@ def test_lexical_encoder_roundtrips_through_its_state():
     assert LexicalEncoder.fit(TEXTS[:30], dim=8).name != lex.name
 
 
+def test_a_long_text_is_read_to_its_last_characters_only():
+    """A megabyte prompt costs the lexical part what its last ``LEXICAL_CHARS`` characters cost:
+    the same vector as that end alone (the question is at the end, as the dense part keeps it)."""
+    from cmr.encoders.lexical import LEXICAL_CHARS
+
+    lex = LexicalEncoder.fit(TEXTS, dim=8)
+    end = "translate german text with fairseq " * (LEXICAL_CHARS // 35 + 1)
+    huge = "an unrelated preamble about image segmentation with timm " * 20_000 + end
+    np.testing.assert_array_equal(lex.encode([huge]), lex.encode([end[-LEXICAL_CHARS:]]))
+    assert not np.allclose(lex.encode([huge]), lex.encode([huge[: LEXICAL_CHARS]]))
+
+
 def test_fused_vectors_are_unit_and_keep_the_dense_part(encoder):
     fused = fit_encoder("minilm+tfidf", encoder, TEXTS)
     assert isinstance(fused, FusedEncoder) and fused.dim == encoder.dim + fused.lexical.dim

@@ -73,15 +73,29 @@ class LexicalEncoder:
         import scipy.sparse as sp
         from sklearn.decomposition import TruncatedSVD
 
+        from cmr.errors import ConfigError
+
         texts = [t[-LEXICAL_CHARS:] for t in texts]
-        word, char = _vectorizer(_WORD).fit(texts), _vectorizer(_CHAR).fit(texts)
-        x = sp.hstack([word.transform(texts), char.transform(texts)]).tocsr()
+        parts, mats = [], []
+        for params in (_WORD, _CHAR):
+            v = _vectorizer(params)
+            try:
+                x = v.fit_transform(texts)
+            except ValueError:  # no term in enough texts (few or tiny texts): this part adds nothing
+                parts.append(([], np.zeros(0)))
+                continue
+            parts.append(([t for t, _ in sorted(v.vocabulary_.items(), key=lambda kv: kv[1])], v.idf_.astype(np.float64)))
+            mats.append(x)
+        x = sp.hstack(mats).tocsr() if mats else None
+        if x is None or x.shape[1] < 2 or len(texts) < 2:
+            raise ConfigError(f"field 'embedding': 'minilm+tfidf' found too few terms to fit in {len(texts)} texts (a word must be in "
+                              f"{_WORD['min_df']} of them, a character n-gram in {_CHAR['min_df']}); use 'minilm' or train on more texts")
         k = max(1, min(dim, x.shape[1] - 1, len(texts) - 1))
-        comp = TruncatedSVD(k, random_state=seed).fit(x).components_.T.astype(np.float32)  # [n_terms, k]
+        with np.errstate(invalid="ignore", divide="ignore"):  # its explained-variance ratio (unused) is 0/0 on a tiny corpus
+            comp = TruncatedSVD(k, random_state=seed).fit(x).components_.T.astype(np.float32)  # [n_terms, k]
         scales = np.maximum(np.abs(comp).max(axis=1), 1e-12).astype(np.float32) / 127.0
         codes = np.round(comp / scales[:, None]).astype(np.int8)
-        terms = lambda v: [t for t, _ in sorted(v.vocabulary_.items(), key=lambda kv: kv[1])]  # noqa: E731
-        return cls((terms(word), word.idf_.astype(np.float64)), (terms(char), char.idf_.astype(np.float64)), codes, scales)
+        return cls(parts[0], parts[1], codes, scales)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), np.float32)

@@ -38,6 +38,22 @@ def test_a_long_text_is_read_to_its_last_characters_only():
     assert not np.allclose(lex.encode([huge]), lex.encode([huge[: LEXICAL_CHARS]]))
 
 
+def test_too_few_texts_is_a_clear_error_and_a_part_without_terms_adds_nothing():
+    """Fitted on texts that share no term often enough, the fusion is refused naming the field
+    (a clear error at first start, not sklearn's); where only one part (words or character
+    n-grams) finds terms, the other adds nothing and the encoder still round-trips."""
+    with pytest.raises(ConfigError, match="field 'embedding'"):
+        LexicalEncoder.fit(["hello world", "a b"])
+    with pytest.raises(ConfigError, match="field 'embedding'"):
+        fit_encoder("minilm+tfidf", None, ["one text"])
+    lex = LexicalEncoder.fit(["abcdx", "abcdy", "abcdz"])  # no word in two texts; character n-grams in all three
+    assert lex.state_dict()["word_terms"] == [] and lex.state_dict()["char_terms"]
+    again = LexicalEncoder.from_state(lex.state_dict())
+    probe = ["abcd", "zzz"]
+    np.testing.assert_array_equal(lex.encode(probe), again.encode(probe))
+    assert np.isclose(np.linalg.norm(lex.encode(probe)[0]), 1) and not lex.encode(probe)[1].any()
+
+
 def test_fused_vectors_are_unit_and_keep_the_dense_part(encoder):
     fused = fit_encoder("minilm+tfidf", encoder, TEXTS)
     assert isinstance(fused, FusedEncoder) and fused.dim == encoder.dim + fused.lexical.dim

@@ -193,3 +193,39 @@ def test_labelled_rows_are_scored_as_the_continual_benchmark_scores_them():
     acc = metrics.accuracies(np.array([0, 1, 0]), cards, data)
     assert acc == {"m": 1 / 3, "f": 1 / 3, "d": 2 / 3}
     assert labelled_fold_score(pred, data, cards) == np.mean(list(acc.values()))
+
+
+def _labelled(signal: bool, n: int = 300, seed: int = 0) -> tuple[Examples, list[ModelCard]]:
+    """CMRBench's format: one correct model per row (8 models, 4 domains of 2); with ``signal`` the
+    prompt's topic names the domain, without it the target is drawn by popularity alone."""
+    rng = np.random.default_rng(seed)
+    ids = [f"m{j}" for j in range(8)]
+    cards = [ModelCard(id=m, family=f"f{j}", domain=f"d{j // 2}") for j, m in enumerate(ids)]
+    if signal:
+        topic = rng.integers(0, 4, n)
+        lab = 2 * topic + rng.integers(0, 2, n)
+    else:
+        topic = rng.integers(0, 4, n)
+        lab = rng.choice(8, n, p=[0.05, 0.05, 0.05, 0.05, 0.1, 0.1, 0.15, 0.45])
+    centres = rng.normal(size=(4, 16))
+    emb = centres[topic] + 0.3 * rng.normal(size=(n, 16))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    meta = {"family": [cards[j].family for j in lab], "domain": [cards[j].domain for j in lab]}
+    return Examples(texts=[f"q{i}" for i in range(n)], model_ids=ids, scores=np.eye(8, dtype=np.float32)[lab], labels=lab, meta=meta, emb=emb), cards
+
+
+def test_labelled_rows_choose_the_zero_router_without_signal_and_a_learned_policy_with_it():
+    """The guarantee holds under the M/F/D score too: where prompts say nothing of the target,
+    the zero router (the most popular model) is kept; where they name its domain, a learned one wins."""
+    for signal in (False, True):
+        data, cards = _labelled(signal)
+        pol = make_policy("auto", config={"folds": 3})
+        pol.fit(data, cards)
+        choice = pol.describe()
+        assert choice["why"].startswith("best mean M/F/D accuracy"), choice
+        _check_rule(choice, margin=pol.config.margin)
+        if signal:
+            assert choice["chosen"] != "prior" and choice["mean"][choice["chosen"]] > choice["mean"]["prior"] + 0.1, choice
+        else:
+            assert choice["chosen"] == "prior", choice
+            assert (pol.score(data.emb[:20], cards).argmax(axis=1) == 7).all()

@@ -178,7 +178,9 @@ class KNNPolicy(MemoryPolicy):
         grid = PRIOR_GRID if c.prior_weight is None else (float(c.prior_weight),)
         total = w.sum(axis=1, keepdims=True)
         blind = [shrink(num, den, prior, a * total) for a in shrinks]
-        i, wb = tune_grid(blind, sim, truth, grid)
+        # the setting an earlier tuning chose stays unless the new rows beat it (tune_grid)
+        inc = (shrinks.index(self._tuned_shrinkage), self._tuned_weight) if self._tuned_at and self._tuned_shrinkage in shrinks else None
+        i, wb = tune_grid(blind, sim, truth, grid, incumbent=inc)
         self._tuned_shrinkage, self._tuned_weight = float(shrinks[i]), wb
         # then the task-aware settings, against the task-blind choice (kept unless beaten), on
         # each row's task prior without that row

@@ -378,7 +378,8 @@ def tune_prior_weight(est: np.ndarray, card_sim: np.ndarray, truth: np.ndarray, 
     return tune_grid([est], card_sim, truth, grid)[1]
 
 
-def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarray, grid: Sequence[float] = PRIOR_GRID) -> tuple[int, float]:
+def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarray, grid: Sequence[float] = PRIOR_GRID,
+              incumbent: tuple[int, float] | None = None) -> tuple[int, float]:
     """Best (index into ``ests``, card weight of ``grid``) by the routing quality of
     ``tune_prior_weight``; ties go to the earlier estimate and the smaller weight. The first pair
     (``ests[0]``, ``grid[0]``: the most cautious, the prior alone where the grids reach it) is
@@ -387,7 +388,9 @@ def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarra
     outcome (what the cost-aware choices of a λ sweep rest on); of those, the first that the best
     of them does not beat in routing quality by one standard error is taken. The best of many
     pairs on few noisy rows would otherwise be noise (e.g. a card weight on bare model names, or
-    a small shrinkage) preferred to the more cautious settings."""
+    a small shrinkage) preferred to the more cautious settings. ``incumbent`` (the pair an earlier
+    tuning chose) is kept unless that pick beats it by one standard error the same way: as the
+    memory grows, a fresh leave-one-out sample would otherwise flip between near-equal settings."""
     from cmr.decide import choose
 
     rows = np.arange(len(card_sim))
@@ -416,6 +419,9 @@ def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarra
     best = max(ok, key=lambda t: mean(t[2]))  # the first of ties
     # the one-standard-error rule: the first (most cautious) of them that the best does not beat
     pick = next(t for t in ok if t is best or not beats(best[2], t[2]))
+    inc = next((t for t in tried if incumbent is not None and (t[0], t[1]) == (incumbent[0], float(incumbent[1]))), None)
+    if inc is not None and inc is not pick and not (beats(pick[2], inc[2]) or beats(pick[3], inc[3])):
+        return inc[0], inc[1]
     return pick[0], pick[1]
 
 

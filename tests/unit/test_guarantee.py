@@ -108,3 +108,23 @@ def test_knn_and_auto_are_not_below_the_per_task_prior_where_the_task_decides(tm
     for name in ("knn", "auto"):
         assert got[name]["aiq"] >= ref["aiq"] - noise, (name, got[name]["aiq"], ref["aiq"])
         assert got[name]["max_quality"] >= ref["max_quality"] - noise, (name, got[name]["max_quality"], ref["max_quality"])
+
+
+def test_a_setting_tuned_before_is_kept_until_new_rows_beat_it_by_one_standard_error():
+    """``tune_grid``'s incumbent (knn passes the setting its previous tuning chose): kept where the
+    new pick does not beat it by one standard error (a discrete choice on a noisy leave-one-out
+    sample would otherwise flip between equals as the memory grows), replaced where it is beaten."""
+    from cmr.policies.memory import tune_grid
+
+    rng = np.random.default_rng(0)
+    n = 400
+    truth = np.stack([rng.random(n) < 0.3, rng.random(n) < 0.7], axis=1).astype(float)
+    est0 = np.tile([0.7, 0.3], (n, 1))  # model 0 always: clearly worse
+    est1 = np.tile([0.3, 0.7], (n, 1))  # model 1 always
+    # model 0 where both models score the same: the same outcomes and squared errors as est1
+    est2 = np.where((truth[:, :1] == truth[:, 1:]), est1[:, ::-1], est1)
+    sim = np.zeros((n, 2))
+    ests = [est0, est1, est2]
+    assert tune_grid(ests, sim, truth, (0.0,)) == (1, 0.0)  # the first of the equals
+    assert tune_grid(ests, sim, truth, (0.0,), incumbent=(2, 0.0)) == (2, 0.0)  # an equal incumbent stays
+    assert tune_grid(ests, sim, truth, (0.0,), incumbent=(0, 0.0)) == (1, 0.0)  # a beaten one goes

@@ -22,6 +22,8 @@ from typing import Any, Literal, Sequence, get_args
 
 import numpy as np
 
+from cmr.errors import ConfigError
+
 #: what a router or benchmark embeds texts with: the dense encoder alone, or fused with TF-IDF
 Embedding = Literal["minilm", "minilm+tfidf"]
 EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
@@ -72,8 +74,6 @@ class LexicalEncoder:
         """Fit TF-IDF and its SVD on ``texts`` (at least a few hundred distinct ones make sense)."""
         import scipy.sparse as sp
         from sklearn.decomposition import TruncatedSVD
-
-        from cmr.errors import ConfigError
 
         texts = [t[-LEXICAL_CHARS:] for t in texts]
         parts, mats = [], []

@@ -419,9 +419,9 @@ def tune_grid(ests: Sequence[np.ndarray], card_sim: np.ndarray, truth: np.ndarra
     best = max(ok, key=lambda t: mean(t[2]))  # the first of ties
     # the one-standard-error rule: the first (most cautious) of them that the best does not beat
     pick = next(t for t in ok if t is best or not beats(best[2], t[2]))
-    inc = next((t for t in tried if incumbent is not None and (t[0], t[1]) == (incumbent[0], float(incumbent[1]))), None)
-    if inc is not None and inc is not pick and not (beats(pick[2], inc[2]) or beats(pick[3], inc[3])):
-        return inc[0], inc[1]
+    inc = next((t for t in tried if (t[0], t[1]) == incumbent), None) if incumbent is not None else None
+    if inc is not None and not (beats(pick[2], inc[2]) or beats(pick[3], inc[3])):
+        pick = inc
     return pick[0], pick[1]
 
 

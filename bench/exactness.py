@@ -55,24 +55,35 @@ def parse_variant(s: str) -> tuple[str, int]:
     return b, int(n)
 
 
-def quality(backend: str, tokens: int, policies: Sequence[str], cache) -> dict[str, Any]:
-    """``knn`` (and ``policies``) on CMRBench test (final M / F / D) and ``knn`` on RouterBench test (AIQ)."""
+def quality(backend: str, tokens: int, policies: Sequence[str], cache, embedding: str = "minilm") -> dict[str, Any]:
+    """``knn`` (and ``policies``) on CMRBench test (final M / F / D) and ``knn`` on RouterBench test
+    (AIQ), each embedded with ``embedding`` as the router does (its lexical part, if any, fitted
+    on that set's train prompts and cards; the query view shares it)."""
     from cmr import constants
     from cmr.bench import cmr_protocol, common, llm_protocol
     from cmr.data import load_cmrbench, load_outcomes
     from cmr.encoders import CachedEncoder, make_encoder
+    from cmr.encoders.lexical import embedding_of, fit_encoder
     from cmr.policies import make_policy
 
-    full = CachedEncoder(make_encoder(backend, 1, None), cache)
-    query = CachedEncoder(make_encoder(backend, 1, None, tokens), cache)
-    out: dict[str, Any] = {"encoder": full.name, "query_encoder": query.name}
+    dense = CachedEncoder(make_encoder(backend, 1, None), cache)
+    dense_query = CachedEncoder(make_encoder(backend, 1, None, tokens), cache)
+
+    def encoders(texts):
+        full = fit_encoder(embedding, dense, texts)
+        return full, (full.with_dense(dense_query) if full is not dense else dense_query)
+
     bench = load_cmrbench(constants.data_root() / "cmrbench")
+    full, query = encoders([t for e in bench.experiences for t in e.train.texts] + [c.text() for c in bench.cards])
+    out: dict[str, Any] = {"encoder": full.name, "query_encoder": query.name, "embedding": embedding_of(full)}
     common.embed(full, [e.train for e in bench.experiences])
     common.embed(query, [e.test for e in bench.experiences])
     for name in policies:
         f = cmr_protocol.evaluate(bench, make_policy(name, encoder=full))["final"]
         out[f"cmrbench_{name}"] = {"m_acc": float(f["m_acc"]), "f_acc": float(f["f_acc"]), "d_acc": float(f["d_acc"])}
     data = load_outcomes(constants.data_root() / "routing" / "routerbench")
+    full, query = encoders(list(data.train.texts) + [c.text() for c in data.cards])
+    out["routerbench_embedding"] = embedding_of(full)
     common.embed(full, [data.train])
     common.embed(query, [data.test])
     policy = make_policy("knn", encoder=full)
@@ -106,6 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=int, nargs="*", default=[2000, 100_000], help="hub sizes for the decision latency (none: skip)")
     p.add_argument("--decision-requests", type=int, default=400, help="lone decisions per variant and hub")
     p.add_argument("--distinct", type=int, default=1000, help="card texts really embedded per hub (bench.serve)")
+    p.add_argument("--embedding", choices=("auto", "minilm", "minilm+tfidf"), default="auto",
+                   help="what texts are embedded with for the quality columns (default auto, as the router serves)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default: runs/exactness-<UTC>)")
 
@@ -130,7 +143,7 @@ def run(a: argparse.Namespace) -> int:
         cache = EmbeddingCache(constants.cache_dir() / "embeddings.sqlite")
         for v, (b, n) in zip(a.variants, variants):
             t = time.perf_counter()
-            rep["quality"][v] = quality(b, n, a.policies, cache)
+            rep["quality"][v] = quality(b, n, a.policies, cache, a.embedding)
             print(f"quality {v:<24} {json.dumps(rep['quality'][v])}  ({time.perf_counter() - t:.0f} s)", flush=True)
     prompts = test_prompts(a.decision_requests)
     with tempfile.TemporaryDirectory(prefix="cmr-bench-exactness-") as tmp:
@@ -161,7 +174,8 @@ def render_md(rep: dict[str, Any], policies: Sequence[str] = ("knn",)) -> str:
     head += ["RouterBench knn AIQ (Δ pts)"] + [f"{int(h):,} models: p50 / p99 ms, CPU p50 / p99 ms" for h in hubs]
     lines = [f"# Exact and fast query encoders side by side (issue 17)", "",
              f"{rep['started_utc']}, {rep['machine']}, load {rep['loadavg_start'][0]:.1f} → {rep.get('loadavg_end', [0])[0]:.1f}; "
-             f"`{rep.get('command')}`. Served default: `{rep['served_default']}`; exact: `{rep['exact']}`. Quality floor: "
+             f"`{rep.get('command')}`. Served default: `{rep['served_default']}`; exact: `{rep['exact']}`; embedding "
+             f"(CMRBench / RouterBench): `{ex.get('embedding', 'minilm')}` / `{ex.get('routerbench_embedding', 'minilm')}`. Quality floor: "
              f"within {QUALITY_POINTS} points of exact; decision floor: p99 ≤ 10 ms at 2,000 models (a shared 2-core machine: "
              "the CPU column is the decision's own cost, whatever else loads the cores).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bench import cli
+from cmr.encoders.lexical import EMBEDDINGS
 
 LLM_SETS = ("routerbench", "routerdc7")
 #: the figures of each protocol's report: (key in report.json, label)
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cmr-policies", nargs="+", default=["knn", "cluster", "carve"], help="policies for CMRBench (same form)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--unseen", type=float, default=0.33, help="uniroute vs knn with this fraction of models unseen (0: skip)")
-    p.add_argument("--embedding", default="minilm", choices=("minilm", "minilm+tfidf"))
+    p.add_argument("--embedding", default="minilm", choices=EMBEDDINGS)
     p.add_argument("--data-root", type=Path, default=None, help="folder holding routing/ and cmrbench/ (default: the shared data)")
     p.add_argument("--out", type=Path, default=Path("docs/results/seeds"))
 
@@ -75,8 +76,8 @@ def _spec(spec: str, embedding: str) -> tuple[str, list[str]]:
 
     if name not in policy_names():
         raise SeedsError(f"policy {spec!r}: unknown policy {name!r} (known: {', '.join(policy_names())})")
-    if emb and emb not in ("minilm", "minilm+tfidf"):
-        raise SeedsError(f"policy {spec!r}: unknown embedding {emb!r} (minilm, minilm+tfidf)")
+    if emb and emb not in EMBEDDINGS:
+        raise SeedsError(f"policy {spec!r}: unknown embedding {emb!r} ({', '.join(EMBEDDINGS)})")
     return name, [*(x for kv in sets.split(",") if kv for x in ("--set", kv)), "--embedding", emb or embedding]
 
 

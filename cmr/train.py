@@ -67,9 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "should use the router's (AppArgs.encoder, onnx-int8 by default), whose query vectors it is compared with")
     from cmr.encoders.lexical import EMBEDDINGS
 
-    p.add_argument("--embedding", choices=EMBEDDINGS, default="minilm",
+    p.add_argument("--embedding", choices=EMBEDDINGS, default="auto",
                    help="minilm: MiniLM alone; minilm+tfidf: fused with TF-IDF fitted on the trained experiences' prompts and the "
-                        "hub's cards, saved in every checkpoint (a router serves it as AppArgs.embedding)")
+                        "hub's cards, saved in every checkpoint (a router serves it as AppArgs.embedding); auto (default, as the "
+                        "router): fused where those texts are enough to fit it, else minilm")
 
 
 def _train_loop(opts: dict[str, Any], report: Callable[[dict[str, Any], Path], None] | None = None) -> list[dict[str, Any]]:
@@ -89,7 +90,7 @@ def _train_loop(opts: dict[str, Any], report: Callable[[dict[str, Any], Path], N
     # the lexical part (if any) is fitted once, before the first experience, on every prompt this
     # run trains on and the hub's cards (labels unused), as `cmr bench cmr` and the router do
     fit_texts = [t for e in exps for t in (e.train.texts[: opts["limit"]] if opts.get("limit") else e.train.texts)]
-    encoder = fit_encoder(opts.get("embedding") or "minilm", default_encoder(backend=opts.get("encoder") or "torch"),
+    encoder = fit_encoder(opts.get("embedding") or "auto", default_encoder(backend=opts.get("encoder") or "torch"),
                           fit_texts + [c.text() for c in bench.cards])
     policy = make_policy(opts["policy"], encoder=encoder, config=opts["config"])
 
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         "experiences": args.experiences,
         "limit": args.limit,
         "encoder": getattr(args, "encoder", "torch"),
-        "embedding": getattr(args, "embedding", "minilm"),
+        "embedding": getattr(args, "embedding", "auto"),
     }
     summaries = run_ray(opts) if args.ray else _train_loop(opts)
     for s in summaries:

@@ -213,11 +213,13 @@ class AppArgs(_Strict):
     #: ``torch`` (sentence-transformers). Measured side by side: docs/results/encoder-exactness/.
     #: A checkpoint is trained with the encoder it is served with
     encoder: Literal["onnx", "torch", "onnx-int8", "onnx-int8-fp32ffn"] = "onnx-int8"
-    #: what texts are embedded with: ``minilm`` (the encoder above alone) or ``minilm+tfidf`` (fused
+    #: what texts are embedded with: ``minilm`` (the encoder above alone), ``minilm+tfidf`` (fused
     #: with TF-IDF fitted at first start on the bench's train prompts and the cards, saved in every
-    #: checkpoint: ``cmr.encoders.lexical``). A served checkpoint keeps the embedding it was trained
-    #: with; set explicitly, it must agree with it (else refused, as ``policy_config``)
-    embedding: Embedding = "minilm"
+    #: checkpoint: ``cmr.encoders.lexical``) or ``auto`` (the default: fused where the first start
+    #: trains on prompts and they and the cards are texts enough to fit it, else ``minilm``). A
+    #: served checkpoint keeps the embedding it was trained with; set explicitly (other than
+    #: ``auto``), it must agree with it (else refused, as ``policy_config``)
+    embedding: Embedding = "auto"
     #: intra-op threads of the router's encoder for batches (1: on a busy 2-core host a second
     #: thread waits for a core)
     encoder_threads: int = Field(default=1, ge=1)

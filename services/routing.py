@@ -151,7 +151,7 @@ def check_checkpoint_config(args: AppArgs) -> None:
     if ck is None:
         return
     made_with = checkpoint.stored_config(ck.path)["embedding"]
-    if "embedding" in args.model_fields_set and args.embedding != made_with:
+    if "embedding" in args.model_fields_set and args.embedding not in ("auto", made_with):
         raise ConfigError(
             f"field 'embedding': {args.embedding!r} differs from checkpoint v{ck.version} under {root} ({made_with!r}), which the "
             f"router is restored from; to serve it retrain (move {root} away: the next start trains with it), or drop embedding")
@@ -255,28 +255,34 @@ def bootstrap(args: AppArgs, encoder) -> None:
         ck = load_served(published, args.policy, adopt=root)
         if ck is None:
             from cmr.continual.learner import Learner
-            from cmr.encoders.lexical import fit_encoder
+            from cmr.encoders.lexical import embedding_of, fit_encoder
 
             if args.bench_path() is not None and bench_data is None:
                 from cmr.data import load_cmrbench
 
                 bench_data = load_cmrbench(args.bench_path())
-            if args.embedding != "minilm":
-                if bench_data is None:
-                    raise ConfigError(f"field 'embedding': {args.embedding!r} is fitted on the bench's train prompts; set bench")
-                # fitted once, on every train prompt and the hub's cards (labels unused), as `cmr bench cmr` does
-                encoder = fit_encoder(args.embedding, encoder, [t for e in bench_data.experiences for t in e.train.texts]
-                                      + [c.text() for c in hub.list()])
+            if args.embedding == "minilm+tfidf" and bench_data is None:
+                raise ConfigError(f"field 'embedding': {args.embedding!r} is fitted on the bench's train prompts; set bench")
+            # what the first training sees, in order, as the continual protocol says
+            rng = np.random.default_rng(0)
+            trains = []
+            for exp in bench_data.experiences if bench_data is not None else ():
+                tr = exp.train
+                if args.train_limit is not None and len(tr) > args.train_limit:
+                    tr = tr.subset(np.sort(rng.choice(len(tr), args.train_limit, replace=False)))
+                trains.append((exp, tr))
+            # the lexical part (if any) is fitted once, on those prompts and the hub's cards (labels
+            # unused), as `cmr bench cmr` and `cmr train` do; `auto` fuses only where they are enough
+            # (no training prompts: cards alone say nothing of how queries read, so auto stays dense)
+            embedding = "minilm" if args.embedding == "auto" and not trains else args.embedding
+            encoder = fit_encoder(embedding, encoder, [t for _, tr in trains for t in tr.texts] + [c.text() for c in hub.list()])
+            log.info("first start embeds with %s", embedding_of(encoder))
             policy = make_policy(args.policy, encoder=encoder, config=args.policy_config or None)
             learner = Learner(policy)  # in-memory checkpoints per experience; one written at the end
             if args.bench_path() is not None:
                 if args.profile_size:
                     _set_profile_prompts(args, policy, bench_data, encoder)
-                rng = np.random.default_rng(0)
-                for exp in bench_data.experiences:  # in order, as the continual protocol says
-                    tr = exp.train
-                    if args.train_limit is not None and len(tr) > args.train_limit:
-                        tr = tr.subset(np.sort(rng.choice(len(tr), args.train_limit, replace=False)))
+                for exp, tr in trains:
                     tr.emb = encoder.encode(tr.texts)
                     learner.train_experience(Experience(exp.k, tr, exp.test), bench_data.cards_upto(exp.k))
                     log.info("trained %s on experience %d (%d requests)", args.policy, exp.k, len(tr))

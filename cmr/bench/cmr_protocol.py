@@ -224,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         bench = validation_split(bench, args.validation, args.seed, args.per_model)
     # labels unused: the lexical part (if any) is fitted on every train split's prompts and the hub's
     # cards, as the router's first start, which trains on all experiences, does
+    from cmr.encoders.lexical import embedding_of
+
     encoder = common.fitted_encoder(args, [t for e in bench.experiences for t in e.train.texts], bench.cards)
     common.embed(encoder, [p for e in bench.experiences for p in (e.train, e.test)])
     policy = cls(encoder=encoder, config=config)
@@ -243,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "config": policy.config.to_dict(),
         "embedding": args.embedding,
+        "embedding_used": embedding_of(encoder),  # what `auto` resolved to
         "encoder": encoder.name,
         "choice": policy.describe(),
         **res,

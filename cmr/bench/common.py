@@ -54,8 +54,9 @@ def add_embedding_argument(parser: argparse.ArgumentParser) -> None:
     from cmr.encoders.lexical import EMBEDDINGS
 
     parser.add_argument("--embedding", choices=EMBEDDINGS, default="minilm",
-                        help="minilm: MiniLM alone; minilm+tfidf: MiniLM fused with TF-IDF fitted on the train prompts and cards "
-                             "(saved with a checkpoint, as the router runs it)")
+                        help="minilm (default: the policy's own figures): MiniLM alone; minilm+tfidf: MiniLM fused with TF-IDF "
+                             "fitted on the train prompts and cards (saved with a checkpoint, as the router runs it); auto: what "
+                             "the router serves by default, fused where those texts are enough to fit it")
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:

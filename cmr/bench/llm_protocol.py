@@ -173,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     root = common.resolve_outcome_dir(args.data)
     data = load_outcomes(root)
     cls, config = common.policy_spec(args)  # fail fast on a bad policy name or option
+    from cmr.encoders.lexical import embedding_of
+
     encoder = common.fitted_encoder(args, data.train.texts, data.cards)
     common.embed(encoder, [data.train, data.test])
     policy = cls(encoder=encoder, config=config)
@@ -196,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "config": policy.config.to_dict(),
         "embedding": args.embedding,
+        "embedding_used": embedding_of(encoder),  # what `auto` resolved to
         "encoder": encoder.name,
         "choice": policy.describe(),
         **res,

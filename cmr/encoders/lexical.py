@@ -24,8 +24,9 @@ import numpy as np
 
 from cmr.errors import ConfigError
 
-#: what a router or benchmark embeds texts with: the dense encoder alone, or fused with TF-IDF
-Embedding = Literal["minilm", "minilm+tfidf"]
+#: what a router or benchmark embeds texts with: the dense encoder alone, fused with TF-IDF, or
+#: ``auto``: fused where the texts it is fitted on are enough (:data:`AUTO_MIN_TEXTS`), else alone
+Embedding = Literal["auto", "minilm", "minilm+tfidf"]
 EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
 
 #: fusion settings, chosen on a validation split carved from CMRBench's train splits
@@ -35,6 +36,9 @@ LEXICAL_DIM = 256
 #: the lexical part reads a text's last this many characters (its end, as the dense part keeps):
 #: its analysers cost time linear in the text, and a routed prompt may be megabytes
 LEXICAL_CHARS = 8192
+#: ``auto`` fuses only when fitted on at least this many texts: twice the SVD's columns, so the
+#: lexical part has its full dimension (a few dozen texts would give it a handful of noisy ones)
+AUTO_MIN_TEXTS = 2 * LEXICAL_DIM
 _WORD = {"ngram_range": (1, 2), "min_df": 2, "sublinear_tf": True, "max_features": 30_000}
 _CHAR = {"analyzer": "char_wb", "ngram_range": (3, 5), "min_df": 3, "sublinear_tf": True, "max_features": 20_000}
 
@@ -148,11 +152,18 @@ def dense_part(encoder):
 
 
 def fit_encoder(embedding: str, dense, texts: Sequence[str]):
-    """The encoder ``embedding`` names, over ``dense``, fitted on ``texts`` where it needs fitting."""
-    if embedding == "minilm":
+    """The encoder ``embedding`` names, over ``dense``, fitted on ``texts`` where it needs fitting
+    (``auto``: fused when there are :data:`AUTO_MIN_TEXTS` texts and they hold terms enough, else
+    ``dense`` alone; :func:`embedding_of` says which)."""
+    if embedding == "minilm" or (embedding == "auto" and len(texts) < AUTO_MIN_TEXTS):
         return dense
-    if embedding == "minilm+tfidf":
-        return FusedEncoder(dense, LexicalEncoder.fit(texts))
+    if embedding in ("auto", "minilm+tfidf"):
+        try:
+            return FusedEncoder(dense, LexicalEncoder.fit(texts))
+        except ConfigError:
+            if embedding == "auto":
+                return dense
+            raise
     raise ValueError(f"unknown embedding {embedding!r}; known: {', '.join(EMBEDDINGS)}")
 
 

@@ -3,19 +3,21 @@ training data it is given, the zero router (each model's global prior) among the
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal, Sequence
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cmr.data.examples import Examples
 from cmr.policies.base import Count, NonNegative, PolicyConfig, RoutingPolicy, config_dataclass
 from cmr.types import ModelCard
 
 #: the candidates, simplest first (ties go to the earlier): name -> (policy, config); ``carve``
-#: only where there is an encoder (it reads the cards' text). ``carve-vote`` settles on the most
-#: probable domain first (its vote weight chosen on a validation split of CMRBench's train; on
-#: cards without domains it scores as ``carve``).
+#: only where there is an encoder (it reads the cards' text), with its domain vote: it settles on
+#: the most probable domain first (the weight chosen on validation splits of CMRBench's train, where
+#: scoring each experience's train rows before learning them favoured a vote too:
+#: docs/results/carve-vote-prequential/; on cards without domains, or outcome rows, it is a no-op).
 #: ``prior`` is the zero router: every prompt scored by each model's global (empirical-Bayes)
 #: mean, so its λ sweep walks the single models' quality–cost hull; the rest shrink towards it.
 #: ``task-prior`` scores by each model's prior within the query's task (the global one for a
@@ -29,9 +31,11 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     "uniroute": ("uniroute", {}),
     "uniroute-map": ("uniroute-map", {}),
     "linucb": ("linucb", {}),
-    "carve": ("carve", {}),
-    "carve-vote": ("carve", {"domain_vote": 0.3}),
+    "carve": ("carve", {"domain_vote": 0.3}),
 }
+#: names of earlier releases (a stored config or choice naming one still loads): carve without
+#: the vote was a candidate of its own, the vote was ``carve-vote``
+LEGACY = {"carve-vote": "carve"}
 CandidateName = Literal[tuple(CANDIDATES)]
 
 
@@ -57,6 +61,28 @@ class AutoConfig(PolicyConfig):
     margin: NonNegative = 0.002
     min_rows: Count = 200
     candidates: list[CandidateName] = Field(default_factory=lambda: list(CANDIDATES))
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _legacy_names(cls, v: Any) -> Any:
+        return list(dict.fromkeys(LEGACY.get(n, n) for n in v)) if isinstance(v, list) else v
+
+
+#: a candidate key's suffix for the dense view: where the encoder is fused with a lexical part
+#: (``embedding: minilm+tfidf``, or ``auto`` where it fused), the choice is also measured on the
+#: dense part alone, which the fused vector holds exactly (its first ``dense.dim`` columns, rescaled)
+DENSE = "@minilm"
+
+
+def dense_view(encoder):
+    """``(dense encoder, map)`` where ``encoder`` is fused: ``map`` takes its vectors (``[..., dim]``)
+    to the dense part's unit vectors; None for any other encoder."""
+    from cmr.encoders.lexical import FusedEncoder
+
+    if not isinstance(encoder, FusedEncoder):
+        return None
+    d, k = int(encoder.dense.dim), np.float32(np.sqrt(1.0 + encoder.weight**2))
+    return encoder.dense, lambda x: np.ascontiguousarray(np.asarray(x, np.float32)[..., :d] * k)
 
 
 #: what routes and learns until a fit brings ``min_rows`` rows to choose on: knn with its own
@@ -110,6 +136,11 @@ class AutoPolicy(RoutingPolicy):
     :class:`~cmr.continual.learner.Learner` of its own, in the folds as after the choice, whose
     replay and anchor are kept in the state. What was chosen and why
     (every candidate's fold scores) is :meth:`describe`, kept in the state (so in checkpoints).
+
+    Where the encoder is fused with a lexical part, the choice is then measured again on the
+    same folds over the dense part of the vectors alone (key suffixed :data:`DENSE`), and that twin
+    replaces it where it beats it by the margin and one standard error (the lexical part hurts on
+    this workload); a chosen dense view is what the policy sees of every vector it is given.
     """
 
     name = "auto"
@@ -120,16 +151,24 @@ class AutoPolicy(RoutingPolicy):
         self._choice: dict[str, Any] = {}
         self._cards: dict[str, ModelCard] = {}
         self._learner_options: dict[str, int] = {}
+        self._view = None  # the dense view's map once a dense view is chosen
         self._set_inner(self._candidate(BEFORE_CHOICE))
 
-    def _candidate(self, name: str) -> RoutingPolicy:
+    def _candidate(self, key: str) -> RoutingPolicy:
+        """A fresh candidate ``key`` (a :data:`CANDIDATES` name, suffixed :data:`DENSE` for the dense view)."""
         from cmr.policies.registry import make_policy
 
-        policy, cfg = CANDIDATES[name]
-        inner = make_policy(policy, self.encoder, {**cfg, "seed": self.config.seed})
+        name, dense = key.removesuffix(DENSE), key.endswith(DENSE)
+        policy, cfg = CANDIDATES[LEGACY.get(name, name)]
+        view = dense_view(self.encoder) if dense else None
+        inner = make_policy(policy, view[0] if view else self.encoder, {**cfg, "seed": self.config.seed})
         if self._profile_ids:
-            inner.set_profile_prompts(self._profile_ids, self._profile_emb, self._profile_tasks)
+            inner.set_profile_prompts(self._profile_ids, view[1](self._profile_emb) if view else self._profile_emb, self._profile_tasks)
         return inner
+
+    def _seen(self, data: Examples) -> Examples:
+        """``data`` as the chosen view sees it."""
+        return data if self._view is None or data.emb is None else replace(data, emb=self._view(data.emb))
 
     def _set_inner(self, inner: RoutingPolicy) -> None:
         """Route with ``inner``; one trained by gradient steps (``carve``) learns through a
@@ -154,7 +193,7 @@ class AutoPolicy(RoutingPolicy):
     # -- learning ----------------------------------------------------------------------------
     def set_profile_prompts(self, ids, emb, tasks=None) -> None:
         super().set_profile_prompts(ids, emb, tasks)
-        self._inner.set_profile_prompts(ids, emb, tasks)
+        self._inner.set_profile_prompts(ids, self._profile_emb if self._view is None else self._view(self._profile_emb), tasks)
 
     def add_models(self, cards: Sequence[ModelCard]) -> None:
         """Keep the cards (candidates are built from them) and pass them on."""
@@ -166,6 +205,7 @@ class AutoPolicy(RoutingPolicy):
         self.add_models(cards)
         if not self._choice and len(data) >= self.config.min_rows:
             self._choose(data)
+        data = self._seen(data)
         if self._learner is not None:
             self._learner.fit(data, cards)
         else:
@@ -174,6 +214,8 @@ class AutoPolicy(RoutingPolicy):
     def update(self, events) -> None:
         """Feedback goes to the policy that routes (partial feedback is not chosen on): through
         its own learner's bounded steps and consolidations where it trains by gradient steps."""
+        if self._view is not None:
+            events = [replace(e, embedding=None if e.embedding is None else self._view(e.embedding).tolist()) for e in events]
         if self._learner is not None:
             self._learner.consume(events)
         else:
@@ -193,7 +235,6 @@ class AutoPolicy(RoutingPolicy):
         cand_cards = cards + [ModelCard(id=m) for m in data.model_ids if m not in card_of]
         names = [n for n in CANDIDATES if (n == "prior" or n in cfg.candidates)
                  and (self.encoder is not None or not policy_class(CANDIDATES[n][0]).needs_encoder)]
-        per: dict[str, list[float]] = {n: [] for n in names}
         # rows that name their one correct model and its family or domain are scored as the
         # continual benchmark scores them; outcome rows by AIQ (or quality)
         labelled = data.labels is not None and bool({"family", "domain"} & set(data.meta))
@@ -204,22 +245,32 @@ class AutoPolicy(RoutingPolicy):
         how, joining = "profile", [m for m in data.model_ids if m in card_of and card_of[m].profile] if self._profile_ids else []
         if not joining and self.encoder is not None:
             how, joining = "card", [m for m in data.model_ids if m in card_of and (card_of[m].description or card_of[m].domain)]
+        splits = []  # (training part, held-out part, its cards, hidden models, training cards) per fold
         for i, held in enumerate(folds):
             part = data.subset(np.concatenate([f for j, f in enumerate(folds) if j != i]))
             test = data.subset(held)
-            test_cards = [card_of.get(m) or ModelCard(id=m) for m in test.model_ids]
             hide = set(rng.choice(joining, max(1, round(len(joining) / 3)), replace=False)) if len(joining) > 1 else set()
             if hide:
                 part = part.select_models([m for m in part.model_ids if m not in hide])
-            fit_cards = [c for c in cand_cards if c.id not in hide]
-            for n in names:
-                cand = self._candidate(n)
+            splits.append((part, test, [card_of.get(m) or ModelCard(id=m) for m in test.model_ids], hide,
+                           [c for c in cand_cards if c.id not in hide]))
+        view = dense_view(self.encoder)
+
+        def folds_of(key: str) -> list[float]:
+            """Candidate ``key``'s score on each held-out fold (the dense view's vectors for a key suffixed DENSE)."""
+            seen = (lambda d: replace(d, emb=view[1](d.emb))) if key.endswith(DENSE) else (lambda d: d)
+            out = []
+            for part, test, test_cards, hide, fit_cards in splits:
+                cand = self._candidate(key)
                 cand.add_models(fit_cards)
-                Learner(cand).fit(part, fit_cards)  # the one learning path: plain fit, or carve's epochs
+                Learner(cand).fit(seen(part), fit_cards)  # the one learning path: plain fit, or carve's epochs
                 cand.add_models([card_of[m] for m in hide])
-                pred = np.asarray(cand.score(test.emb, test_cards, tasks=test.meta.get("task")), dtype=np.float64)
-                per[n].append(labelled_fold_score(pred, test, test_cards) if labelled else
-                              fold_score(pred, test.scores.astype(np.float64), None if test.costs is None else test.costs.astype(np.float64), card_costs))
+                pred = np.asarray(cand.score(seen(test).emb, test_cards, tasks=test.meta.get("task")), dtype=np.float64)
+                out.append(labelled_fold_score(pred, test, test_cards) if labelled else
+                           fold_score(pred, test.scores.astype(np.float64), None if test.costs is None else test.costs.astype(np.float64), card_costs))
+            return out
+
+        per: dict[str, list[float]] = {n: folds_of(n) for n in names}
         means = {n: float(np.mean(v)) for n, v in per.items()}
         best = max(names, key=lambda n: means[n])  # max keeps the earliest among ties
 
@@ -235,26 +286,39 @@ class AutoPolicy(RoutingPolicy):
         incumbent = BEFORE_CHOICE if BEFORE_CHOICE in per and beyond(BEFORE_CHOICE, "prior")[0] else "prior"
         wins, se = beyond(best, incumbent)
         chosen = best if best == incumbent or wins else incumbent
-        policy, ccfg = CANDIDATES[chosen]
+        # a fused encoder: the choice is measured on the dense part alone too, on the same folds,
+        # and that twin replaces it where it is better beyond noise (the lexical part hurts here)
+        lexical = ""
+        if view is not None and chosen != "prior":
+            twin = chosen + DENSE
+            per[twin] = folds_of(twin)
+            means[twin] = float(np.mean(per[twin]))
+            drop = beyond(twin, chosen)[0]
+            lexical = f"; the lexical part {'dropped: its dense twin beats it' if drop else 'kept: its dense twin does not beat it'} beyond noise"
+            chosen = twin if drop else chosen
+        policy, ccfg = CANDIDATES[chosen.removesuffix(DENSE)]
         self._choice = {
             "chosen": chosen,
             "policy": policy,
             "config": {**ccfg, "seed": cfg.seed},
             "why": f"best mean {'M/F/D accuracy' if labelled else 'AIQ' if np.ptp(card_costs) > 0 and data.costs is not None else 'quality'} over {len(folds)} folds of {len(rows)} training rows"
             + (f", {len(hide)} of {len(joining)} models joining by {how} in each" if hide else "")
-            + ("" if chosen == best else f" ({best} not beyond {'the zero router' if incumbent == 'prior' else incumbent} by margin {cfg.margin} + one standard error {se:.3g})"),
+            + ("" if chosen.removesuffix(DENSE) == best else f" ({best} not beyond {'the zero router' if incumbent == 'prior' else incumbent} by margin {cfg.margin} + one standard error {se:.3g})")
+            + lexical,
+            "embedding": "minilm+tfidf" if view is not None and not chosen.endswith(DENSE) else "minilm",
             "mean": means,
             "folds": per,
         }
         inner = self._candidate(chosen)
         inner.add_models(cards)
+        self._view = view[1] if view is not None and chosen.endswith(DENSE) else None
         self._set_inner(inner)
         self._cards = {}
 
     # -- scoring -----------------------------------------------------------------------------
     def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
-        """The chosen policy's scores (:data:`BEFORE_CHOICE`'s before the choice)."""
-        return self._inner.score(q, candidates, tasks)
+        """The chosen policy's scores (:data:`BEFORE_CHOICE`'s before the choice), of the chosen view of ``q``."""
+        return self._inner.score(q if self._view is None else self._view(q), candidates, tasks)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -271,7 +335,10 @@ class AutoPolicy(RoutingPolicy):
         self._choice = dict(state.get("choice") or {})
         self._cards = {c.id: c for c in (ModelCard.from_dict(dict(d)) for d in state.get("cards", []))}
         # the state's own config wins (a checkpoint from before BEFORE_CHOICE holds the zero router's)
-        self._set_inner(self._candidate(self._choice.get("chosen", BEFORE_CHOICE)))
+        chosen = self._choice.get("chosen", BEFORE_CHOICE)
+        view = dense_view(self.encoder) if chosen.endswith(DENSE) else None
+        self._view = view[1] if view else None
+        self._set_inner(self._candidate(chosen))
         self._inner.load_state_dict(state["inner"])
         if self._learner is not None:
             self._learner.load_state_dict(state.get("inner_learner"))

@@ -55,7 +55,7 @@ def test_chooses_the_zero_router_where_prompts_predict_nothing():
     assert choice["chosen"] == "prior", choice
     _check_rule(choice, margin=pol.config.margin)
     # every candidate but those that read the cards' text (no encoder here)
-    assert set(choice["mean"]) == {n for n, (p, _) in CANDIDATES.items() if not policy_class(p).needs_encoder} == set(CANDIDATES) - {"carve", "carve-vote"}
+    assert set(choice["mean"]) == {n for n, (p, _) in CANDIDATES.items() if not policy_class(p).needs_encoder} == set(CANDIDATES) - {"carve"}
     assert all(len(v) == 3 for v in choice["folds"].values())
     # the zero router's scores: one ranking of the models for every prompt (the best first)
     s = pol.score(data.emb[:20], cards)
@@ -141,7 +141,8 @@ def test_a_chosen_carve_learns_through_its_own_learner(cmr_small, encoder):
     _check_rule(choice, margin=pol.config.margin)
     assert choice["chosen"] == "carve", choice
     # the same as carve trained by a learner on the same experiences
-    ref = Learner(make_policy("carve", encoder=encoder))
+    ref = Learner(make_policy("carve", encoder=encoder, config=CANDIDATES["carve"][1]))
+    assert ref.policy.config.domain_vote > 0  # auto's carve settles on the most probable domain first
     ref.policy.add_models(cmr_small.cards_of(1))
     ref.fit(e1.train, cmr_small.cards_upto(1))
     for p in (pol, ref.policy):
@@ -174,6 +175,23 @@ def test_a_chosen_carve_learns_through_its_own_learner(cmr_small, encoder):
     n0 = again.state_dict()["inner_learner"]["experiences"]
     outer.consume(events)
     assert again.state_dict()["inner_learner"]["experiences"] == n0 + 2
+
+
+def test_a_state_of_an_earlier_release_naming_carve_vote_still_loads(cmr_small, encoder):
+    """Earlier releases listed carve with the vote as ``carve-vote`` (and carve without it): a
+    stored config or choice naming it loads as today's ``carve``, its inner state untouched."""
+    e1, _ = cmr_small.experiences
+    pol = make_policy("auto", encoder=encoder, config={"candidates": ["carve"], "min_rows": 50})
+    pol.add_models(cmr_small.cards_of(1))
+    pol.fit(e1.train, cmr_small.cards_upto(1))
+    state = pol.state_dict()
+    state["config"] = {**state["config"], "candidates": ["knn", "carve", "carve-vote"]}
+    state["choice"] = {**state["choice"], "chosen": "carve-vote"}
+    again = make_policy("auto", encoder=encoder)
+    again.load_state_dict(state)
+    assert again.config.candidates == ["knn", "carve"]
+    live = cmr_small.cards_upto(1)
+    np.testing.assert_allclose(again.score(e1.test.emb, live), pol.score(e1.test.emb, live), rtol=1e-5, atol=1e-6)
 
 
 def test_labelled_rows_are_scored_as_the_continual_benchmark_scores_them():
@@ -229,3 +247,75 @@ def test_labelled_rows_choose_the_zero_router_without_signal_and_a_learned_polic
         else:
             assert choice["chosen"] == "prior", choice
             assert (pol.score(data.emb[:20], cards).argmax(axis=1) == 7).all()
+
+
+class _Dense:
+    """A stand-in dense encoder for synthetic vectors (a name, a dimension; cards carry no text here)."""
+
+    name, dim = "synthetic-dense", 16
+
+    def encode(self, texts):
+        return np.zeros((len(texts), self.dim), np.float32)
+
+
+def _fused(signal_in: str, n: int = 900, seed: int = 0, blur: float = 0.6, style: int = 8):
+    """``_data(signal=True)``'s task in fused vectors ``[dense ; w·lexical] / sqrt(1 + w²)``: the
+    topic shows only in the part ``signal_in`` names, blurred; the other part is noise (a lexical
+    part of ``style`` tight clusters that have nothing to do with the topic: wording, say)."""
+    from cmr.encoders.lexical import LEXICAL_WEIGHT, FusedEncoder, LexicalEncoder
+
+    data, cards = _data(signal=True, n=n, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    lex = LexicalEncoder.fit([f"topic {a} about {b} things" for a in range(20) for b in range(20)], dim=8)
+    encoder = FusedEncoder(_Dense(), lex, LEXICAL_WEIGHT)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    topical = data.emb  # [n, 16], clustered by topic
+    noise16, noise8 = unit(rng.normal(size=(n, 16))), unit(rng.normal(size=(n, 8)))
+    topical8 = unit(topical[:, :8] + 0.1 * topical[:, 8:])
+    topical = unit(topical + blur * rng.normal(size=topical.shape))
+    topical8 = unit(topical8 + blur * rng.normal(size=topical8.shape))
+    if style:
+        noise8 = unit(rng.normal(size=(style, 8))[rng.integers(0, style, n)] + 0.1 * rng.normal(size=(n, 8)))
+    dense, lexical = (topical, noise8) if signal_in == "dense" else (noise16, topical8)
+    data.emb = (np.hstack([dense, LEXICAL_WEIGHT * lexical]) / np.sqrt(1 + LEXICAL_WEIGHT**2)).astype(np.float32)
+    return data, cards, encoder, dense
+
+
+def test_over_a_fused_encoder_the_lexical_part_is_kept_only_where_it_earns_its_place():
+    """With a fused encoder the choice is measured again on the dense part alone (exactly the fused
+    vector's first columns, rescaled), on the same folds. Where the topic shows only in the lexical
+    part, knn on the fused vectors is kept; where it shows only in the dense part, the lexical part
+    is dropped: the chosen knn then sees the dense part of every vector it is given (fit, score,
+    feedback) and equals a knn over the dense vectors, also after a state round trip."""
+    from cmr.policies.auto import DENSE
+    from cmr.types import FeedbackEvent
+
+    data, cards, encoder, _ = _fused("lexical")
+    pol = make_policy("auto", encoder=encoder, config={"candidates": ["knn"]})
+    pol.fit(data, cards)
+    choice = pol.describe()
+    assert set(choice["mean"]) == {"prior", "knn", "knn" + DENSE}, choice
+    assert choice["chosen"] == "knn" and choice["embedding"] == "minilm+tfidf" and "lexical part kept" in choice["why"], choice
+    assert all(len(v) == 3 for v in choice["folds"].values())
+
+    data, cards, encoder, dense = _fused("dense")
+    pol = make_policy("auto", encoder=encoder, config={"candidates": ["knn"]})
+    pol.fit(data, cards)
+    choice = pol.describe()
+    assert choice["chosen"] == "knn" + DENSE and choice["embedding"] == "minilm" and "lexical part dropped" in choice["why"], choice
+    ref = make_policy("knn", encoder=encoder.dense, config={**CANDIDATES["knn"][1], "seed": 0})
+    ref.add_models(cards)
+    dense_data = Examples(texts=data.texts, model_ids=data.model_ids, scores=data.scores, costs=data.costs, emb=dense)
+    ref.fit(dense_data, cards)
+    np.testing.assert_allclose(pol.score(data.emb, cards), ref.score(dense, cards), rtol=1e-5, atol=1e-6)
+    events = [FeedbackEvent(request_id=f"r{i}", model="m2", reward=1.0, embedding=data.emb[i].tolist()) for i in range(5)]
+    pol.update(events)
+    ref.update([FeedbackEvent(request_id=e.request_id, model=e.model, reward=1.0, embedding=dense[i].tolist()) for i, e in enumerate(events)])
+    np.testing.assert_allclose(pol.score(data.emb, cards), ref.score(dense, cards), rtol=1e-5, atol=1e-6)
+    again = make_policy("auto", encoder=encoder)
+    again.load_state_dict(pol.state_dict())
+    assert again.describe() == choice
+    np.testing.assert_allclose(again.score(data.emb, cards), pol.score(data.emb, cards), rtol=1e-5, atol=1e-6)

@@ -133,3 +133,30 @@ def test_router_and_learner_serve_the_checkpoint_encoder(tmp_path, mini_bench, e
     with pytest.raises(ConfigError, match=r"field 'embedding': 'minilm\+tfidf' differs from checkpoint v3"):
         check_checkpoint_config(args)
     check_checkpoint_config(args.model_copy(update={"embedding": "minilm"}))
+    check_checkpoint_config(args.model_copy(update={"embedding": "auto"}))  # auto: whatever the checkpoint embeds with
+
+
+def test_auto_fuses_where_the_texts_are_enough_and_stays_dense_otherwise(tmp_path, mini_bench, encoder):
+    """``embedding: auto`` (the router's and ``cmr train``'s default) fuses when fitted on
+    ``AUTO_MIN_TEXTS`` texts holding terms enough; on fewer, or texts without shared terms, it is
+    the dense encoder alone, where an explicit ``minilm+tfidf`` is refused. A first start that
+    trains on no prompts stays dense whatever the hub holds."""
+    from cmr.encoders.lexical import AUTO_MIN_TEXTS, embedding_of
+    from services.config import AppArgs
+    from services.routing import RouterCore, checkpoint_root
+
+    assert AppArgs().embedding == "auto"
+    many = [f"{t} ({i})" for i, t in enumerate(TEXTS * (AUTO_MIN_TEXTS // len(TEXTS) + 1))][:AUTO_MIN_TEXTS]
+    fused = fit_encoder("auto", encoder, many)
+    assert isinstance(fused, FusedEncoder) and embedding_of(fused) == "minilm+tfidf"
+    assert fit_encoder("auto", encoder, many[:-1]) is encoder and embedding_of(encoder) == "minilm"
+    no_terms = [chr(0x4E00 + i) for i in range(AUTO_MIN_TEXTS)]  # one distinct character each: no shared term
+    assert fit_encoder("auto", encoder, no_terms) is encoder
+    with pytest.raises(ConfigError, match="field 'embedding'"):
+        fit_encoder("minilm+tfidf", encoder, no_terms)
+    # a router's first start with the default: the mini bench's prompts and its cards are too few here
+    args = AppArgs(home=str(tmp_path / "a"), bench=str(mini_bench), tiny_models=False, profile_size=0, policy="knn", learner={"enabled": False})
+    core = RouterCore(args, encoder)
+    assert core.encoder is not None and not isinstance(core.encoder, FusedEncoder)
+    assert checkpoint.stored_config(checkpoint.resolve(checkpoint_root(args)))["embedding"] == "minilm"
+    core.close()

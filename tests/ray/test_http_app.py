@@ -263,7 +263,7 @@ def test_feedback_changes_later_decisions(client, oai, served):
     assert after.model_extra["routing"]["checkpoint_version"] > v0
 
 
-def test_checkpoint_swap_under_concurrent_requests(client, served):
+def test_checkpoint_swap_under_concurrent_requests(client, served, encoder):
     """Requests keep streaming in (8 concurrent workers) while two new checkpoint versions are
     written and swapped in: no request fails, and answers come from old and new versions alike."""
     from cmr import checkpoint
@@ -288,11 +288,15 @@ def test_checkpoint_swap_under_concurrent_requests(client, served):
             workers = [asyncio.create_task(worker(w)) for w in range(8)]
             swapped = []
             for _ in range(2):  # a new version of the same policy, written as the learner writes
-                policy = await asyncio.to_thread(checkpoint.load_policy, root)
+                # over a dense encoder, as the learner loads it: the fitted lexical part (the
+                # default embedding fuses here) is restored and saved again, so the router swaps
+                policy = await asyncio.to_thread(checkpoint.load_policy, root, encoder)
                 ck = await asyncio.to_thread(checkpoint.save, root, policy, {"note": "hot-swap test"})
                 await asyncio.to_thread(publish, published, root, ck)  # written whole, then published: routers switch
                 v = ck.version
+                deadline = time.monotonic() + 120
                 while (await ac.get("/healthz")).json()["checkpoint_version"] < v:  # served while the workers keep going
+                    assert time.monotonic() < deadline, f"checkpoint v{v} not swapped in within 120 s"
                     await asyncio.sleep(0.05)
                 swapped.append(v)
             n = len(responses)

@@ -305,7 +305,8 @@ class AutoPolicy(RoutingPolicy):
             + (f", {len(hide)} of {len(joining)} models joining by {how} in each" if hide else "")
             + ("" if chosen.removesuffix(DENSE) == best else f" ({best} not beyond {'the zero router' if incumbent == 'prior' else incumbent} by margin {cfg.margin} + one standard error {se:.3g})")
             + lexical,
-            "embedding": "minilm+tfidf" if view is not None and not chosen.endswith(DENSE) else "minilm",
+            # what the chosen policy reads of a query (the zero router reads none of it)
+            "embedding": "minilm+tfidf" if view is not None and chosen != "prior" and not chosen.endswith(DENSE) else "minilm",
             "mean": means,
             "folds": per,
         }

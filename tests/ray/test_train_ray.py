@@ -28,6 +28,6 @@ def test_train_ray_writes_loadable_checkpoints(ray_session, data_root, tmp_path,
     policy = ckpt.load_policy(out, encoder)
     bench = load_cmrbench(data_root / "cmrbench")
     cards = bench.cards_upto(2)
-    q = encoder.encode(bench.experiences[1].test.texts[:3])
+    q = policy.encoder.encode(bench.experiences[1].test.texts[:3])  # the checkpoint's embedding (fused by default)
     s = policy.score(q, cards)
     assert s.shape == (3, len(cards)) and np.isfinite(s).all()

@@ -26,8 +26,8 @@ import numpy as np
 VOTES = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
 
 
-def _hits(policy, data, cards, votes) -> dict[float, dict[str, float]]:
-    """M / F / D accuracy of ``policy`` on labelled ``data`` under each vote weight."""
+def _hits(policy, data, cards, votes) -> dict[str, dict[str, float]]:
+    """M / F / D accuracy of ``policy`` on labelled ``data`` under each vote weight (keyed ``str(v)``)."""
     from dataclasses import replace
 
     from cmr.bench import metrics
@@ -39,7 +39,7 @@ def _hits(policy, data, cards, votes) -> dict[float, dict[str, float]]:
         for v in votes:
             policy.config = replace(keep, domain_vote=v)
             pred = np.asarray(policy.score(data.emb, cards), np.float64)
-            out[v] = {f"{k}_acc": float(h.mean()) for k, h in metrics.routing_hits(choose(pred, costs), cards, data).items()}
+            out[str(v)] = {f"{k}_acc": float(h.mean()) for k, h in metrics.routing_hits(choose(pred, costs), cards, data).items()}
     finally:
         policy.config = keep
     return out
@@ -65,7 +65,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         pre = _hits(policy, exp.train, live, a.votes) if exp.k > 1 else None
         learner.fit(exp.train, list(live))
         per = [_hits(policy, bench.experiences[j].test, live, a.votes) for j in range(exp.k)]
-        test = {v: {m: float(np.mean([p[v][m] for p in per])) for m in per[0][v]} for v in a.votes}
+        test = {v: {m: float(np.mean([p[v][m] for p in per])) for m in per[0][v]} for v in per[0]}
         rows.append({"experience": exp.k, "prequential_train": pre, "test_seen": test})
         print(f"e{exp.k}: prequential {json.dumps(pre)}\n    test {json.dumps(test)}", flush=True)
     return {"rows": rows}
@@ -80,7 +80,7 @@ def render(rep: dict[str, Any]) -> str:
              "under each vote weight v: mean of M/F/D accuracy, then D. Test columns: after learning k, mean over the test "
              "sets seen (not used to choose).", "",
              "| experience | figure | " + " | ".join(f"v={v:g}" for v in votes) + " |", "|" + "---|" * (len(votes) + 2)]
-    for r in rows_of(rep):
+    for r in rep["rows"]:
         if r["prequential_train"]:
             p = r["prequential_train"]
             lines.append(f"| e{r['experience']} | train, before learning it: M/F/D mean | " + " | ".join(f"{mean(p[str(v)]):.4f}" for v in votes) + " |")
@@ -88,12 +88,6 @@ def render(rep: dict[str, Any]) -> str:
         t = r["test_seen"]
         lines.append(f"| e{r['experience']} | test seen, after: M / D | " + " | ".join(f"{t[str(v)]['m_acc']:.3f} / {t[str(v)]['d_acc']:.3f}" for v in votes) + " |")
     return "\n".join(lines) + "\n"
-
-
-def rows_of(rep: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows with their vote keys as strings (the JSON form), whichever form they came in."""
-    fix = lambda d: None if d is None else {str(k): v for k, v in d.items()}  # noqa: E731
-    return [{**r, "prequential_train": fix(r["prequential_train"]), "test_seen": fix(r["test_seen"])} for r in rep["rows"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
            "started_utc": started.isoformat(timespec="seconds"), "embedding": a.embedding, "seed": a.seed, "votes": a.votes,
            **run(a), **common.run_info()}
     rep["wall_s"] = time.perf_counter() - t0
-    rep["rows"] = rows_of(rep)
     out = Path(a.out or f"runs/carve-vote-prequential-{a.embedding.replace('+', '-')}-s{a.seed}")
     common.write_json(out / "report.json", rep)
     common.write_text(out / "report.md", render(rep))

@@ -117,7 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=int, nargs="*", default=[2000, 100_000], help="hub sizes for the decision latency (none: skip)")
     p.add_argument("--decision-requests", type=int, default=400, help="lone decisions per variant and hub")
     p.add_argument("--distinct", type=int, default=1000, help="card texts really embedded per hub (bench.serve)")
-    p.add_argument("--embedding", choices=("auto", "minilm", "minilm+tfidf"), default="auto",
+    from cmr.encoders.lexical import EMBEDDINGS
+
+    p.add_argument("--embedding", choices=EMBEDDINGS, default="auto",
                    help="what texts are embedded with for the quality columns (default auto, as the router serves)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default: runs/exactness-<UTC>)")

@@ -142,6 +142,11 @@ class FusedEncoder:
         # both parts are unit vectors: the concatenation's norm is the same for every text
         return (np.hstack([a, self.weight * b]) / np.sqrt(1.0 + self.weight**2)).astype(np.float32, copy=False)
 
+    def dense_of(self, x: np.ndarray) -> np.ndarray:
+        """The dense part's unit vectors inside fused vectors ``x`` (``[..., dim]``): exactly what
+        ``self.dense`` gives for the same texts (the fusion scales it by a constant)."""
+        return np.ascontiguousarray(np.asarray(x, np.float32)[..., : int(self.dense.dim)] * np.float32(np.sqrt(1.0 + self.weight**2)))
+
     def state_dict(self) -> dict[str, Any]:
         return {"embedding": "minilm+tfidf", "weight": self.weight, "lexical": self.lexical.state_dict()}
 

@@ -79,10 +79,7 @@ def dense_view(encoder):
     to the dense part's unit vectors; None for any other encoder."""
     from cmr.encoders.lexical import FusedEncoder
 
-    if not isinstance(encoder, FusedEncoder):
-        return None
-    d, k = int(encoder.dense.dim), np.float32(np.sqrt(1.0 + encoder.weight**2))
-    return encoder.dense, lambda x: np.ascontiguousarray(np.asarray(x, np.float32)[..., :d] * k)
+    return (encoder.dense, encoder.dense_of) if isinstance(encoder, FusedEncoder) else None
 
 
 #: what routes and learns until a fit brings ``min_rows`` rows to choose on: knn with its own

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -55,10 +56,14 @@ def parse_variant(s: str) -> tuple[str, int]:
     return b, int(n)
 
 
-def quality(backend: str, tokens: int, policies: Sequence[str], cache, embedding: str = "minilm") -> dict[str, Any]:
+def quality(backend: str, tokens: int, policies: Sequence[str], cache, embedding: str = "minilm",
+            seeds: Sequence[int] = (0,)) -> dict[str, Any]:
     """``knn`` (and ``policies``) on CMRBench test (final M / F / D) and ``knn`` on RouterBench test
     (AIQ), each embedded with ``embedding`` as the router does (its lexical part, if any, fitted
-    on that set's train prompts and cards; the query view shares it)."""
+    on that set's train prompts and cards; the query view shares it). CMRBench figures are means
+    over training ``seeds`` (the protocol's and the policy's seed), each seed's kept beside them."""
+    import numpy as np
+
     from cmr import constants
     from cmr.bench import cmr_protocol, common, llm_protocol
     from cmr.data import load_cmrbench, load_outcomes
@@ -69,8 +74,8 @@ def quality(backend: str, tokens: int, policies: Sequence[str], cache, embedding
     dense = CachedEncoder(make_encoder(backend, 1, None), cache)
     dense_query = CachedEncoder(make_encoder(backend, 1, None, tokens), cache)
 
-    def encoders(texts):
-        full = fit_encoder(embedding, dense, texts)
+    def encoders(texts, labelled=True):
+        full = fit_encoder(embedding, dense, texts, labelled=labelled)
         return full, (full.with_dense(dense_query) if full is not dense else dense_query)
 
     bench = load_cmrbench(constants.data_root() / "cmrbench")
@@ -79,10 +84,13 @@ def quality(backend: str, tokens: int, policies: Sequence[str], cache, embedding
     common.embed(full, [e.train for e in bench.experiences])
     common.embed(query, [e.test for e in bench.experiences])
     for name in policies:
-        f = cmr_protocol.evaluate(bench, make_policy(name, encoder=full))["final"]
-        out[f"cmrbench_{name}"] = {"m_acc": float(f["m_acc"]), "f_acc": float(f["f_acc"]), "d_acc": float(f["d_acc"])}
+        per = []
+        for seed in seeds:
+            f = cmr_protocol.evaluate(bench, make_policy(name, encoder=full, config={"seed": seed}), seed=seed)["final"]
+            per.append({"seed": seed, "m_acc": float(f["m_acc"]), "f_acc": float(f["f_acc"]), "d_acc": float(f["d_acc"])})
+        out[f"cmrbench_{name}"] = {k: float(np.mean([r[k] for r in per])) for k in ("m_acc", "f_acc", "d_acc")} | {"per_seed": per}
     data = load_outcomes(constants.data_root() / "routing" / "routerbench")
-    full, query = encoders(list(data.train.texts) + [c.text() for c in data.cards])
+    full, query = encoders(list(data.train.texts) + [c.text() for c in data.cards], labelled=False)
     out["routerbench_embedding"] = embedding_of(full)
     common.embed(full, [data.train])
     common.embed(query, [data.test])
@@ -121,6 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--embedding", choices=EMBEDDINGS, default="auto",
                    help="what texts are embedded with for the quality columns (default auto, as the router serves)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds of the CMRBench policies (figures: mean, and mean ± sd with 2 or more; splits fixed)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--out", default=None, help="output folder (default: runs/exactness-<UTC>)")
 
@@ -140,12 +150,12 @@ def run(a: argparse.Namespace) -> int:
     rep: dict[str, Any] = {"started_utc": started.isoformat(timespec="seconds"), "command": getattr(a, "command_line", None) or "cmr " + " ".join(sys.argv[1:]),
                            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
                            "served_default": f"{served.encoder}:{served.query_max_tokens or 256}", "exact": EXACT,
-                           "loadavg_start": list(os.getloadavg()), "quality": {}, "latency": {}}
+                           "loadavg_start": list(os.getloadavg()), "seeds": a.seeds, "quality": {}, "latency": {}}
     if not a.skip_quality:
         cache = EmbeddingCache(constants.cache_dir() / "embeddings.sqlite")
         for v, (b, n) in zip(a.variants, variants):
             t = time.perf_counter()
-            rep["quality"][v] = quality(b, n, a.policies, cache, a.embedding)
+            rep["quality"][v] = quality(b, n, a.policies, cache, a.embedding, a.seeds)
             print(f"quality {v:<24} {json.dumps(rep['quality'][v])}  ({time.perf_counter() - t:.0f} s)", flush=True)
     prompts = test_prompts(a.decision_requests)
     with tempfile.TemporaryDirectory(prefix="cmr-bench-exactness-") as tmp:
@@ -165,6 +175,12 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _sd(r: dict[str, Any]) -> str:
+    """`` ± sd`` of D over the seeds a figure is the mean of (nothing for one seed)."""
+    d = [x["d_acc"] for x in r.get("per_seed", ())]
+    return f" ± {statistics.stdev(d):.3f}" if len(d) > 1 else ""
+
+
 def render_md(rep: dict[str, Any], policies: Sequence[str] = ("knn",)) -> str:
     """One row per variant: quality (points vs exact) and decision latency per hub."""
     q, lat = rep.get("quality", {}), rep.get("latency", {})
@@ -174,11 +190,11 @@ def render_md(rep: dict[str, Any], policies: Sequence[str] = ("knn",)) -> str:
     for name in policies:
         head += [f"CMRBench {name} M / D (Δ D pts)"]
     head += ["RouterBench knn AIQ (Δ pts)"] + [f"{int(h):,} models: p50 / p99 ms, CPU p50 / p99 ms" for h in hubs]
-    lines = [f"# Exact and fast query encoders side by side (issue 17)", "",
+    lines = ["# Exact and fast query encoders side by side (issue 17)", "",
              f"{rep['started_utc']}, {rep['machine']}, load {rep['loadavg_start'][0]:.1f} → {rep.get('loadavg_end', [0])[0]:.1f}; "
              f"`{rep.get('command')}`. Served default: `{rep['served_default']}`; exact: `{rep['exact']}`; embedding "
              f"(CMRBench / RouterBench): `{ex.get('embedding', 'minilm')}` / `{ex.get('routerbench_embedding', 'minilm')}`. Quality floor: "
-             f"within {QUALITY_POINTS} points of exact; decision floor: p99 ≤ 10 ms at 2,000 models (a shared 2-core machine: "
+             f"within {QUALITY_POINTS} points of exact; CMRBench: mean (± sd of D) over training seeds {rep.get('seeds', [0])}; decision floor: p99 ≤ 10 ms at 2,000 models (a shared 2-core machine: "
              "the CPU column is the decision's own cost, whatever else loads the cores).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys([*q, *(k for h in hubs for k in lat[h])]))
@@ -186,7 +202,7 @@ def render_md(rep: dict[str, Any], policies: Sequence[str] = ("knn",)) -> str:
         row = [f"`{v}`"]
         for name in policies:
             r, e = q.get(v, {}).get(f"cmrbench_{name}"), ex.get(f"cmrbench_{name}")
-            row.append(f"{r['m_acc']:.3f} / {r['d_acc']:.3f} ({100 * (r['d_acc'] - e['d_acc']):+.2f})" if r and e else "")
+            row.append(f"{r['m_acc']:.3f} / {r['d_acc']:.3f}{_sd(r)} ({100 * (r['d_acc'] - e['d_acc']):+.2f})" if r and e else "")
         r, e = q.get(v, {}).get("routerbench_knn_aiq"), ex.get("routerbench_knn_aiq")
         row.append(f"{r:.3f} ({100 * (r - e):+.2f})" if r is not None and e is not None else "")
         for h in hubs:

@@ -132,7 +132,7 @@ def measure(name: str, root: Path, embedding: str, seed: int, model_dir: Path | 
 
         encoder = CachedEncoder(PackagedSentenceEncoder(str(model_dir), model_dir.name, threads=None), EmbeddingCache(constants.cache_dir() / "embeddings.sqlite"))
     else:
-        encoder = common.fitted_encoder(argparse.Namespace(embedding=embedding), tr.texts, data.cards)
+        encoder = common.fitted_encoder(argparse.Namespace(embedding=embedding), tr.texts, data.cards, labelled=False)
     common.embed(encoder, [tr, te])
     s_tr, s_te = tr.scores.astype(np.float64), te.scores.astype(np.float64)
     glob = np.nanmean(s_tr, axis=0)

@@ -169,13 +169,15 @@ def encode(encoder, texts: Sequence[str], desc: str = "embed", chunk: int = 2048
     return np.concatenate(vecs)
 
 
-def fitted_encoder(args: argparse.Namespace, train_texts: Sequence[str], cards: Sequence = ()):
+def fitted_encoder(args: argparse.Namespace, train_texts: Sequence[str], cards: Sequence = (), labelled: bool = True):
     """The encoder of ``--embedding`` over the cached MiniLM, fitted (where it needs fitting) on
-    ``train_texts`` and the card texts: the same call as ``cmr train`` and the router's first start."""
+    ``train_texts`` and the card texts: the same call as ``cmr train`` and the router's first start
+    (``labelled=False``: outcome rows, where ``auto`` stays dense; see ``fit_encoder``)."""
     from cmr.encoders import default_encoder
     from cmr.encoders.lexical import fit_encoder
 
-    return fit_encoder(getattr(args, "embedding", "minilm"), default_encoder(), [*train_texts, *(c.text() for c in cards)])
+    return fit_encoder(getattr(args, "embedding", "minilm"), default_encoder(), [*train_texts, *(c.text() for c in cards)],
+                       labelled=labelled)
 
 
 def embed(encoder, parts: Sequence, chunk: int = 2048) -> None:

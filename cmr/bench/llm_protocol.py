@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     cls, config = common.policy_spec(args)  # fail fast on a bad policy name or option
     from cmr.encoders.lexical import embedding_of
 
-    encoder = common.fitted_encoder(args, data.train.texts, data.cards)
+    encoder = common.fitted_encoder(args, data.train.texts, data.cards, labelled=False)
     common.embed(encoder, [data.train, data.test])
     policy = cls(encoder=encoder, config=config)
     tag = "-".join(t for t in (f"unseen{args.unseen:g}" if args.unseen else "", "" if args.embedding == "minilm" else args.embedding.replace("+", "-")) if t)

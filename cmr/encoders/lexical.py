@@ -156,11 +156,17 @@ def dense_part(encoder):
     return getattr(encoder, "dense", encoder)
 
 
-def fit_encoder(embedding: str, dense, texts: Sequence[str]):
+def fit_encoder(embedding: str, dense, texts: Sequence[str], *, labelled: bool = True):
     """The encoder ``embedding`` names, over ``dense``, fitted on ``texts`` where it needs fitting
-    (``auto``: fused when there are :data:`AUTO_MIN_TEXTS` texts and they hold terms enough, else
-    ``dense`` alone; :func:`embedding_of` says which)."""
-    if embedding == "minilm" or (embedding == "auto" and len(texts) < AUTO_MIN_TEXTS):
+    (``auto``: fused when the training rows are ``labelled`` with their target model, there are
+    :data:`AUTO_MIN_TEXTS` texts and they hold terms enough, else ``dense`` alone;
+    :func:`embedding_of` says which).
+
+    ``labelled=False``: outcome rows (a quality per model). ``auto`` stays dense there: across
+    training sizes the fused knn earned nothing on the outcome sets measured, while on labelled rows
+    with cards it won at every size (``python -m bench.embedding_threshold``); a served router never
+    fuses for them either (it fuses only on the labelled rows of its first start)."""
+    if embedding == "minilm" or (embedding == "auto" and (not labelled or len(texts) < AUTO_MIN_TEXTS)):
         return dense
     if embedding in ("auto", "minilm+tfidf"):
         try:

@@ -137,9 +137,9 @@ def test_router_and_learner_serve_the_checkpoint_encoder(tmp_path, mini_bench, e
 
 
 def test_auto_fuses_where_the_texts_are_enough_and_stays_dense_otherwise(tmp_path, mini_bench, encoder):
-    """``embedding: auto`` (the router's and ``cmr train``'s default) fuses when fitted on
-    ``AUTO_MIN_TEXTS`` texts holding terms enough; on fewer, or texts without shared terms, it is
-    the dense encoder alone, where an explicit ``minilm+tfidf`` is refused. A first start that
+    """``embedding: auto`` (the router's and ``cmr train``'s default) fuses labelled rows when fitted
+    on ``AUTO_MIN_TEXTS`` texts holding terms enough; on fewer, on texts without shared terms, or on
+    outcome rows, it is the dense encoder alone, where an explicit ``minilm+tfidf`` is refused. A first start that
     trains on no prompts stays dense whatever the hub holds."""
     from cmr.encoders.lexical import AUTO_MIN_TEXTS, embedding_of
     from services.config import AppArgs
@@ -150,6 +150,9 @@ def test_auto_fuses_where_the_texts_are_enough_and_stays_dense_otherwise(tmp_pat
     fused = fit_encoder("auto", encoder, many)
     assert isinstance(fused, FusedEncoder) and embedding_of(fused) == "minilm+tfidf"
     assert fit_encoder("auto", encoder, many[:-1]) is encoder and embedding_of(encoder) == "minilm"
+    # outcome rows (a quality per model) stay dense however many texts; an explicit choice still fuses
+    assert fit_encoder("auto", encoder, many, labelled=False) is encoder
+    assert isinstance(fit_encoder("minilm+tfidf", encoder, many, labelled=False), FusedEncoder)
     no_terms = [chr(0x4E00 + i) for i in range(AUTO_MIN_TEXTS)]  # one distinct character each: no shared term
     assert fit_encoder("auto", encoder, no_terms) is encoder
     with pytest.raises(ConfigError, match="field 'embedding'"):

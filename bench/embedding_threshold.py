@@ -30,11 +30,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cmr.errors import CMRError
+
 SIZES = (64, 128, 256, 512, 1024, 2048, 0)  # 0: the whole train split
 SETS = ("cmrbench", "routerbench", "routerdc7")
 
 
-class BenchThresholdError(Exception):
+class BenchThresholdError(CMRError):
     """A bad option of ``bench.embedding_threshold`` (names it)."""
 EMBEDDINGS = ("minilm", "minilm+tfidf")
 
@@ -103,7 +105,7 @@ def check_sets(root: Path, sets: Sequence[str]) -> None:
             raise BenchThresholdError(f"--sets {s!r}: no data set of its format at {where}")
 
 
-def run(root: Path, sets: Sequence[str], sizes: Sequence[int], seeds: Sequence[int]) -> list[dict[str, Any]]:
+def measure(root: Path, sets: Sequence[str], sizes: Sequence[int], seeds: Sequence[int]) -> list[dict[str, Any]]:
     """One row per (set, size, seed): each embedding's figure on the full test split."""
     from cmr.errors import ConfigError
 
@@ -165,37 +167,41 @@ def render(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from cmr import constants
-    from cmr.bench import common
-
-    p = argparse.ArgumentParser(prog="python -m bench.embedding_threshold", description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m bench.embedding_threshold``."""
     p.add_argument("--data-root", type=Path, default=None, help="folder holding cmrbench/ and routing/ (default: the shared data)")
     p.add_argument("--sets", nargs="+", default=list(SETS), help="cmrbench and/or outcome sets under routing/")
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="train prompts per run (0: the whole split)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="subset (and training) seeds")
     p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Check the options, measure, write ``report.json`` / ``report.md`` and print the table."""
+    from cmr import constants
+    from cmr.bench import common
+
     if any(n < 0 for n in a.sizes):
-        p.error("--sizes: each ≥ 0")
+        raise BenchThresholdError(f"--sizes: each must be ≥ 0 (got {min(a.sizes)})")
     root = a.data_root or constants.data_root()
-    try:
-        check_sets(root, a.sets)
-    except BenchThresholdError as e:
-        print(f"python -m bench.embedding_threshold: {e}", file=sys.stderr)
-        return 2
+    check_sets(root, a.sets)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    rep = {"command": "python -m bench.embedding_threshold " + " ".join(sys.argv[1:] if argv is None else argv),
-           "started_utc": started.isoformat(timespec="seconds"), "rows": run(root, a.sets, a.sizes, a.seeds), **common.run_info()}
+    rep = {"command": a.command_line, "started_utc": started.isoformat(timespec="seconds"),
+           "rows": measure(root, a.sets, a.sizes, a.seeds), **common.run_info()}
     rep["wall_s"] = time.perf_counter() - t0
     out = Path(a.out or f"runs/embedding-threshold-{started:%Y%m%dT%H%M%SZ}")
+    md = render(rep)
     common.write_json(out / "report.json", rep)
-    common.write_text(out / "report.md", render(rep))
-    print(render(rep))
+    common.write_text(out / "report.md", md)
+    print(md)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench import cli
+
+    return cli("python -m bench.embedding_threshold", __doc__, add_arguments, run, BenchThresholdError, "bench_embedding_threshold", argv)
 
 
 if __name__ == "__main__":

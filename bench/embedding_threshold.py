@@ -5,11 +5,11 @@ python -m bench.embedding_threshold [--data-root DIR] [--sets cmrbench routerben
 
 ``embedding: auto`` (the router's and ``cmr train``'s default) fuses labelled rows when the texts
 it fits the lexical part on (the first training's prompts plus the hub's cards) number at least
-``AUTO_MIN_TEXTS``, and never outcome rows. This measures that rule instead of assuming it: each set's train split is cut to
-``n`` prompts (a random subset per seed; CMRBench: the same fraction of each experience), the
-lexical part is fitted on those prompts and the cards, exactly as ``fit_encoder`` does for a first
-start, and the policy ``auto`` picks at full size on that set runs with each embedding on the
-*full test split*: carve with its domain vote on CMRBench (continual protocol, final D and M),
+``AUTO_MIN_TEXTS``, and never outcome rows. This measures that rule instead of assuming it: each
+set's train split is cut to ``n`` prompts (a random subset per seed; CMRBench: the same fraction
+of each experience), the lexical part is fitted on those prompts and the cards, as ``fit_encoder``
+does for a first start, and the policy ``auto`` picks at full size on that set runs with each
+embedding on the *full test split*: carve with its domain vote on CMRBench (continual protocol, final D and M),
 ``knn`` on outcome sets (AIQ where costs are known, else quality at λ = 0). Only the lexical part
 differs between the two columns of a row: the dense vectors come from the same cached MiniLM.
 A set is ``cmrbench`` (the folder ``DATA_ROOT/cmrbench``) or the name of an outcome set under
@@ -34,11 +34,11 @@ from cmr.errors import CMRError
 
 SIZES = (64, 128, 256, 512, 1024, 2048, 0)  # 0: the whole train split
 SETS = ("cmrbench", "routerbench", "routerdc7")
+EMBEDDINGS = ("minilm", "minilm+tfidf")
 
 
 class BenchThresholdError(CMRError):
     """A bad option of ``bench.embedding_threshold`` (names it)."""
-EMBEDDINGS = ("minilm", "minilm+tfidf")
 
 
 def _cut_cmrbench(bench, n: int, seed: int):

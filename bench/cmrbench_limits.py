@@ -31,8 +31,6 @@ Nothing here selects a configuration on test: (b) and (d) only report; (c) never
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import re
 import sys
 import time

@@ -133,7 +133,7 @@ def main() -> int:
     rep = {"command": "python -m bench.encoders " + " ".join(sys.argv[1:]), "rows": rows, "info": common.run_info(), "load_after": load}
     out = Path(a.out)
     common.write_json(out / "report.json", rep)
-    md = [f"# Packaged sentence encoders: latency and routing quality", "",
+    md = ["# Packaged sentence encoders: latency and routing quality", "",
           f"`{rep['command']}` — {rep['info']['date']}, commit {rep['info']['git_commit']}, 1 thread each, load average {load} "
           "(a shared 2-core machine: latencies are upper bounds).", "",
           "| encoder | dim | single query p50 / p99 ms | batch of 32 ms | RouterBench knn AIQ | CMRBench knn M / D |", "|---|---|---|---|---|---|"]

@@ -13,7 +13,6 @@ swap never interrupts or fails a batch in flight.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import threading
 import time

@@ -180,4 +180,4 @@ def _announce_keys(args, host: str) -> None:
         print(f"cmr: created the bootstrap API key (tenant 'default', scopes infer,feedback,admin): {token}", flush=True)
         print(f"cmr: saved to {path} (mode 0600); it is not shown again. `cmr keys create` makes scoped keys, `cmr keys revoke` removes one", flush=True)
     else:
-        print(f"cmr: API keys required (Authorization: Bearer <key>); `cmr keys list` shows them" + (f", bootstrap key in {path}" if path.is_file() else ""), flush=True)
+        print("cmr: API keys required (Authorization: Bearer <key>); `cmr keys list` shows them" + (f", bootstrap key in {path}" if path.is_file() else ""), flush=True)

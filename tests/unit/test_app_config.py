@@ -4,7 +4,6 @@ is refused, not silently ignored. No Ray is started: validation runs before anyt
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,6 @@ for requests that give no cost weight."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -195,7 +195,8 @@ def part_a(bench: CMRBench, enc) -> dict:
 
 
 # ----------------------------------------------------------------------------------- part b
-def _subsample(bench: CMRBench, frac: float, seed: int) -> CMRBench:
+def subsample(bench: CMRBench, frac: float, seed: int) -> CMRBench:
+    """``bench`` with a seeded ``frac`` of each experience's train rows (at least one), test and cards whole."""
     rng = np.random.default_rng(seed)
     exps = []
     for e in bench.experiences:
@@ -221,7 +222,7 @@ def part_b(bench: CMRBench, enc, fractions, seeds) -> dict:
     for variant, cfg in (("joint", {"joint": True}), ("continual (default)", {})):
         for frac in fractions:
             for seed in (seeds if frac < 1.0 else [seeds[0]]):
-                sub = _subsample(bench, frac, seed) if frac < 1.0 else bench
+                sub = subsample(bench, frac, seed) if frac < 1.0 else bench
                 r = _run_protocol(sub, enc, cfg)
                 r.update(variant=variant, fraction=frac, seed=seed, n_train=sum(len(e.train) for e in sub.experiences))
                 print(f"  learning curve {variant} {frac:.2f} seed {seed}: M {r['m_acc']:.3f} D {r['d_acc']:.3f}", flush=True)

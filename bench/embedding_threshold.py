@@ -42,30 +42,22 @@ class BenchThresholdError(CMRError):
 
 
 def _cut_cmrbench(bench, n: int, seed: int):
-    """``bench`` with ``n`` train prompts in all, the same fraction of each experience (0: all)."""
-    from cmr.data import CMRBench, Experience
+    """``bench`` with about ``n`` train prompts in all, the same fraction of each experience (0: all)."""
+    from bench.cmrbench_limits import subsample
 
     total = sum(len(e.train) for e in bench.experiences)
-    if not n or n >= total:
-        return bench
-    rng = np.random.default_rng(seed)
-    exps = []
-    for e in bench.experiences:
-        k = max(1, int(round(n * len(e.train) / total)))
-        exps.append(Experience(e.k, e.train.subset(np.sort(rng.permutation(len(e.train))[:k])), e.test))
-    return CMRBench(bench.root, bench.cards, exps)
+    return bench if not n or n >= total else subsample(bench, n / total, seed)
 
 
 def _cmrbench(root: Path, n: int, seed: int, embedding: str) -> dict[str, Any]:
     from cmr.bench import cmr_protocol, common
     from cmr.data import load_cmrbench
-    from cmr.encoders import default_encoder
-    from cmr.encoders.lexical import embedding_of, fit_encoder
+    from cmr.encoders.lexical import embedding_of
     from cmr.policies import make_policy
 
     bench = _cut_cmrbench(load_cmrbench(root / "cmrbench"), n, seed)
     texts = [t for e in bench.experiences for t in e.train.texts]
-    enc = fit_encoder(embedding, default_encoder(), texts + [c.text() for c in bench.cards])
+    enc = common.fitted_encoder(argparse.Namespace(embedding=embedding), texts, bench.cards)
     common.embed(enc, [p for e in bench.experiences for p in (e.train, e.test)])
     out = cmr_protocol.evaluate(bench, make_policy("carve", encoder=enc, config={"seed": seed, "domain_vote": 0.3}))
     f = out["final"]
@@ -76,15 +68,14 @@ def _cmrbench(root: Path, n: int, seed: int, embedding: str) -> dict[str, Any]:
 def _outcomes(root: Path, name: str, n: int, seed: int, embedding: str) -> dict[str, Any]:
     from cmr.bench import common, llm_protocol
     from cmr.data import load_outcomes
-    from cmr.encoders import default_encoder
-    from cmr.encoders.lexical import embedding_of, fit_encoder
+    from cmr.encoders.lexical import embedding_of
     from cmr.policies import make_policy
 
     data = load_outcomes(root / "routing" / name)
     if n and n < len(data.train):
         idx = np.sort(np.random.default_rng(seed).permutation(len(data.train))[:n])
         data = dataclasses.replace(data, train=data.train.subset(idx))
-    enc = fit_encoder(embedding, default_encoder(), list(data.train.texts) + [c.text() for c in data.cards])
+    enc = common.fitted_encoder(argparse.Namespace(embedding=embedding), data.train.texts, data.cards, labelled=False)
     common.embed(enc, [data.train, data.test])
     policy = make_policy("knn", encoder=enc, config={"seed": seed})
     llm_protocol.train_policy(policy, data, 0.0, None, seed)

@@ -62,8 +62,6 @@ def quality(backend: str, tokens: int, policies: Sequence[str], cache, embedding
     (AIQ), each embedded with ``embedding`` as the router does (its lexical part, if any, fitted
     on that set's train prompts and cards; the query view shares it). CMRBench figures are means
     over training ``seeds`` (the protocol's and the policy's seed), each seed's kept beside them."""
-    import numpy as np
-
     from cmr import constants
     from cmr.bench import cmr_protocol, common, llm_protocol
     from cmr.data import load_cmrbench, load_outcomes
@@ -88,7 +86,7 @@ def quality(backend: str, tokens: int, policies: Sequence[str], cache, embedding
         for seed in seeds:
             f = cmr_protocol.evaluate(bench, make_policy(name, encoder=full, config={"seed": seed}), seed=seed)["final"]
             per.append({"seed": seed, "m_acc": float(f["m_acc"]), "f_acc": float(f["f_acc"]), "d_acc": float(f["d_acc"])})
-        out[f"cmrbench_{name}"] = {k: float(np.mean([r[k] for r in per])) for k in ("m_acc", "f_acc", "d_acc")} | {"per_seed": per}
+        out[f"cmrbench_{name}"] = {k: statistics.fmean(r[k] for r in per) for k in ("m_acc", "f_acc", "d_acc")} | {"per_seed": per}
     data = load_outcomes(constants.data_root() / "routing" / "routerbench")
     full, query = encoders(list(data.train.texts) + [c.text() for c in data.cards], labelled=False)
     out["routerbench_embedding"] = embedding_of(full)

@@ -29,6 +29,12 @@ embedding raised D-Acc by 2.0 and 4.5 points with M-Acc −0.5 / +0.3; popularit
 ``domain_prior``: log(1 + positive training rows) added to the logits) and ``card_text="full"``
 (family, framework, performance too) did not help (``docs/results/carve-variants/``).
 
+``domain_loss`` / ``family_loss`` (softmax head, training, off by default) add to a labelled row's
+loss ``−w · log Σ_{m' ∈ group(m)} p(m')`` for its domain / family (a card without a family is one of
+its own): training then asks for the mass the vote scores, not only for the row's single model,
+which has one to three training rows on most hubs of many sibling models. Chosen on three
+validation splits of CMRBench's train splits (``docs/results/carve-domain-loss/``).
+
 Scoring (no gradients) reuses every model's projected embedding until a training step, an absorbed
 query or a new model changes it: a routed request does not re-project the whole hub.
 
@@ -114,6 +120,11 @@ class CarveConfig(PolicyConfig):
     # summed probability of the candidates of its domain (the top model of the most probable
     # domain wins as domain_vote → 1); 0 = off
     domain_vote: Fraction = 0.0
+    # softmax head, training: each labelled row's loss also asks for its domain's summed
+    # probability, −domain_loss · log Σ_{m ∈ domain} p(m) (what the vote scores); 0 = off
+    domain_loss: NonNegative = 0.0
+    # the same for the row's family (a card without one is a family of its own); 0 = off
+    family_loss: NonNegative = 0.0
     # continual
     replay: Fraction = 0.2  # coreset budget as a fraction of the data seen (0 = no replay)
     replay_cap: Count = 4  # coreset rows per model at most
@@ -163,6 +174,7 @@ class CarvePolicy(RoutingPolicy):
         self._models: list[str] = []
         self._row: dict[str, int] = {}
         self._model_domain: list[str] = []
+        self._model_family: list[str] = []
         self._domains: list[str] = []
         self._drow: dict[str, int] = {}
         self._doc_emb: dict[str, np.ndarray] = {}
@@ -261,6 +273,7 @@ class CarvePolicy(RoutingPolicy):
             self._row[c.id] = len(self._models)
             self._models.append(c.id)
             self._model_domain.append(d)
+            self._model_family.append(c.family or "\0" + c.id)
         p = self._params
         with torch.no_grad():
             # embeddings live in projected space: map the card through the current projection
@@ -350,10 +363,10 @@ class CarvePolicy(RoutingPolicy):
 
     @staticmethod
     def _group_logsumexp(logits, groups, n_groups):
-        """Per-row logsumexp of ``logits [B, C]`` within each group (``groups [C]``) -> ``[B, G]``."""
+        """Per-row logsumexp of ``logits [B, C]`` within each group (``groups [C]`` or ``[B, C]``) -> ``[B, G]``."""
         import torch
 
-        idx = groups.unsqueeze(0).expand_as(logits)
+        idx = groups if groups.dim() == 2 else groups.unsqueeze(0).expand_as(logits)
         gmax = torch.full((logits.shape[0], n_groups), -torch.inf, dtype=logits.dtype)
         gmax = gmax.scatter_reduce(1, idx, logits.detach(), reduce="amax", include_self=True)
         ex = torch.exp(logits - gmax.gather(1, idx))
@@ -394,6 +407,17 @@ class CarvePolicy(RoutingPolicy):
         if getattr(self, "_mdom_cache", None) is None or len(self._mdom_cache) != len(self._models):
             self._mdom_cache = torch.as_tensor([self._drow[d] for d in self._model_domain], dtype=torch.long)
         return self._mdom_cache
+
+    def _mfam(self):
+        """Family row of every model row (a tensor, rebuilt only when the tables grew) and the
+        number of families."""
+        import torch
+
+        if getattr(self, "_mfam_cache", None) is None or len(self._mfam_cache[0]) != len(self._models):
+            ix: dict[str, int] = {}
+            rows = [ix.setdefault(f, len(ix)) for f in self._model_family]
+            self._mfam_cache = (torch.as_tensor(rows, dtype=torch.long), len(ix))
+        return self._mfam_cache
 
     # ---------------------------------------------------------------- scoring
     def score(self, q: np.ndarray, candidates: Sequence[ModelCard], tasks: Sequence[str | None] | None = None) -> np.ndarray:
@@ -490,14 +514,15 @@ class CarvePolicy(RoutingPolicy):
         c: CarveConfig = self.config
         if c.joint and self._params is not None:
             # upper reference: forget the parameters, keep the data, restart from the cards
-            known = [ModelCard(id=m, domain=d or None) for m, d in zip(self._models, self._model_domain)]
+            known = [ModelCard(id=m, domain=d or None, family=None if f.startswith("\0") else f)
+                     for m, d, f in zip(self._models, self._model_domain, self._model_family)]
             docs = dict(self._doc_emb)
             proto, count = self._proto, self._count
-            self._params, self._models, self._row, self._model_domain = None, [], {}, []
+            self._params, self._models, self._row, self._model_domain, self._model_family = None, [], {}, [], []
             self._proto, self._count = np.zeros((0, 0), np.float32), np.zeros(0, np.float64)
             self._domains, self._drow = [], {}
             self._doc_emb = docs
-            self._mdom_cache = None
+            self._mdom_cache = self._mfam_cache = None
             self.add_models(known)
             self._proto, self._count = proto, count
         if cards is not None:
@@ -706,18 +731,33 @@ class CarvePolicy(RoutingPolicy):
             logits = self._logits(z, live, p)
             if has_loo:
                 logits = logits.scatter(1, pc, self._loo_logit(z, x, pos, loo, p).unsqueeze(1))
-            logp = self._log_scores(z, live, p, logits).gather(1, pc)[:, 0]
+            ls = self._log_scores(z, live, p, logits)
+            logp = ls.gather(1, pc)[:, 0]
+            grp = live
         else:
             cand, mask = self._sample_candidates(pos, idx, rng)
             lg = self._logits(z, cand, p)
             if has_loo:
                 lg = torch.cat([self._loo_logit(z, x, pos, loo, p).unsqueeze(1), lg[:, 1:]], dim=1)
             lg = lg.masked_fill(mask, -torch.inf)
-            logp = torch.log_softmax(lg, dim=1)[:, 0]
+            ls = torch.log_softmax(lg, dim=1)
+            logp = ls[:, 0]
+            grp = cand
             if self.config.hierarchical:
                 dom = self._mdom()[pos]
                 logp = logp + self.config.domain_weight * self._domain_logp(z, p).gather(1, dom.unsqueeze(1))[:, 0]
         pull = -logp
+        if not self.config.hierarchical:
+            # log of the summed probability of the row's domain / family (a reward-0 row only
+            # pushes its model away)
+            if self.config.domain_loss > 0 and len(self._domains):
+                dom = self._mdom()
+                lse = self._group_logsumexp(ls, dom[grp], len(self._domains))
+                pull = pull - self.config.domain_loss * lse.gather(1, dom[pos].unsqueeze(1))[:, 0]
+            if self.config.family_loss > 0:
+                fam, n_fam = self._mfam()
+                lse = self._group_logsumexp(ls, fam[grp], n_fam)
+                pull = pull - self.config.family_loss * lse.gather(1, fam[pos].unsqueeze(1))[:, 0]
         push = -torch.log1p(-torch.exp(logp).clamp(max=1 - 1e-6))
         l = reward * pull + (1 - reward) * push
         return (weight * l).sum() / weight.sum()
@@ -781,6 +821,7 @@ class CarvePolicy(RoutingPolicy):
             mode=self._mode,
             models=list(self._models),
             model_domain=list(self._model_domain),
+            model_family=list(self._model_family),
             domains=list(self._domains),
             live=list(self._live),
             doc_ids=ids,
@@ -800,6 +841,9 @@ class CarvePolicy(RoutingPolicy):
         self._models = list(state["models"])
         self._row = {m: i for i, m in enumerate(self._models)}
         self._model_domain = list(state["model_domain"])
+        # a state saved before families were kept: every model its own family
+        self._model_family = list(state.get("model_family") or ["\0" + m for m in self._models])
+        self._mfam_cache = None
         self._domains = list(state["domains"])
         self._drow = {d: i for i, d in enumerate(self._domains)}
         self._mdom_cache = None

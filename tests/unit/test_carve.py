@@ -180,6 +180,53 @@ def test_domain_vote_routes_to_the_most_probable_domain(cmr_small, encoder):
     np.testing.assert_allclose(p.score(q, live), base, atol=1e-6)
 
 
+def test_domain_and_family_losses_add_the_log_mass_of_the_rows_own_group(cmr_small, encoder):
+    import dataclasses
+
+    import torch
+
+    lr, exp, live = _fit_e1(cmr_small, encoder, epochs=2, leave_one_out=False)
+    p, data = lr.policy, exp.train
+    x = torch.from_numpy(data.emb)
+    pos = torch.as_tensor([p._row[data.model_ids[l]] for l in data.labels], dtype=torch.long)
+    one = torch.ones(len(data))
+
+    def loss(**cfg):
+        p.config = dataclasses.replace(p.config, **{"domain_loss": 0.0, "family_loss": 0.0, **cfg})
+        with torch.no_grad():
+            return float(p._loss(x, pos, one, one, None))
+
+    s = p.score(data.emb, live)  # the same softmax over the live models, computed apart
+    for key, w in (("domain", 2.0), ("family", 0.5)):
+        of = {c.id: (getattr(c, key) or "\0" + c.id) for c in live}
+        grp = np.array([of[c.id] for c in live], dtype=object)
+        own = [of[data.model_ids[l]] for l in data.labels]
+        mass = np.array([s[i, grp == g].sum() for i, g in enumerate(own)])
+        # the extra term is w · mean(−log Σ_{m in the row's group} p(m))
+        assert loss(**{f"{key}_loss": w}) - loss() == pytest.approx(w * float(np.mean(-np.log(mass))), rel=1e-3)
+    # the sampled-negatives path adds a finite, positive term as well
+    p.config = dataclasses.replace(p.config, negatives="sampled", n_hard=4, n_domain=4, n_random=4)
+    p._hard = p._mine_hard(p._epoch_all if getattr(p, "_epoch_all", None) is not None else data)
+    idx = np.arange(len(data))
+
+    def sampled(**cfg):
+        p.config = dataclasses.replace(p.config, **{"domain_loss": 0.0, "family_loss": 0.0, **cfg})
+        with torch.no_grad():
+            return float(p._loss(x, pos, one, one, idx, None, np.random.default_rng(0)))
+
+    for cfg in ({"domain_loss": 2.0}, {"family_loss": 2.0}):
+        v = sampled(**cfg)
+        assert np.isfinite(v) and v > sampled()
+    # families travel with the state (a state saved before them loads with one family a model)
+    st = p.state_dict()
+    again = make_policy("carve", encoder=encoder, config=p.config.to_dict())
+    again.load_state_dict(st)
+    assert again._model_family == p._model_family and len(set(p._model_family)) < len(p._models)
+    st.pop("model_family")
+    again.load_state_dict(st)
+    assert len(set(again._model_family)) == len(again._models)
+
+
 def test_popularity_prior_favours_models_with_more_training_rows(cmr_small, encoder):
     import dataclasses
 

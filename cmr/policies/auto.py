@@ -17,7 +17,9 @@ from cmr.types import ModelCard
 #: only where there is an encoder (it reads the cards' text), with its domain vote: it settles on
 #: the most probable domain first (the weight chosen on validation splits of CMRBench's train, where
 #: scoring each experience's train rows before learning them favoured a vote too:
-#: docs/results/carve-vote-prequential/; on cards without domains, or outcome rows, it is a no-op).
+#: docs/results/carve-vote-prequential/), and trained for the mass of a row's domain and family
+#: (docs/results/carve-domain-loss/); on cards without domains or families, or outcome rows, these
+#: are no-ops.
 #: ``prior`` is the zero router: every prompt scored by each model's global (empirical-Bayes)
 #: mean, so its λ sweep walks the single models' quality–cost hull; the rest shrink towards it.
 #: ``task-prior`` scores by each model's prior within the query's task (the global one for a
@@ -31,7 +33,7 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     "uniroute": ("uniroute", {}),
     "uniroute-map": ("uniroute-map", {}),
     "linucb": ("linucb", {}),
-    "carve": ("carve", {"domain_vote": 0.3}),
+    "carve": ("carve", {"domain_vote": 0.3, "domain_loss": 2.0, "family_loss": 1.0}),
 }
 #: names of earlier releases (a stored config or choice naming one still loads): carve without
 #: the vote was a candidate of its own, the vote was ``carve-vote``

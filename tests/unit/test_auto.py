@@ -142,7 +142,8 @@ def test_a_chosen_carve_learns_through_its_own_learner(cmr_small, encoder):
     assert choice["chosen"] == "carve", choice
     # the same as carve trained by a learner on the same experiences
     ref = Learner(make_policy("carve", encoder=encoder, config=CANDIDATES["carve"][1]))
-    assert ref.policy.config.domain_vote > 0  # auto's carve settles on the most probable domain first
+    # auto's carve settles on the most probable domain first, trained for its domain's and family's mass
+    assert ref.policy.config.domain_vote > 0 and ref.policy.config.domain_loss > 0 and ref.policy.config.family_loss > 0
     ref.policy.add_models(cmr_small.cards_of(1))
     ref.fit(e1.train, cmr_small.cards_upto(1))
     for p in (pol, ref.policy):

@@ -103,7 +103,7 @@ def render(out: Path) -> str:
     """Markdown tables of every ``variants-*.jsonl`` in ``out``."""
     md = ["# carve variants on the fused embedding (CMRBench, continual e1..e4)", "",
           "`python -m bench.carve_variants` rows; validation = 15% of each train split held out (one row per model with",
-          "≥ 2 rows), split seed 0 or 1; test = the test splits (only for variants chosen on validation).", ""]
+          "≥ 2 rows), split seed 0, 1, 2, ... (`--split-seed`); test = the test splits (only for variants chosen on validation).", ""]
     for f in sorted(out.glob("variants-*.jsonl")):
         rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
         md += [f"## {f.stem.removeprefix('variants-')}", "", "| variant | spec | M-Acc | F-Acc | D-Acc | forgetting M / F / D (points) | s | commit |",
@@ -111,7 +111,26 @@ def render(out: Path) -> str:
         md += [f"| {r['name']} | `{r['spec']}` | {r['m_acc']:.3f} | {r['f_acc']:.3f} | {r['d_acc']:.3f} | "
                + " / ".join(f"{r['forgetting'][m] * 100:.1f}" for m in "mfd") + f" | {r['s']:.0f} | {(r.get('commit') or '')[:7]} |" for r in rows]
         md.append("")
+    md += _means(out)
     return "\n".join(md)
+
+
+def _means(out: Path) -> list[str]:
+    """Each variant's mean M/F/D over the validation splits it ran on (a choice reads this table)."""
+    runs: dict[str, list[dict]] = {}
+    for f in sorted(out.glob("variants-validation*.jsonl")):
+        for x in f.read_text().splitlines():
+            if x.strip():
+                r = json.loads(x)
+                runs.setdefault(r["spec"], []).append(r)
+    if not any(len(v) > 1 for v in runs.values()):
+        return []
+    md = ["## mean over validation splits", "", "| spec | splits | M-Acc | F-Acc | D-Acc | mean of M/F/D |", "|---|---|---|---|---|---|"]
+    for spec, rows in sorted(runs.items(), key=lambda kv: -float(np.mean([np.mean([r[f"{m}_acc"] for m in "mfd"]) for r in kv[1]]))):
+        mean = {m: float(np.mean([r[f"{m}_acc"] for r in rows])) for m in "mfd"}
+        md.append(f"| `{spec}` | {', '.join(sorted(r['split'] for r in rows))} | " + " | ".join(f"{mean[m]:.3f}" for m in "mfd")
+                  + f" | {np.mean(list(mean.values())):.3f} |")
+    return md + [""]
 
 
 def _evaluate_mix(bench, carve, enc, alpha):

@@ -273,7 +273,7 @@ class CarvePolicy(RoutingPolicy):
             self._row[c.id] = len(self._models)
             self._models.append(c.id)
             self._model_domain.append(d)
-            self._model_family.append(c.family or "\0" + c.id)
+            self._model_family.append(c.family or "")
         p = self._params
         with torch.no_grad():
             # embeddings live in projected space: map the card through the current projection
@@ -410,12 +410,12 @@ class CarvePolicy(RoutingPolicy):
 
     def _mfam(self):
         """Family row of every model row (a tensor, rebuilt only when the tables grew) and the
-        number of families."""
+        number of families; a model without a family ("") is a family of its own."""
         import torch
 
         if getattr(self, "_mfam_cache", None) is None or len(self._mfam_cache[0]) != len(self._models):
-            ix: dict[str, int] = {}
-            rows = [ix.setdefault(f, len(ix)) for f in self._model_family]
+            ix: dict[object, int] = {}
+            rows = [ix.setdefault(f or i, len(ix)) for i, f in enumerate(self._model_family)]
             self._mfam_cache = (torch.as_tensor(rows, dtype=torch.long), len(ix))
         return self._mfam_cache
 
@@ -514,7 +514,7 @@ class CarvePolicy(RoutingPolicy):
         c: CarveConfig = self.config
         if c.joint and self._params is not None:
             # upper reference: forget the parameters, keep the data, restart from the cards
-            known = [ModelCard(id=m, domain=d or None, family=None if f.startswith("\0") else f)
+            known = [ModelCard(id=m, domain=d or None, family=f or None)
                      for m, d, f in zip(self._models, self._model_domain, self._model_family)]
             docs = dict(self._doc_emb)
             proto, count = self._proto, self._count
@@ -842,7 +842,7 @@ class CarvePolicy(RoutingPolicy):
         self._row = {m: i for i, m in enumerate(self._models)}
         self._model_domain = list(state["model_domain"])
         # a state saved before families were kept: every model its own family
-        self._model_family = list(state.get("model_family") or ["\0" + m for m in self._models])
+        self._model_family = list(state.get("model_family") or [""] * len(self._models))
         self._mfam_cache = None
         self._domains = list(state["domains"])
         self._drow = {d: i for i, d in enumerate(self._domains)}

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from cmr import constants
 from cmr.bench import common
 from cmr.bench.cmr_protocol import evaluate, validation_split

@@ -206,7 +206,7 @@ def test_domain_and_family_losses_add_the_log_mass_of_the_rows_own_group(cmr_sma
         assert loss(**{f"{key}_loss": w}) - loss() == pytest.approx(w * float(np.mean(-np.log(mass))), rel=1e-3)
     # the sampled-negatives path adds a finite, positive term as well
     p.config = dataclasses.replace(p.config, negatives="sampled", n_hard=4, n_domain=4, n_random=4)
-    p._hard = p._mine_hard(p._epoch_all if getattr(p, "_epoch_all", None) is not None else data)
+    p._hard = p._mine_hard(p.interactions(data))  # hard negatives of these rows, in their order
     idx = np.arange(len(data))
 
     def sampled(**cfg):

@@ -144,8 +144,8 @@ def render_md(report: dict[str, Any]) -> str:
     f = lambda s: f"{s['mean']:.3f} ± {s['sd']:.3f}"  # noqa: E731
     seeds = report["seeds"]
     lines = [f"# Quality over {len(seeds)} training seeds ({report['started_utc']})", "", f"`{report['command']}`", "",
-             f"Seeds {', '.join(map(str, seeds))} (splits fixed; the policy's own randomness varies), embedding `{report['embedding']}`, "
-             "test splits; mean ± sample sd.", ""]
+             f"Seeds {', '.join(map(str, seeds))} (splits fixed; the policy's own randomness varies), embedding `{report['embedding']}` "
+             "where a row does not name its own (`POLICY@EMBEDDING`), test splits; mean ± sample sd.", ""]
     llm = {k: v for k, v in report["table"].items() if k.split("/")[0] in LLM_SETS and not k.split("/")[1].startswith("unseen")}
     if llm:
         lines += ["| set | policy | AIQ | quality at λ=0 | zero router AIQ |", "|---|---|---|---|---|"]

@@ -9,8 +9,13 @@ trial after its first experiences. At the last experience it also reports the ob
 time. The Pareto front over those four is written as ``pareto.md`` / ``pareto.png``; the chosen
 config (rule below) as ``chosen_config.json`` (a carve config: ``cmr bench cmr --config``,
 ``cmr train --config``) and ``chosen_serve.yaml`` (``cmr serve --config``: ``policy_config``).
-Then the chosen config — and the default, for reference — is run once on the real protocol
+Then the chosen config — and the served carve, for reference — is run once on the real protocol
 (full train splits, test splits) and recorded separately (``test_eval.md``).
+
+The search starts from what the router serves: the first trial is ``auto``'s carve (its domain vote
+and its domain and family losses) on the served embedding (``--embedding``, default ``auto``: MiniLM
+fused with TF-IDF fitted on the train prompts and cards where they are texts enough), and the
+vote and both losses are swept with the other knobs. A knob fixed with ``--set`` is not swept.
 
 Choice rule (validation only): among Pareto trials with D forgetting ≤ ``--max-forgetting``, the
 highest mean of D-Acc and M-Acc (ties: less training time).
@@ -33,14 +38,16 @@ from tune import common as tc
 OBJECTIVES = ["obj_d_acc", "obj_m_acc", "obj_forgetting_d", "obj_train_s"]
 MODES = ["max", "max", "min", "min"]
 #: the carve knobs swept (CarveConfig fields)
-KNOBS = ("replay", "replay_cap", "anchor", "anchor_dense", "temperature", "negatives", "n_hard", "n_domain", "n_random", "lr", "epochs")
+KNOBS = ("replay", "replay_cap", "anchor", "anchor_dense", "temperature", "negatives", "n_hard", "n_domain", "n_random", "lr", "epochs",
+         "domain_vote", "domain_loss", "family_loss")
 
 
-def search_space(quick: bool) -> dict[str, Any]:
-    """Carve's knobs as Tune distributions (converted for Optuna by ``OptunaSearch``)."""
+def search_space(quick: bool, fixed: Any = ()) -> dict[str, Any]:
+    """Carve's knobs as Tune distributions (converted for Optuna by ``OptunaSearch``), but those
+    in ``fixed`` (set with ``--set``)."""
     from ray import tune
 
-    return {
+    space = {
         "replay": tune.uniform(0.0, 0.5),  # coreset budget, fraction of the data seen
         "replay_cap": tune.randint(1, 9),  # rows per model in the coreset
         "anchor": tune.loguniform(1e-2, 10.0),  # anchoring of model/domain embeddings
@@ -52,16 +59,27 @@ def search_space(quick: bool) -> dict[str, Any]:
         "n_random": tune.randint(4, 33),  # random far negatives
         "lr": tune.loguniform(1e-4, 3e-3),
         "epochs": tune.randint(2, 8) if quick else tune.randint(2, 16),
+        "domain_vote": tune.uniform(0.0, 0.6),  # a candidate's domain's summed probability in its score
+        "domain_loss": tune.uniform(0.0, 4.0),  # training asks for the row's domain's mass
+        "family_loss": tune.uniform(0.0, 2.0),  # ... and its family's
     }
+    return {k: v for k, v in space.items() if k not in fixed}
 
 
-def default_point() -> dict[str, Any]:
-    """Carve's defaults for the swept knobs: the first trial, so the front is read against it."""
+def served() -> dict[str, Any]:
+    """The carve options the router serves by default (``auto``'s carve candidate)."""
+    from cmr.policies.auto import CANDIDATES
+
+    return dict(CANDIDATES["carve"][1])
+
+
+def default_point(fixed: Any = ()) -> dict[str, Any]:
+    """The served carve's values of the swept knobs: the first trial, so the front is read against it."""
     from cmr.policies.carve import CarveConfig
 
-    d = CarveConfig().to_dict()
-    p = {k: d[k] for k in KNOBS}
-    if p["negatives"] == "auto":
+    d = CarveConfig.from_dict(served()).to_dict()
+    p = {k: d[k] for k in KNOBS if k not in fixed}
+    if p.get("negatives") == "auto":
         p["negatives"] = "full"  # auto = full below 20,000 live models (CMRBench has 2,315)
     return p
 
@@ -106,6 +124,7 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
 
     from cmr.bench import common
     from cmr.bench.cmr_protocol import validation_split
+    from cmr.encoders.lexical import embedding_of
     from cmr.policies.carve import CarveConfig, CarvePolicy
     from tune import pareto
 
@@ -114,7 +133,8 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     if not 0.0 < val_fraction < 1.0:
         raise tc.TuneError(f"--val-fraction {val_fraction}: must be in (0, 1)")
     t_start = time.perf_counter()
-    base = {"seed": seed, **(base or {})}
+    fixed = set(base or {})
+    base = {"seed": seed, **served(), **(base or {})}
     CarveConfig.from_dict(base)  # a bad --set fails before Ray starts
     val = validation_split(bench, val_fraction, seed)
     rec = tc.RecordingEncoder(encoder)
@@ -122,9 +142,9 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     payload = {"bench": val, "table": rec.table, "encoder_name": encoder.name, "dim": encoder.dim, "base": base}
     storage = tc.storage_path(storage)
     name = name or f"cmr-carve-{common.utc_stamp()}"
-    grid = tc.run_tuner(tune.with_parameters(cmr_trial, payload=payload), search_space(quick), objectives=OBJECTIVES, modes=MODES,
+    grid = tc.run_tuner(tune.with_parameters(cmr_trial, payload=payload), search_space(quick, fixed), objectives=OBJECTIVES, modes=MODES,
                         asha_metric="val_d_acc", asha_mode="max", max_t=len(val.experiences), trials=trials, concurrent=concurrent,
-                        storage=storage, name=name, seed=seed, points=[default_point()], address=address, num_cpus=num_cpus)
+                        storage=storage, name=name, seed=seed, points=[default_point(fixed)], address=address, num_cpus=num_cpus)
     t_sweep = time.perf_counter() - t_start
     keys = ["val_m_acc", "val_f_acc", "val_d_acc", "val_forgetting_d", "train_s", *OBJECTIVES]
     rows = tc.trial_rows(grid, keys)
@@ -136,14 +156,15 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     front = [r for r, keep in zip(done, pareto.pareto_mask(vals, MODES)) if keep]
     chosen = choose(front, max_forgetting)
     chosen_cfg = CarveConfig.from_dict({**base, **chosen["config"]}).to_dict()
-    default_row = next((r for r in done if all(r["config"].get(k) == v for k, v in default_point().items())), None)
+    default_row = next((r for r in done if all(r["config"].get(k) == v for k, v in default_point(fixed).items())), None)
     summary: dict[str, Any] = {
         "sweep": "cmr", "policy": "carve", "dataset": bench.root.name, "trials": len(rows), "finished_all_experiences": len(done),
         "stopped_early": sum(1 for r in rows if r["obj_d_acc"] is None and r["error"] is None), "errors": sum(1 for r in rows if r["error"]),
         "objectives": dict(zip(OBJECTIVES, MODES)), "asha": {"metric": "val_d_acc", "mode": "max", "max_t": len(val.experiences), "grace_period": 1},
         "validation": {"fraction": val_fraction, "seed": seed, "n_fit": [len(e.train) for e in val.experiences], "n_val": [len(e.test) for e in val.experiences]},
         "choice_rule": f"Pareto trials with D forgetting <= {max_forgetting}: highest (D-Acc + M-Acc)/2, then least train time",
-        "storage": storage, "name": name, "quick": quick, "search_space": {k: str(v) for k, v in search_space(quick).items()},
+        "storage": storage, "name": name, "quick": quick, "search_space": {k: str(v) for k, v in search_space(quick, fixed).items()},
+        "embedding": embedding_of(encoder),
         "front": front, "chosen": chosen, "chosen_config": chosen_cfg, "default_trial": default_row, "all": rows,
         "sweep_wall_s": t_sweep,
     }
@@ -152,9 +173,9 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     import yaml
 
     common.write_text(out / "chosen_serve.yaml", "# cmr serve --config FILE: the served router uses the tuned carve config\n"
-                      + yaml.safe_dump({"policy": "carve", "policy_config": chosen_cfg}, sort_keys=False))
+                      + yaml.safe_dump({"policy": "carve", "embedding": embedding_of(encoder), "policy_config": chosen_cfg}, sort_keys=False))
     if test_eval:
-        summary["test"] = evaluate_on_test(bench, encoder, {"chosen": chosen_cfg, "default": CarveConfig.from_dict(base).to_dict()})
+        summary["test"] = evaluate_on_test(bench, encoder, {"chosen": chosen_cfg, "served": CarveConfig.from_dict(base).to_dict()})
     summary.update(common.run_info())
     summary["wall_s"] = time.perf_counter() - t_start
     common.write_json(out / "report.json", summary)
@@ -204,10 +225,10 @@ def _markdown(s: dict[str, Any]) -> str:
         "",
         *markdown_table([flat(r) for r in front], cols),
         "",
-        f"Choice: {s['choice_rule']} → trial `{s['chosen']['trial']}`" + (" (the default config)" if s["default_trial"] and s["chosen"]["trial"] == s["default_trial"]["trial"] else "") + ".",
+        f"Choice: {s['choice_rule']} → trial `{s['chosen']['trial']}`" + (" (the served carve)" if s["default_trial"] and s["chosen"]["trial"] == s["default_trial"]["trial"] else "") + ".",
     ]
     if s["default_trial"]:
-        lines += ["", "Default carve config on the same validation split: " + ", ".join(
+        lines += ["", "The served carve (the first trial) on the same validation split: " + ", ".join(
             f"{h} {s['default_trial'][k]:.3f}" for k, h in cols[1:5])]
     if "test" in s:
         lines += ["", "## Test splits — evaluated once after the choice (not used to choose)", "",
@@ -221,25 +242,27 @@ def _markdown(s: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cmr.encoders.lexical import EMBEDDINGS
     from tune.cli import add_sweep_arguments
 
     add_sweep_arguments(p)
     p.add_argument("--data", default=None, help="CMRBench folder (default: $CMR_DATA/cmrbench)")
     p.add_argument("--max-forgetting", type=float, default=0.06, help="choice rule: D forgetting bound on the front (default 0.06)")
     p.add_argument("--no-test", action="store_true", help="skip the one test-split evaluation of the chosen config")
+    p.add_argument("--embedding", choices=EMBEDDINGS, default="auto",
+                   help="what texts are embedded with (default auto: what the router serves; fitted on the train prompts and cards)")
 
 
 def run(args: argparse.Namespace) -> int:
     from cmr.bench import common
     from cmr.data.cmrbench import load_cmrbench
-    from cmr.encoders import default_encoder
     from tune.cli import out_dir, sets
 
     root = common.resolve_cmrbench_dir(args.data)
     bench = load_cmrbench(root)
     base = sets(args)
     trials = args.trials or (6 if args.quick else 40)
-    encoder = default_encoder()
+    encoder = common.fitted_encoder(args, [t for e in bench.experiences for t in e.train.texts], bench.cards)
     common.embed(encoder, [p for e in bench.experiences for p in (e.train, e.test)])
     storage = tc.storage_path(args.storage)
     name = args.name or f"cmr-carve-{common.utc_stamp()}"

@@ -128,7 +128,10 @@ class CarveConfig(PolicyConfig):
     # continual
     replay: Fraction = 0.2  # coreset budget as a fraction of the data seen (0 = no replay)
     replay_cap: Count = 4  # coreset rows per model at most
-    anchor: NonNegative = 1.0  # anchoring strength on model/domain embeddings (0 = none)
+    # anchoring strength on the per-model tables: offsets, domain rows, biases (0 = none); offline
+    # the softmax head trains them only with ``offsets`` or ``hierarchical``, so by default it acts
+    # on the online path and the sigmoid head
+    anchor: NonNegative = 1.0
     anchor_dense: NonNegative = 0.1  # anchoring strength on the projection (validated: 1 and 10 cost plasticity)
     joint: bool = False  # upper reference: keep all data, retrain from the cards each experience
     # online

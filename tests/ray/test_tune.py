@@ -33,21 +33,27 @@ def test_cmr_sweep_two_trials(ray_session, cmr_small, encoder, tmp_path):
     md = (out / "pareto.md").read_text()
     assert "Pareto front (validation)" in md and "Test splits — evaluated once after the choice" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(s["test"]) == {"chosen", "default"}
+    assert set(s["test"]) == {"chosen", "served"}
     assert (tmp_path / "storage" / "t").is_dir()  # Tune's own results under the storage path
     # the chosen config loads where the task says it must
     chosen = json.loads((out / "chosen_config.json").read_text())
     assert chosen == s["chosen_config"] and CarveConfig.from_dict(chosen).to_dict() == chosen
     for k in cmr_sweep.KNOBS:
-        assert chosen[k] == s["chosen"]["config"][k]
+        # a knob fixed with --set is not swept and stays as set
+        assert chosen[k] == (1 if k == "epochs" else s["chosen"]["config"][k])
+    assert "epochs" not in s["search_space"] and {"domain_vote", "domain_loss", "family_loss"} <= set(s["search_space"])
+    # the first trial is the carve the router serves (auto's, with its vote and losses)
+    served = cmr_sweep.served()
+    assert served["domain_vote"] > 0 and all(s["default_trial"]["config"][k] == v for k, v in served.items())
+    assert s["embedding"] == "minilm"  # what the fixture's encoder is
     _, cfg = common.policy_spec(argparse.Namespace(policy="carve", config=str(out / "chosen_config.json"), sets=[], seed=0))
     assert cfg.to_dict() == chosen  # cmr bench cmr --config
     from cmr.cli import build_parser
 
     a = build_parser().parse_args(["train", "--out", str(tmp_path / "ck"), "--config", str(out / "chosen_config.json")])
     assert a.config.endswith("chosen_config.json")  # cmr train --config
-    served = load_args(read_config(out / "chosen_serve.yaml"))
-    assert served.policy == "carve" and served.policy_config == chosen  # cmr serve --config
+    args = load_args(read_config(out / "chosen_serve.yaml"))
+    assert args.policy == "carve" and args.policy_config == chosen and args.embedding == "minilm"  # cmr serve --config
 
 
 def test_llm_sweep_two_trials_and_apply(ray_session, outcomes_small, encoder, tmp_path, capsys):

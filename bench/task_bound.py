@@ -9,6 +9,9 @@ quality), side by side in one run:
   within the prompt's task; the global mean for a task absent from train);
 - the **task ceiling**: the per-task prior computed from the *test* outcomes themselves. No router
   that routes on the task alone can do better on this test split; it is a bound, not a router;
+- the **cluster ceilings**: the same within finer regions, each task's test prompts split into 5
+  and 20 k-means clusters of their embeddings, each routed by its own outcomes: how far routing by
+  where a prompt lies within its task could go with this embedding, fitted on the prompts scored;
 - ``knn`` as served (default config; prompts' tasks given, as ``cmr bench llm`` gives them);
 - two per-prompt learners over the prompt embedding and the task (one-hot), configuration chosen
   on a validation fifth carved from train, refitted on all of train: a per-model logistic
@@ -45,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/results/task-bound"))
 
 
+#: clusters per task of the cluster ceilings: how far routing by where a prompt lies within its task
+#: could go, with the outcomes of the very prompts it routes
+CLUSTERS = (5, 20)
+
+
 def task_means(scores: np.ndarray, tasks: Sequence[str], fallback: np.ndarray) -> dict[str, np.ndarray]:
     """Each task's per-model mean known score (a model never known in a task: ``fallback``)."""
     import warnings
@@ -56,6 +64,25 @@ def task_means(scores: np.ndarray, tasks: Sequence[str], fallback: np.ndarray) -
             warnings.simplefilter("ignore", RuntimeWarning)
             m = np.nanmean(scores[t == name], axis=0)
         out[name] = np.where(np.isnan(m), fallback, m)
+    return out
+
+
+def cluster_ceiling(emb: np.ndarray, scores: np.ndarray, tasks: Sequence[str], fallback: np.ndarray, per_task: int, seed: int) -> np.ndarray:
+    """Each row's prediction when the rows of every task are split into ``per_task`` k-means
+    clusters of their embeddings (fewer where a task has under 20 rows a cluster) and each
+    cluster is routed by its own rows' per-model means: fitted on the rows it scores, a bound on
+    routing by (task, region of the embedding space), not a router."""
+    from sklearn.cluster import KMeans
+
+    out = np.empty_like(scores)
+    t = np.asarray(tasks)
+    for name in dict.fromkeys(tasks):
+        rows = np.flatnonzero(t == name)
+        k = max(1, min(per_task, len(rows) // 20))
+        lab = KMeans(k, n_init=3, random_state=seed).fit_predict(emb[rows]) if k > 1 else np.zeros(len(rows), int)
+        for c in range(k):
+            rr = rows[lab == c]
+            out[rr] = task_means(scores[rr], [name] * len(rr), fallback)[name]
     return out
 
 
@@ -144,6 +171,8 @@ def measure(name: str, root: Path, embedding: str, seed: int, model_dir: Path | 
     res["per-task prior"] = figure(data, base_te)
     truth = task_means(s_te, tte, glob)
     res["task ceiling (test means)"] = figure(data, np.stack([truth[t] for t in tte]))
+    for c in CLUSTERS:
+        res[f"cluster ceiling (test means, {c} clusters a task)"] = figure(data, cluster_ceiling(te.emb, s_te, tte, glob, c, seed))
     knn = make_policy("knn", encoder=encoder, config={"seed": seed})
     common.embed_cards(knn, data.cards)
     llm_protocol.train_policy(knn, data, 0.0, None, seed)

@@ -73,12 +73,13 @@ def _probe(bench) -> dict[str, Any]:
         y = np.concatenate([[exp_of[p.model_ids[i]] for i in p.labels] for p in parts])
         return x, y
 
-    def fit_score(keep: set[int]) -> dict[str, float]:
-        x, y = rows([e.train for e in bench.experiences])
-        xe, ye = rows([e.test for e in bench.experiences])
+    x, y = rows([e.train for e in bench.experiences])
+    xe, ye = rows([e.test for e in bench.experiences])
+
+    def fit_score(keep: set[int]) -> dict[str, float | None]:
         m, me = np.isin(y, list(keep)), np.isin(ye, list(keep))
-        if not me.any():
-            return {"accuracy": None, "majority": None, "n": 0}
+        if not me.any() or len(set(y[m])) < 2:  # nothing to score, or one experience only: no probe
+            return {"accuracy": None, "majority": None, "n": int(me.sum())}
         clf = LogisticRegression(max_iter=2000).fit(x[m], y[m])
         majority = float(np.max(np.bincount(ye[me])) / me.sum())
         return {"accuracy": float(clf.score(xe[me], ye[me])), "majority": majority, "n": int(me.sum())}
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(rep: dict[str, Any]) -> str:
-    f = lambda x: f"{x:.3f}"  # noqa: E731
+    f = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
     md = ["# Where carve's forgetting comes from (CMRBench)", "",
           f"`{rep.get('command_line', 'python -m bench.forgetting')}`, {rep['split']}, carve as `auto` serves it (`{rep['runs']['continual']['config']}`), embedding `{rep['embedding']}`;"
           f" commit {(rep['run'].get('git_commit') or '')[:7]}.", "",

@@ -10,7 +10,7 @@ time. The Pareto front over those four is written as ``pareto.md`` / ``pareto.pn
 config (rule below) as ``chosen_config.json`` (a carve config: ``cmr bench cmr --config``,
 ``cmr train --config``) and ``chosen_serve.yaml`` (``cmr serve --config``: ``policy_config``).
 Then the chosen config — and the served carve, for reference — is run once on the real protocol
-(full train splits, test splits) and recorded separately (``test_eval.md``).
+(full train splits, test splits) and recorded separately (``pareto.md``, ``report.json``).
 
 The search starts from what the router serves: the first trial is ``auto``'s carve (its domain vote
 and its domain and family losses) on the served embedding (``--embedding``, default ``auto``: MiniLM

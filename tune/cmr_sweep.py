@@ -1,7 +1,9 @@
 """``cmr tune cmr``: Optuna + ASHA over the continual router's (carve) knobs.
 
 Objective: the CMRBench continual protocol, trained on the train splits *minus* a validation
-part carved out of each (seeded), scored on those validation parts — never on test. One Tune
+part carved out of each (seeded: one row of each model with two or more, up to
+``--val-fraction``, so every validation target keeps a training row as every test target has;
+a random part where models have one row each), scored on those validation parts — never on test. One Tune
 iteration is one experience: after experience k the trial reports M/F/D-Acc averaged over the
 validation sets 1..k, forgetting so far and cumulative training time, so ASHA can stop a bad
 trial after its first experiences. At the last experience it also reports the objectives
@@ -136,7 +138,13 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     fixed = set(base or {})
     base = {"seed": seed, **served(), **(base or {})}
     CarveConfig.from_dict(base)  # a bad --set fails before Ray starts
-    val = validation_split(bench, val_fraction, seed)
+    # one held-out row per model with two or more (up to the fraction), so every validation target
+    # keeps a training row as every test target does; a split of models with one row each falls
+    # back to a plain random part
+    val = validation_split(bench, val_fraction, seed, per_model=True)
+    per_model = all(len(e.test) for e in val.experiences)
+    if not per_model:
+        val = validation_split(bench, val_fraction, seed)
     rec = tc.RecordingEncoder(encoder)
     CarvePolicy(encoder=rec, config=CarveConfig.from_dict(base)).add_models(bench.cards)  # the card texts carve embeds
     payload = {"bench": val, "table": rec.table, "encoder_name": encoder.name, "dim": encoder.dim, "base": base}
@@ -161,7 +169,7 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
         "sweep": "cmr", "policy": "carve", "dataset": bench.root.name, "trials": len(rows), "finished_all_experiences": len(done),
         "stopped_early": sum(1 for r in rows if r["obj_d_acc"] is None and r["error"] is None), "errors": sum(1 for r in rows if r["error"]),
         "objectives": dict(zip(OBJECTIVES, MODES)), "asha": {"metric": "val_d_acc", "mode": "max", "max_t": len(val.experiences), "grace_period": 1},
-        "validation": {"fraction": val_fraction, "seed": seed, "n_fit": [len(e.train) for e in val.experiences], "n_val": [len(e.test) for e in val.experiences]},
+        "validation": {"fraction": val_fraction, "seed": seed, "per_model": per_model, "n_fit": [len(e.train) for e in val.experiences], "n_val": [len(e.test) for e in val.experiences]},
         "choice_rule": f"Pareto trials with D forgetting <= {max_forgetting}: highest (D-Acc + M-Acc)/2, then least train time",
         "storage": storage, "name": name, "quick": quick, "search_space": {k: str(v) for k, v in search_space(quick, fixed).items()},
         "embedding": embedding_of(encoder),
@@ -218,7 +226,9 @@ def _markdown(s: dict[str, Any]) -> str:
         f"experience, {s['stopped_early']} stopped early by ASHA, {s['errors']} failed. Sweep wall time {s['sweep_wall_s']:.0f} s; "
         f"{s['date']}, {s['machine']['cpus']} CPU(s), commit {s['git_commit'] or '—'}. Tune storage: `{s['storage']}/{s['name']}`.",
         "",
-        f"Validation: {100 * s['validation']['fraction']:.0f}% of each train split (seed {s['validation']['seed']}); the routers train on the rest. "
+        (f"Validation: one row of each model with two or more, up to {100 * s['validation']['fraction']:.0f}% of each train split"
+         if s["validation"].get("per_model") else f"Validation: {100 * s['validation']['fraction']:.0f}% of each train split")
+        + f" (seed {s['validation']['seed']}); the routers train on the rest. "
         "Objectives: D-Acc and M-Acc (max), D forgetting and train seconds (min), after the last experience.",
         "",
         f"## Pareto front (validation) — {len(front)} of {s['finished_all_experiences']} trials",

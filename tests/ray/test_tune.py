@@ -27,7 +27,9 @@ def test_cmr_sweep_two_trials(ray_session, cmr_small, encoder, tmp_path):
     for r in s["all"]:
         if r["obj_d_acc"] is not None:
             assert r["iterations"] == len(cmr_small.experiences) and 0.0 <= r["obj_d_acc"] <= 1.0 and r["obj_train_s"] > 0
-    # validation came out of the train splits: the counts add up to the train sizes
+    # validation came out of the train splits: the counts add up to the train sizes; one row of a
+    # model each where the slice has models with two rows or more
+    assert s["validation"]["per_model"] is True
     assert [a + b for a, b in zip(s["validation"]["n_fit"], s["validation"]["n_val"])] == [len(e.train) for e in cmr_small.experiences]
     # outputs
     md = (out / "pareto.md").read_text()

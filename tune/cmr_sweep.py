@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -98,10 +98,36 @@ def trial_metrics(summary: dict[str, Any], last: bool) -> dict[str, Any]:
     return out
 
 
+def trial_payload(bench, encoder, base: dict[str, Any], fixed: Any, val_fraction: float, seed: int) -> dict[str, Any]:
+    """What every trial gets: the validation split, the embeddings its texts need (no encoder
+    in the trial), the fixed config ``base`` (validated here: a bad --set fails before Ray starts)."""
+    from cmr.bench.cmr_protocol import validation_split
+    from cmr.policies.carve import CarveConfig, CarvePolicy
+
+    CarveConfig.from_dict(base)
+    # one held-out row per model with two or more (up to the fraction), so every validation target
+    # keeps a training row as every test target does; a split of models with one row each falls
+    # back to a plain random part
+    val = validation_split(bench, val_fraction, seed, per_model=True)
+    per_model = all(len(e.test) for e in val.experiences)
+    if not per_model:
+        val = validation_split(bench, val_fraction, seed)
+    rec = tc.RecordingEncoder(encoder)
+    CarvePolicy(encoder=rec, config=CarveConfig.from_dict(base)).add_models(bench.cards)  # the card texts carve embeds
+    return {"bench": val, "table": rec.table, "encoder_name": encoder.name, "dim": encoder.dim, "base": base,
+            "fixed": sorted(fixed), "per_model": per_model}
+
+
 def cmr_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
     """One Tune trial: a carve router with ``config`` through the validation protocol."""
     import ray.tune
 
+    validate(payload, config, ray.tune.report)
+
+
+def validate(payload: dict[str, Any], config: dict[str, Any], report) -> None:
+    """Carve with ``payload``'s fixed config and ``config`` through the validation protocol;
+    ``report(trial_metrics(...))`` after each experience."""
     from cmr.bench import cmr_protocol
     from cmr.policies.carve import CarveConfig, CarvePolicy
 
@@ -109,7 +135,19 @@ def cmr_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
     cfg = CarveConfig.from_dict({**payload["base"], **config})
     bench = payload["bench"]
     last = bench.experiences[-1].k
-    cmr_protocol.evaluate(bench, CarvePolicy(encoder=enc, config=cfg), on_experience=lambda s: ray.tune.report(trial_metrics(s, s["experience"] == last)))
+    cmr_protocol.evaluate(bench, CarvePolicy(encoder=enc, config=cfg), on_experience=lambda s: report(trial_metrics(s, s["experience"] == last)))
+
+
+def _is_served(row: dict[str, Any], fixed: Any) -> bool:
+    return all(row["config"].get(k) == v for k, v in default_point(fixed).items())
+
+
+def _served_row(payload: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The served carve through the validation protocol in-process: a row like a trial's."""
+    last: dict[str, Any] = {}
+    validate(payload, {}, last.update)
+    return {"trial": "served (re-run: stopped early in the sweep)", "config": default_point(payload["fixed"]),
+            "iterations": len(payload["bench"].experiences), "error": None, **{k: last.get(k) for k in keys}}
 
 
 def choose(rows: list[dict[str, Any]], max_forgetting: float) -> dict[str, Any] | None:
@@ -125,9 +163,8 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     from ray import tune
 
     from cmr.bench import common
-    from cmr.bench.cmr_protocol import validation_split
     from cmr.encoders.lexical import embedding_of
-    from cmr.policies.carve import CarveConfig, CarvePolicy
+    from cmr.policies.carve import CarveConfig
     from tune import pareto
 
     if trials < 1:
@@ -136,18 +173,8 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
         raise tc.TuneError(f"--val-fraction {val_fraction}: must be in (0, 1)")
     t_start = time.perf_counter()
     fixed = set(base or {})
-    base = {"seed": seed, **served(), **(base or {})}
-    CarveConfig.from_dict(base)  # a bad --set fails before Ray starts
-    # one held-out row per model with two or more (up to the fraction), so every validation target
-    # keeps a training row as every test target does; a split of models with one row each falls
-    # back to a plain random part
-    val = validation_split(bench, val_fraction, seed, per_model=True)
-    per_model = all(len(e.test) for e in val.experiences)
-    if not per_model:
-        val = validation_split(bench, val_fraction, seed)
-    rec = tc.RecordingEncoder(encoder)
-    CarvePolicy(encoder=rec, config=CarveConfig.from_dict(base)).add_models(bench.cards)  # the card texts carve embeds
-    payload = {"bench": val, "table": rec.table, "encoder_name": encoder.name, "dim": encoder.dim, "base": base}
+    payload = trial_payload(bench, encoder, {"seed": seed, **served(), **(base or {})}, fixed, val_fraction, seed)
+    val, base, per_model = payload["bench"], payload["base"], payload["per_model"]
     storage = tc.storage_path(storage)
     name = name or f"cmr-carve-{common.utc_stamp()}"
     grid = tc.run_tuner(tune.with_parameters(cmr_trial, payload=payload), search_space(quick, fixed), objectives=OBJECTIVES, modes=MODES,
@@ -157,14 +184,17 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
     keys = ["val_m_acc", "val_f_acc", "val_d_acc", "val_forgetting_d", "train_s", *OBJECTIVES]
     rows = tc.trial_rows(grid, keys)
     done = [r for r in rows if r["obj_d_acc"] is not None]
-    if not done:
-        errs = "; ".join(r["error"] for r in rows if r["error"])
-        raise tc.TuneError(f"no trial finished every experience ({len(rows)} trials){': ' + errs if errs else ''}")
+    if not done and all(r["error"] for r in rows):
+        raise tc.TuneError(f"every trial failed ({len(rows)} trials): " + "; ".join(r["error"] for r in rows))
+    if not any(_is_served(r, fixed) for r in done):
+        # ASHA may stop the served carve after an early experience: the front is read against
+        # it, so it runs once more here, in-process, on the same validation split
+        done.append(_served_row(payload, keys))
     vals = np.array([[r[k] for k in OBJECTIVES] for r in done], dtype=np.float64)
     front = [r for r, keep in zip(done, pareto.pareto_mask(vals, MODES)) if keep]
     chosen = choose(front, max_forgetting)
     chosen_cfg = CarveConfig.from_dict({**base, **chosen["config"]}).to_dict()
-    default_row = next((r for r in done if all(r["config"].get(k) == v for k, v in default_point(fixed).items())), None)
+    default_row = next((r for r in done if _is_served(r, fixed)), None)
     summary: dict[str, Any] = {
         "sweep": "cmr", "policy": "carve", "dataset": bench.root.name, "trials": len(rows), "finished_all_experiences": len(done),
         "stopped_early": sum(1 for r in rows if r["obj_d_acc"] is None and r["error"] is None), "errors": sum(1 for r in rows if r["error"]),
@@ -238,7 +268,7 @@ def _markdown(s: dict[str, Any]) -> str:
         f"Choice: {s['choice_rule']} → trial `{s['chosen']['trial']}`" + (" (the served carve)" if s["default_trial"] and s["chosen"]["trial"] == s["default_trial"]["trial"] else "") + ".",
     ]
     if s["default_trial"]:
-        lines += ["", "The served carve (the first trial) on the same validation split: " + ", ".join(
+        lines += ["", f"The served carve (trial `{s['default_trial']['trial']}`) on the same validation split: " + ", ".join(
             f"{h} {s['default_trial'][k]:.3f}" for k, h in cols[1:5])]
     if "test" in s:
         lines += ["", "## Test splits — evaluated once after the choice (not used to choose)", "",

@@ -58,6 +58,21 @@ def test_cmr_sweep_two_trials(ray_session, cmr_small, encoder, tmp_path):
     assert args.policy == "carve" and args.policy_config == chosen and args.embedding == "minilm"  # cmr serve --config
 
 
+def test_the_served_carve_is_measured_on_validation_even_when_asha_stopped_it(cmr_small, encoder):
+    from tune import cmr_sweep
+
+    payload = cmr_sweep.trial_payload(cmr_small, encoder, {"seed": 0, **cmr_sweep.served(), "epochs": 1}, {"epochs"}, 0.2, 0)
+    keys = ["val_m_acc", "val_d_acc", *cmr_sweep.OBJECTIVES]
+    row = cmr_sweep._served_row(payload, keys)
+    assert cmr_sweep._is_served(row, {"epochs"}) and row["iterations"] == len(cmr_small.experiences)
+    assert 0.0 <= row["obj_d_acc"] <= 1.0 and row["obj_d_acc"] == row["val_d_acc"] and row["obj_train_s"] > 0
+    # the same figures as a trial of the same config reports through Tune's callback
+    seen: list[dict] = []
+    cmr_sweep.validate(payload, {}, seen.append)
+    assert [s["experience"] for s in seen] == [e.k for e in cmr_small.experiences]
+    assert seen[-1]["obj_d_acc"] == row["obj_d_acc"] and seen[-1]["obj_m_acc"] == row["obj_m_acc"]
+
+
 def test_llm_sweep_two_trials_and_apply(ray_session, outcomes_small, encoder, tmp_path, capsys):
     from cmr.calibrate import applied, read_calibration
     from cmr.published import open_published_store

@@ -20,10 +20,16 @@ def test_cmr_sweep_two_trials(ray_session, cmr_small, encoder, tmp_path):
 
     out = tmp_path / "out"
     s = cmr_sweep.sweep(cmr_small, encoder, trials=2, quick=True, storage=str(tmp_path / "storage"), name="t", out=out, concurrent=2,
-                        base={"epochs": 1})
+                        base={"epochs": 1}, check_splits=2)
     assert s["trials"] == 2 and s["finished_all_experiences"] >= 1 and s["front"]
     # the default config is the first trial, and every finished trial reported per experience
     assert s["default_trial"] is not None
+    # a front's best other than the served carve is checked on a second split, and chosen only if it holds
+    if s["check"] is not None:
+        assert [x["seed"] for x in s["check"]["splits"]] == [0, 1]
+        assert (s["chosen"]["trial"] == s["default_trial"]["trial"]) != s["check"]["holds"]
+    else:
+        assert s["chosen"]["trial"] == s["default_trial"]["trial"]
     for r in s["all"]:
         if r["obj_d_acc"] is not None:
             assert r["iterations"] == len(cmr_small.experiences) and 0.0 <= r["obj_d_acc"] <= 1.0 and r["obj_train_s"] > 0
@@ -71,6 +77,38 @@ def test_the_served_carve_is_measured_on_validation_even_when_asha_stopped_it(cm
     cmr_sweep.validate(payload, {}, seen.append)
     assert [s["experience"] for s in seen] == [e.k for e in cmr_small.experiences]
     assert seen[-1]["obj_d_acc"] == row["obj_d_acc"] and seen[-1]["obj_m_acc"] == row["obj_m_acc"]
+
+
+def test_a_choice_that_does_not_hold_on_further_splits_gives_way_to_the_served_carve(cmr_small, encoder, monkeypatch):
+    from tune import cmr_sweep
+
+    fixed = {"epochs"}
+    payload = cmr_sweep.trial_payload(cmr_small, encoder, {"seed": 0, **cmr_sweep.served(), "epochs": 1}, fixed, 0.2, 0)
+    keys = list(cmr_sweep.OBJECTIVES)
+    served = cmr_sweep._served_row(payload, keys)
+    trial = {"config": {**cmr_sweep.default_point(fixed), "lr": 1e-3}, **{k: served[k] for k in keys}}
+    trial["obj_d_acc"] += 0.1  # ahead on the sweep's own split
+    # on the further splits (each its own seeded validation split of the same data), the served
+    # carve is ahead by more than that: the trial's mean objective falls below
+    calls = []
+
+    def fake_validate(pl, config, report):
+        calls.append((len(pl["bench"].experiences[0].test), config))
+        ahead = config == {}
+        report({"obj_d_acc": 0.8 if ahead else 0.6, "obj_m_acc": 0.5, "obj_forgetting_d": 0.0, "obj_train_s": 1.0})
+
+    monkeypatch.setattr(cmr_sweep, "validate", fake_validate)
+    c = cmr_sweep.confirm(cmr_small, encoder, payload, trial, served, fixed, 0.2, 0, 3)
+    assert [x["seed"] for x in c["splits"]] == [0, 1, 2] and len(calls) == 4
+    assert {tuple(sorted(cfg)) for _, cfg in calls} == {(), tuple(sorted(trial["config"]))}
+    assert c["splits"][0]["chosen"]["obj_d_acc"] == served["obj_d_acc"] + 0.1  # the sweep's own split: the rows given
+    first = (cmr_sweep._objective(c["splits"][0]["chosen"]), cmr_sweep._objective(c["splits"][0]["served"]))
+    assert c["mean_objective"] == {"chosen": pytest.approx((first[0] + 2 * 0.55) / 3), "served": pytest.approx((first[1] + 2 * 0.65) / 3)}
+    assert not c["holds"]
+    # ahead on every split: it holds
+    monkeypatch.setattr(cmr_sweep, "validate", lambda pl, config, report: report(
+        {"obj_d_acc": 0.6 if config == {} else 0.8, "obj_m_acc": 0.5, "obj_forgetting_d": 0.0, "obj_train_s": 1.0}))
+    assert cmr_sweep.confirm(cmr_small, encoder, payload, trial, served, fixed, 0.2, 0, 3)["holds"]
 
 
 def test_llm_sweep_two_trials_and_apply(ray_session, outcomes_small, encoder, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Train a policy over the CMRBench experiences in order, writing a checkpoint after each.
 
-    cmr train --policy carve --data DIR --out CKPT_ROOT [--ray] [--set key=value ...]
+    cmr train [--policy auto] --data DIR --out CKPT_ROOT [--ray] [--set key=value ...]
 
 In-process by default; ``--ray`` runs the same loop inside a Ray Train ``TorchTrainer`` (one
 CPU worker, local Ray) and reports each checkpoint through ``ray.train.report``. Either way
@@ -48,7 +48,7 @@ def parse_sets(items: list[str] | None, config_cls=None) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", default="carve", help="registered policy name (default: carve)")
+    p.add_argument("--policy", default="auto", help="registered policy name (default: auto, what the router serves and trains at its first start)")
     p.add_argument("--data", type=Path, default=None, help="CMRBench folder (default: $CMR_DATA/cmrbench)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint root (versions v000001, ... are written under it)")
     p.add_argument("--publish", metavar="STORE", nargs="?", const="", default=None,

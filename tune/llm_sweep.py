@@ -1,7 +1,7 @@
 """``cmr tune llm``: Optuna over the serving cost trade-off (λ, or a calibration target) on an
 outcome matrix.
 
-The policy (``--policy``, default knn) is fitted once on the train prompts minus two seeded
+The policy (``--policy``, default ``auto``: what the router serves) is fitted once on the train prompts minus two seeded
 held-out parts of train: a *calibration* part and a *validation* part (never test). A trial is
 either a fixed λ (``mode=lambda``) or a calibration target (``mode=share``: at most
 ``max_share`` of requests to models priced above ``--price``, λ computed by
@@ -150,7 +150,8 @@ def sweep(data, encoder, *, policy: str = "knn", policy_config: dict[str, Any] |
                                            "val_share_above_price": chosen["val_share_above_price"]},
                                  source=f"cmr tune llm ({data.name}, policy {policy}, trial {chosen['trial']})", n_prompts=len(val))
     summary: dict[str, Any] = {
-        "sweep": "llm", "policy": policy, "policy_config": pol.config.to_dict(), "dataset": data.name, "trials": len(rows), "finished": len(done),
+        "sweep": "llm", "policy": policy, "policy_config": pol.config.to_dict(),
+        "policy_choice": pol.describe().get("chosen") if hasattr(pol, "describe") else None, "dataset": data.name, "trials": len(rows), "finished": len(done),
         "errors": sum(1 for r in rows if r["error"]), "infeasible_targets": len(rows) - len(done) - sum(1 for r in rows if r["error"]), "objectives": dict(zip(OBJECTIVES, MODES)), "price": price,
         "split": {"seed": seed, "n_fit": len(fit), "n_calibration": len(calib), "n_validation": len(val)},
         "val_aiq": val_aiq, "lambda_range": [lo, hi], "fit_s": fit_s,
@@ -193,7 +194,7 @@ def _markdown(s: dict[str, Any]) -> str:
     rows = [{**r, "mode": r["config"].get("mode")} for r in s["front"]]
     b = s["best_single_val"]
     lines = [
-        f"# cmr tune llm — {s['policy']} on {s['dataset']}",
+        f"# cmr tune llm — {s['policy']}" + (f" (chose {s['policy_choice']})" if s.get("policy_choice") else "") + f" on {s['dataset']}",
         "",
         f"{s['trials']} trials (Optuna TPE, objectives: validation quality max, cost min; {s['infeasible_targets']} share targets unreachable, "
         f"{s['errors']} failed). Sweep wall time "
@@ -225,7 +226,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_sweep_arguments(p)
     p.add_argument("--data", required=True, help="outcome-matrix folder or set name (e.g. routerbench)")
-    p.add_argument("--policy", default="knn", help="routing policy fitted once (default knn)")
+    p.add_argument("--policy", default="auto", help="routing policy fitted once (default auto, what the router serves)")
     p.add_argument("--price", type=float, default=None, help="price line of the share targets (default: the median model cost)")
     p.add_argument("--quality-tolerance", type=float, default=0.01, help="choice rule: quality given up for a cheaper point (default 0.01)")
     p.add_argument("--no-test", action="store_true", help="skip the one test evaluation of the chosen λ")

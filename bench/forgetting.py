@@ -123,22 +123,29 @@ def _run(bench, enc, cfg: dict[str, Any]) -> dict[str, Any]:
     return {"config": cfg, "final": r["final"], "forgetting": r["forgetting"], "cells": cells, "s": time.perf_counter() - t0}
 
 
+def _matrix(cells: list[dict[str, Any]], key: str) -> np.ndarray:
+    """``key`` of the cells as the benchmark's accuracy matrix (``[k, j]``, NaN above the diagonal)."""
+    ks = sorted({c["k"] for c in cells})
+    at = {k: i for i, k in enumerate(ks)}
+    m = np.full((len(ks), len(ks)), np.nan)
+    for c in cells:
+        m[at[c["k"]], at[c["j"]]] = c[key]
+    return m
+
+
 def _final_own_hub(cells: list[dict[str, Any]]) -> dict[str, float]:
     """Final average M/D as the benchmark computes it, but each experience's requests routed among
     the models of its own hub (the experiences up to it)."""
-    last = max(c["k"] for c in cells)
-    row = [c for c in cells if c["k"] == last]
-    return {"m": float(np.mean([c["m_own_hub"] for c in row])), "d": float(np.mean([c["d_own_hub"] for c in row]))}
+    from cmr.bench import metrics
+
+    return {m: metrics.final_average(_matrix(cells, f"{m}_own_hub")) for m in "md"}
 
 
 def _forgetting_own_hub(cells: list[dict[str, Any]], key: str) -> float:
-    """Forgetting (mean over earlier experiences of best-ever minus final) of ``key``."""
-    last = max(c["k"] for c in cells)
-    drops = []
-    for j in sorted({c["j"] for c in cells if c["j"] < last}):
-        col = [c for c in cells if c["j"] == j]
-        drops.append(max(c[key] for c in col) - next(c[key] for c in col if c["k"] == last))
-    return float(np.mean(drops)) if drops else 0.0
+    """The benchmark's forgetting (``metrics.forgetting``) of ``key``."""
+    from cmr.bench import metrics
+
+    return metrics.forgetting(_matrix(cells, key))
 
 
 def _write(args: argparse.Namespace) -> int:

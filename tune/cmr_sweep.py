@@ -145,12 +145,17 @@ def _is_served(row: dict[str, Any], fixed: Any) -> bool:
     return all(row["config"].get(k) == v for k, v in default_point(fixed).items())
 
 
+def _measure(payload: dict[str, Any], config: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``keys`` of the last report of ``validate`` (in-process, no Tune)."""
+    last: dict[str, Any] = {}
+    validate(payload, config, last.update)
+    return {k: last.get(k) for k in keys}
+
+
 def _served_row(payload: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """The served carve through the validation protocol in-process: a row like a trial's."""
-    last: dict[str, Any] = {}
-    validate(payload, {}, last.update)
     return {"trial": "served (re-run: stopped early in the sweep)", "config": default_point(payload["fixed"]),
-            "iterations": len(payload["bench"].experiences), "error": None, **{k: last.get(k) for k in keys}}
+            "iterations": len(payload["bench"].experiences), "error": None, **_measure(payload, {}, keys)}
 
 
 def choose(rows: list[dict[str, Any]], max_forgetting: float) -> dict[str, Any] | None:
@@ -172,12 +177,7 @@ def confirm(bench, encoder, payload: dict[str, Any], chosen: dict[str, Any], ser
     splits = [{"seed": seed, "chosen": {k: chosen[k] for k in keys}, "served": {k: served_row[k] for k in keys}}]
     for s in range(seed + 1, seed + n_splits):
         pl = trial_payload(bench, encoder, payload["base"], fixed, val_fraction, s)
-        row = {}
-        for label, cfg in (("chosen", chosen["config"]), ("served", {})):
-            last: dict[str, Any] = {}
-            validate(pl, cfg, last.update)
-            row[label] = {k: last[k] for k in keys}
-        splits.append({"seed": s, **row})
+        splits.append({"seed": s, "chosen": _measure(pl, chosen["config"], keys), "served": _measure(pl, {}, keys)})
     mean = {label: float(np.mean([_objective(x[label]) for x in splits])) for label in ("chosen", "served")}
     return {"splits": splits, "mean_objective": mean, "holds": mean["chosen"] > mean["served"]}
 
@@ -231,7 +231,7 @@ def sweep(bench, encoder, *, trials: int, quick: bool, storage: str | None, name
             chosen = default_row
     chosen_cfg = CarveConfig.from_dict({**base, **chosen["config"]}).to_dict()
     summary: dict[str, Any] = {
-        "sweep": "cmr", "policy": "carve", "dataset": bench.root.name, "trials": len(rows), "finished_all_experiences": len(done),
+        "sweep": "cmr", "policy": "carve", "dataset": bench.root.name, "trials": len(rows), "finished_all_experiences": sum(1 for r in rows if r["obj_d_acc"] is not None),
         "stopped_early": sum(1 for r in rows if r["obj_d_acc"] is None and r["error"] is None), "errors": sum(1 for r in rows if r["error"]),
         "objectives": dict(zip(OBJECTIVES, MODES)), "asha": {"metric": "val_d_acc", "mode": "max", "max_t": len(val.experiences), "grace_period": 1},
         "validation": {"fraction": val_fraction, "seed": seed, "per_model": per_model, "n_fit": [len(e.train) for e in val.experiences], "n_val": [len(e.test) for e in val.experiences]},

@@ -145,6 +145,7 @@ def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_b
     timings: list[dict[str, float]] = []
     online: list[dict[str, float]] = []
     n_models: list[int] = []
+    tuned_emb: dict[int, tuple[str, Any]] = {}
     for ki, exp in enumerate(common.progress(exps, desc="experiences", unit="exp")):
         live = bench.cards_upto(exp.k)
         costs = np.array([c.cost for c in live], dtype=np.float64)
@@ -157,10 +158,18 @@ def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_b
             online.append({"experience": exp.k, **_stream_partial(learner, exp.train, live, costs, exp.k, batch_size, seed)})
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
+        enc = getattr(policy, "encoder", None)
         for ji in range(ki + 1):
             test = exps[ji].test
             common.reveal_if_needed(policy, test)
-            for m, v in metrics.accuracies(_route(policy, test.emb, live, costs, eval_batch), live, test).items():
+            q = test.emb
+            if enc is not None and getattr(enc, "name", "").count(":tuned-"):
+                # a policy that tunes its encoder (carve's encoder_epochs) is scored as it would route:
+                # the requests through its current encoder (never written back into the benchmark)
+                if tuned_emb.get(ji, (None,))[0] != enc.name:
+                    tuned_emb[ji] = (enc.name, enc.encode(test.texts))
+                q = tuned_emb[ji][1]
+            for m, v in metrics.accuracies(_route(policy, q, live, costs, eval_batch), live, test).items():
                 mats[m][ki, ji] = v
         timings.append({"experience": exp.k, "train_s": t_train, "eval_s": time.perf_counter() - t0})
         if on_experience is not None:

@@ -17,6 +17,7 @@ generator, counters) travels in every checkpoint it writes, under ``"learner"``.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
@@ -170,6 +171,15 @@ class Learner:
         if not self.trainable:
             p.fit(data, cards)
             return {}
+        tune = getattr(p, "tune_encoder", None)
+        if tune is not None and data.labels is not None:
+            held = self.replay.items() if self.replay is not None else None
+            if tune(data, held, cards):
+                # the policy's encoder changed: this experience's rows and the replay are
+                # encoded again, so every vector the head trains on comes from one encoder
+                data = replace(data, emb=p.encoder.encode(data.texts))
+                if self.replay is not None:
+                    self.replay.reembed(p.encoder)
         new = p.interactions(data)
         # the replay as it was before this experience (begin_experience does not change it)
         items = Interactions.concat([new, self.replay.experiences.items()]) if self.replay is not None else new

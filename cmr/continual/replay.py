@@ -139,6 +139,18 @@ class Interactions:
                    list(d["domain"]), list(d["text"]), np.asarray(d["weight"], np.float32))
 
 
+def _reembedded(emb: np.ndarray, text: Sequence[str], weight: np.ndarray, encoder) -> tuple[np.ndarray, np.ndarray]:
+    """``emb`` with each row that has a text encoded again by ``encoder``; a row without one can't
+    be, so its loss weight becomes 0 (a vector of the old encoder would be wrong, not just old)."""
+    has = np.array([bool(t) for t in text], dtype=bool)
+    if not len(text):
+        return emb, weight
+    out = np.zeros((len(text), int(encoder.dim)), np.float32)
+    if has.any():
+        out[has] = encoder.encode([t for t, h in zip(text, has) if h])
+    return out, np.where(has, weight, 0.0).astype(np.float32)
+
+
 @runtime_checkable
 class ReplayBuffer(Protocol):
     """A storage policy for past interactions."""
@@ -176,6 +188,13 @@ class _Stored:
         if have == 0 or n <= 0:
             return Interactions.empty(0 if self._items is None else self._items.emb.shape[1])
         return self._items.subset(rng.choice(have, size=min(n, have), replace=False))
+
+    def reembed(self, encoder) -> None:
+        """Encode the kept rows again (the encoder changed)."""
+        if self._items is not None and len(self._items):
+            it = self._items
+            emb, weight = _reembedded(it.emb, it.text, it.weight, encoder)
+            self._items = Interactions(emb, it.model, it.reward, it.domain, it.text, weight)
 
 
 class ReservoirBuffer(_Stored):
@@ -218,6 +237,15 @@ class ReservoirBuffer(_Stored):
         idx = rng.choice(have, size=min(n, have), replace=False)
         return Interactions(self._emb[idx], [self._model[i] for i in idx], self._reward[idx],
                             [self._domain[i] for i in idx], [self._text[i] for i in idx], self._weight[idx])
+
+    def reembed(self, encoder) -> None:
+        """Encode the kept rows again (the encoder changed)."""
+        n = len(self)
+        if self._emb is not None and n:
+            emb, self._weight[:n] = _reembedded(self._emb[:n], self._text[:n], self._weight[:n], encoder)
+            if emb.shape[1] != self._emb.shape[1]:
+                self._emb = np.zeros((len(self._emb), emb.shape[1]), np.float32)
+            self._emb[:n] = emb
 
     def add(self, items: Interactions) -> None:
         n = len(items)
@@ -388,6 +416,14 @@ class Replay:
 
     def items(self) -> Interactions:
         return Interactions.concat([self.experiences.items(), self.events.items()])
+
+    def reembed(self, encoder) -> None:
+        """Encode both buffers' rows again with ``encoder`` (after the policy tuned it)."""
+        for b in (self.experiences, self.events):
+            fn = getattr(b, "reembed", None)
+            if fn is None:
+                raise TypeError(f"replay buffer {type(b).__name__} cannot be encoded again (no reembed)")
+            fn(encoder)
 
     def state_dict(self) -> dict[str, Any]:
         return {"experiences": self.experiences.state_dict(), "events": self.events.state_dict(), "online": self.online}

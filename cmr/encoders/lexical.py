@@ -130,7 +130,11 @@ class FusedEncoder:
     def __init__(self, dense, lexical: LexicalEncoder, weight: float = LEXICAL_WEIGHT):
         self.dense, self.lexical, self.weight = dense, lexical, float(weight)
         self.dim = int(dense.dim) + lexical.dim
-        self.name = f"{dense.name}+{lexical.name}x{self.weight:g}"
+
+    @property
+    def name(self) -> str:
+        # read through: a dense part tuned in place (cmr.encoders.tuned) renames the fusion too
+        return f"{self.dense.name}+{self.lexical.name}x{self.weight:g}"
 
     def with_dense(self, dense) -> "FusedEncoder":
         """The same fitted lexical part over another view of the dense encoder (the router's query path)."""
@@ -148,7 +152,10 @@ class FusedEncoder:
         return np.ascontiguousarray(np.asarray(x, np.float32)[..., : int(self.dense.dim)] * np.float32(np.sqrt(1.0 + self.weight**2)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"embedding": "minilm+tfidf", "weight": self.weight, "lexical": self.lexical.state_dict()}
+        out = {"embedding": "minilm+tfidf", "weight": self.weight, "lexical": self.lexical.state_dict()}
+        if (dense := _tuned_state(self.dense)) is not None:
+            out["dense"] = dense
+        return out
 
 
 def dense_part(encoder):
@@ -178,10 +185,34 @@ def fit_encoder(embedding: str, dense, texts: Sequence[str], *, labelled: bool =
     raise ValueError(f"unknown embedding {embedding!r}; known: {', '.join(EMBEDDINGS)}")
 
 
+def _tuned_state(dense) -> dict[str, Any] | None:
+    """The fine-tuned weights of a dense encoder (``cmr.encoders.tuned``), None for the packaged ones."""
+    inner = getattr(dense, "inner", dense)
+    fn = getattr(inner, "tuned_state", None)
+    return fn() if fn is not None else None
+
+
+def _with_tuned(encoder, tuned: dict[str, Any]):
+    """``encoder`` (a dense one, maybe cached) over the fine-tuned weights ``tuned``: the same
+    backend (ONNX Runtime and its quantisation for the router, torch for training), the same cache."""
+    from cmr.encoders.cache import CachedEncoder
+    from cmr.encoders.tuned import TunedMiniLMEncoder
+
+    inner = getattr(encoder, "inner", encoder)
+    if getattr(inner, "digest", None) == tuned["digest"]:
+        return encoder
+    new = inner.with_tuned(tuned) if hasattr(inner, "with_tuned") else TunedMiniLMEncoder.from_state(tuned)
+    return CachedEncoder(new, encoder.cache) if isinstance(encoder, CachedEncoder) else new
+
+
 def encoder_state(encoder) -> dict[str, Any] | None:
     """What a checkpoint stores to rebuild ``encoder`` over a dense one (None: the dense alone)."""
     fn = getattr(encoder, "state_dict", None)
-    return fn() if fn is not None else None
+    if fn is not None:
+        return fn()
+    if encoder is not None and (dense := _tuned_state(encoder)) is not None:
+        return {"embedding": "minilm", "dense": dense}
+    return None
 
 
 def embedding_of(encoder) -> str:
@@ -194,9 +225,15 @@ def restore_encoder(state: dict[str, Any] | None, encoder):
     lexical part when there is one (``encoder`` is returned as it is when it already holds it)."""
     if encoder is None or not state:
         return dense_part(encoder) if encoder is not None else None
-    if state.get("embedding") != "minilm+tfidf":
+    if state.get("embedding") not in ("minilm", "minilm+tfidf"):
         raise ValueError(f"checkpoint field 'encoder.embedding': unknown {state.get('embedding')!r}; known: {', '.join(EMBEDDINGS)}")
+    dense = dense_part(encoder)
+    if state.get("dense"):
+        dense = _with_tuned(dense, state["dense"])
+    if state["embedding"] == "minilm":
+        return dense
     lexical = LexicalEncoder.from_state(state["lexical"])
-    if isinstance(encoder, FusedEncoder) and encoder.lexical.name == lexical.name and encoder.weight == float(state["weight"]):
+    if (isinstance(encoder, FusedEncoder) and encoder.dense is dense and encoder.lexical.name == lexical.name
+            and encoder.weight == float(state["weight"])):
         return encoder
-    return FusedEncoder(dense_part(encoder), lexical, float(state["weight"]))
+    return FusedEncoder(dense, lexical, float(state["weight"]))

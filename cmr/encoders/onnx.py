@@ -125,9 +125,9 @@ def export_int8(fp32: Path, out: Path, exclude: Sequence[str] = ()) -> None:
     quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=list(exclude))
 
 
-def onnx_model_path(quantize: str | None = None, cache_dir: Path | None = None) -> Path:
-    """The exported graph for the packaged weights (exported now if missing)."""
-    model_dir = _model_dir()
+def onnx_model_path(quantize: str | None = None, cache_dir: Path | None = None, model_dir: Path | None = None) -> Path:
+    """The exported graph for the packaged weights, or those in ``model_dir`` (exported now if missing)."""
+    model_dir = Path(model_dir) if model_dir is not None else _model_dir()
     root = Path(cache_dir or constants.cache_dir()) / "onnx"
     fp32 = _atomic_export(root / f"all-MiniLM-L6-v2-{_weights_digest(model_dir)}.onnx", lambda p: export_fp32(model_dir, p))
     if quantize is None:
@@ -154,7 +154,8 @@ class OnnxMiniLMEncoder:
     dim = 384
 
     def __init__(self, threads: int = 1, quantize: str | None = None, batch_size: int = 64, max_seq_length: int = 256,
-                 cache_dir: Path | None = None, max_pad: float = 1.15, single_threads: int | None = None):
+                 cache_dir: Path | None = None, max_pad: float = 1.15, single_threads: int | None = None,
+                 tuned: dict | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -165,11 +166,19 @@ class OnnxMiniLMEncoder:
 
         # the quantised graph's embeddings differ: its own name, so its own cache keys ("int8pc":
         # per-channel; cached vectors of the earlier per-tensor int8 are not mixed in)
-        self._base_name = MiniLMEncoder.name if quantize is None else f"{MiniLMEncoder.name}:{QUANTIZATIONS.get(quantize, quantize)}"
+        base = MiniLMEncoder.name
+        model_dir = None
+        if tuned is not None:  # fine-tuned weights (cmr.encoders.tuned): their own graph and name
+            from cmr.encoders.tuned import tuned_model_dir
+
+            model_dir = tuned_model_dir(tuned, Path(cache_dir or constants.cache_dir()) / "onnx")
+            base, self.digest = f"{base}:tuned-{tuned['digest']}", tuned["digest"]
+        self._base_name = base if quantize is None else f"{base}:{QUANTIZATIONS.get(quantize, quantize)}"
         self.name = self._name_for(max_seq_length)
         self.threads, self.batch_size, self.max_seq_length, self.max_pad = threads, batch_size, max_seq_length, max_pad
-        self.path = onnx_model_path(quantize, cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(_model_dir()))
+        self.quantize, self.cache_dir, self.single_threads_arg = quantize, cache_dir, single_threads
+        self.path = onnx_model_path(quantize, cache_dir, model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir or _model_dir()))
         self.tokenizer.truncation_side = "left"  # as MiniLMEncoder: keep the question at the end
         self._tokenizer_lock = threading.Lock()
         self.session = self._session(ort, threads)
@@ -177,6 +186,11 @@ class OnnxMiniLMEncoder:
         # matmul; batches (a busy router) keep one thread, since throughput is then per core
         self.single_threads = single_threads if single_threads and single_threads != threads else None
         self._single = self._session(ort, single_threads) if self.single_threads else self.session
+
+    def with_tuned(self, tuned: dict) -> "OnnxMiniLMEncoder":
+        """The same backend (quantisation, threads, truncation) over fine-tuned weights."""
+        return OnnxMiniLMEncoder(threads=self.threads, quantize=self.quantize, batch_size=self.batch_size, max_seq_length=self.max_seq_length,
+                                 cache_dir=self.cache_dir, max_pad=self.max_pad, single_threads=self.single_threads_arg, tuned=tuned)
 
     def with_max_tokens(self, max_tokens: int) -> "OnnxMiniLMEncoder":
         """A view of this encoder that truncates texts to ``max_tokens`` (keeping their end): the

@@ -125,6 +125,11 @@ class CarveConfig(PolicyConfig):
     domain_loss: NonNegative = 0.0
     # the same for the row's family (a card without one is a family of its own); 0 = off
     family_loss: NonNegative = 0.0
+    # encoder: epochs of contrastive fine-tuning of the dense encoder on (request, target card)
+    # pairs at each labelled experience (its rows and the replayed ones), before the head trains;
+    # 0 = frozen features (``cmr.encoders.tuned``)
+    encoder_epochs: Size = 0
+    encoder_lr: Positive = 2e-5
     # continual
     replay: Fraction = 0.2  # coreset budget as a fraction of the data seen (0 = no replay)
     replay_cap: Count = 4  # coreset rows per model at most
@@ -181,6 +186,10 @@ class CarvePolicy(RoutingPolicy):
         self._domains: list[str] = []
         self._drow: dict[str, int] = {}
         self._doc_emb: dict[str, np.ndarray] = {}
+        # with encoder tuning: the texts behind the embeddings, to embed them again when the
+        # encoder changes (card docs by model; absorbed queries as (row, text, weight))
+        self._doc_text: dict[str, str] = {}
+        self._absorbed: list[tuple[int, str, float]] = []
         self._proto = np.zeros((0, 0), np.float32)  # per-model prototype sums (raw feature space)
         self._count = np.zeros(0, np.float64)  # per-model positive training weight absorbed (the priors)
         self._bias_done: set[str] = set()  # sigmoid head: models whose bias was initialised
@@ -219,8 +228,11 @@ class CarvePolicy(RoutingPolicy):
         if new:
             if self.encoder is None:
                 raise RuntimeError("policy 'carve' needs an encoder to embed model cards")
-            for c, v in zip(new, self.encoder.encode([self._card_doc(c) for c in new])):
+            docs = [self._card_doc(c) for c in new]
+            for c, d, v in zip(new, docs, self.encoder.encode(docs)):
                 self._doc_emb[c.id] = np.asarray(v, np.float32)
+                if self.config.encoder_epochs:
+                    self._doc_text[c.id] = d
         return np.stack([self._doc_emb[c.id] for c in cards]) if cards else np.zeros((0, 0), np.float32)
 
     def _dim(self) -> int:
@@ -357,6 +369,54 @@ class CarvePolicy(RoutingPolicy):
         np.add.at(self._proto, rows, items.emb[keep] * w[:, None])
         self._emb_cache = None
         np.add.at(self._count, rows, np.maximum(w, 0.0))
+        if self.config.encoder_epochs:
+            texts = [t for t, k in zip(items.text, keep) if k]
+            self._absorbed += [(int(r), t, float(x)) for r, t, x in zip(rows, texts, w) if t]
+
+    # ---------------------------------------------------------------- encoder tuning
+    def tune_encoder(self, data: Examples, held: Interactions | None, cards: Sequence[ModelCard]) -> bool:
+        """Fine-tune the dense encoder on (request, target card) pairs of the labelled ``data`` and
+        the ``held`` (replayed) rows, then embed the cards and absorbed queries again; True when the
+        encoder changed (the learner then embeds its rows again). Off with ``encoder_epochs`` 0."""
+        from cmr.encoders.lexical import dense_part
+        from cmr.encoders.tuned import TunedMiniLMEncoder
+
+        c: CarveConfig = self.config
+        if not c.encoder_epochs or data.labels is None or self.encoder is None:
+            return False
+        doc = {card.id: self._card_doc(card) for card in cards}
+        pairs = [(t, data.model_ids[j]) for t, j in zip(data.texts, data.labels) if j >= 0]
+        if held is not None:
+            pairs += [(t, m) for t, m, r in zip(held.text, held.model, held.reward) if t and r > 0]
+        pairs = [(t, doc[m]) for t, m in pairs if m in doc]
+        if len(pairs) < 2:
+            return False
+        dense = dense_part(self.encoder)
+        if not isinstance(dense, TunedMiniLMEncoder):
+            dense = TunedMiniLMEncoder(threads=None)
+            self.encoder = self.encoder.with_dense(dense) if hasattr(self.encoder, "with_dense") else dense
+        with _torch_threads(0):
+            dense.tune([q for q, _ in pairs], [d for _, d in pairs], epochs=c.encoder_epochs, lr=c.encoder_lr, seed=c.seed + len(self._absorbed))
+        self._reembed()
+        return True
+
+    def _reembed(self) -> None:
+        """Card docs and absorbed queries through the (changed) encoder: prototypes rebuilt."""
+        ids = [m for m in self._models if m in self._doc_text]
+        if ids:
+            for m, v in zip(ids, self.encoder.encode([self._doc_text[m] for m in ids])):
+                self._doc_emb[m] = np.asarray(v, np.float32)
+        proto = np.zeros_like(self._proto)
+        for i, m in enumerate(self._models):
+            if m in self._doc_emb:
+                proto[i] = self.config.proto_card_weight * self._doc_emb[m]
+        if self._absorbed:
+            rows = np.array([r for r, _, _ in self._absorbed], np.int64)
+            w = np.array([x for _, _, x in self._absorbed], np.float32)
+            np.add.at(proto, rows, self.encoder.encode([t for _, t, _ in self._absorbed]) * w[:, None])
+        self._proto = proto.astype(np.float32)
+        self._emb_cache = None
+        self._hard = None
 
     def _domain_logp(self, z, p):
         import torch
@@ -831,6 +891,10 @@ class CarvePolicy(RoutingPolicy):
             doc_emb=np.stack([self._doc_emb[i] for i in ids]) if ids else np.zeros((0, 0), np.float32),
             proto=self._proto,
             count=self._count,
+            doc_text=[self._doc_text.get(i, "") for i in ids],
+            absorbed_rows=np.array([r for r, _, _ in self._absorbed], np.int64),
+            absorbed_text=[t for _, t, _ in self._absorbed],
+            absorbed_w=np.array([x for _, _, x in self._absorbed], np.float32),
             bias_done=sorted(self._bias_done),
             params={} if self._params is None else {k: v.detach().numpy().copy() for k, v in self._params.items()},
         )
@@ -854,6 +918,9 @@ class CarvePolicy(RoutingPolicy):
         self._live = list(state["live"])
         self._doc_emb = {m: np.asarray(v, np.float32) for m, v in zip(state["doc_ids"], state["doc_emb"])}
         self._proto = np.array(state["proto"], dtype=np.float32)
+        self._doc_text = {m: t for m, t in zip(state["doc_ids"], state.get("doc_text") or []) if t}
+        self._absorbed = [(int(r), t, float(x)) for r, t, x in zip(state.get("absorbed_rows", []), state.get("absorbed_text") or [],
+                                                                    state.get("absorbed_w", []))]
         self._count = np.array(state.get("count", np.zeros(len(self._models))), dtype=np.float64)
         self._bias_done = set(state.get("bias_done", []))
         params = state["params"]

@@ -287,7 +287,7 @@ def bootstrap(args: AppArgs, encoder) -> None:
                     log.info("trained %s on experience %d (%d requests)", args.policy, exp.k, len(tr))
             policy.add_models(hub.list())
             ck = checkpoint.save(root, policy, {"offset": 0, "trained_on": str(args.bench_path()), "train_limit": args.train_limit,
-                                                "encoder": encoder.name}, {"learner": learner.state_dict()})
+                                                "encoder": policy.encoder.name}, {"learner": learner.state_dict()})
             publish(published, root, ck)  # written whole: now routers on every node may load it
         published.close()
         hub.store.close()

@@ -3,7 +3,8 @@
 Frozen MiniLM features cap what a projection on top of them can separate: on CMRBench the
 requests of sibling models (many models per domain, one to three rows each) land close
 together. One epoch of in-batch contrastive training of the whole network on (request text,
-target model's card text) pairs moves them apart (``python -m bench.encoder_tuning``).
+target model's card text) pairs at each experience moves them apart: carve's ``encoder_epochs``
+(``python -m bench.carve_variants NAME:encoder_epochs=1,...``, ``docs/results/encoder-tuning/``).
 
 The encoder's ``name`` carries a digest of its weights, so embedding caches and checkpoints
 never mix vectors of two different weight sets. ``tuned_state`` holds the weights (numpy), which a

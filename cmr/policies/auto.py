@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from cmr.data.examples import Examples
-from cmr.policies.base import Count, NonNegative, PolicyConfig, RoutingPolicy, config_dataclass
+from cmr.policies.base import Count, NonNegative, PolicyConfig, RoutingPolicy, Size, config_dataclass
 from cmr.types import ModelCard
 
 #: the candidates, simplest first (ties go to the earlier): name -> (policy, config); ``carve``
@@ -56,6 +56,10 @@ class AutoConfig(PolicyConfig):
             are noise); until one does, :data:`BEFORE_CHOICE` routes and learns.
         candidates: which of :data:`CANDIDATES` to choose among (the zero router ``prior`` always
             is); e.g. leave out ``carve`` for a shorter first training.
+        encoder_epochs: where ``carve`` is chosen, its ``encoder_epochs`` (fine-tuning the dense
+            encoder at each labelled fit, ``cmr.encoders.tuned``); the folds choose without it
+            (k tunings would multiply the first start's time). 0 = frozen features: a first start
+            several times shorter on CPU, for fewer points of M-Acc (README, CMRBench floor).
     """
 
     folds: Count = 3
@@ -63,6 +67,7 @@ class AutoConfig(PolicyConfig):
     margin: NonNegative = 0.002
     min_rows: Count = 200
     candidates: list[CandidateName] = Field(default_factory=lambda: list(CANDIDATES))
+    encoder_epochs: Size = 1
 
     @field_validator("candidates", mode="before")
     @classmethod
@@ -153,12 +158,35 @@ class AutoPolicy(RoutingPolicy):
         self._view = None  # the dense view's map once a dense view is chosen
         self._set_inner(self._candidate(BEFORE_CHOICE))
 
-    def _candidate(self, key: str) -> RoutingPolicy:
-        """A fresh candidate ``key`` (a :data:`CANDIDATES` name, suffixed :data:`DENSE` for the dense view)."""
+    @property
+    def encoder(self):
+        """The encoder queries are embedded with: the chosen policy's once it tuned its own
+        (carve's ``encoder_epochs``; over a dense view, fused again with the same lexical part)."""
+        base = self.__dict__.get("_encoder")
+        inner = getattr(self.__dict__.get("_inner"), "encoder", None)
+        if base is None or inner is None or inner is base or ":tuned-" not in inner.name:
+            return base
+        if self.__dict__.get("_view") is None:
+            return inner
+        memo = self.__dict__.get("_fused_memo")
+        if memo is None or memo[0] is not inner or memo[1] != inner.name:
+            memo = (inner, inner.name, base.with_dense(inner))
+            self._fused_memo = memo
+        return memo[2]
+
+    @encoder.setter
+    def encoder(self, value) -> None:
+        self.__dict__["_encoder"] = value
+
+    def _candidate(self, key: str, final: bool = False) -> RoutingPolicy:
+        """A fresh candidate ``key`` (a :data:`CANDIDATES` name, suffixed :data:`DENSE` for the dense
+        view); ``final``: the one chosen (carve then tunes its encoder, ``encoder_epochs``)."""
         from cmr.policies.registry import make_policy
 
         name, dense = key.removesuffix(DENSE), key.endswith(DENSE)
         policy, cfg = CANDIDATES[LEGACY.get(name, name)]
+        if final and policy == "carve" and self.config.encoder_epochs:
+            cfg = {**cfg, "encoder_epochs": self.config.encoder_epochs}
         view = dense_view(self.encoder) if dense else None
         inner = make_policy(policy, view[0] if view else self.encoder, {**cfg, "seed": self.config.seed})
         if self._profile_ids:
@@ -299,7 +327,7 @@ class AutoPolicy(RoutingPolicy):
         self._choice = {
             "chosen": chosen,
             "policy": policy,
-            "config": {**ccfg, "seed": cfg.seed},
+            "config": {**ccfg, **({"encoder_epochs": cfg.encoder_epochs} if policy == "carve" and cfg.encoder_epochs else {}), "seed": cfg.seed},
             "why": f"best mean {'M/F/D accuracy' if labelled else 'AIQ' if np.ptp(card_costs) > 0 and data.costs is not None else 'quality'} over {len(folds)} folds of {len(rows)} training rows"
             + (f", {len(hide)} of {len(joining)} models joining by {how} in each" if hide else "")
             + ("" if chosen.removesuffix(DENSE) == best else f" ({best} not beyond {'the zero router' if incumbent == 'prior' else incumbent} by margin {cfg.margin} + one standard error {se:.3g})")
@@ -309,7 +337,7 @@ class AutoPolicy(RoutingPolicy):
             "mean": means,
             "folds": per,
         }
-        inner = self._candidate(chosen)
+        inner = self._candidate(chosen, final=True)
         inner.add_models(cards)
         self._view = view[1] if view is not None and chosen.endswith(DENSE) else None
         self._set_inner(inner)
@@ -338,7 +366,7 @@ class AutoPolicy(RoutingPolicy):
         chosen = self._choice.get("chosen", BEFORE_CHOICE)
         view = dense_view(self.encoder) if chosen.endswith(DENSE) else None
         self._view = view[1] if view else None
-        self._set_inner(self._candidate(chosen))
+        self._set_inner(self._candidate(chosen, final=bool(self._choice)))
         self._inner.load_state_dict(state["inner"])
         if self._learner is not None:
             self._learner.load_state_dict(state.get("inner_learner"))

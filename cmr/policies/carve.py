@@ -71,6 +71,7 @@ import numpy as np
 from cmr.continual.anchoring import Anchor, AnchorConfig
 from cmr.continual.replay import CoresetBuffer, Interactions, Replay, ReservoirBuffer
 from cmr.data.examples import Examples
+from cmr.errors import CMRError
 from cmr.policies.base import Count, Fraction, NonNegative, PolicyConfig, Positive, RoutingPolicy, Size, config_dataclass
 from cmr.types import FeedbackEvent, ModelCard
 
@@ -392,8 +393,14 @@ class CarvePolicy(RoutingPolicy):
         if len(pairs) < 2:
             return False
         dense = dense_part(self.encoder)
+        inner = getattr(dense, "inner", dense)
         if not isinstance(dense, TunedMiniLMEncoder):
-            dense = TunedMiniLMEncoder(threads=None)
+            # tuned in place from here on: an uncached copy (a cache names its vectors by the encoder's
+            # name at wrapping time); the packaged weights, or the tuned ones this policy was restored with
+            if getattr(inner, "digest", None) and not isinstance(inner, TunedMiniLMEncoder):
+                raise CMRError(f"carve encoder_epochs: encoder {inner.name} holds tuned weights this backend cannot train "
+                               "(train with encoder backend 'torch')")
+            dense = TunedMiniLMEncoder.from_state(inner.tuned_state()) if isinstance(inner, TunedMiniLMEncoder) else TunedMiniLMEncoder()
             self.encoder = self.encoder.with_dense(dense) if hasattr(self.encoder, "with_dense") else dense
         with _torch_threads(0):
             dense.tune([q for q, _ in pairs], [d for _, d in pairs], epochs=c.encoder_epochs, lr=c.encoder_lr, seed=c.seed + len(self._absorbed))

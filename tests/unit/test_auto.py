@@ -132,7 +132,8 @@ def test_a_chosen_carve_learns_through_its_own_learner(cmr_small, encoder):
     from cmr.continual.learner import Learner
 
     e1, e2 = cmr_small.experiences
-    pol = make_policy("auto", encoder=encoder, config={"candidates": ["carve"], "min_rows": 50})
+    # frozen features (encoder_epochs 0): the reference below trains on the same vectors
+    pol = make_policy("auto", encoder=encoder, config={"candidates": ["carve"], "min_rows": 50, "encoder_epochs": 0})
     pol.add_models(cmr_small.cards_of(1))
     pol.fit(e1.train, cmr_small.cards_upto(1))
     choice = pol.describe()

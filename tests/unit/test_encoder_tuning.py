@@ -117,3 +117,22 @@ def test_the_protocol_routes_through_the_encoder_the_policy_tuned(cmr_small, enc
     ch = choose(policy.score(policy.encoder.encode(test.texts), live), costs, 0.0)
     assert r["matrix"]["m"][-1][0] == pytest.approx(metrics.accuracies(ch, live, test)["m"])
     assert test.emb is not None and ":tuned-" in policy.encoder.name
+
+
+def test_auto_choosing_carve_serves_the_encoder_carve_tuned_and_restores_it(cmr_small, encoder, tmp_path):
+    from cmr import checkpoint
+
+    e1 = cmr_small.experiences[0]
+    auto = make_policy("auto", encoder=encoder, config={"min_rows": 20, "folds": 2, "candidates": ["carve"], "encoder_epochs": 1,
+                                                        "margin": 0.0})
+    auto.add_models(cmr_small.cards_of(1))
+    Learner(auto).fit(e1.train, cmr_small.cards_upto(1))
+    assert auto.describe()["chosen"] == "carve" and auto.describe()["config"]["encoder_epochs"] == 1
+    # the folds chose on frozen features; the chosen carve tuned, and queries are embedded with its encoder
+    assert ":tuned-" in auto.encoder.name and auto.encoder is auto._inner.encoder
+    ck = checkpoint.save(tmp_path / "ck", auto)
+    back = checkpoint.load_policy(ck.path, encoder=encoder)
+    assert back.encoder.name == auto.encoder.name
+    cards = cmr_small.cards_upto(1)
+    q = auto.encoder.encode(e1.test.texts[:8])
+    np.testing.assert_allclose(back.score(back.encoder.encode(e1.test.texts[:8]), cards), auto.score(q, cards), atol=1e-4)

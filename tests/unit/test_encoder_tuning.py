@@ -65,6 +65,16 @@ def test_onnx_runs_the_tuned_weights_as_torch_does(tuned, tmp_path):
     assert enc.digest in onnx.name
     np.testing.assert_allclose(onnx.encode(q[:8]), enc.encode(q[:8]), atol=1e-4)
     assert onnx.with_tuned(enc.tuned_state()).name == onnx.name
+    # the router's path: a checkpoint's tuned weights restored over its cached int8 encoder
+    from cmr.encoders.cache import CachedEncoder, EmbeddingCache
+    from cmr.encoders.lexical import restore_encoder
+
+    router = CachedEncoder(OnnxMiniLMEncoder(cache_dir=tmp_path, quantize="int8"), EmbeddingCache(tmp_path / "e.sqlite"))
+    back = restore_encoder({"embedding": "minilm", "dense": enc.tuned_state()}, router)
+    assert isinstance(back, CachedEncoder) and back.cache is router.cache
+    assert enc.digest in back.name and back.name.endswith("int8pc") and back.inner.quantize == "int8"
+    cos = (back.encode(q[:8]) * enc.encode(q[:8])).sum(1)
+    assert cos.min() > 0.95  # int8 weights: close to the exact tuned vectors, as for the packaged ones
 
 
 def test_carve_tunes_its_encoder_in_the_learner_and_the_checkpoint_carries_it(cmr_small, encoder, tmp_path):

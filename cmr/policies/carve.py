@@ -360,8 +360,11 @@ class CarvePolicy(RoutingPolicy):
         with torch.no_grad():
             return self._model_emb(torch.as_tensor([self._row[m] for m in ids], dtype=torch.long), self._params).numpy()
 
-    def absorb(self, items: Interactions) -> None:
-        """Add positive queries to their models' prototypes (reward-weighted sums)."""
+    def absorb(self, items: Interactions, keep_text: bool = False) -> None:
+        """Add positive queries to their models' prototypes (reward-weighted sums); ``keep_text``
+        (a labelled experience's rows, with encoder tuning on): keep their texts, to embed them
+        again when the encoder changes. Feedback events' texts are not kept (unbounded); their part
+        of a prototype is dropped at the next tuning (the event reservoir still replays some)."""
         keep = np.array([m in self._row for m in items.model], dtype=bool)
         if not keep.any():
             return
@@ -370,7 +373,7 @@ class CarvePolicy(RoutingPolicy):
         np.add.at(self._proto, rows, items.emb[keep] * w[:, None])
         self._emb_cache = None
         np.add.at(self._count, rows, np.maximum(w, 0.0))
-        if self.config.encoder_epochs:
+        if keep_text and self.config.encoder_epochs:
             texts = [t for t, k in zip(items.text, keep) if k]
             self._absorbed += [(int(r), t, float(x)) for r, t, x in zip(rows, texts, w) if t]
 
@@ -599,7 +602,7 @@ class CarvePolicy(RoutingPolicy):
             self.add_models(cards)
             self._live = [card.id for card in cards]
         if new is not None and len(new):
-            self.absorb(new)
+            self.absorb(new, keep_text=True)
             if self._mode == "sigmoid":
                 self._init_bias(new)
         self._hard = None

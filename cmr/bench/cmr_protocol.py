@@ -136,6 +136,7 @@ def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_b
 
     from cmr.bench import metrics
     from cmr.continual.learner import Learner
+    from cmr.encoders.tuned import is_tuned
 
     encode_s = common.embed_cards(policy, bench.cards)
     learner = Learner(policy)
@@ -163,7 +164,7 @@ def evaluate(bench, policy, feedback: str = "full", batch_size: int = 64, eval_b
             test = exps[ji].test
             common.reveal_if_needed(policy, test)
             q = test.emb
-            if enc is not None and getattr(enc, "name", "").count(":tuned-"):
+            if is_tuned(enc):
                 # a policy that tunes its encoder (carve's encoder_epochs) is scored as it would route:
                 # the requests through its current encoder (never written back into the benchmark)
                 if tuned_emb.get(ji, (None,))[0] != enc.name:

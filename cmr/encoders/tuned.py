@@ -29,6 +29,11 @@ from cmr.encoders.minilm import MiniLMEncoder
 _SCALE = 20.0
 
 
+def is_tuned(encoder) -> bool:
+    """Whether ``encoder`` (dense, fused or cached) embeds with fine-tuned weights (its name says so)."""
+    return encoder is not None and ":tuned-" in getattr(encoder, "name", "")
+
+
 def weights_digest(weights: dict[str, np.ndarray]) -> str:
     """A short digest of a weight set (names and bytes, in name order)."""
     h = hashlib.blake2b(digest_size=8)

@@ -162,9 +162,11 @@ class AutoPolicy(RoutingPolicy):
     def encoder(self):
         """The encoder queries are embedded with: the chosen policy's once it tuned its own
         (carve's ``encoder_epochs``; over a dense view, fused again with the same lexical part)."""
+        from cmr.encoders.tuned import is_tuned
+
         base = self.__dict__.get("_encoder")
         inner = getattr(self.__dict__.get("_inner"), "encoder", None)
-        if base is None or inner is None or inner is base or ":tuned-" not in inner.name:
+        if base is None or inner is None or inner is base or not is_tuned(inner):
             return base
         if self.__dict__.get("_view") is None:
             return inner

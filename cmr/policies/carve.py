@@ -405,8 +405,8 @@ class CarvePolicy(RoutingPolicy):
                                "(train with encoder backend 'torch')")
             dense = TunedMiniLMEncoder.from_state(inner.tuned_state()) if isinstance(inner, TunedMiniLMEncoder) else TunedMiniLMEncoder()
             self.encoder = self.encoder.with_dense(dense) if hasattr(self.encoder, "with_dense") else dense
-        with _torch_threads(0):
-            dense.tune([q for q, _ in pairs], [d for _, d in pairs], epochs=c.encoder_epochs, lr=c.encoder_lr, seed=c.seed + len(self._absorbed))
+        # torch's own thread count: the whole network trains here, not carve's small matrices
+        dense.tune([q for q, _ in pairs], [d for _, d in pairs], epochs=c.encoder_epochs, lr=c.encoder_lr, seed=c.seed + len(self._absorbed))
         self._reembed()
         return True
 

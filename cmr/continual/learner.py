@@ -249,6 +249,9 @@ class Learner:
     def checkpoint(self, fingerprint: dict[str, Any]) -> Checkpoint:
         """Write (or keep in memory) the policy's and the learner's state and tell the hooks."""
         extra = {"learner": self.state_dict()}
+        if "encoder" in fingerprint and getattr(self.policy, "encoder", None) is not None:
+            # a policy that tunes its encoder while it learns embeds with new weights by now
+            fingerprint = {**fingerprint, "encoder": self.policy.encoder.name}
         if self.store is not None:
             ck = save(self.store, self.policy, fingerprint, extra)
         else:

@@ -84,7 +84,7 @@ def test_carve_tunes_its_encoder_in_the_learner_and_the_checkpoint_carries_it(cm
     fused = FusedEncoder(encoder, LexicalEncoder.fit(texts, dim=32))
     e1, e2 = cmr_small.experiences
     policy = make_policy("carve", encoder=fused, config={"encoder_epochs": 1, "epochs": 1})
-    learner = Learner(policy)
+    learner = Learner(policy, fingerprint={"encoder": fused.name})
     base_name = fused.name
     policy.add_models(cmr_small.cards_of(1))
     learner.fit(replace(e1.train, emb=fused.encode(e1.train.texts)), cmr_small.cards_upto(1))
@@ -103,6 +103,7 @@ def test_carve_tunes_its_encoder_in_the_learner_and_the_checkpoint_carries_it(cm
     policy.add_models(cmr_small.cards_of(2))
     learner.fit(replace(e2.train, emb=fused.encode(e2.train.texts)), cmr_small.cards_upto(2))
     assert policy.encoder.name != name1 and policy.encoder.dense.digest in policy.encoder.name
+    assert learner.checkpoint({"encoder": base_name}).fingerprint["encoder"] == policy.encoder.name  # names what it embeds with
     assert np.allclose(learner.replay.experiences.items().emb[:3], policy.encoder.encode(learner.replay.experiences.items().text[:3]), atol=1e-5)
 
     ck = checkpoint.save(tmp_path / "ck", policy)

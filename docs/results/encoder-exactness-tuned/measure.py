@@ -1,4 +1,4 @@
-"""One-off measurement (issue 15), kept as the record of how result.json was made: the checkpoint
+"""One-off measurement (issue 15), kept as the record of how result-seed*.json were made: the checkpoint
 `cmr train --out CKPT` wrote (default auto, its carve tuning MiniLM), scored on CMRBench test through
 each query encoder VARIANTS names (BACKEND:QUERY_TOKENS), as the router runs it: cards and the
 lexical part at full length, queries cut. VARIANTS="onnx:256 onnx-int8:64" python measure.py CKPT OUT.json"""
